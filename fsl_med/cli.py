@@ -1,0 +1,161 @@
+"""The ``fsl-med`` command line: parse, load the config, call one verb each.
+
+Errors caused by input (config, data, weights) print one line ``fsl-med: error: ...`` and exit 2;
+other failures print one line and exit 1. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fsl_med import __version__
+from fsl_med.errors import ConfigError, FslMedError
+
+log = logging.getLogger("fsl_med")
+
+
+def _config_path(name: str | None, default: str | None = None) -> Path | None:
+    """A config file by path, or by name in ``experiments/`` (``mri`` -> ``experiments/mri.yaml``)."""
+    name = name or default
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (Path("experiments") / name, Path("experiments") / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {name} (give a YAML path or a name in experiments/)")
+
+
+def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The first positional is the config unless it looks like an override (``key=value``)."""
+    rest = list(args.rest)
+    if rest and "=" not in rest[0]:
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fsl_med.config import load_config
+    from fsl_med.train import train
+
+    name, overrides = _split_config_arg(args)
+    if name is None:
+        raise ConfigError("train needs a config: fsl-med train CONFIG [key=value ...]")
+    cfg = load_config(_config_path(name), overrides)
+    res = train(cfg)
+    sps = f"{res.seconds_per_step:.3f}" if res.seconds_per_step else "n/a"
+    val = f"{res.val_dice:.2f}" if res.val_dice is not None else "n/a"
+    print(f"trained {res.steps} steps ({sps} s/step median), val/dice {val}; run folder {res.run_dir}")
+    if res.best_ckpt:
+        print(f"best checkpoint: {res.best_ckpt}")
+    print(res.last_ckpt)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fsl_med.config import load_config
+    from fsl_med.evaluate import evaluate
+    from fsl_med.evaluation.report import dice_table
+
+    name, overrides = _split_config_arg(args)
+    if name is None:
+        raise ConfigError("eval needs a config: fsl-med eval CONFIG ckpt=PATH [key=value ...]")
+    cfg = load_config(_config_path(name), overrides)
+    results, path = evaluate(cfg)
+    print(dice_table({f"Dice % (fold {cfg.data.fold})": results}, list(cfg.data.test_organs)))
+    if results.get("seconds_per_volume") is not None:
+        print(f"seconds per query volume: {results['seconds_per_volume']:.2f}")
+    print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fsl_med.demo import run_demo
+
+    name, overrides = _split_config_arg(args)
+    cfg_path = _config_path(name, "demo")
+    print(run_demo(cfg_path, overrides))
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from fsl_med.data.phantom import generate_phantom
+
+    out = generate_phantom(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from fsl_med.models.encoders import get_encoder_spec, list_encoders
+
+    for n in list_encoders():
+        s = get_encoder_spec(n)
+        print(f"{n:24s} timm={s.timm_name:36s} dim={s.embed_dim:5d} hub={s.hub_tag}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fsl-med``."""
+    p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
+    p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (
+        ("train", cmd_train, "train on self-supervised episodes: train CONFIG [key=value ...]"),
+        ("eval", cmd_eval, "EP1 evaluation: eval CONFIG ckpt=PATH|latest [key=value ...]"),
+        ("demo", cmd_demo, "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]"),
+    ):
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
+        sp.set_defaults(func=fn)
+    sp = sub.add_parser("phantom", help="generate the phantom dataset (prepared layout)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n-scans", type=int, default=10)
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--depth", type=int, default=24)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_phantom)
+    sp = sub.add_parser("encoders", help="list registered encoders")
+    sp.set_defaults(func=cmd_encoders)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fsl-med``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="[%(name)s] %(message)s")
+    if not debug:
+        for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FslMedError as e:
+        if debug:
+            raise
+        print(f"fsl-med: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsl-med: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line without --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"fsl-med: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Typed configuration: the schema (dataclasses), loading, merging, validation and derived fields.
+
+A run's configuration is the merge, in order, of the schema defaults, a YAML file from ``experiments/``
+(which may name further YAML files to inherit from with ``defaults: [file.yaml, ...]``) and dot-list
+overrides from the command line (``trainer.max_steps=300 model.encoder.weights=none``).
+Unknown keys and wrong types are :class:`~fsl_med.errors.ConfigError` one-liners naming the key and the
+closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from fsl_med.errors import ConfigError
+
+ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
+
+
+@dataclass
+class SuperpixelConfig:
+    """Felzenszwalb pseudolabels (method.md §1.3)."""
+
+    scale: float = 1.0
+    sigma: float = 1.0
+    min_size: int = 400
+    body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4)
+
+
+@dataclass
+class AugmentConfig:
+    """'sabs_aug' of the reference (method.md §2.2)."""
+
+    enabled: bool = True
+    rotate_deg: float = 5.0
+    translate_px: float = 5.0
+    shear_deg: float = 5.0
+    zoom_min: float = 0.9
+    zoom_max: float = 1.2
+    elastic_alpha: float = 10.0
+    elastic_sigma: float = 5.0
+    gamma_min: float = 0.5
+    gamma_max: float = 1.5
+
+
+@dataclass
+class DataConfig:
+    """Dataset, fold/setting and episode sampling."""
+
+    dataset: str = "chaos_t2"
+    root: str = "???"
+    cache_dir: str = "${oc.env:FSL_MED_CACHE,.cache/fsl_med}"
+    fold: int = 0
+    setting: int = 1
+    test_organs: list[str] = field(default_factory=lambda: list(ORGANS))
+    image_size: int = 256
+    episodes_per_epoch: int = 1000
+    batch_size: int = 1
+    num_workers: int = 1
+    num_val_scans: int = 1
+    min_superpixel_pixels: int = 64
+    superpixel: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """Encoder choice, weights and fine-tuning mode (method.md §4)."""
+
+    name: str = "dinov2_vitl14"
+    weights: str = "lvd142m"
+    finetune: str = "lora"
+    lora_rank: int = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    adapter: str = "none"
+    imagenet_norm: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """ALPNet head (method.md §3)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    feature_size: int = 32
+    proto_grid: int = 8
+    test_window: int = 2
+    fg_thresh: float = 0.95
+    bg_thresh: float = 0.95
+    scale: float = 20.0
+    mask_downsample: str = "nearest"
+
+
+@dataclass
+class LossConfig:
+    """Weighted CE plus the prototype alignment loss (method.md §2.3)."""
+
+    ce_weights: list[float] = field(default_factory=lambda: [0.05, 1.0])
+    align_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule: SGD (reference) or AdamW with warm-up (random-init encoders)."""
+
+    name: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 1000
+    lr_gamma: float = 0.95
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning ``Trainer`` arguments."""
+
+    max_steps: int = 100000
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    val_check_interval: int = 1000
+    log_every_n_steps: int = 50
+    deterministic: bool = False
+    gradient_clip_val: float | None = None
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """EP1 evaluation (method.md §5)."""
+
+    npart: int = 3
+    batch_size: int = 8
+    z_margin: int = 0
+    skip_no_organ_slices: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    """Where runs are written and which logger records metrics."""
+
+    logger: str = "csv"
+    output_dir: str = "lightning_logs"
+
+
+@dataclass
+class Config:
+    """The full run configuration."""
+
+    name: str = "run"
+    seed: int = 1234
+    ckpt: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), f"{full}."))
+    return keys
+
+
+def _closest(key: str) -> str:
+    valid = _all_keys(OmegaConf.structured(Config))
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:  # try on the last component only, keeping the parent
+        parent, _, last = key.rpartition(".")
+        siblings = [k for k in valid if k.rpartition(".")[0] == parent]
+        match = difflib.get_close_matches(f"{parent}.{last}" if parent else last, siblings, n=1, cutoff=0.3)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _translate(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
+        return ConfigError(f"{where}: unknown config key '{key}'{_closest(key)}")
+    if isinstance(err, (ValidationError, ConfigTypeError)) and key:
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{where}: wrong type for config key '{key}': {msg}")
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ConfigError(f"{where}: {first}" + (f" (key '{key}')" if key else ""))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a YAML config, resolving ``defaults: [other.yaml]`` (relative to its folder) first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'defaults' chain")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        line = f" line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(raw).__name__}")
+    parents = raw.pop("defaults", []) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), (*seen, path.resolve())))
+    return OmegaConf.merge(merged, OmegaConf.create(raw))
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Build and validate a run configuration.
+
+    Args:
+        path: a YAML file (may be ``None`` for the schema defaults only).
+        overrides: dot-list ``key=value`` strings applied last.
+
+    Returns:
+        A structured (typed) ``DictConfig`` of :class:`Config`, with interpolations resolved.
+
+    Raises:
+        ConfigError: unknown key, wrong type, malformed override or out-of-range value.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        except OmegaConfBaseException as e:
+            raise _translate(e, str(path)) from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _translate(e, f"override '{item}'") from e
+        except Exception as e:  # yaml parsing of the value
+            raise ConfigError(f"override '{item}': cannot parse value for '{key}'") from e
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _translate(e, "config") from e
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and cross-field consistency; raise :class:`ConfigError` on the first problem."""
+    from fsl_med.data.datasets import get_dataset_info  # local: config must not depend on data at import
+
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ConfigError("config key 'data.root' is not set: pass data.root=PATH (or DATA=PATH to make)")
+    info = get_dataset_info(cfg.data.dataset)
+    _check(0 <= cfg.data.fold < info.n_folds, "data.fold", f"must be in 0..{info.n_folds - 1}, got {cfg.data.fold}")
+    _check(cfg.data.setting in (1, 2), "data.setting", f"must be 1 or 2, got {cfg.data.setting}")
+    _check(len(cfg.data.test_organs) > 0, "data.test_organs", "must name at least one organ")
+    for organ in cfg.data.test_organs:
+        if organ not in info.labels:
+            close = difflib.get_close_matches(organ, list(info.labels), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"config key 'data.test_organs': unknown organ '{organ}'{hint}; valid: {', '.join(info.labels)}"
+            )
+    _check(len(set(cfg.data.test_organs)) == len(cfg.data.test_organs), "data.test_organs", "has duplicates")
+    _check(cfg.data.image_size >= 28, "data.image_size", f"must be >= 28, got {cfg.data.image_size}")
+    _check(cfg.data.episodes_per_epoch > 0, "data.episodes_per_epoch", "must be > 0")
+    _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.num_val_scans >= 0, "data.num_val_scans", "must be >= 0")
+    _check(cfg.data.min_superpixel_pixels >= 1, "data.min_superpixel_pixels", "must be >= 1")
+    aug = cfg.data.augment
+    _check(0 < aug.zoom_min <= aug.zoom_max, "data.augment.zoom_min", "need 0 < zoom_min <= zoom_max")
+    _check(0 < aug.gamma_min <= aug.gamma_max, "data.augment.gamma_min", "need 0 < gamma_min <= gamma_max")
+    _check(aug.elastic_sigma > 0, "data.augment.elastic_sigma", "must be > 0")
+
+    from fsl_med.models.encoders import get_encoder_spec
+
+    get_encoder_spec(cfg.model.encoder.name)
+    enc = cfg.model.encoder
+    _check(enc.finetune in ("full", "lora", "frozen"), "model.encoder.finetune",
+           f"must be full, lora or frozen, got '{enc.finetune}'")
+    _check(enc.lora_rank > 0, "model.encoder.lora_rank", f"must be > 0, got {enc.lora_rank}")
+    _check(enc.adapter in ("none", "conv1", "conv3"), "model.encoder.adapter",
+           f"must be none, conv1 or conv3, got '{enc.adapter}'")
+    _check(bool(enc.weights), "model.encoder.weights", "must be 'none', a hub tag or a file path")
+    m = cfg.model
+    _check(m.feature_size > 0 and m.proto_grid > 0 and m.feature_size % m.proto_grid == 0, "model.proto_grid",
+           f"feature_size ({m.feature_size}) must be a multiple of proto_grid ({m.proto_grid})")
+    _check(m.test_window > 0 and m.feature_size % m.test_window == 0, "model.test_window",
+           f"must divide feature_size ({m.feature_size})")
+    _check(0 < m.fg_thresh <= 1 and 0 < m.bg_thresh <= 1, "model.fg_thresh", "thresholds must be in (0, 1]")
+    _check(m.scale > 0, "model.scale", "must be > 0")
+    _check(m.mask_downsample in ("nearest", "bilinear"), "model.mask_downsample", "must be nearest or bilinear")
+    _check(len(cfg.loss.ce_weights) == 2 and min(cfg.loss.ce_weights) >= 0, "loss.ce_weights",
+           "must be two non-negative weights [background, foreground]")
+    _check(cfg.loss.align_weight >= 0, "loss.align_weight", "must be >= 0")
+    o = cfg.optim
+    _check(o.name in ("sgd", "adamw"), "optim.name", f"must be sgd or adamw, got '{o.name}'")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.lr_step > 0, "optim.lr_step", "must be > 0")
+    _check(0 < o.lr_gamma <= 1, "optim.lr_gamma", "must be in (0, 1]")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(cfg.trainer.max_steps > 0, "trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
+    _check(cfg.trainer.val_check_interval > 0, "trainer.val_check_interval", "must be > 0")
+    _check(cfg.eval.npart > 0, "eval.npart", "must be > 0")
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(cfg.eval.z_margin >= 0, "eval.z_margin", "must be >= 0")
+    _check(cfg.logging.logger in ("csv", "tensorboard", "wandb", "none"), "logging.logger",
+           "must be csv, tensorboard, wandb or none")
+
+
+def excluded_labels(cfg: DictConfig) -> list[int]:
+    """Label ids whose slices are dropped from training: the test organs in Setting 2, none in Setting 1."""
+    from fsl_med.data.datasets import get_dataset_info
+
+    if cfg.data.setting == 1:
+        return []
+    info = get_dataset_info(cfg.data.dataset)
+    return sorted(info.labels[o] for o in cfg.data.test_organs)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (for checkpoints, reports and loggers)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_container(data: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+    """Rebuild a validated config from :func:`to_container` output (e.g. stored in a checkpoint)."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise _translate(e, "stored config") from e
+    if overrides:
+        for item in overrides:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as e:
+                raise _translate(e, f"override '{item}'") from e
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,232 @@
+"""The LightningDataModule: prepared volumes -> training episodes and EP1 evaluation items."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from fsl_med.config import excluded_labels
+from fsl_med.data.datasets import DatasetInfo, FoldSplit, discover_scans, fold_split, get_dataset_info
+from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
+from fsl_med.data.protocol import query_plan, support_slice_indices
+from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
+from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti
+from fsl_med.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One query volume scored for one organ (EP1).
+
+    Attributes:
+        organ, label_id: the organ and its label id.
+        query_id, support_id: scan ids.
+        query_images: ``[n, H, W]`` float32 normalised query slices, ``z`` their indices.
+        query_labels: ``[n, H, W]`` uint8 binary ground truth of the organ.
+        part: ``[n]`` support part of each query slice.
+        support_images: ``[npart, H, W]`` float32; ``support_masks``: ``[npart, H, W]`` binary.
+        support_z: z indices of the support slices.
+        spacing: ``(z, y, x)`` voxel size of the query scan in mm.
+    """
+
+    organ: str
+    label_id: int
+    query_id: str
+    support_id: str
+    query_images: np.ndarray
+    query_labels: np.ndarray
+    z: np.ndarray
+    part: np.ndarray
+    support_images: np.ndarray
+    support_masks: np.ndarray
+    support_z: list[int]
+    spacing: tuple[float, float, float]
+
+
+class EvalDataset(Dataset):
+    """A list of :class:`EvalItem`; with ``batch_size=None`` each batch is one item."""
+
+    def __init__(self, items: list[EvalItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> EvalItem:
+        return self.items[i]
+
+
+def build_eval_items(support: Volume, queries: list[Volume], organs: list[str], info: DatasetInfo,
+                     normalize: Normalizer, npart: int = 3, z_margin: int = 0,
+                     skip_no_organ_slices: bool = False) -> tuple[list[EvalItem], list[tuple[str, str]]]:
+    """EP1 items for every (organ, query scan).
+
+    Returns:
+        ``(items, skipped)`` where ``skipped`` lists ``(query_id, organ)`` pairs whose organ is absent
+        from the query scan (they are reported, never scored).
+    Raises:
+        DataError: an organ is absent from the support scan (names scan and organ).
+    """
+    items: list[EvalItem] = []
+    skipped: list[tuple[str, str]] = []
+    sup_norm = normalize(support.image)
+    q_norm = {q.scan_id: normalize(q.image) for q in queries}
+    for organ in organs:
+        lid = info.labels[organ]
+        organ_slices = support.slices_with(lid)
+        if organ_slices.size == 0:
+            raise DataError(f"support scan {support.path}: organ '{organ}' (label {lid}) is absent")
+        sz = support_slice_indices(organ_slices, npart)
+        s_imgs = sup_norm[sz]
+        s_masks = (support.label[sz] == lid).astype(np.uint8)
+        for q in queries:
+            per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
+            plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices)
+            if plan.z.size == 0:
+                skipped.append((q.scan_id, organ))
+                continue
+            items.append(EvalItem(
+                organ=organ, label_id=lid, query_id=q.scan_id, support_id=support.scan_id,
+                query_images=q_norm[q.scan_id][plan.z], query_labels=(q.label[plan.z] == lid).astype(np.uint8),
+                z=plan.z, part=plan.part, support_images=s_imgs, support_masks=s_masks, support_z=sz,
+                spacing=q.spacing,
+            ))
+    return items, skipped
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Training episodes from the fold's training scans; EP1 validation and test items.
+
+    Validation uses the last ``data.num_val_scans`` training scans as query scans (held out of
+    training), never the fold's query scans. Test uses the fold's query scans. Both use the fold's
+    support scan, which is never trained on.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.info = get_dataset_info(cfg.data.dataset)
+        self.root = Path(cfg.data.root)
+        self.split: FoldSplit | None = None
+        self.train_ids: list[str] = []
+        self.val_ids: list[str] = []
+        self.normalize: Normalizer | None = None
+        self.train_set: EpisodeDataset | None = None
+        self.val_set: EvalDataset | None = None
+        self.test_set: EvalDataset | None = None
+        self.skipped: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+        self._cache: dict[str, Volume] = {}
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _volume(self, scan_id: str) -> Volume:
+        if scan_id not in self._cache:
+            self._cache[scan_id] = load_volume(self.root, scan_id, self.info.all_label_ids, self.cfg.data.image_size)
+        return self._cache[scan_id]
+
+    def _resolve_split(self) -> None:
+        if self.split is not None:
+            return
+        ids = discover_scans(self.root)
+        self.split = fold_split(self.info, ids, self.cfg.data.fold)
+        nval = self.cfg.data.num_val_scans
+        train = list(self.split.train)
+        if nval and len(train) > nval:
+            self.val_ids, self.train_ids = train[-nval:], train[:-nval]
+        else:
+            self.val_ids, self.train_ids = [], train
+        if self.info.modality == "ct":
+            self.normalize = make_normalizer("ct", [self._volume(s).image for s in self.train_ids])
+        else:
+            self.normalize = make_normalizer("mri")
+        log.info("fold %d: train %s, val %s, query %s, support %s", self.cfg.data.fold, self.train_ids,
+                 self.val_ids, self.split.query, self.split.support)
+
+    def _superpixels(self, vol: Volume) -> np.ndarray:
+        sp_cfg = self.cfg.data.superpixel
+        params = SuperpixelParams(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
+                                  body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None
+                                  else self.info.body_threshold)
+        shipped = self.root / f"superpix-MIDDLE_{vol.scan_id}.nii.gz"
+        if params.is_reference and shipped.is_file():
+            arr, _, _ = read_nifti(shipped)
+            sp = np.ascontiguousarray(np.rint(arr).astype(np.int32).transpose(2, 1, 0))
+            if sp.shape == vol.image.shape:
+                return sp
+            log.warning("%s: shape %s differs from the image; regenerating", shipped, sp.shape)
+        return load_or_make_superpixels(vol.image, vol.path, params, self.cfg.data.cache_dir)
+
+    def _build_train(self) -> EpisodeDataset:
+        excl = excluded_labels(self.cfg)
+        if excl:
+            log.info("setting 2: dropping training slices that contain labels %s", excl)
+        images, sps, slices = [], [], []
+        for v, sid in enumerate(self.train_ids):
+            vol = self._volume(sid)
+            assert self.normalize is not None
+            images.append(self.normalize(vol.image))
+            sps.append(self._superpixels(vol))
+            has_excl = np.isin(vol.label, excl).reshape(vol.label.shape[0], -1).any(axis=1) if excl else None
+            for z in range(vol.image.shape[0]):
+                if has_excl is None or not has_excl[z]:
+                    slices.append((v, z))
+        if not slices:
+            raise DataError(f"{self.root}: no training slices left after the setting-2 exclusion of labels {excl}")
+        a = self.cfg.data.augment
+        return EpisodeDataset(
+            images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
+            augment=AugmentParams(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
+            feature_size=self.cfg.model.feature_size, mask_downsample=self.cfg.model.mask_downsample,
+        )
+
+    def _build_eval(self, query_ids: list[str]) -> tuple[EvalDataset, list[tuple[str, str]]]:
+        assert self.split is not None and self.normalize is not None
+        e = self.cfg.eval
+        items, skipped = build_eval_items(
+            self._volume(self.split.support), [self._volume(q) for q in query_ids], list(self.cfg.data.test_organs),
+            self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices,
+        )
+        for q, organ in skipped:
+            log.warning("organ '%s' absent from query scan %s: skipped (listed in the report)", organ, q)
+        return EvalDataset(items), skipped
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load volumes and build the datasets needed by ``stage`` (fit, validate, test)."""
+        self._resolve_split()
+        assert self.split is not None
+        if stage in ("fit", None) and self.train_set is None:
+            self.train_set = self._build_train()
+        if stage in ("fit", "validate", None) and self.val_set is None and self.val_ids:
+            self.val_set, self.skipped["val"] = self._build_eval(self.val_ids)
+        if stage in ("test", None) and self.test_set is None:
+            self.test_set, self.skipped["test"] = self._build_eval(self.split.query)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        nw = self.cfg.data.num_workers
+        return DataLoader(
+            self.train_set, batch_size=self.cfg.data.batch_size,
+            sampler=EpisodeSampler(len(self.train_set), rank, world), num_workers=nw,
+            persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=None, shuffle=False, collate_fn=lambda x: x)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None
+        return DataLoader(self.test_set, batch_size=None, shuffle=False, collate_fn=lambda x: x)

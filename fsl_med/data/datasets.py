@@ -1,0 +1,188 @@
+"""Dataset registry: label maps, organ names, label groups, folds and the support scan of each fold.
+
+Folds follow the reference (method.md §1.1): scan ids are sorted (numerically) into a circular list;
+fold k's evaluation ids are ``ids[sep[k] : sep[k+1] + 1]`` (wrapping around), the last of which is the
+support scan; every other scan is a training scan.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsl_med.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about one prepared dataset.
+
+    Attributes:
+        name: registry name (``chaos_t2``, ``sabs``).
+        modality: ``"mri"`` or ``"ct"`` (decides normalisation and the body-mask threshold).
+        labels: organ name -> label id of the four evaluated organs.
+        classmap_names: label id -> class name used as key in ``classmap_1.json``.
+        label_groups: the two Setting-2 label groups (test organs of ``label_sets`` 0 and 1).
+        sep: fold boundaries in the sorted scan list.
+        n_support: number of support scans appended to each fold's evaluation ids (1).
+        body_threshold: intensity threshold of the body mask for superpixels.
+        all_label_ids: every label id that may occur in a label volume.
+    """
+
+    name: str
+    modality: str
+    labels: dict[str, int]
+    classmap_names: dict[int, str]
+    label_groups: tuple[tuple[str, ...], ...]
+    sep: tuple[int, ...]
+    body_threshold: float
+    all_label_ids: tuple[int, ...]
+    n_support: int = 1
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_folds(self) -> int:
+        """Number of folds (5 for both datasets)."""
+        return len(self.sep) - 1
+
+    def organ_of(self, label_id: int) -> str:
+        """Organ name of a label id (``KeyError`` if it is not an evaluated organ)."""
+        for k, v in self.labels.items():
+            if v == label_id:
+                return k
+        raise KeyError(label_id)
+
+
+_REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(info: DatasetInfo) -> None:
+    """Add a dataset to the registry (its aliases resolve to it too)."""
+    for key in (info.name, *info.aliases):
+        _REGISTRY[key] = info
+
+
+register_dataset(
+    DatasetInfo(
+        name="chaos_t2",
+        modality="mri",
+        labels={"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4},
+        classmap_names={0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
+        label_groups=(("right_kidney", "left_kidney"), ("liver", "spleen")),
+        sep=(0, 4, 8, 12, 16, 20),
+        body_threshold=50 + 1e-4,
+        all_label_ids=(0, 1, 2, 3, 4),
+        aliases=("chaos", "chaost2", "mri"),
+    )
+)
+register_dataset(
+    DatasetInfo(
+        name="sabs",
+        modality="ct",
+        labels={"liver": 6, "right_kidney": 2, "left_kidney": 3, "spleen": 1},
+        classmap_names={
+            0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
+            7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS", 12: "AG_R", 13: "AG_L",
+        },
+        label_groups=(("right_kidney", "left_kidney"), ("liver", "spleen")),
+        sep=(0, 6, 12, 18, 24, 30),
+        body_threshold=1e-4,
+        all_label_ids=tuple(range(14)),
+        aliases=("sabs_ct", "btcv", "synapse", "ct"),
+    )
+)
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names (without aliases)."""
+    return sorted({info.name for info in _REGISTRY.values()})
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Look up a dataset by name or alias; unknown names raise :class:`ConfigError`."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key 'data.dataset': unknown dataset '{name}'{hint}; valid: {', '.join(list_datasets())}")
+    return _REGISTRY[key]
+
+
+_IMAGE_RE = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
+
+
+def _sort_key(scan_id: str) -> tuple[int, str]:
+    return (int(scan_id), scan_id) if scan_id.isdigit() else (1 << 30, scan_id)
+
+
+def discover_scans(root: str | Path) -> list[str]:
+    """Scan ids of a prepared folder (``image_{id}.nii.gz`` with a matching label), sorted numerically.
+
+    Raises:
+        DataError: the folder is missing, empty, or has no ``image_{id}.nii.gz`` files (the expected
+            prepared layout is named in the message), or an image has no label.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root} (set data.root or DATA=)")
+    if not root.is_dir():
+        raise DataError(f"data.root is not a folder: {root}")
+    ids = []
+    for p in root.iterdir():
+        m = _IMAGE_RE.match(p.name)
+        if m:
+            ids.append(m.group(1))
+    if not ids:
+        raise DataError(
+            f"{root}: no prepared volumes found; expected the prepared layout image_<id>.nii.gz + label_<id>.nii.gz"
+            " (run 'fsl-med prepare' on the official download first)"
+        )
+    ids = sorted(set(ids), key=_sort_key)
+    for sid in ids:
+        if not any((root / f"label_{sid}{ext}").is_file() for ext in (".nii.gz", ".nii")):
+            raise DataError(f"{root}: image_{sid} has no label_{sid}.nii.gz")
+    return ids
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """Scan ids of one fold: training scans, evaluation (query) scans and the support scan."""
+
+    train: list[str]
+    query: list[str]
+    support: str
+
+
+def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int) -> FoldSplit:
+    """The reference split of ``scan_ids`` (sorted) for ``fold``.
+
+    With fewer scans than the dataset's standard count (e.g. a phantom or a subset), the fold
+    boundaries are scaled proportionally so that every fold still has >= 1 query scan and 1 support scan.
+
+    Raises:
+        ConfigError: ``fold`` is out of range.
+        DataError: too few scans to form a fold (needs at least n_folds + 1... in practice 3).
+    """
+    if not 0 <= fold < info.n_folds:
+        raise ConfigError(f"config key 'data.fold': must be in 0..{info.n_folds - 1}, got {fold}")
+    ids = sorted(scan_ids, key=_sort_key)
+    n = len(ids)
+    if n < 3:
+        raise DataError(f"need at least 3 scans to split into train/query/support, found {n}")
+    standard = info.sep[-1]
+    if n == standard:
+        sep = list(info.sep)
+    else:
+        sep = [round(s * n / standard) for s in info.sep]
+    start, stop = sep[fold], sep[fold + 1]
+    if stop <= start:
+        stop = start + 1
+    val = [ids[i % n] for i in range(start, stop + info.n_support)]
+    support = val[-1]
+    query = val[:-1]
+    train = [s for s in ids if s not in val]
+    if not train:
+        raise DataError(f"fold {fold}: no training scans left out of {n}")
+    return FoldSplit(train=train, query=query, support=support)

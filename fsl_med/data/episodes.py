@@ -1,0 +1,204 @@
+"""Self-supervised training episodes (method.md §2): a superpixel of a random slice, augmented twice.
+
+Episode ``i`` is a pure function of ``(seed, i)``: the sampler hands out global episode indices (distinct
+per epoch and per rank), so runs are reproducible with any number of data-loader workers.
+
+Augmentation ('sabs_aug', method.md §2.2): one random affine (rotation, translation, shear, isotropic
+zoom; matrices built with MONAI's ``create_*`` helpers), an elastic displacement field
+(uniform noise, Gaussian-smoothed with σ, times α), composed into a single sampling grid and applied with
+one ``grid_sample`` (bilinear for the image, bilinear-then-0.5 for the binary mask, zero border), then
+MONAI's ``AdjustContrast`` gamma on the image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import AdjustContrast
+from monai.transforms.utils import create_rotate, create_scale, create_shear, create_translate
+from scipy import ndimage
+from torch.utils.data import Dataset, Sampler
+
+from fsl_med.errors import DataError
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Ranges of the episode augmentation (defaults: method.md §2.2)."""
+
+    enabled: bool = True
+    rotate_deg: float = 5.0
+    translate_px: float = 5.0
+    shear_deg: float = 5.0
+    zoom_min: float = 0.9
+    zoom_max: float = 1.2
+    elastic_alpha: float = 10.0
+    elastic_sigma: float = 5.0
+    gamma_min: float = 0.5
+    gamma_max: float = 1.5
+
+
+def _sampling_grid(rng: np.random.Generator, h: int, w: int, p: AugmentParams) -> torch.Tensor:
+    """A ``[1, H, W, 2]`` grid (normalised, ``align_corners=False``) for ``grid_sample``."""
+    rot = math.radians(rng.uniform(-p.rotate_deg, p.rotate_deg))
+    shear = math.tan(math.radians(rng.uniform(-p.shear_deg, p.shear_deg)))
+    tx, ty = rng.uniform(-p.translate_px, p.translate_px, size=2)
+    zoom = rng.uniform(p.zoom_min, p.zoom_max)
+    # forward map (input -> output) in centred pixel coordinates (x, y)
+    fwd = (np.asarray(create_translate(2, (tx, ty)))
+           @ np.asarray(create_rotate(2, rot))
+           @ np.asarray(create_shear(2, (shear, 0.0)))
+           @ np.asarray(create_scale(2, (zoom, zoom))))
+    inv = np.linalg.inv(fwd)
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float64) - (h - 1) / 2, np.arange(w, dtype=np.float64) - (w - 1) / 2,
+                         indexing="ij")
+    if p.elastic_alpha > 0:
+        # elastic applied after the affine: out(x) = affine_out(x + d(x))
+        noise = rng.uniform(-1.0, 1.0, size=(2, h, w))
+        trunc = 10.0 / p.elastic_sigma  # kernel radius 10 px (ksize 21) as the reference
+        dx = ndimage.gaussian_filter(noise[0], p.elastic_sigma, truncate=trunc, mode="reflect") * p.elastic_alpha
+        dy = ndimage.gaussian_filter(noise[1], p.elastic_sigma, truncate=trunc, mode="reflect") * p.elastic_alpha
+        xs, ys = xs + dx, ys + dy
+    src_x = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    src_y = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    gx = (src_x + (w - 1) / 2 + 0.5) / w * 2 - 1
+    gy = (src_y + (h - 1) / 2 + 0.5) / h * 2 - 1
+    return torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
+
+
+def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
+    """Augment an (image, binary mask) pair with one random geometric + intensity transform.
+
+    Args:
+        image: ``[H, W]`` float32 (normalised intensities).
+        mask: ``[H, W]`` binary (any dtype).
+        rng: random generator (the only source of randomness).
+        params: augmentation ranges.
+    Returns:
+        New arrays ``(image [H, W] float32, mask [H, W] uint8)``; the inputs are not modified.
+    """
+    if not params.enabled:
+        return image.astype(np.float32, copy=True), (mask > 0).astype(np.uint8)
+    h, w = image.shape
+    grid = _sampling_grid(rng, h, w, params)
+    stacked = torch.from_numpy(np.stack([image.astype(np.float32), (mask > 0).astype(np.float32)]))[None]
+    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    img = warped[0].numpy()
+    out_mask = (warped[1].numpy() > 0.5).astype(np.uint8)
+    gamma = rng.uniform(params.gamma_min, params.gamma_max)
+    img = np.asarray(AdjustContrast(gamma=gamma)(img[None]))[0]
+    return img.astype(np.float32), out_mask
+
+
+def mask_at_feature_size(mask: torch.Tensor, feature_size: int, mode: str) -> torch.Tensor:
+    """Downsample ``[..., H, W]`` masks to ``feature_size``² with ``mode`` (nearest or bilinear)."""
+    shape = mask.shape
+    m = mask.reshape(-1, 1, *shape[-2:]).float()
+    if mode == "nearest":
+        out = F.interpolate(m, size=(feature_size, feature_size), mode="nearest")
+    else:
+        out = F.interpolate(m, size=(feature_size, feature_size), mode="bilinear", align_corners=False)
+    return out.reshape(*shape[:-2], feature_size, feature_size)
+
+
+class EpisodeDataset(Dataset):
+    """Self-supervised 1-way 1-shot episodes from superpixel pseudolabels.
+
+    Args:
+        images: normalised training volumes, each ``[Z, H, W]`` float32.
+        superpixels: their pseudolabels, each ``[Z, H, W]`` int (0 = outside the body).
+        slices: allowed ``(volume index, z)`` pairs (Setting-2 exclusion already applied).
+        length: episodes per epoch (``__len__``).
+        seed: base seed; episode ``i`` depends only on ``(seed, i)``.
+        augment: augmentation ranges.
+        min_pixels: a pseudolabel must cover at least this many pixels (never superpixel 0).
+        feature_size, mask_downsample: the support mask must stay non-empty at the feature resolution.
+
+    Items are dicts: ``support_image [3,H,W]``, ``support_mask [H,W]`` float (1 = fg),
+    ``query_image [3,H,W]``, ``query_label [H,W]`` int64, ``scan`` (volume index), ``z``, ``superpixel``.
+
+    Raises:
+        DataError: no slice has a usable superpixel.
+    """
+
+    max_tries = 20
+
+    def __init__(self, images: Sequence[np.ndarray], superpixels: Sequence[np.ndarray],
+                 slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentParams,
+                 min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest") -> None:
+        self.images = list(images)
+        self.superpixels = list(superpixels)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.augment = augment
+        self.feature_size = feature_size
+        self.mask_downsample = mask_downsample
+        self.candidates: list[tuple[int, int, np.ndarray]] = []
+        for v, z in slices:
+            sp = self.superpixels[v][z]
+            counts = np.bincount(sp.ravel())
+            ids = np.flatnonzero(counts >= min_pixels)
+            ids = ids[ids != 0]
+            if ids.size:
+                self.candidates.append((v, z, ids))
+        if not self.candidates:
+            raise DataError(
+                f"no training slice has a superpixel of >= {min_pixels} pixels inside the body "
+                "(check data.superpixel.* and data.min_superpixel_pixels)"
+            )
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _usable(self, mask: np.ndarray) -> bool:
+        m = mask_at_feature_size(torch.from_numpy(mask), self.feature_size, self.mask_downsample)
+        return bool(m.sum() > 0)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        for _ in range(self.max_tries):
+            v, z, ids = self.candidates[int(rng.integers(len(self.candidates)))]
+            sp_id = int(ids[int(rng.integers(len(ids)))])
+            img = self.images[v][z]
+            label = self.superpixels[v][z] == sp_id
+            s_img, s_mask = augment_pair(img, label, rng, self.augment)
+            q_img, q_mask = augment_pair(img, label, rng, self.augment)
+            if self._usable(s_mask) and q_mask.any():
+                return {
+                    "support_image": torch.from_numpy(np.repeat(s_img[None], 3, axis=0)),
+                    "support_mask": torch.from_numpy(s_mask.astype(np.float32)),
+                    "query_image": torch.from_numpy(np.repeat(q_img[None], 3, axis=0)),
+                    "query_label": torch.from_numpy(q_mask.astype(np.int64)),
+                    "scan": v,
+                    "z": z,
+                    "superpixel": sp_id,
+                }
+        raise DataError(f"episode {index}: no usable pseudolabel after {self.max_tries} draws")
+
+
+class EpisodeSampler(Sampler[int]):
+    """Yields global episode indices: distinct across epochs and ranks, deterministic given the epoch.
+
+    Epoch ``e`` on rank ``r`` of ``w`` yields ``(e * w + r) * length + i`` for ``i < length``. Lightning
+    calls :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size, self.epoch = length, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose indices are yielded next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        base = (self.epoch * self.world_size + self.rank) * self.length
+        return iter(range(base, base + self.length))

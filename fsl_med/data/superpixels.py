@@ -1,0 +1,121 @@
+"""Superpixel pseudolabels (method.md §1.3): 2D Felzenszwalb per slice inside the body mask.
+
+Pseudolabels are generated when missing and cached under ``data.cache_dir`` (never inside the data
+folder, which may be read-only). The cache file name contains a hash of the image file's content and
+of the parameters, so changing either regenerates it. A ``superpix-MIDDLE_{id}.nii.gz`` shipped with the
+data is used instead when the parameters are the reference defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import felzenszwalb
+
+from fsl_med.atomic import atomic_path
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SuperpixelParams:
+    """Felzenszwalb parameters and the body-mask threshold."""
+
+    scale: float = 1.0
+    sigma: float = 1.0
+    min_size: int = 400
+    body_threshold: float = 50 + 1e-4
+
+    @property
+    def is_reference(self) -> bool:
+        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400)."""
+        return (self.scale, self.sigma, self.min_size) == (1.0, 1.0, 400)
+
+
+def body_mask(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
+    """Body mask of one slice: ``slice > threshold``, largest connected component, holes filled.
+
+    Returns a bool array of the slice's shape. If thresholding finds nothing it is returned as is (empty).
+    """
+    mask = slice_2d > threshold
+    if not mask.any():
+        return mask
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        mask = lab == int(sizes.argmax())
+    return ndimage.binary_fill_holes(mask)
+
+
+def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+    """Superpixels of one slice: 0 outside the body, 1..N inside (consecutive).
+
+    Args:
+        slice_2d: ``[H, W]`` intensities before loader normalisation.
+    Returns:
+        ``[H, W]`` int32 labels.
+    """
+    seg = felzenszwalb(slice_2d.astype(np.float64), scale=params.scale, sigma=params.sigma,
+                       min_size=params.min_size)
+    mask = body_mask(slice_2d, params.body_threshold)
+    seg = np.where(mask, seg + 1, 0)
+    _, inv = np.unique(seg, return_inverse=True)
+    inv = inv.reshape(seg.shape).astype(np.int32)
+    if not mask.all():  # 0 is present and maps to 0 already; else shift so ids start at 1
+        return inv
+    return inv + 1
+
+
+def superpixels_volume(image: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+    """Per-slice superpixels of a ``[Z, H, W]`` volume -> ``[Z, H, W]`` int32 (ids restart per slice)."""
+    return np.stack([superpixels_2d(image[z], params) for z in range(image.shape[0])]).astype(np.int32)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cache_key(image_path: Path, params: SuperpixelParams, image_size: int) -> str:
+    """Key of a cached pseudolabel volume: content of the image file + parameters + code version."""
+    payload = json.dumps({"params": asdict(params), "size": image_size, "v": CACHE_VERSION}, sort_keys=True)
+    return f"{_file_digest(image_path)}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: SuperpixelParams,
+                             cache_dir: str | Path) -> np.ndarray:
+    """Pseudolabels of a volume, read from the cache or computed and cached (atomically).
+
+    Args:
+        image: ``[Z, H, W]`` intensities as stored (before normalisation), already at the loader size.
+        image_path: the image file (its content keys the cache).
+        params: superpixel parameters.
+        cache_dir: cache folder (created if needed).
+    Returns:
+        ``[Z, H, W]`` int32 superpixel ids (0 = outside the body).
+    """
+    cache_dir = Path(cache_dir).expanduser() / "superpixels"
+    key = cache_key(image_path, params, image.shape[-1])
+    dest = cache_dir / f"{image_path.name.split('.')[0]}-{key}.npz"
+    if dest.is_file():
+        try:
+            with np.load(dest) as z:
+                sp = z["superpixels"]
+            if sp.shape == image.shape:
+                return sp
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # corrupt cache entry: regenerate
+    sp = superpixels_volume(image, params)
+    with atomic_path(dest, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, superpixels=sp)
+    return sp

@@ -1,0 +1,104 @@
+"""The ``eval`` verb: EP1 evaluation of a checkpoint (or of the configured encoder) on the fold's queries."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from fsl_med import __version__
+from fsl_med.config import to_container
+from fsl_med.data.datamodule import FewShotDataModule
+from fsl_med.errors import WeightsError
+from fsl_med.evaluation.metrics import summarize
+from fsl_med.evaluation.report import build_results, write_results
+from fsl_med.models.module import FewShotModule
+from fsl_med.runs import check_compatible, load_checkpoint, make_trainer, new_run_dir, resolve_ckpt, save_config
+
+log = logging.getLogger(__name__)
+
+
+def module_from_checkpoint(path: Path, cfg: DictConfig) -> tuple[FewShotModule, dict[str, Any]]:
+    """Build the module of ``cfg`` and load a checkpoint's weights into it.
+
+    Raises:
+        WeightsError: unreadable checkpoint or weights of another architecture.
+        ConfigError: the checkpoint's encoder differs from the config's.
+    """
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt["hyper_parameters"]["config"], cfg, path)
+    with warnings.catch_warnings():  # the encoder's random init is replaced by the checkpoint right away
+        warnings.simplefilter("ignore")
+        enc_logger = logging.getLogger("fsl_med.models.encoders")
+        level = enc_logger.level
+        enc_logger.setLevel(logging.ERROR)
+        try:
+            module = FewShotModule(to_container(cfg), weights="none")
+        finally:
+            enc_logger.setLevel(level)
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: weights do not fit the model ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    return module, ckpt
+
+
+def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: str = "-eval",
+             global_step: int | None = None) -> tuple[dict[str, Any], Path]:
+    """Evaluate with the EP1 protocol on the configured fold and write the results.
+
+    Args:
+        cfg: run configuration; ``cfg.ckpt`` names the checkpoint (a path, ``latest``, or unset to
+            evaluate the encoder as configured, e.g. frozen official weights).
+        module: evaluate this module instead of loading one.
+        name_suffix: the run folder is ``<output_dir>/<name><suffix>/version_N``.
+        global_step: trained steps of ``module`` (reported).
+    Returns:
+        ``(results, path of results.json)``.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = None
+    init_weights = cfg.model.encoder.weights
+    if module is None:
+        ckpt_path = resolve_ckpt(cfg)
+        if ckpt_path is not None:
+            module, ckpt = module_from_checkpoint(ckpt_path, cfg)
+            global_step = int(ckpt.get("global_step", 0))
+            init_weights = ckpt["hyper_parameters"]["config"]["model"]["encoder"]["weights"]
+        else:
+            module = FewShotModule.from_config(cfg)
+            global_step = 0
+    dm = FewShotDataModule(cfg)
+    dm.setup("test")
+    run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")
+    save_config(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir, with_val=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    volumes = module.last_results["test"]
+    organs = list(cfg.data.test_organs)
+    summary = summarize(volumes, organs)
+    assert dm.split is not None
+    meta = {
+        "name": cfg.name,
+        "dataset": cfg.data.dataset,
+        "fold": cfg.data.fold,
+        "setting": cfg.data.setting,
+        "seed": cfg.seed,
+        "support_scan": dm.split.support,
+        "query_scans": list(dm.split.query),
+        "checkpoint": str(ckpt_path) if ckpt_path else None,
+        "global_step": global_step,
+        "encoder": {"name": cfg.model.encoder.name, "weights": init_weights,
+                    "finetune": cfg.model.encoder.finetune},
+        "fsl_med_version": __version__,
+        "config": to_container(cfg),
+    }
+    results = build_results(summary, volumes, dm.skipped["test"], meta)
+    path = write_results(run_dir, results, organs)
+    return results, path

@@ -1,0 +1,125 @@
+"""Adaptive local prototype pooling (ALPNet, method.md §3).
+
+Shapes: support features ``[S, C, h, w]`` (S shots), support masks ``[S, 1, h, w]`` at feature
+resolution with values in [0, 1], query features ``[Q, C, h, w]``. Class scores are ``[Q, 1, h, w]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SAFE_NORM_EPS = 1e-4
+GLOBAL_PROTO_EPS = 1e-5
+
+
+def safe_norm(x: torch.Tensor, dim: int = 1, eps: float = SAFE_NORM_EPS) -> torch.Tensor:
+    """L2-normalise along ``dim`` with the norm clamped to at least ``eps`` (zero vectors stay zero)."""
+    return x / x.norm(p=2, dim=dim, keepdim=True).clamp_min(eps)
+
+
+def local_prototypes(feats: torch.Tensor, mask: torch.Tensor, window: int, thresh: float) -> torch.Tensor:
+    """Prototypes of the ``window``×``window`` windows whose mean mask value exceeds ``thresh``.
+
+    Args:
+        feats: ``[S, C, h, w]`` support features.
+        mask: ``[S, 1, h, w]`` soft or binary mask.
+        window: pooling window (and stride); ``h`` and ``w`` should be multiples of it.
+        thresh: strict threshold on the pooled mask (0.95 in the reference).
+    Returns:
+        ``[N, C]`` pooled features of the selected windows (N may be 0).
+    """
+    pooled_f = F.avg_pool2d(feats, window)  # [S, C, h', w']
+    pooled_m = F.avg_pool2d(mask, window)  # [S, 1, h', w']
+    c = feats.shape[1]
+    pf = pooled_f.permute(0, 2, 3, 1).reshape(-1, c)
+    sel = pooled_m.reshape(-1) > thresh
+    return pf[sel]
+
+
+def global_prototype(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked average of the features per shot: ``[S, C]`` = Σ(f·m) / (Σm + 1e-5)."""
+    return (feats * mask).sum(dim=(-1, -2)) / (mask.sum(dim=(-1, -2)) + GLOBAL_PROTO_EPS)
+
+
+def prototype_scores(query: torch.Tensor, protos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax-weighted similarity to a set of prototypes.
+
+    Args:
+        query: ``[Q, C, h, w]`` query features (normalised inside).
+        protos: ``[N, C]`` prototypes (N >= 1; normalised inside).
+        scale: cosine scale (20).
+    Returns:
+        ``[Q, 1, h, w]``: Σ_k softmax_k(d) · d_k with d_k = scale · cos(q, p_k).
+    """
+    d = torch.einsum("qchw,nc->qnhw", safe_norm(query), safe_norm(protos, dim=1)) * scale
+    return (torch.softmax(d, dim=1) * d).sum(dim=1, keepdim=True)
+
+
+@dataclass
+class ClassPrototypes:
+    """Normalised prototypes of one class and how they were made (``mode``: gridconv, gridconv+ or mask)."""
+
+    protos: torch.Tensor  # [N, C]
+    mode: str
+
+
+def class_prototypes(feats: torch.Tensor, mask: torch.Tensor, window: int, thresh: float, local: bool,
+                     add_global: bool) -> ClassPrototypes:
+    """Prototypes of one class from support features.
+
+    Args:
+        feats: ``[S, C, h, w]``; mask: ``[S, 1, h, w]``.
+        window: pooling window of the local prototypes.
+        thresh: local-window threshold.
+        local: use local prototypes ('gridconv'); if False only the global one ('mask').
+        add_global: with ``local``, also add the global prototype of each shot ('gridconv+').
+    Returns:
+        :class:`ClassPrototypes`. If ``local`` finds no window above ``thresh`` (e.g. a class covering
+        no full window) it falls back to the global prototype (mode 'mask') instead of failing.
+    """
+    if local:
+        protos = local_prototypes(feats, mask, window, thresh)
+        if add_global:
+            protos = torch.cat([protos, global_prototype(feats, mask)], dim=0)
+            return ClassPrototypes(protos, "gridconv+")
+        if protos.shape[0] > 0:
+            return ClassPrototypes(protos, "gridconv")
+    glob = global_prototype(feats, mask).mean(dim=0, keepdim=True)
+    return ClassPrototypes(glob, "mask")
+
+
+def fg_uses_local(mask: torch.Tensor, decision_window: int, thresh: float) -> bool:
+    """The reference's fg mode rule: local+global if ``max(avg_pool2d(mask, 4)) >= thresh`` else global only."""
+    return bool(F.avg_pool2d(mask, decision_window).max() >= thresh)
+
+
+@dataclass
+class EpisodePrototypes:
+    """Background and foreground prototypes of one support set."""
+
+    bg: ClassPrototypes
+    fg: ClassPrototypes
+
+
+def episode_prototypes(feats: torch.Tensor, fg_mask: torch.Tensor, window: int, decision_window: int,
+                       fg_thresh: float = 0.95, bg_thresh: float = 0.95) -> EpisodePrototypes:
+    """bg: local prototypes ('gridconv'); fg: 'gridconv+' or 'mask' by the reference's rule.
+
+    Args:
+        feats: ``[S, C, h, w]`` support features; fg_mask: ``[S, 1, h, w]`` (bg mask = 1 − fg).
+        window: local pooling window (4 in training, 2 at test).
+        decision_window: window of the fg mode rule (4, also at test).
+    """
+    bg = class_prototypes(feats, 1.0 - fg_mask, window, bg_thresh, local=True, add_global=False)
+    use_local = fg_uses_local(fg_mask, decision_window, fg_thresh)
+    fg = class_prototypes(feats, fg_mask, window, fg_thresh, local=use_local, add_global=use_local)
+    return EpisodePrototypes(bg=bg, fg=fg)
+
+
+def episode_scores(query: torch.Tensor, protos: EpisodePrototypes, scale: float) -> torch.Tensor:
+    """``[Q, 2, h, w]`` scores (channel 0 background, 1 foreground) of query features."""
+    return torch.cat([prototype_scores(query, protos.bg.protos, scale),
+                      prototype_scores(query, protos.fg.protos, scale)], dim=1)

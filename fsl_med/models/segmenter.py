@@ -1,0 +1,142 @@
+"""FewShotSegmenter: encoder + ALP head; support/query images in, 2-class logits out (method.md §3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsl_med.models.alp import EpisodePrototypes, episode_prototypes, episode_scores
+
+
+def tile3(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` single-channel slices -> ``[B, 3, H, W]`` (the reference tiles the slice ×3)."""
+    return x[:, None].expand(-1, 3, -1, -1)
+
+
+class FewShotSegmenter(nn.Module):
+    """ALPNet with an arbitrary patch-feature encoder.
+
+    Args:
+        encoder: module mapping ``[B, 3, H, W]`` to ``[B, C, f, f]`` features (``f = feature_size``).
+        feature_size: feature map side (32).
+        proto_grid: training prototype grid (8 -> window ``feature_size // proto_grid`` = 4).
+        test_window: local pooling window at evaluation (2).
+        fg_thresh, bg_thresh: local-prototype thresholds (0.95).
+        scale: cosine scale (20).
+        mask_downsample: ``nearest`` ([D]) or ``bilinear`` ([A]) support-mask downsampling.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_size: int = 32, proto_grid: int = 8, test_window: int = 2,
+                 fg_thresh: float = 0.95, bg_thresh: float = 0.95, scale: float = 20.0,
+                 mask_downsample: str = "nearest") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.feature_size = feature_size
+        self.train_window = feature_size // proto_grid
+        self.test_window = test_window
+        self.fg_thresh, self.bg_thresh, self.scale = fg_thresh, bg_thresh, scale
+        self.mask_downsample = mask_downsample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, C, f, f]``."""
+        return self.encoder(images)
+
+    def downsample_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[S, H, W]`` binary masks -> ``[S, 1, f, f]`` at feature resolution."""
+        m = mask[:, None].float()
+        f = self.feature_size
+        if self.mask_downsample == "nearest":
+            return F.interpolate(m, size=(f, f), mode="nearest")
+        return F.interpolate(m, size=(f, f), mode="bilinear", align_corners=False)
+
+    def prototypes(self, feats: torch.Tensor, fg_mask_lowres: torch.Tensor, window: int) -> EpisodePrototypes:
+        """Prototypes from ``[S, C, f, f]`` features and ``[S, 1, f, f]`` fg masks."""
+        return episode_prototypes(feats, fg_mask_lowres, window, self.train_window, self.fg_thresh, self.bg_thresh)
+
+    def scores(self, query_feats: torch.Tensor, protos: EpisodePrototypes) -> torch.Tensor:
+        """``[Q, 2, f, f]`` low-resolution class scores."""
+        return episode_scores(query_feats, protos, self.scale)
+
+    @staticmethod
+    def upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinearly upsample ``[Q, 2, f, f]`` scores to ``size`` (the reference's output step)."""
+        return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, support_images: torch.Tensor, support_fg: torch.Tensor, query_images: torch.Tensor,
+                window: int | None = None) -> torch.Tensor:
+        """One 1-way episode.
+
+        Args:
+            support_images: ``[S, 3, H, W]``; support_fg: ``[S, H, W]`` binary; query_images: ``[Q, 3, H, W]``.
+            window: local pooling window (default: training window in train mode, test window in eval).
+        Returns:
+            ``[Q, 2, H, W]`` logits (background, foreground).
+        """
+        if window is None:
+            window = self.train_window if self.training else self.test_window
+        s = support_images.shape[0]
+        feats = self.encode(torch.cat([support_images, query_images], dim=0))
+        protos = self.prototypes(feats[:s], self.downsample_mask(support_fg), window)
+        return self.upsample(self.scores(feats[s:], protos), query_images.shape[-2:])
+
+    def align_loss(self, query_feats: torch.Tensor, query_scores: torch.Tensor, support_feats: torch.Tensor,
+                   support_fg: torch.Tensor) -> torch.Tensor:
+        """PANet-style prototype alignment loss of one episode (method.md §2.3).
+
+        The query's own argmax prediction (at feature resolution) gives query prototypes, which
+        segment the support; the loss is an unweighted CE against the support mask.
+
+        Args:
+            query_feats: ``[1, C, f, f]``; query_scores: ``[1, 2, f, f]``;
+            support_feats: ``[1, C, f, f]``; support_fg: ``[1, H, W]`` binary.
+        """
+        pred_fg = query_scores.argmax(dim=1, keepdim=True).float()  # [1, 1, f, f]
+        protos = self.prototypes(query_feats, pred_fg, self.train_window)
+        sup_pred = self.upsample(self.scores(support_feats, protos), support_fg.shape[-2:])
+        return F.cross_entropy(sup_pred, support_fg.long())
+
+    @torch.inference_mode()
+    def predict_volume(self, support_images: np.ndarray, support_masks: np.ndarray, query_images: np.ndarray,
+                       part: np.ndarray, batch_size: int = 8,
+                       device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """EP1 prediction of a query volume.
+
+        Support features and prototypes are computed once per part; query slices are encoded in
+        batches of ``batch_size``.
+
+        Args:
+            support_images: ``[P, H, W]`` normalised support slices (one per part).
+            support_masks: ``[P, H, W]`` binary organ masks.
+            query_images: ``[n, H, W]`` normalised query slices.
+            part: ``[n]`` support part of each query slice.
+        Returns:
+            ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            sup = tile3(torch.as_tensor(support_images, dtype=torch.float32, device=device))
+            sup_m = torch.as_tensor(support_masks, device=device)
+            sfeats = self.encode(sup)
+            protos = [self.prototypes(sfeats[p:p + 1], self.downsample_mask(sup_m[p:p + 1]), self.test_window)
+                      for p in range(sup.shape[0])]
+            n, h, w = query_images.shape
+            pred = np.zeros((n, h, w), dtype=np.uint8)
+            prob = np.zeros((n, h, w), dtype=np.float32)
+            part_t = torch.as_tensor(part, device=device)
+            for start in range(0, n, batch_size):
+                q = tile3(torch.as_tensor(query_images[start:start + batch_size], dtype=torch.float32, device=device))
+                qf = self.encode(q)
+                pt = part_t[start:start + batch_size]
+                low = torch.empty(q.shape[0], 2, qf.shape[-2], qf.shape[-1], device=device, dtype=qf.dtype)
+                for p in torch.unique(pt).tolist():
+                    sel = pt == p
+                    low[sel] = self.scores(qf[sel], protos[p])
+                logits = self.upsample(low.float(), (h, w))
+                pred[start:start + q.shape[0]] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                prob[start:start + q.shape[0]] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+            return pred, prob
+        finally:
+            self.train(was_training)

@@ -1,0 +1,92 @@
+"""The ``train`` verb: build data and model from the config, fit, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from fsl_med import atomic
+from fsl_med.config import excluded_labels, to_container
+from fsl_med.data.datamodule import FewShotDataModule
+from fsl_med.models.module import FewShotModule
+from fsl_med.runs import make_trainer, new_run_dir, resolve_ckpt, save_config
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer(Callback):
+    """Wall-clock seconds of each training batch (data wait excluded), for the run summary."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+    def median(self, skip: int = 3) -> float | None:
+        """Median seconds per step after ``skip`` warm-up steps (None if no step ran)."""
+        t = self.times[skip:] if len(self.times) > skip else self.times
+        return statistics.median(t) if t else None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    last_ckpt: Path
+    best_ckpt: Path | None
+    seconds_per_step: float | None
+    steps: int
+    val_dice: float | None
+
+
+def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
+    """Train on self-supervised episodes of the configured fold.
+
+    Args:
+        cfg: validated run configuration. ``cfg.ckpt`` (a path or ``latest``) resumes that run's
+            checkpoint (optimiser, scheduler and step included).
+        module: an already built module to train (default: built from ``cfg``).
+    Returns:
+        A :class:`TrainResult` (run folder, checkpoints, median seconds per step).
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume = resolve_ckpt(cfg)
+    run_dir = new_run_dir(cfg.logging.output_dir, cfg.name)
+    save_config(cfg, run_dir)
+    excl = excluded_labels(cfg)
+    log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
+             list(cfg.data.test_organs), excl or "none")
+    dm = FewShotDataModule(cfg)
+    if module is None:
+        module = FewShotModule.from_config(cfg)
+    with_val = cfg.data.num_val_scans > 0
+    timer = StepTimer()
+    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    ckpt_cb = trainer.checkpoint_callback
+    last = run_dir / "checkpoints" / "last.ckpt"
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    val = trainer.callback_metrics.get("val/dice")
+    result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),
+                         float(val) if val is not None else None)
+    atomic.write_json(run_dir / "train_summary.json", {
+        "steps": result.steps, "seconds_per_step_median": result.seconds_per_step,
+        "last_ckpt": str(last), "best_ckpt": str(best) if best else None, "val_dice": result.val_dice,
+        "seed": cfg.seed, "config": to_container(cfg),
+    })
+    return result
