@@ -1,0 +1,54 @@
+# fsl_med: every target installs into .venv first if needed.
+#   make demo | make test | make train-mri DATA=... ARGS="k=v ..." | make eval-mri CKPT=...
+# Variables: DATA (data.root), CKPT (ckpt: a path, or 'latest' = newest last.ckpt of the config's runs),
+#            ARGS (extra key=value config overrides), PYTHON_BOOT (python used to create .venv).
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+FSL         := $(VENV)/bin/fsl-med
+STAMP       := $(VENV)/.fsl_med-installed
+DATA        ?=
+CKPT        ?= latest
+ARGS        ?=
+SRC         ?=
+DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
+
+.PHONY: install test test-fast demo train-mri eval-mri train-ct eval-ct lint clean-venv help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install fsl_med with its dev tools (idempotent)
+
+test: $(STAMP) ## run the test suite (real CHAOS data from ../shared when present; required under CI=true)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
+	FSL_MED_FAST=1 $(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP) ## phantom data, tiny random-init model: Dice before/after a short training, a few minutes on CPU
+	$(FSL) demo experiments/demo.yaml $(ARGS)
+
+train-mri: $(STAMP) ## train on prepared CHAOS-T2 (DATA=folder, default ../shared/data/CHAOST2/...)
+	$(FSL) train experiments/mri.yaml $(DATA_ARG) $(ARGS)
+
+eval-mri: $(STAMP) ## evaluate CKPT (default: latest mri run) on CHAOS-T2 fold queries
+	$(FSL) eval experiments/mri.yaml $(DATA_ARG) ckpt=$(CKPT) $(ARGS)
+
+train-ct: $(STAMP) ## train on prepared SABS CT (DATA=folder, default data/SABS/sabs_CT_normalized)
+	$(FSL) train experiments/ct.yaml $(DATA_ARG) $(ARGS)
+
+eval-ct: $(STAMP) ## evaluate CKPT (default: latest ct run) on SABS fold queries
+	$(FSL) eval experiments/ct.yaml $(DATA_ARG) ckpt=$(CKPT) $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check fsl_med tests
+
+clean-venv:
+	rm -rf $(VENV)
