@@ -80,6 +80,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
     last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at
     best = Path(ckpt_cb.best_model_path) if ckpt_cb is not None and ckpt_cb.best_model_path else None
     val = trainer.callback_metrics.get("val/dice")
     result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real CHAOS-T2 folder, tiny-model configs, and a small real-data subset."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHAOS = REPO.parent / "shared" / "data" / "CHAOST2" / "chaos_MR_T2_normalized"
+
+# Overrides that make any experiment config run fast on CPU: a tiny random-init ViT, no workers.
+TINY = [
+    "model.encoder.name=vit_tiny_patch14",
+    "model.encoder.weights=none",
+    "model.encoder.finetune=full",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "logging.logger=csv",
+]
+
+
+def chaos_root() -> Path | None:
+    """The real CHAOS-T2 prepared folder, or None when absent."""
+    p = Path(os.environ.get("FSL_MED_DATA_MRI", DEFAULT_CHAOS))
+    return p if (p / "image_1.nii.gz").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def chaos() -> Path:
+    """Path of the real CHAOS-T2 data; skips when absent, fails under CI=true (a green CI used real data)."""
+    root = chaos_root()
+    if root is None:
+        msg = (f"real CHAOS-T2 data not found at {os.environ.get('FSL_MED_DATA_MRI', DEFAULT_CHAOS)} "
+               "(set FSL_MED_DATA_MRI)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " and CI=true requires it")
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chaos_subset(chaos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real CHAOS volumes (ids 1, 2, 3, 5) linked into a folder: split into query 1, support 2,
+    training 3 and validation 5 by the proportional fold split."""
+    out = tmp_path_factory.mktemp("chaos_subset")
+    for sid in ("1", "2", "3", "5"):
+        for kind in ("image", "label"):
+            (out / f"{kind}_{sid}.nii.gz").symlink_to(chaos / f"{kind}_{sid}.nii.gz")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_init_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
+        yield
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A superpixel cache shared across tests of a session (regeneration is tested separately)."""
+    return tmp_path_factory.getbasetemp() / "sp_cache"
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """Overrides for a tiny random-init ViT on CPU (see ``TINY``)."""
+    return list(TINY)

@@ -1,0 +1,70 @@
+"""Typed config: loading, overrides, one-line errors naming the key, derived fields."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fsl_med.config import excluded_labels, load_config, to_yaml
+from fsl_med.errors import ConfigError
+
+ROOT = "data.root=/nonexistent"
+
+
+def test_experiment_files_load_and_inherit_defaults():
+    for name in ("mri", "ct", "demo"):
+        cfg = load_config(f"experiments/{name}.yaml", [ROOT])
+        assert cfg.model.proto_grid == 8 and cfg.loss.ce_weights == [0.05, 1.0]
+    mri = load_config("experiments/mri.yaml", [ROOT, "trainer.max_steps=300", "model.encoder.weights=none"])
+    assert mri.data.dataset == "chaos_t2" and mri.trainer.max_steps == 300 and mri.model.encoder.weights == "none"
+    assert "max_steps: 300" in to_yaml(mri)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("trainer.max_stpes=3", r"unknown config key 'trainer.max_stpes'.*did you mean 'trainer.max_steps'"),
+        ("optim.lrr=0.1", r"unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+        ("trainer.max_steps=abc", r"wrong type for config key 'trainer.max_steps'"),
+        ("optim.lr=0", r"'optim.lr': must be > 0"),
+        ("optim.lr=-1e-3", r"'optim.lr': must be > 0"),
+        ("data.fold=5", r"'data.fold': must be in 0..4"),
+        ("data.setting=3", r"'data.setting': must be 1 or 2"),
+        ("data.test_organs=[livr]", r"unknown organ 'livr'.*did you mean 'liver'"),
+        ("model.encoder.name=dinov2_vitz14", r"model.encoder.name"),
+        ("model.encoder.finetune=half", r"model.encoder.finetune"),
+        ("optim.name=adam", r"optim.name"),
+        ("nonsense", r"not of the form key=value"),
+    ],
+)
+def test_bad_values_are_one_line_errors(override, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_config("experiments/mri.yaml", [ROOT, override])
+    assert "\n" not in str(e.value)
+
+
+def test_missing_root_and_file():
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("experiments/nope.yaml", [])
+
+
+def test_excluded_labels_derived_from_setting():
+    s1 = load_config("experiments/mri.yaml", [ROOT])
+    assert excluded_labels(s1) == []
+    s2 = load_config("experiments/mri.yaml", [ROOT, "data.setting=2", "data.test_organs=[liver,spleen]"])
+    assert excluded_labels(s2) == [1, 4]
+    ct = load_config("experiments/ct.yaml", [ROOT, "data.setting=2", "data.test_organs=[left_kidney,right_kidney]"])
+    assert excluded_labels(ct) == [2, 3]
+
+
+def test_cli_config_error_is_one_line_without_traceback():
+    p = subprocess.run([sys.executable, "-m", "fsl_med", "train", "experiments/mri.yaml", "data.fodl=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("fsl-med: error: ") and "data.fodl" in lines[-1] and "data.fold" in lines[-1]
+    assert "Traceback" not in p.stderr
