@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="[%(name)s] %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning has its own handler: no duplicate lines
     if not debug:
-        for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        for noisy in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                      "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     args = build_parser().parse_args(argv)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
+
 from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.evaluate import evaluate
@@ -24,6 +26,7 @@ def run_demo(cfg_path: Path | None, overrides: list[str] | None = None) -> str:
     cfg = load_config(cfg_path, overrides)
     root = generate_phantom(cfg.data.root)
     log.info("phantom dataset in %s", root)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the untrained model is reproducible too
     module = FewShotModule.from_config(cfg)
     before, _ = evaluate(cfg, module=module, name_suffix="-before", global_step=0)
     res = train(cfg, module=module)

@@ -98,7 +98,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callbacks: list[Callback] | None = None,
-                 max_steps: int | None = None) -> L.Trainer:
+                 max_steps: int | None = None, progress_bar: bool | None = None) -> L.Trainer:
     """A ``Trainer`` from ``cfg.trainer`` writing logs and checkpoints into ``run_dir``.
 
     Checkpoints: ``checkpoints/last.ckpt`` always; with validation also the best by ``val/dice``.
@@ -129,7 +129,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         gradient_clip_val=t.gradient_clip_val,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=t.enable_progress_bar if progress_bar is None else progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
         logger=logger,

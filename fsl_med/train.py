@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class StepTimer(Callback):
-    """Wall-clock seconds of each training batch (data wait excluded), for the run summary."""
+    """Wall-clock seconds of each training batch (data wait excluded), for the run summary.
 
-    def __init__(self) -> None:
+    With ``log_every > 0`` it also logs a progress line every ``log_every`` steps (used when there is
+    no terminal for a progress bar, e.g. batch jobs and CI logs).
+    """
+
+    def __init__(self, log_every: int = 0) -> None:
         self.times: list[float] = []
         self._t0 = 0.0
+        self.log_every = log_every
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
@@ -35,6 +41,11 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.times.append(time.perf_counter() - self._t0)
+        step = trainer.global_step
+        if self.log_every and (step % self.log_every == 0 or step == trainer.max_steps):
+            loss = trainer.callback_metrics.get("train/loss")
+            log.info("step %d/%d  loss %s  %.3f s/step", step, trainer.max_steps,
+                     f"{float(loss):.4f}" if loss is not None else "n/a", statistics.median(self.times[-self.log_every:]))
 
     def median(self, skip: int = 3) -> float | None:
         """Median seconds per step after ``skip`` warm-up steps (None if no step ran)."""
@@ -75,8 +86,10 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     if module is None:
         module = FewShotModule.from_config(cfg)
     with_val = cfg.data.num_val_scans > 0
-    timer = StepTimer()
-    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
+    interactive = sys.stderr.isatty()
+    timer = StepTimer(log_every=0 if interactive else cfg.trainer.log_every_n_steps)
+    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer],
+                           progress_bar=cfg.trainer.enable_progress_bar and interactive)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
     last = run_dir / "checkpoints" / "last.ckpt"
