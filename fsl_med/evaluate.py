@@ -17,7 +17,14 @@ from fsl_med.errors import WeightsError
 from fsl_med.evaluation.metrics import summarize
 from fsl_med.evaluation.report import build_results, write_results
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import check_compatible, load_checkpoint, make_trainer, new_run_dir, resolve_ckpt, save_config
+from fsl_med.runs import (
+    check_compatible,
+    load_checkpoint,
+    make_trainer,
+    new_run_dir,
+    resolve_ckpt,
+    save_config,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ from fsl_med.data.superpixels import SuperpixelParams, body_mask, load_or_make_s
 from fsl_med.data.volumes import load_volume, make_normalizer
 
 
-
-
 @pytest.fixture(scope="module")
 def vol(chaos):
     return load_volume(chaos, "3", get_dataset_info("chaos_t2").all_label_ids)

@@ -39,7 +39,7 @@ def test_real_chaos_label_slice_selection(chaos):
     info = get_dataset_info("chaos_t2")
     vol = load_volume(chaos, "1", info.all_label_ids)
     classmap = json.loads((chaos / "classmap_1.json").read_text())
-    for organ, lid in info.labels.items():
+    for lid in info.labels.values():
         slices = vol.slices_with(lid)
         # our slice index equals the shipped classmap entry of this scan
         assert slices.tolist() == classmap[info.classmap_names[lid]]["1"]
