@@ -77,14 +77,16 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = resolve_ckpt(cfg)
-    run_dir = new_run_dir(cfg.logging.output_dir, cfg.name)
-    save_config(cfg, run_dir)
     excl = excluded_labels(cfg)
-    log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
-             list(cfg.data.test_organs), excl or "none")
     dm = FewShotDataModule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")  # bad data fails here, before a run folder exists
     if module is None:
         module = FewShotModule.from_config(cfg)
+    run_dir = new_run_dir(cfg.logging.output_dir, cfg.name)
+    save_config(cfg, run_dir)
+    log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
+             list(cfg.data.test_organs), excl or "none")
     with_val = cfg.data.num_val_scans > 0
     interactive = sys.stderr.isatty()
     timer = StepTimer(log_every=0 if interactive else cfg.trainer.log_every_n_steps)

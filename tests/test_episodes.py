@@ -92,3 +92,14 @@ def test_setting2_drops_slices_with_test_organs(chaos_subset, cache_dir, tiny):
     dm1 = FewShotDataModule(cfg1)
     dm1.setup("fit")
     assert len(dm1.train_set.candidates) > len(ds.candidates)
+
+
+def test_episode_sampler_differs_across_epochs_and_ranks():
+    from fsl_med.data.episodes import EpisodeSampler
+
+    s0, s1 = EpisodeSampler(5, rank=0, world_size=2), EpisodeSampler(5, rank=1, world_size=2)
+    e0 = list(s0)
+    assert e0 == list(s0) and len(e0) == 5  # deterministic
+    assert not set(e0) & set(s1)  # ranks draw different episodes
+    s0.set_epoch(1)
+    assert not set(e0) & set(s0)  # a new epoch draws new episodes

@@ -125,6 +125,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.test_set: EvalDataset | None = None
         self.skipped: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
         self._cache: dict[str, Volume] = {}
+        self._prepared = False
 
     # -- loading ----------------------------------------------------------------------------------
     def _volume(self, scan_id: str) -> Volume:
@@ -199,6 +200,21 @@ class FewShotDataModule(L.LightningDataModule):
         return EvalDataset(items), skipped
 
     # -- Lightning hooks --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """One-process work: generate and cache the training scans' superpixels.
+
+        It assigns no dataset state (other ranks do not see it); the flag only avoids repeating the
+        work when ``train`` already called it before ``Trainer.fit`` calls it again.
+        """
+        if self._prepared:
+            return
+        ids = discover_scans(self.root)
+        split = fold_split(self.info, ids, self.cfg.data.fold)
+        for sid in split.train:
+            vol = load_volume(self.root, sid, self.info.all_label_ids, self.cfg.data.image_size)
+            self._superpixels(vol)
+        self._prepared = True
+
     def setup(self, stage: str | None = None) -> None:
         """Load volumes and build the datasets needed by ``stage`` (fit, validate, test)."""
         self._resolve_split()
