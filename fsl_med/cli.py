@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fsl_med import __version__
@@ -26,9 +27,11 @@ def _config_path(name: str | None, default: str | None = None) -> Path | None:
     p = Path(name)
     if p.is_file():
         return p
-    for cand in (Path("experiments") / name, Path("experiments") / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
+    repo_experiments = Path(__file__).resolve().parents[1] / "experiments"  # a source checkout
+    for folder in (Path("experiments"), repo_experiments):
+        for cand in (folder / name, folder / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
     raise ConfigError(f"config file not found: {name} (give a YAML path or a name in experiments/)")
 
 
@@ -136,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="[%(name)s] %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).propagate = False  # Lightning has its own handler: no duplicate lines
+    # the encoder also logs this warning; show it once
+    warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
     if not debug:
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries: one error line instead
         for noisy in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                       "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
     """A ``Trainer`` from ``cfg.trainer`` writing logs and checkpoints into ``run_dir``.
 
     Checkpoints: ``checkpoints/last.ckpt`` always; with validation also the best by ``val/dice``.
+    The progress bar is shown only on a terminal (``progress_bar`` forces it on or off).
     """
     t = cfg.trainer
     callbacks: list[Callback] = [
@@ -129,7 +131,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         gradient_clip_val=t.gradient_clip_val,
-        enable_progress_bar=t.enable_progress_bar if progress_bar is None else progress_bar,
+        enable_progress_bar=(t.enable_progress_bar and sys.stderr.isatty()) if progress_bar is None else progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
         logger=logger,

@@ -89,14 +89,13 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
              list(cfg.data.test_organs), excl or "none")
     with_val = cfg.data.num_val_scans > 0
     interactive = sys.stderr.isatty()
-    timer = StepTimer(log_every=0 if interactive else cfg.trainer.log_every_n_steps)
-    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer],
-                           progress_bar=cfg.trainer.enable_progress_bar and interactive)
+    timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
+    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = (run_dir / "checkpoints" / "last.ckpt").resolve()
     trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at
-    best = Path(ckpt_cb.best_model_path) if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    best = Path(ckpt_cb.best_model_path).resolve() if ckpt_cb is not None and ckpt_cb.best_model_path else None
     val = trainer.callback_metrics.get("val/dice")
     result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),
                          float(val) if val is not None else None)
