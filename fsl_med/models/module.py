@@ -55,6 +55,7 @@ class FewShotModule(L.LightningModule):
                              persistent=False)
         self._results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self.last_results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
+        self._protos: dict[tuple[str, str], list] = {}  # (support scan, organ) -> prototypes per part
 
     @classmethod
     def from_config(cls, cfg: DictConfig, weights: str | None = None) -> FewShotModule:
@@ -114,7 +115,10 @@ class FewShotModule(L.LightningModule):
 
     def _eval_item(self, item: EvalItem, stage: str) -> None:
         t0 = time.perf_counter()
-        pred, _ = self.model.predict_volume(item.support_images, item.support_masks, item.query_images, item.part,
+        key = (item.support_id, item.organ)
+        if key not in self._protos:  # support encoded once per support scan and organ per evaluation
+            self._protos[key] = self.model.support_prototypes(item.support_images, item.support_masks, self.device)
+        pred, _ = self.model.predict_volume(self._protos[key], item.query_images, item.part,
                                             batch_size=self.cfg.eval.batch_size, device=self.device)
         counts = confusion_counts(pred, item.query_labels)
         self._results[stage].append(VolumeResult(item.organ, item.query_id, counts, len(item.z),
@@ -134,6 +138,7 @@ class FewShotModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._results["val"] = []
+        self._protos = {}
 
     def validation_step(self, item: EvalItem, batch_idx: int) -> None:
         self._eval_item(item, "val")
@@ -143,6 +148,7 @@ class FewShotModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._results["test"] = []
+        self._protos = {}
 
     def test_step(self, item: EvalItem, batch_idx: int) -> None:
         self._eval_item(item, "test")

@@ -98,18 +98,35 @@ class FewShotSegmenter(nn.Module):
         return F.cross_entropy(sup_pred, support_fg.long())
 
     @torch.inference_mode()
-    def predict_volume(self, support_images: np.ndarray, support_masks: np.ndarray, query_images: np.ndarray,
-                       part: np.ndarray, batch_size: int = 8,
-                       device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-        """EP1 prediction of a query volume.
-
-        Support features and prototypes are computed once per part; query slices are encoded in
-        batches of ``batch_size``.
+    def support_prototypes(self, support_images: np.ndarray, support_masks: np.ndarray,
+                           device: torch.device | str = "cpu") -> list[EpisodePrototypes]:
+        """Test-time prototypes of each support part (one encoder call for all parts).
 
         Args:
-            support_images: ``[P, H, W]`` normalised support slices (one per part).
-            support_masks: ``[P, H, W]`` binary organ masks.
-            query_images: ``[n, H, W]`` normalised query slices.
+            support_images: ``[P, H, W]`` normalised support slices; support_masks: ``[P, H, W]`` binary.
+        Returns:
+            ``P`` :class:`EpisodePrototypes`, pooled with the test window.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            sup = tile3(torch.as_tensor(support_images, dtype=torch.float32, device=device))
+            sup_m = torch.as_tensor(support_masks, device=device)
+            feats = self.encode(sup)
+            return [self.prototypes(feats[p:p + 1], self.downsample_mask(sup_m[p:p + 1]), self.test_window)
+                    for p in range(sup.shape[0])]
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
+    def predict_volume(self, protos: list[EpisodePrototypes], query_images: np.ndarray, part: np.ndarray,
+                       batch_size: int = 8, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """EP1 prediction of a query volume.
+
+        Args:
+            protos: prototypes per support part (:meth:`support_prototypes`, computed once per support
+                scan and organ, not per query volume).
+            query_images: ``[n, H, W]`` normalised query slices, encoded in batches of ``batch_size``.
             part: ``[n]`` support part of each query slice.
         Returns:
             ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``.
@@ -117,11 +134,6 @@ class FewShotSegmenter(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            sup = tile3(torch.as_tensor(support_images, dtype=torch.float32, device=device))
-            sup_m = torch.as_tensor(support_masks, device=device)
-            sfeats = self.encode(sup)
-            protos = [self.prototypes(sfeats[p:p + 1], self.downsample_mask(sup_m[p:p + 1]), self.test_window)
-                      for p in range(sup.shape[0])]
             n, h, w = query_images.shape
             pred = np.zeros((n, h, w), dtype=np.uint8)
             prob = np.zeros((n, h, w), dtype=np.float32)
