@@ -352,19 +352,13 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def from_container(data: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+def from_container(data: dict[str, Any]) -> DictConfig:
     """Rebuild a validated config from :func:`to_container` output (e.g. stored in a checkpoint)."""
     cfg = OmegaConf.structured(Config)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as e:
         raise _translate(e, "stored config") from e
-    if overrides:
-        for item in overrides:
-            try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-            except OmegaConfBaseException as e:
-                raise _translate(e, f"override '{item}'") from e
     validate(cfg)
     return cfg
 

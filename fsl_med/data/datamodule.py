@@ -125,7 +125,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.test_set: EvalDataset | None = None
         self.skipped: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
         self._cache: dict[str, Volume] = {}
-        self._prepared = False
+        self._sp_cache: dict[str, np.ndarray] = {}
 
     # -- loading ----------------------------------------------------------------------------------
     def _volume(self, scan_id: str) -> Volume:
@@ -152,6 +152,11 @@ class FewShotDataModule(L.LightningDataModule):
                  self.val_ids, self.split.query, self.split.support)
 
     def _superpixels(self, vol: Volume) -> np.ndarray:
+        if vol.scan_id not in self._sp_cache:
+            self._sp_cache[vol.scan_id] = self._make_superpixels(vol)
+        return self._sp_cache[vol.scan_id]
+
+    def _make_superpixels(self, vol: Volume) -> np.ndarray:
         sp_cfg = self.cfg.data.superpixel
         params = SuperpixelParams(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                                   body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None
@@ -203,17 +208,13 @@ class FewShotDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """One-process work: generate and cache the training scans' superpixels.
 
-        It assigns no dataset state (other ranks do not see it); the flag only avoids repeating the
-        work when ``train`` already called it before ``Trainer.fit`` calls it again.
+        It builds no datasets (other ranks do not see its work, only the on-disk cache); the volumes and
+        pseudolabels it reads are memoised so that ``setup`` in the same process does not read them again.
         """
-        if self._prepared:
-            return
         ids = discover_scans(self.root)
         split = fold_split(self.info, ids, self.cfg.data.fold)
         for sid in split.train:
-            vol = load_volume(self.root, sid, self.info.all_label_ids, self.cfg.data.image_size)
-            self._superpixels(vol)
-        self._prepared = True
+            self._superpixels(self._volume(sid))
 
     def setup(self, stage: str | None = None) -> None:
         """Load volumes and build the datasets needed by ``stage`` (fit, validate, test)."""
