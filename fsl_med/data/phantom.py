@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from fsl_med.atomic import atomic_path, write_json, write_text
+from fsl_med.atomic import write_json, write_text
+from fsl_med.data.volumes import classmap_from_labels, write_nifti
 from fsl_med.errors import ConfigError, DataError
 
 __all__ = [
     "CLASS_NAMES",
     "PHANTOM_FORMAT_VERSION",
     "SPACING_MM",
-    "classmap_from_labels",
     "generate_phantom",
     "make_phantom_scan",
     "phantom_affine",
@@ -369,32 +369,6 @@ def phantom_affine(size: int, depth: int) -> np.ndarray:
     return aff
 
 
-def _save_nifti(dest: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)  # "scanner", as the real files
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    with atomic_path(dest) as tmp:
-        nib.save(img, str(tmp))
-
-
-def classmap_from_labels(labels: dict[str, np.ndarray]) -> dict[str, dict[str, list[int]]]:
-    """Build the ``classmap_1.json`` object from {scan id: (H, W, Z) label volume}.
-
-    Organ ``c`` lists the z indices with >= 1 voxel of label ``c``; ``"BG"`` (as in the real file)
-    lists the z indices with >= 1 foreground voxel.
-    """
-    out: dict[str, dict[str, list[int]]] = {name: {} for name in CLASS_NAMES}
-    for sid, lab in labels.items():
-        lab_i = np.asarray(lab).astype(np.int64)
-        for c, name in enumerate(CLASS_NAMES):
-            hit = (lab_i > 0) if c == 0 else (lab_i == c)
-            out[name][sid] = [int(z) for z in np.flatnonzero(hit.any(axis=(0, 1)))]
-    return out
-
-
 def _check_params(n_scans: int, size: int, depth: int, seed: int) -> None:
     for name, value, lo in (("n_scans", n_scans, 1), ("size", size, 32), ("depth", depth, 8)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
@@ -505,9 +479,9 @@ def generate_phantom(
     labels: dict[str, np.ndarray] = {}
     for i in range(1, n_scans + 1):
         image, label = make_phantom_scan(i, size=size, depth=depth, seed=seed)
-        _save_nifti(out_dir / f"image_{i}.nii.gz", image, affine)
-        _save_nifti(out_dir / f"label_{i}.nii.gz", label, affine)
+        write_nifti(out_dir / f"image_{i}.nii.gz", image, affine)
+        write_nifti(out_dir / f"label_{i}.nii.gz", label, affine)
         labels[str(i)] = label.astype(np.uint8)
-    write_text(out_dir / _CLASSMAP_NAME, json.dumps(classmap_from_labels(labels)))
+    write_text(out_dir / _CLASSMAP_NAME, json.dumps(classmap_from_labels(labels, CLASS_NAMES)))
     write_json(out_dir / _META_NAME, _meta(params, complete=True))
     return out_dir

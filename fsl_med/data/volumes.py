@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fsl_med.atomic import atomic_path
 from fsl_med.errors import DataError
 
 
@@ -129,6 +130,38 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
         label = _resize_slices(label, image_size, "nearest").astype(np.int64)
         spacing = (spacing[0], spacing[1] * sy, spacing[2] * sx)
     return Volume(scan_id=str(scan_id), image=image, label=label, spacing=spacing, affine=affine, path=ipath)
+
+
+def write_nifti(dest: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Atomically write ``data`` (nibabel order ``[X, Y, Z]``) with ``affine`` (qform = sform, scanner, mm)."""
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units(xyz="mm")
+    with atomic_path(dest) as tmp:
+        nib.save(img, str(tmp))
+    return Path(dest)
+
+
+def classmap_from_labels(labels: dict[str, np.ndarray], class_names: tuple[str, ...] | dict[int, str]
+                         ) -> dict[str, dict[str, list[int]]]:
+    """Build the ``classmap_1.json`` object from {scan id: ``[X, Y, Z]`` label volume}.
+
+    Args:
+        class_names: names by label id (a tuple indexed by id, or {id: name}); id 0 is the background.
+
+    Returns:
+        {class name: {scan id: [z, ...]}}: class ``c`` lists the z indices with >= 1 voxel of ``c``;
+        the background class (as in the reference file) lists the z indices with >= 1 foreground voxel.
+    """
+    names = dict(enumerate(class_names)) if not isinstance(class_names, dict) else dict(class_names)
+    out: dict[str, dict[str, list[int]]] = {name: {} for name in names.values()}
+    for sid, lab in labels.items():
+        lab_i = np.asarray(lab).astype(np.int64)
+        for c, name in names.items():
+            hit = (lab_i > 0) if c == 0 else (lab_i == c)
+            out[name][sid] = [int(z) for z in np.flatnonzero(hit.any(axis=(0, 1)))]
+    return out
 
 
 @dataclass(frozen=True)
