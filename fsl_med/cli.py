@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from fsl_med import __version__
-from fsl_med.errors import ConfigError, FslMedError
+from fsl_med.errors import ConfigError, DataError, FslMedError
 
 log = logging.getLogger("fsl_med")
 
@@ -88,10 +88,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from fsl_med.data.phantom import generate_phantom
+    if args.format == "prepared":
+        from fsl_med.data.phantom import generate_phantom
 
-    out = generate_phantom(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
+        out = generate_phantom(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
+    else:
+        from fsl_med.data.phantom_raw import write_raw_chaos, write_raw_sabs
+
+        if args.format == "sabs-raw":
+            out = write_raw_sabs(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
+        else:
+            out = write_raw_chaos(args.out, n_patients=args.n_scans, size=args.size, depth=args.depth, seed=args.seed,
+                                  as_zip=args.format == "chaos-zip")
     print(out)
+    return 0
+
+
+def _cache_dir(args: argparse.Namespace) -> str | None:
+    if args.no_superpixels:
+        return None
+    return args.cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.kind == "import":
+        from fsl_med.prepare.importer import import_prepared
+
+        rep = import_prepared(args.src, args.dataset, check_only=args.check_only, cache_dir=_cache_dir(args),
+                              progress=progress)
+        for note in rep.notes:
+            print(f"note: {note}")
+        for problem in rep.problems:
+            print(f"problem: {problem}")
+        if not rep.ok:
+            raise DataError(f"{rep.folder}: {len(rep.problems)} problem(s) found (listed above); nothing was written")
+        written = f"; wrote {', '.join(rep.written)}" if rep.written else ""
+        print(f"{rep.folder}: {len(rep.scans)} scans of {rep.dataset} are valid{written}")
+        return 0
+    if args.kind == "chaos":
+        from fsl_med.prepare.chaos import MriParams, prepare_chaos
+
+        rep = prepare_chaos(args.src, args.out, MriParams(label_interp=args.label_interp), cache_dir=_cache_dir(args),
+                            force=args.force, progress=progress)
+    else:
+        from fsl_med.prepare.sabs import CtParams, prepare_sabs
+
+        rep = prepare_sabs(args.src, args.out, CtParams(label_interp=args.label_interp), cache_dir=_cache_dir(args),
+                           force=args.force, progress=progress)
+    print(rep.summary())
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from fsl_med.download import download_archive
+
+    path = download_archive(args.name, args.out, url=args.url, sha256=args.sha256, progress=not args.no_progress)
+    print(path)
     return 0
 
 
@@ -118,13 +171,42 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
         sp.set_defaults(func=fn)
-    sp = sub.add_parser("phantom", help="generate the phantom dataset (prepared layout)")
+    sp = sub.add_parser("phantom", help="generate a phantom dataset: prepared layout or an official raw format")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--format", choices=("prepared", "chaos-raw", "chaos-zip", "sabs-raw"), default="prepared",
+                    help="prepared CHAOS layout (default), CHAOS DICOM+PNG folder or zip, or Synapse RawData/Training")
     sp.add_argument("--n-scans", type=int, default=10)
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--depth", type=int, default=24)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_phantom)
+    sp = sub.add_parser("download", help="download a dataset archive (resumable, SHA-256 checked): download chaos --out DIR")
+    sp.add_argument("name", help="archive name (chaos)")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--url", default=None, help="download from this URL instead (then only --sha256 is checked)")
+    sp.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the file")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_download)
+    sp = sub.add_parser("prepare", help="official download -> prepared layout: prepare chaos|sabs --src PATH --out DIR; "
+                        "prepare import --src DIR --dataset chaos|sabs")
+    psub = sp.add_subparsers(dest="kind", required=True)
+    for kind, helptext in (("chaos", "CHAOS_Train_Sets.zip or its folder (MR T2-SPIR DICOM + PNG masks)"),
+                           ("sabs", "Synapse/BTCV RawData/Training folder or zip (HU NIfTI, 13 organs)"),
+                           ("import", "check a folder prepared elsewhere and add classmap, manifest, superpixels")):
+        pp = psub.add_parser(kind, help=helptext, description=helptext)
+        pp.add_argument("--src", required=True, help="source zip or folder" if kind != "import" else "prepared folder")
+        if kind == "import":
+            pp.add_argument("--dataset", required=True, choices=("chaos", "chaos_t2", "sabs"))
+            pp.add_argument("--check-only", action="store_true", help="only report problems; write nothing")
+        else:
+            pp.add_argument("--out", required=True, help="output folder (prepared layout + manifest.json)")
+            pp.add_argument("--label-interp", choices=("per_class", "nearest"), default="per_class",
+                            help="label resampling (default per_class: linear per class, highest membership wins)")
+            pp.add_argument("--force", action="store_true", help="re-prepare scans that are up to date")
+        pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
+        pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
+        pp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        pp.set_defaults(func=cmd_prepare)
     sp = sub.add_parser("encoders", help="list registered encoders")
     sp.set_defaults(func=cmd_encoders)
     return p

@@ -25,7 +25,7 @@ TINY = [
 def chaos_root() -> Path | None:
     """The real CHAOS-T2 prepared folder, or None when absent."""
     p = Path(os.environ.get("FSL_MED_DATA_MRI", DEFAULT_CHAOS))
-    return p if (p / "image_1.nii.gz").is_file() else None
+    return p.resolve() if (p / "image_1.nii.gz").is_file() else None  # absolute: tests link to it from tmp dirs
 
 
 @pytest.fixture(scope="session")

@@ -79,3 +79,31 @@ def test_demo_runs_end_to_end(tmp_path):
     for organ in ("Liver", "Right kidney", "Left kidney", "Spleen", "Mean"):
         assert organ in out
     assert (tmp_path / "phantom" / "classmap_1.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,config", [("sabs-raw", "ct.yaml"), ("chaos-zip", "mri.yaml")])
+def test_prepare_raw_download_then_train_and_eval(fmt, config, tmp_path, cache_dir, tiny):
+    """The CT path and the CHAOS path from an official-format download: phantom -> prepare -> train -> eval."""
+    p = fsl_med("phantom", "--format", fmt, "--out", str(tmp_path / "raw"), "--n-scans", "4", "--size", "160",
+                "--depth", "10", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    src = Path(p.stdout.strip().splitlines()[-1])
+    kind = "sabs" if fmt == "sabs-raw" else "chaos"
+    p = fsl_med("prepare", kind, "--src", str(src), "--out", str(tmp_path / "prepared"), "--cache-dir", str(cache_dir),
+                "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "prepared 4 volume(s)" in p.stdout
+    common = [*tiny, f"data.root={tmp_path / 'prepared'}", f"data.cache_dir={cache_dir}",
+              f"logging.output_dir={tmp_path}/runs"]
+    cfg = str(REPO / "experiments" / config)
+    p = fsl_med("train", cfg, *common, "trainer.max_steps=4", "trainer.val_check_interval=2",
+                "data.episodes_per_epoch=4", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = fsl_med("eval", cfg, *common, "ckpt=latest", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(Path(p.stdout.strip().splitlines()[-1]).read_text())
+    assert res["config"]["data"]["dataset"] == ("sabs" if kind == "sabs" else "chaos_t2")
+    assert set(res["dice"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    for organ in ("Liver", "Spleen", "Left kidney", "Right kidney"):
+        assert organ in p.stdout

@@ -1,0 +1,127 @@
+"""Voxel geometry of preparation: canonical orientation, resampling to a spacing, in-plane crop/pad.
+
+Arrays here are in nibabel order ``[X, Y, Z]`` with a 4x4 RAS voxel-to-world affine. Every function
+returns a new array and the affine that keeps each voxel at its world position, so organ positions
+survive preparation (tested by round trips). Resampling and cropping use MONAI's transforms on
+``MetaTensor``; reorientation uses nibabel's exact axis permutations and flips.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialCrop
+
+CANONICAL_ORIENTATION = "LAS"
+"""Orientation of every prepared volume (nibabel axis codes): the orientation of the prepared CHAOS
+data the reference distributes. Axis 0 runs to the patient's left, axis 1 to anterior, axis 2 to superior."""
+
+
+def orientation_of(affine: np.ndarray) -> str:
+    """The nibabel axis codes of an affine, e.g. ``"LAS"``."""
+    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the array axes (column norms of the affine)."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.linalg.norm(a, axis=0))  # type: ignore[return-value]
+
+
+def reorient(arr: np.ndarray, affine: np.ndarray, codes: str = CANONICAL_ORIENTATION) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip ``arr`` ``[X, Y, Z]`` so that its axes follow ``codes``; exact (no interpolation).
+
+    Returns:
+        ``(array, affine)``: a new contiguous array and its affine (same world positions).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    now = nib.orientations.io_orientation(affine)
+    want = nib.orientations.axcodes2ornt(tuple(codes))
+    tr = nib.orientations.ornt_transform(now, want)
+    out = nib.orientations.apply_orientation(arr, tr)
+    new_aff = affine @ nib.orientations.inv_ornt_aff(tr, arr.shape)
+    return np.ascontiguousarray(out), new_aff
+
+
+def _meta(arr: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
+                      affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)))
+
+
+def _unmeta(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    assert isinstance(t, MetaTensor)
+    return t.as_tensor()[0].numpy(), t.affine.numpy().astype(np.float64)
+
+
+def resample_image(arr: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Linearly resample an intensity volume to ``spacing`` (mm per array axis).
+
+    The world position of voxel 0 is kept (as SimpleITK's resampler does); the output extent covers
+    the input's. Values outside the input are clamped to the border.
+    """
+    out = Spacing(pixdim=spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(_meta(arr, affine))
+    return _unmeta(out)
+
+
+def resample_label(arr: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],
+                   mode: str = "per_class") -> tuple[np.ndarray, np.ndarray]:
+    """Resample a label volume to ``spacing``.
+
+    Args:
+        mode: ``"per_class"`` (each class's mask is resampled linearly and a voxel takes the class of
+            highest membership: method.md §1.2) or ``"nearest"``.
+
+    Returns:
+        ``(uint8 labels, affine)``; the affine equals :func:`resample_image`'s for the same input.
+    """
+    if mode == "nearest":
+        out = Spacing(pixdim=spacing, mode="nearest", padding_mode="border", dtype=torch.float32)(_meta(arr, affine))
+        lab, aff = _unmeta(out)
+        return np.rint(lab).astype(np.uint8), aff
+    if mode != "per_class":
+        raise ValueError(f"label resampling mode must be 'per_class' or 'nearest', got {mode!r}")
+    classes = np.unique(arr)
+    best: np.ndarray | None = None
+    winner: np.ndarray | None = None
+    aff = np.asarray(affine)
+    for c in classes:
+        prob, aff = resample_image((arr == c).astype(np.float32), affine, spacing)
+        if best is None:
+            best, winner = prob, np.full(prob.shape, c, dtype=np.uint8)
+        else:
+            take = prob > best
+            best = np.where(take, prob, best)
+            winner[take] = c  # type: ignore[index]
+    assert winner is not None
+    return winner, aff
+
+
+def crop_or_pad_xy(arr: np.ndarray, affine: np.ndarray, size: int, value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-crop or pad axes 0 and 1 to ``size`` (padding with ``value``); axis 2 is unchanged."""
+    op = ResizeWithPadOrCrop(spatial_size=(size, size, -1), mode="constant", value=value)
+    return _unmeta(op(_meta(arr, affine)))
+
+
+def crop_border_xy(arr: np.ndarray, affine: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove ``border`` voxels from each side of axes 0 and 1.
+
+    Raises:
+        ValueError: the volume is not larger than ``2 * border`` in-plane.
+    """
+    x, y, z = arr.shape
+    if x <= 2 * border or y <= 2 * border:
+        raise ValueError(f"in-plane size {x}x{y} is too small to crop {border} px per border")
+    op = SpatialCrop(roi_start=(border, border, 0), roi_end=(x - border, y - border, z))
+    return _unmeta(op(_meta(arr, affine)))
+
+
+def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World (RAS mm) centroid of a boolean ``[X, Y, Z]`` mask; NaNs if it is empty."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return np.full(3, np.nan)
+    c = idx.mean(axis=0)
+    a = np.asarray(affine, dtype=np.float64)
+    return a[:3, :3] @ c + a[:3, 3]

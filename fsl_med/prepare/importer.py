@@ -1,0 +1,189 @@
+"""``fsl-med prepare import``: check a folder prepared elsewhere and add what fsl_med needs.
+
+Other projects distribute the prepared layout (``image_ID.nii.gz``, ``label_ID.nii.gz``,
+``classmap_1.json``). :func:`check_prepared` lists every problem (one line each: missing label or image,
+unreadable file, not 3D, image/label shape mismatch, NaN/inf voxels, non-integer labels, label values
+outside the dataset's label map, a classmap that disagrees with the labels). :func:`import_prepared`
+then, unless asked only to check, writes what is missing: ``classmap_1.json``, ``manifest.json`` and the
+superpixel pseudolabels in the cache.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsl_med import __version__
+from fsl_med.data.datasets import DatasetInfo, get_dataset_info
+from fsl_med.data.volumes import read_nifti
+from fsl_med.errors import DataError
+from fsl_med.prepare.geometry import CANONICAL_ORIENTATION
+from fsl_med.prepare.manifest import FORMAT, FORMAT_VERSION, file_record, read_manifest, write_manifest
+from fsl_med.prepare.pipeline import (
+    CLASSMAP_NAME,
+    cache_superpixels,
+    geometry_record,
+    label_slices,
+    write_classmap,
+)
+
+_FILE_RE = re.compile(r"^(image|label)_(\w+?)\.nii(\.gz)?$")
+
+
+@dataclass
+class ImportReport:
+    """Outcome of checking (and completing) a prepared folder."""
+
+    folder: Path
+    dataset: str
+    scans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    classmap_present: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def _check_pair(folder: Path, sid: str, info: DatasetInfo, report: ImportReport) -> None:
+    ipath, lpath = folder / f"image_{sid}.nii.gz", folder / f"label_{sid}.nii.gz"
+    try:
+        img, aff, _ = read_nifti(ipath)
+        lab, _, _ = read_nifti(lpath)
+    except DataError as e:
+        report.problems.append(str(e))
+        return
+    for p, a in ((ipath, img), (lpath, lab)):
+        if a.ndim != 3:
+            report.problems.append(f"{p}: expected a 3D volume, got shape {tuple(a.shape)}")
+            return
+    if img.shape != lab.shape:
+        report.problems.append(f"{lpath}: label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)}")
+        return
+    if not np.isfinite(img).all():
+        report.problems.append(f"{ipath}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
+        return
+    labf = np.asarray(lab)
+    if labf.dtype.kind == "f" and (not np.isfinite(labf).all() or not np.array_equal(labf, np.rint(labf))):
+        report.problems.append(f"{lpath}: label has non-integer values")
+        return
+    label = labf.astype(np.int64)
+    values = np.unique(label)
+    bad = np.setdiff1d(values, np.asarray(info.all_label_ids))
+    if bad.size:
+        report.problems.append(f"{lpath}: label values {bad.tolist()[:5]} are outside the {info.name} label map "
+                               f"{list(info.all_label_ids)}")
+        return
+    missing = [o for o, lid in info.labels.items() if lid not in values]
+    if missing:
+        report.notes.append(f"{lpath}: organs absent from this scan: {', '.join(missing)}")
+    report.scans[sid] = {**geometry_record(img, aff), "labels_present": [int(v) for v in values],
+                         "label_slices": label_slices(label), "intensity_range": [float(img.min()), float(img.max())]}
+
+
+def _check_classmap(folder: Path, info: DatasetInfo, report: ImportReport) -> bool:
+    """Compare an existing classmap with the labels; returns True if the file exists."""
+    path = folder / CLASSMAP_NAME
+    if not path.is_file():
+        return False
+    try:
+        cm = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        report.problems.append(f"{path}: not valid JSON ({e})")
+        return True
+    for lid, name in info.classmap_names.items():
+        if lid == 0:
+            continue
+        for sid, entry in report.scans.items():
+            got = (cm.get(name) or {}).get(sid)
+            want = entry["label_slices"].get(str(lid), [])
+            if got is None and not want:
+                continue
+            if got is None or sorted(int(z) for z in got) != want:
+                report.problems.append(f"{path}: class {name} of scan {sid} lists slices {got} but the label has {want}")
+                return True
+    return True
+
+
+def check_prepared(folder: str | Path, dataset: str) -> ImportReport:
+    """Check every image/label pair of a prepared folder against ``dataset``'s label map.
+
+    Raises:
+        DataError: the folder is missing, not a folder, or holds no ``image_*/label_*`` files at all
+            (the expected layout is named). Per-file problems are collected in the report instead.
+    """
+    info = get_dataset_info(dataset)
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--src {folder}: {'not a folder' if root.exists() else 'folder not found'}")
+    images, labels = set(), set()
+    for p in root.iterdir():
+        m = _FILE_RE.match(p.name)
+        if m:
+            (images if m.group(1) == "image" else labels).add(m.group(2))
+    if not images and not labels:
+        raise DataError(f"{root}: no prepared volumes found; expected image_<id>.nii.gz + label_<id>.nii.gz "
+                        f"(for an official download use 'fsl-med prepare {'chaos' if info.modality == 'mri' else 'sabs'}')")
+    report = ImportReport(folder=root, dataset=info.name)
+    for sid in sorted(images - labels):
+        report.problems.append(f"{root / f'image_{sid}.nii.gz'}: no matching label_{sid}.nii.gz")
+    for sid in sorted(labels - images):
+        report.problems.append(f"{root / f'label_{sid}.nii.gz'}: no matching image_{sid}.nii.gz")
+    for sid in sorted(images & labels, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s)):
+        _check_pair(root, sid, info, report)
+    orients = sorted({e["orientation"] for e in report.scans.values()})
+    if orients and orients != [CANONICAL_ORIENTATION]:
+        report.notes.append(f"{root}: orientation {', '.join(orients)} differs from fsl_med's canonical "
+                            f"{CANONICAL_ORIENTATION}; volumes are used as stored")
+    report.classmap_present = _check_classmap(root, info, report)
+    return report
+
+
+def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = False,
+                    cache_dir: str | Path | None = None, progress: bool = True) -> ImportReport:
+    """Check a prepared folder and, when it is sound and ``check_only`` is false, complete it in place.
+
+    Writes (atomically) ``classmap_1.json`` if missing and ``manifest.json`` if missing or stale, and
+    caches the superpixel pseudolabels under ``cache_dir`` (``None``: skipped). Nothing is written when
+    problems were found or the folder is read-only (a note says so).
+    """
+    report = check_prepared(folder, dataset)
+    if check_only or not report.ok:
+        return report
+    root, info = report.folder, get_dataset_info(dataset)
+    writable = os.access(root, os.W_OK | os.X_OK)
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "fsl_med_version": __version__, "dataset": info.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(root), "kind": "prepared"}, "params": {"imported": True}, "params_digest": None,
+        "orientation": None, "complete": True, "scans": {}, "files": {},
+    }
+    for sid, entry in report.scans.items():
+        manifest["scans"][sid] = {**entry, "files": {n: file_record(root / n) for n in
+                                                     (f"image_{sid}.nii.gz", f"label_{sid}.nii.gz")}}
+    if not writable:
+        report.notes.append(f"{root}: folder is read-only; classmap/manifest not written (the data is usable as is)")
+    else:
+        if not report.classmap_present:
+            write_classmap(root, manifest, info)
+            report.written.append(CLASSMAP_NAME)
+        manifest["files"][CLASSMAP_NAME] = file_record(root / CLASSMAP_NAME)
+        old = read_manifest(root)
+        if old is None or {k: v.get("files") for k, v in old["scans"].items()} != \
+                {k: v["files"] for k, v in manifest["scans"].items()}:
+            write_manifest(root, manifest)
+            report.written.append("manifest.json")
+    if cache_dir is not None:
+        cache_superpixels(root, list(report.scans), info, cache_dir, progress)
+        report.written.append(f"superpixels in {cache_dir}")
+    return report

@@ -1,0 +1,86 @@
+"""``manifest.json`` of a prepared folder: what was prepared, from what, how, and each file's checksum.
+
+Layout::
+
+    {"format": "fsl_med-prepared", "format_version": 1, "fsl_med_version": "0.1.0",
+     "dataset": "chaos_t2", "source": {"path": ..., "kind": "zip"|"folder"|"prepared"},
+     "params": {...}, "params_digest": "...", "orientation": "LAS", "complete": true,
+     "scans": {"1": {"source": {"files": [...], "fingerprint": ...},
+                     "shape": [256, 256, 37], "spacing": [1.25, 1.25, 7.7], "orientation": "LAS",
+                     "affine": [[...]], "source_shape": [...], "source_spacing": [...],
+                     "source_orientation": "LPS", "source_affine": [[...]],
+                     "labels_present": [0, 1, 2, 3, 4], "label_slices": {"1": [z, ...]},
+                     "files": {"image_1.nii.gz": {"sha256": ..., "bytes": ...}, ...},
+                     "seconds": 1.2}},
+     "files": {"classmap_1.json": {"sha256": ..., "bytes": ...}}}
+
+The manifest is rewritten atomically after every scan with ``"complete": false`` and a last time with
+``"complete": true``, so an interrupted preparation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fsl_med.atomic import write_json
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "fsl_med-prepared"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of one file."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """Short stable hash of preparation parameters (and the manifest format)."""
+    payload = json.dumps({"params": params, "format_version": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's manifest, or ``None`` when it has none or it is unreadable / of another format."""
+    p = Path(folder) / MANIFEST_NAME
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("scans"), dict):
+        return None
+    return m
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Atomically write ``manifest`` to ``folder/manifest.json``."""
+    return write_json(Path(folder) / MANIFEST_NAME, manifest)
+
+
+def files_match(folder: Path, records: dict[str, dict[str, Any]]) -> bool:
+    """True when every recorded file exists with the recorded size and SHA-256."""
+    for name, rec in records.items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != rec.get("bytes") or sha256_file(p) != rec.get("sha256"):
+            return False
+    return True
+
+
+def scan_is_current(folder: Path, entry: dict[str, Any] | None, digest: str, fingerprint: str) -> bool:
+    """True when a scan's prepared files are intact and were made from the same source with the same params."""
+    if not entry:
+        return False
+    return (entry.get("params_digest") == digest and entry.get("source", {}).get("fingerprint") == fingerprint
+            and files_match(folder, entry.get("files", {})))
