@@ -1,7 +1,8 @@
 # fsl_med: every target installs into .venv first if needed.
 #   make demo | make test | make train-mri DATA=... ARGS="k=v ..." | make eval-mri CKPT=...
 # Variables: DATA (data.root), CKPT (ckpt: a path, or 'latest' = newest last.ckpt of the config's runs),
-#            ARGS (extra key=value config overrides), PYTHON_BOOT (python used to create .venv).
+#            ARGS (extra key=value config overrides), SRC (official download for prepare-*), OUT (prepare-*
+#            output folder), PYTHON_BOOT (python used to create .venv).
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -11,9 +12,13 @@ DATA        ?=
 CKPT        ?= latest
 ARGS        ?=
 SRC         ?=
+OUT         ?=
+MRI_OUT      = $(or $(OUT),data/CHAOST2/chaos_MR_T2_normalized)
+CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
+NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-fast demo train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-fast demo download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -34,6 +39,15 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 
 demo: $(STAMP) ## phantom data, tiny random-init model: Dice before/after a short training, a few minutes on CPU
 	$(FSL) demo experiments/demo.yaml $(ARGS)
+
+download-mri: $(STAMP) ## download CHAOS_Train_Sets.zip (resumable, SHA-256 checked) into OUT (default data/downloads)
+	$(FSL) download chaos --out $(or $(OUT),data/downloads)
+
+prepare-mri: $(STAMP) ## SRC=CHAOS_Train_Sets.zip or its folder -> OUT (default data/CHAOST2/chaos_MR_T2_normalized)
+	$(NEED_SRC)$(FSL) prepare chaos --src $(SRC) --out $(MRI_OUT)
+
+prepare-ct: $(STAMP) ## SRC=Synapse RawData/Training folder or zip -> OUT (default data/SABS/sabs_CT_normalized)
+	$(NEED_SRC)$(FSL) prepare sabs --src $(SRC) --out $(CT_OUT)
 
 train-mri: $(STAMP) ## train on prepared CHAOS-T2 (DATA=folder, default ../shared/data/CHAOST2/...)
 	$(FSL) train experiments/mri.yaml $(DATA_ARG) $(ARGS)
