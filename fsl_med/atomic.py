@@ -6,6 +6,7 @@ A reader (or a crash) never sees a half-written file: either the old file or the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -54,3 +55,44 @@ def write_text(dest: str | os.PathLike[str], text: str) -> Path:
 def write_json(dest: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON to ``dest``; returns ``dest`` as a Path."""
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's content.
+
+    Raises:
+        DataError: the file cannot be read (the message names it).
+    """
+    from fsl_med.errors import DataError
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    return h.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Create ``path`` (and parents) if needed and check that it is a writable folder.
+
+    Args:
+        what: how the folder is named in messages (e.g. ``"--out out/"``).
+
+    Raises:
+        DataError: it exists but is not a folder, cannot be created, or is not writable.
+    """
+    from fsl_med.errors import DataError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{what}: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{what}: cannot create {out} ({e.strerror or e})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DataError(f"{what}: {out} is not writable")
+    return out

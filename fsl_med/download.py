@@ -8,7 +8,6 @@ a hash is known, verified. Only the standard library (``urllib``) and ``tqdm`` a
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fsl_med import __version__
-from fsl_med.atomic import write_text
+from fsl_med.atomic import ensure_writable_dir, sha256_file, write_text
 from fsl_med.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def download_archive(
         expected: str | None = _check_hash(sha256, "--sha256")
     else:
         expected = archive.sha256 if url is None else None
-    out = _writable_folder(out_dir)
+    out = ensure_writable_dir(out_dir)
     final = out / archive.filename
     part = final.with_name(final.name + ".part")
     sidecar = final.with_name(final.name + ".sha256")
@@ -138,7 +137,7 @@ def download_archive(
         if known is None:
             log.info("%s is up to date (exists; no SHA-256 known to verify it)", final)
             return final
-        actual = _sha256_file(final)
+        actual = sha256_file(final)
         if actual == known:
             log.info("%s is up to date (SHA-256 verified)", final)
             return final
@@ -147,7 +146,7 @@ def download_archive(
 
     log.info("downloading %s (licence %s) from %s to %s", archive.filename, archive.licence, src, final)
     _fetch(src, part, archive, progress=progress, retries=max(0, retries), timeout=timeout)
-    actual = _sha256_file(part)
+    actual = sha256_file(part)
     if expected is not None and actual != expected:
         _unlink(part)
         raise DataError(
@@ -179,30 +178,6 @@ def _read_sidecar(sidecar: Path) -> str | None:
         return None
     h = words[0].lower() if words else ""
     return h if _HEX64.fullmatch(h) else None
-
-
-def _writable_folder(out_dir: str | os.PathLike[str]) -> Path:
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output folder {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create output folder {out}: {e.strerror or e}") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise DataError(f"output folder {out} is not writable")
-    return out
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
-    return h.hexdigest()
 
 
 def _unlink(path: Path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from fsl_med.atomic import atomic_path
+from fsl_med.atomic import atomic_path, sha256_file
 
 CACHE_VERSION = 1
 
@@ -77,18 +77,10 @@ def superpixels_volume(image: np.ndarray, params: SuperpixelParams) -> np.ndarra
     return np.stack([superpixels_2d(image[z], params) for z in range(image.shape[0])]).astype(np.int32)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def cache_key(image_path: Path, params: SuperpixelParams, image_size: int) -> str:
     """Key of a cached pseudolabel volume: content of the image file + parameters + code version."""
     payload = json.dumps({"params": asdict(params), "size": image_size, "v": CACHE_VERSION}, sort_keys=True)
-    return f"{_file_digest(image_path)}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+    return f"{sha256_file(image_path)[:16]}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: SuperpixelParams,

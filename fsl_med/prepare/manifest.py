@@ -25,20 +25,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fsl_med.atomic import write_json
+from fsl_med.atomic import sha256_file, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fsl_med-prepared"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(path: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import contextlib
 import datetime as _dt
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fsl_med import __version__
-from fsl_med.atomic import write_text
+from fsl_med.atomic import ensure_writable_dir, write_text
 from fsl_med.data.datasets import DatasetInfo
 from fsl_med.data.volumes import write_nifti
 from fsl_med.errors import DataError
@@ -102,12 +101,7 @@ def check_output_dir(out_dir: Path, source: Source | None) -> None:
         if out == src or src in out.parents:
             raise DataError(f"--out {out_dir}: must not be inside the source folder {source.path} "
                             "(preparation never modifies its source)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out_dir}: cannot create the output folder ({e.strerror})") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out_dir}: output folder is not writable")
+    ensure_writable_dir(out, f"--out {out_dir}")
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
