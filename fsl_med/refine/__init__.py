@@ -1,0 +1,1 @@
+"""Test-time refinement of predictions: connected-component post-processing (CCA) and test-time training (TTT)."""
