@@ -97,6 +97,35 @@ class FewShotSegmenter(nn.Module):
         sup_pred = self.upsample(self.scores(support_feats, protos), support_fg.shape[-2:])
         return F.cross_entropy(sup_pred, support_fg.long())
 
+    def episode_loss(self, support_images: torch.Tensor, support_fg: torch.Tensor, query_images: torch.Tensor,
+                     query_labels: torch.Tensor, ce_weights: torch.Tensor, align_weight: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training loss of B independent 1-shot episodes (all 2B images encoded in one call).
+
+        Args:
+            support_images, query_images: ``[B, 3, H, W]``; support_fg: ``[B, H, W]`` binary;
+            query_labels: ``[B, H, W]`` int64 (255 = ignore); ce_weights: ``[2]`` (background, foreground).
+        Returns:
+            ``(loss, ce, align)``, each averaged over the B episodes; ``loss = ce + align_weight * align``.
+        """
+        b = support_images.shape[0]
+        feats = self.encode(torch.cat([support_images, query_images], dim=0))
+        s_feats, q_feats = feats[:b], feats[b:]
+        s_low = self.downsample_mask(support_fg)
+        ce_total = feats.new_zeros(())
+        align_total = feats.new_zeros(())
+        for i in range(b):
+            protos = self.prototypes(s_feats[i:i + 1], s_low[i:i + 1], self.train_window)
+            low = self.scores(q_feats[i:i + 1], protos)
+            logits = self.upsample(low, query_images.shape[-2:])
+            ce_total = ce_total + F.cross_entropy(logits.float(), query_labels[i:i + 1], weight=ce_weights,
+                                                  ignore_index=255)
+            if align_weight > 0:
+                align_total = align_total + self.align_loss(q_feats[i:i + 1], low, s_feats[i:i + 1],
+                                                            support_fg[i:i + 1])
+        ce, align = ce_total / b, align_total / b
+        return ce + align_weight * align, ce, align
+
     @torch.inference_mode()
     def support_prototypes(self, support_images: np.ndarray, support_masks: np.ndarray,
                            device: torch.device | str = "cpu") -> list[EpisodePrototypes]:

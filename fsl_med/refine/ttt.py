@@ -1,0 +1,135 @@
+"""Test-time training (method.md §7): adapt the model on a query's own prediction, re-predict, restore.
+
+Per query slice (``ttt.mode=slice``, the paper's) or once per query volume (``ttt.mode=volume``):
+``ttt.steps`` SGD steps of the training loss on two random augmentations of (slice, predicted mask), one
+as support and one as query; then the slice is predicted again with the real support, and the model is
+restored bit for bit (every parameter and buffer, ``requires_grad`` flags and train/eval mode).
+Which parameters adapt is ``ttt.params``: ``all`` trainable ones, ``lora`` or ``adapter`` only.
+A slice whose prediction is empty is not adapted (its prediction cannot change the model's view of it),
+so it keeps the plain prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fsl_med.data.episodes import AugmentParams, augment_pair
+from fsl_med.errors import ConfigError
+from fsl_med.models.segmenter import FewShotSegmenter, tile3
+
+
+@contextlib.contextmanager
+def restored(module: torch.nn.Module) -> Iterator[None]:
+    """On exit, put ``module`` back exactly as it was on entry (state dict, requires_grad, train/eval)."""
+    snapshot = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
+    flags = [p.requires_grad for p in module.parameters()]
+    was_training = module.training
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in module.state_dict(keep_vars=True).items():
+                v.copy_(snapshot[k])
+        for p, f in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        module.train(was_training)
+
+
+def adapted_parameters(segmenter: FewShotSegmenter, which: str) -> list[torch.nn.Parameter]:
+    """The parameters TTT updates: trainable ones (``all``), or only LoRA / adapter ones.
+
+    Raises:
+        ConfigError: the selection is empty (e.g. ``lora`` on a fully fine-tuned model).
+    """
+    named = [(n, p) for n, p in segmenter.named_parameters() if p.requires_grad]
+    if which == "lora":
+        named = [(n, p) for n, p in named if "lora_" in n]
+    elif which == "adapter":
+        named = [(n, p) for n, p in named if "adapter" in n]
+    if not named:
+        raise ConfigError(f"config key 'ttt.params': '{which}' selects no trainable parameter of this model")
+    return [p for _, p in named]
+
+
+class TestTimeTrainer:
+    """Runs TTT on a :class:`FewShotSegmenter` with the run's loss and augmentation.
+
+    Args:
+        segmenter: the model (restored after every adaptation).
+        ttt: the ``ttt`` config section (steps, lr, momentum, weight_decay, params, mode, transpose).
+        ce_weights: ``[2]`` CE class weights; align_weight: weight of the alignment loss.
+        augment: augmentation ranges (the training ones, 'sabs_aug').
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, segmenter: FewShotSegmenter, ttt: DictConfig, ce_weights: torch.Tensor, align_weight: float,
+                 augment: AugmentParams) -> None:
+        self.seg, self.cfg = segmenter, ttt
+        self.ce_weights, self.align_weight, self.augment = ce_weights, align_weight, augment
+
+    def _adapt(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, device: torch.device) -> None:
+        params = adapted_parameters(self.seg, self.cfg.params)
+        chosen = {id(p) for p in params}
+        for p in self.seg.parameters():
+            p.requires_grad_(id(p) in chosen)
+        opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        usable = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
+        self.seg.train()
+        for _ in range(self.cfg.steps):
+            i = int(usable[rng.integers(usable.size)])
+            s_img, s_mask = augment_pair(images[i], masks[i], rng, self.augment)
+            q_img, q_mask = augment_pair(images[i], masks[i], rng, self.augment)
+            if self.cfg.transpose:  # the reference transposes H and W of both copies (method.md §7)
+                s_img, s_mask, q_img, q_mask = s_img.T, s_mask.T, q_img.T, q_mask.T
+            to = dict(device=device)
+            loss, _, _ = self.seg.episode_loss(
+                tile3(torch.as_tensor(np.ascontiguousarray(s_img)[None], **to)),
+                torch.as_tensor(np.ascontiguousarray(s_mask)[None], dtype=torch.float32, **to),
+                tile3(torch.as_tensor(np.ascontiguousarray(q_img)[None], **to)),
+                torch.as_tensor(np.ascontiguousarray(q_mask)[None], dtype=torch.int64, **to),
+                self.ce_weights.to(device), self.align_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def refine(self, query_images: np.ndarray, plain_pred: np.ndarray, plain_prob: np.ndarray, part: np.ndarray,
+               support_images: np.ndarray, support_masks: np.ndarray, rng: np.random.Generator,
+               device: torch.device | str = "cpu", batch_size: int = 8,
+               on_slice: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """TTT predictions of a query volume.
+
+        Args:
+            query_images: ``[n, H, W]`` normalised slices; plain_pred, plain_prob: ``[n, H, W]`` their plain
+                prediction and foreground probability (kept for slices that are not adapted).
+            part: ``[n]`` support part per slice; support_images/support_masks: ``[P, H, W]``.
+            rng: randomness of the augmentations.
+            on_slice: called after each slice (progress).
+        Returns:
+            ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``. The model is unchanged afterwards.
+        """
+        device = torch.device(device)
+        n = query_images.shape[0]
+        pred = plain_pred.astype(np.uint8, copy=True)
+        prob = plain_prob.astype(np.float32, copy=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.cfg.mode == "volume":
+                groups = [np.arange(n)]
+            else:
+                groups = [np.array([i]) for i in range(n)]
+            for idx in groups:
+                if plain_pred[idx].any() and self.cfg.steps > 0:
+                    with restored(self.seg):
+                        self._adapt(query_images[idx], plain_pred[idx], rng, device)
+                        need, local_part = np.unique(part[idx], return_inverse=True)  # encode only used parts
+                        protos = self.seg.support_prototypes(support_images[need], support_masks[need], device)
+                        pred[idx], prob[idx] = self.seg.predict_volume(protos, query_images[idx], local_part,
+                                                                       batch_size, device)
+                if on_slice is not None:
+                    on_slice(len(idx))
+        return pred, prob
