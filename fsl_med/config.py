@@ -31,6 +31,10 @@ from fsl_med.errors import ConfigError
 ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 
+
+VARIANTS = ("plain", "cca", "ttt", "ttt_cca")
+"""Evaluation variants: the prediction as is, + CCA, + TTT, + TTT then CCA (method.md §6-7)."""
+
 @dataclass
 class SuperpixelConfig:
     """Felzenszwalb pseudolabels (method.md §1.3)."""
@@ -150,6 +154,33 @@ class EvalConfig:
     batch_size: int = 8
     z_margin: int = 0
     skip_no_organ_slices: bool = False
+    variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
+    cca_mode: str = "2d"
+    hd95: bool = True
+    overlay_slices: int = 3
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training (method.md §7): adapt on the query's own prediction, then re-predict."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    params: str = "all"
+    mode: str = "slice"
+    transpose: bool = True
+
+
+@dataclass
+class ProtocolConfig:
+    """What ``fsl-med protocol`` runs: folds x settings x seeds, each evaluated with ``variants``."""
+
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    settings: list[int] = field(default_factory=lambda: [1, 2])
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    variants: list[str] = field(default_factory=lambda: ["plain", "cca", "ttt", "ttt_cca"])
 
 
 @dataclass
@@ -173,6 +204,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -333,6 +366,23 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.npart > 0, "eval.npart", "must be > 0")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(cfg.eval.z_margin >= 0, "eval.z_margin", "must be >= 0")
+    for key, variants in (("eval.variants", cfg.eval.variants), ("protocol.variants", cfg.protocol.variants)):
+        bad = [v for v in variants if v not in VARIANTS]
+        _check(not bad and len(variants) > 0, key, f"must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
+    _check(cfg.eval.cca_mode in ("2d", "3d"), "eval.cca_mode", f"must be 2d or 3d, got '{cfg.eval.cca_mode}'")
+    _check(cfg.eval.overlay_slices >= 0, "eval.overlay_slices", "must be >= 0")
+    t = cfg.ttt
+    _check(t.steps >= 0, "ttt.steps", f"must be >= 0, got {t.steps}")
+    _check(t.lr > 0 and math.isfinite(t.lr), "ttt.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "ttt.weight_decay", "must be >= 0")
+    _check(t.params in ("all", "lora", "adapter"), "ttt.params", f"must be all, lora or adapter, got '{t.params}'")
+    _check(t.mode in ("slice", "volume"), "ttt.mode", f"must be slice or volume, got '{t.mode}'")
+    pr = cfg.protocol
+    _check(len(pr.folds) > 0 and all(0 <= f < info.n_folds for f in pr.folds), "protocol.folds",
+           f"must be a non-empty list of folds in 0..{info.n_folds - 1}, got {list(pr.folds)}")
+    _check(len(pr.settings) > 0 and all(s in (1, 2) for s in pr.settings), "protocol.settings",
+           f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
+    _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
     _check(cfg.logging.logger in ("csv", "tensorboard", "wandb", "none"), "logging.logger",
            "must be csv, tensorboard, wandb or none")
 

@@ -10,7 +10,7 @@ import lightning as L
 from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.evaluate import evaluate
-from fsl_med.evaluation.report import dice_table
+from fsl_med.evaluation.report import metric_table
 from fsl_med.models.module import FewShotModule
 from fsl_med.train import train
 
@@ -32,7 +32,7 @@ def run_demo(cfg_path: Path | None, overrides: list[str] | None = None) -> str:
     res = train(cfg, module=module)
     after, path = evaluate(cfg, module=module, name_suffix="-eval", global_step=res.steps)
     organs = list(cfg.data.test_organs)
-    table = dice_table({"untrained": before, f"after {res.steps} steps": after}, organs)
+    table = metric_table({"untrained": before, f"after {res.steps} steps": after}, organs)
     sps = f"{res.seconds_per_step:.3f}" if res.seconds_per_step else "n/a"
     return "\n".join([
         "",

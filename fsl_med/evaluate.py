@@ -14,8 +14,9 @@ from fsl_med import __version__
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.errors import WeightsError
+from fsl_med.evaluation.figures import dice_bar_chart, overlay_figure
 from fsl_med.evaluation.metrics import summarize
-from fsl_med.evaluation.report import build_results, write_results
+from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_results, write_results
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_compatible,
@@ -89,7 +90,10 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     trainer.test(module, datamodule=dm, verbose=False)
     volumes = module.last_results["test"]
     organs = list(cfg.data.test_organs)
-    summary = summarize(volumes, organs)
+    variants = {v: summarize(volumes, organs, variant=v) for v in module.variants["test"]}
+    summary = variants[module.variants["test"][0]]
+    stats = module.ttt_stats["test"]
+    ttt_sps = stats["seconds"] / stats["slices"] if stats["slices"] else None
     assert dm.split is not None
     meta = {
         "name": cfg.name,
@@ -106,6 +110,22 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         "fsl_med_version": __version__,
         "config": to_container(cfg),
     }
-    results = build_results(summary, volumes, dm.skipped["test"], meta)
+    meta["ttt"] = to_container(cfg)["ttt"] if ttt_sps is not None else None
+    results = build_results(summary, volumes, dm.skipped["test"], meta, variants=variants,
+                            ttt_seconds_per_slice=ttt_sps)
+    write_figures(run_dir, variants, organs, module.samples)
     path = write_results(run_dir, results, organs)
     return results, path
+
+
+def write_figures(run_dir: Path, variants: dict[str, dict[str, Any]], organs: list[str],
+                  samples: list[dict[str, Any]], errors: dict[str, dict[str, float]] | None = None,
+                  bar_name: str = "dice_bar.png") -> list[Path]:
+    """``dice_bar.png`` (Dice per organ and variant, optional error bars) and ``overlays/<organ>_q<scan>_z<z>.png``."""
+    titled = {VARIANT_TITLES.get(v, v): s for v, s in variants.items()}
+    err = {VARIANT_TITLES.get(v, v): e for v, e in errors.items()} if errors else None
+    out = [dice_bar_chart(titled, organs, Path(run_dir) / bar_name, ORGAN_TITLES, err)]
+    for s in samples:
+        out.append(overlay_figure(s, Path(run_dir) / "overlays" / f"{s['organ']}_q{s['query']}_z{s['z']}.png",
+                                  VARIANT_TITLES))
+    return out

@@ -53,7 +53,10 @@ def test_train_then_eval_on_real_chaos(chaos_subset, tmp_path, cache_dir, tiny):
     assert res["dice_mean"] == pytest.approx(sum(res["dice"].values()) / 4)
     assert res["seed"] == 1234 and res["config"]["data"]["fold"] == 0 and res["global_step"] == 6
     assert res["query_scans"] == ["1"] and res["support_scan"] == "2"
-    assert {v["query"] for v in res["volumes"]} == {"1"} and len(res["volumes"]) == 4
+    assert {v["query"] for v in res["volumes"]} == {"1"} and len(res["volumes"]) == 8  # 4 organs x plain, cca
+    assert set(res["variants"]) == {"plain", "cca"} and res["variants"]["plain"]["dice"] == res["dice"]
+    assert all(v["hd95"] is None or v["hd95"] >= 0 for v in res["volumes"])
+    assert (res_path.parent / "dice_bar.png").is_file() and len(list((res_path.parent / "overlays").glob("*.png"))) == 12
     for name in ("results.csv", "results.md", "config.yaml"):
         assert (res_path.parent / name).is_file()
     assert "Liver" in (res_path.parent / "results.md").read_text()

@@ -33,15 +33,45 @@ def dice_table(columns: dict[str, dict[str, Any]], organs: list[str]) -> str:
     return "\n".join(lines)
 
 
+VARIANT_TITLES = {"plain": "plain", "cca": "+CCA", "ttt": "+TTT", "ttt_cca": "+TTT+CCA"}
+
+
+def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: str = "dice",
+                 std: dict[str, dict[str, float]] | None = None) -> str:
+    """A Markdown table, one row per organ plus the mean, one column per result set.
+
+    Args:
+        columns: column title -> summary with ``{metric: {organ: value}, f"{metric}_mean": value}``.
+        metric: ``dice`` (%) or ``hd95`` (mm).
+        std: optional column title -> {organ: std} shown as ``mean ± std``.
+    """
+    titles = list(columns)
+
+    def cell(t: str, o: str) -> str:
+        v = columns[t][metric].get(o)
+        if std and t in std and o in std[t] and v is not None:
+            return f"{_fmt(v)} ± {_fmt(std[t][o])}"
+        return _fmt(v)
+
+    lines = ["| Organ | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    for o in organs:
+        lines.append(f"| {ORGAN_TITLES.get(o, o)} | " + " | ".join(cell(t, o) for t in titles) + " |")
+    lines.append("| **Mean** | " + " | ".join(f"**{_fmt(columns[t][f'{metric}_mean'])}**" for t in titles) + " |")
+    return "\n".join(lines)
+
+
 def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped: list[tuple[str, str]],
-                  meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``results.json`` document: summary, per-volume rows, skipped (scan, organ) pairs and run facts."""
-    secs = [v.seconds for v in volumes]
+                  meta: dict[str, Any], variants: dict[str, dict[str, Any]] | None = None,
+                  ttt_seconds_per_slice: float | None = None) -> dict[str, Any]:
+    """The ``results.json`` document: the headline summary (first variant), every variant's summary,
+    per-volume rows, skipped (scan, organ) pairs, TTT cost and run facts."""
     return {
         **summary,
-        "seconds_per_volume": (sum(secs) / len(secs)) if secs else None,
+        "variants": variants or {},
+        "ttt_seconds_per_slice": ttt_seconds_per_slice,
         "volumes": [
-            {"organ": v.organ, "query": v.query_id, "dice": 100.0 * v.dice, "tp": v.counts.tp, "fp": v.counts.fp,
+            {"organ": v.organ, "query": v.query_id, "variant": v.variant, "dice": 100.0 * v.dice,
+             "hd95": None if math.isnan(v.hd95) else v.hd95, "tp": v.counts.tp, "fp": v.counts.fp,
              "fn": v.counts.fn, "slices": v.n_slices, "seconds": v.seconds}
             for v in volumes
         ],
@@ -50,38 +80,52 @@ def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped:
     }
 
 
+def provenance_line(results: dict[str, Any]) -> str:
+    """How a table was produced: dataset, fold, setting, seed, encoder and weights, checkpoint, steps."""
+    enc = results.get("encoder", {})
+    return (f"Dataset `{results.get('dataset')}`, fold {results.get('fold')}, setting {results.get('setting')}, "
+            f"seed {results.get('seed')}. Encoder `{enc.get('name')}` (weights `{enc.get('weights')}`, "
+            f"fine-tuning `{enc.get('finetune')}`), checkpoint `{results.get('checkpoint')}`, "
+            f"trained steps {results.get('global_step')}.")
+
+
 def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> Path:
-    """Write ``results.json``, ``results.csv`` (one row per organ + mean) and ``results.md``.
+    """Write ``results.json``, ``results.csv`` (one row per variant and organ, plus means) and ``results.md``.
 
     Returns:
         The path of ``results.json``.
     """
     run_dir = Path(run_dir)
+    variants = results.get("variants") or {"plain": results}
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["organ", "dice", "dice_std", "n_volumes"])
-    for o in organs:
-        if o in results["dice"]:
-            w.writerow([o, f"{results['dice'][o]:.4f}", f"{results['dice_std'][o]:.4f}", results["n_volumes"][o]])
-    w.writerow(["mean", f"{results['dice_mean']:.4f}", "", sum(results["n_volumes"].values())])
+    w.writerow(["variant", "organ", "dice", "dice_std", "hd95_mm", "n_volumes", "seconds_per_volume"])
+    for v, summ in variants.items():
+        for o in organs:
+            if o in summ["dice"]:
+                w.writerow([v, o, f"{summ['dice'][o]:.4f}", f"{summ['dice_std'][o]:.4f}",
+                            _fmt(summ.get("hd95", {}).get(o)), summ["n_volumes"][o], ""])
+        w.writerow([v, "mean", f"{summ['dice_mean']:.4f}", "", _fmt(summ.get("hd95_mean")),
+                    sum(summ["n_volumes"].values()), _fmt(summ.get("seconds_per_volume"))])
     atomic.write_text(run_dir / "results.csv", buf.getvalue())
 
-    enc = results.get("encoder", {})
+    cols = {VARIANT_TITLES.get(v, v): summ for v, summ in variants.items()}
     md = [
         f"# Results: {results.get('name', '')}",
         "",
-        f"Dataset `{results.get('dataset')}`, fold {results.get('fold')}, setting {results.get('setting')}, "
-        f"seed {results.get('seed')}. Encoder `{enc.get('name')}` (weights `{enc.get('weights')}`, "
-        f"fine-tuning `{enc.get('finetune')}`), checkpoint `{results.get('checkpoint')}`, "
-        f"trained steps {results.get('global_step')}.",
+        provenance_line(results),
         "",
         "Dice (%), 3D per query volume, mean over volumes:",
         "",
-        dice_table({"Dice": results}, organs),
+        metric_table(cols, organs, "dice"),
         "",
     ]
-    if results.get("seconds_per_volume") is not None:
-        md.append(f"Seconds per query volume: {results['seconds_per_volume']:.2f}")
+    if any("hd95" in summ for summ in variants.values()):
+        md += ["HD95 (mm), mean over volumes where it is defined:", "", metric_table(cols, organs, "hd95"), ""]
+    secs = ", ".join(f"{t} {_fmt(summ.get('seconds_per_volume'))}" for t, summ in cols.items())
+    md.append(f"Seconds per query volume: {secs}")
+    if results.get("ttt_seconds_per_slice") is not None:
+        md.append(f"TTT seconds per slice: {results['ttt_seconds_per_slice']:.3f}")
     if results["skipped"]:
         md.append("")
         md.append("Skipped (organ absent from the query scan): "

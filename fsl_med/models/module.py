@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from fsl_med.config import from_container, to_container
 from fsl_med.data.datamodule import EvalItem
-from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, summarize
+from fsl_med.data.episodes import AugmentParams
+from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
 from fsl_med.models.segmenter import FewShotSegmenter
+from fsl_med.refine.cca import largest_mass_component
+from fsl_med.refine.ttt import TestTimeTrainer
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,9 @@ class FewShotModule(L.LightningModule):
         weights: override of ``model.encoder.weights`` at construction (e.g. ``"none"`` when the weights
             come from a checkpoint anyway).
 
-    Logged metrics: ``train/loss``, ``train/ce``, ``train/align``, ``val/dice``, ``val/dice_<organ>``,
-    ``test/dice``, ``test/dice_<organ>``.
+    Logged metrics: ``train/loss``, ``train/ce``, ``train/align``, ``val/dice``, ``val/dice_<organ>`` (plain
+    prediction), ``test/dice``, ``test/dice_<organ>`` (first of ``eval.variants``) and
+    ``test/dice_<variant>[_<organ>]`` for the other variants (``cca``, ``ttt``, ``ttt_cca``).
     """
 
     def __init__(self, config: dict[str, Any], weights: str | None = None) -> None:
@@ -56,6 +62,11 @@ class FewShotModule(L.LightningModule):
         self._results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self.last_results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self._protos: dict[tuple[str, str], list] = {}  # (support scan, organ) -> prototypes per part
+        # evaluation variants: validation (checkpoint selection) is plain; test runs eval.variants
+        self.variants: dict[str, list[str]] = {"val": ["plain"], "test": list(self.cfg.eval.variants)}
+        self.ttt_stats: dict[str, dict[str, float]] = {s: {"seconds": 0.0, "slices": 0} for s in ("val", "test")}
+        self.samples: list[dict[str, Any]] = []  # overlay slices of the last test run
+        self._ttt: TestTimeTrainer | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, weights: str | None = None) -> FewShotModule:
@@ -65,25 +76,9 @@ class FewShotModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """A batch of B independent episodes; all 2B images go through the encoder in one call."""
-        seg = self.model
-        s_img, s_fg = batch["support_image"], batch["support_mask"]
-        q_img, q_lab = batch["query_image"], batch["query_label"]
-        b = s_img.shape[0]
-        feats = seg.encode(torch.cat([s_img, q_img], dim=0))
-        s_feats, q_feats = feats[:b], feats[b:]
-        s_low = seg.downsample_mask(s_fg)
-        ce_total = feats.new_zeros(())
-        align_total = feats.new_zeros(())
-        for i in range(b):
-            protos = seg.prototypes(s_feats[i:i + 1], s_low[i:i + 1], seg.train_window)
-            low = seg.scores(q_feats[i:i + 1], protos)
-            logits = seg.upsample(low, q_img.shape[-2:])
-            ce_total = ce_total + F.cross_entropy(logits.float(), q_lab[i:i + 1], weight=self.ce_weights,
-                                                  ignore_index=255)
-            if self.cfg.loss.align_weight > 0:
-                align_total = align_total + seg.align_loss(q_feats[i:i + 1], low, s_feats[i:i + 1], s_fg[i:i + 1])
-        ce, align = ce_total / b, align_total / b
-        loss = ce + self.cfg.loss.align_weight * align
+        b = batch["support_image"].shape[0]
+        loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
+                                                  batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/align": align}, prog_bar=True, batch_size=b)
         return loss
 
@@ -106,6 +101,14 @@ class FewShotModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the training data's intensity normalisation (``checkpoint["normalizer"]``: ``{"mean", "std"}``,
+        both ``None`` for per-volume z-scoring) so that ``fsl-med segment`` can normalise a new volume alike."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        norm = getattr(dm, "normalize", None)
+        if norm is not None:
+            checkpoint["normalizer"] = {"mean": norm.mean, "std": norm.std}
+
     # -- evaluation ---------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Evaluation items stay on the host (numpy); slices are moved in batches during prediction."""
@@ -113,16 +116,65 @@ class FewShotModule(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _eval_item(self, item: EvalItem, stage: str) -> None:
+    def _ttt_trainer(self) -> TestTimeTrainer:
+        if self._ttt is None:
+            a = self.cfg.data.augment
+            self._ttt = TestTimeTrainer(self.model, self.cfg.ttt, self.ce_weights, self.cfg.loss.align_weight,
+                                        AugmentParams(**{k: a[k] for k in a}))
+        return self._ttt
+
+    def _eval_item(self, item: EvalItem, stage: str, index: int) -> None:
+        variants = self.variants[stage]
         t0 = time.perf_counter()
         key = (item.support_id, item.organ)
         if key not in self._protos:  # support encoded once per support scan and organ per evaluation
             self._protos[key] = self.model.support_prototypes(item.support_images, item.support_masks, self.device)
-        pred, _ = self.model.predict_volume(self._protos[key], item.query_images, item.part,
-                                            batch_size=self.cfg.eval.batch_size, device=self.device)
-        counts = confusion_counts(pred, item.query_labels)
-        self._results[stage].append(VolumeResult(item.organ, item.query_id, counts, len(item.z),
-                                                 time.perf_counter() - t0))
+        pred, prob = self.model.predict_volume(self._protos[key], item.query_images, item.part,
+                                               batch_size=self.cfg.eval.batch_size, device=self.device)
+        t_plain = time.perf_counter() - t0
+        outs: dict[str, tuple[np.ndarray, float]] = {"plain": (pred, t_plain)}
+        mode = self.cfg.eval.cca_mode
+        if "cca" in variants:
+            t1 = time.perf_counter()
+            outs["cca"] = (largest_mass_component(pred, prob, mode), t_plain + time.perf_counter() - t1)
+        if "ttt" in variants or "ttt_cca" in variants:
+            t1 = time.perf_counter()
+            n = len(item.z)
+            with tqdm(total=n, desc=f"TTT {item.organ} scan {item.query_id}", unit="slice", leave=False,
+                      disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+                tpred, tprob = self._ttt_trainer().refine(
+                    item.query_images, pred, prob, item.part, item.support_images, item.support_masks,
+                    np.random.default_rng([self.cfg.seed, index]), self.device, self.cfg.eval.batch_size, bar.update)
+            dt = time.perf_counter() - t1
+            self.ttt_stats[stage]["seconds"] += dt
+            self.ttt_stats[stage]["slices"] += n
+            log.info("TTT %s scan %s: %d slices, %.2f s per slice", item.organ, item.query_id, n, dt / max(n, 1))
+            outs["ttt"] = (tpred, t_plain + dt)
+            if "ttt_cca" in variants:
+                t2 = time.perf_counter()
+                outs["ttt_cca"] = (largest_mass_component(tpred, tprob, mode), t_plain + dt + time.perf_counter() - t2)
+        for v in variants:
+            p, secs = outs[v]
+            h = hd95(p, item.query_labels, item.spacing) if (self.cfg.eval.hd95 and stage == "test") else float("nan")
+            self._results[stage].append(VolumeResult(item.organ, item.query_id, confusion_counts(p, item.query_labels),
+                                                     len(item.z), secs, v, h))
+        if stage == "test":
+            self._collect_samples(item, {v: outs[v][0] for v in variants})
+
+    def _collect_samples(self, item: EvalItem, preds: dict[str, np.ndarray]) -> None:
+        """Keep a few slices of the first query volume of each organ for overlay figures."""
+        k = self.cfg.eval.overlay_slices
+        if k == 0 or any(s["organ"] == item.organ for s in self.samples):
+            return
+        for p in np.unique(item.part)[:k]:
+            rows = np.flatnonzero(item.part == p)
+            i = int(rows[len(rows) // 2])
+            self.samples.append({
+                "organ": item.organ, "query": item.query_id, "z": int(item.z[i]), "image": item.query_images[i],
+                "label": item.query_labels[i], "preds": {v: pr[i] for v, pr in preds.items()},
+                "support": item.support_id, "support_z": int(item.support_z[int(p)]),
+                "support_image": item.support_images[int(p)], "support_mask": item.support_masks[int(p)],
+            })
 
     def _eval_end(self, stage: str) -> None:
         results = self._results[stage]
@@ -131,9 +183,12 @@ class FewShotModule(L.LightningModule):
         if not results:
             return
         organs = list(dict.fromkeys(r.organ for r in results))
-        summary = summarize(results, organs)
-        metrics = {f"{stage}/dice": summary["dice_mean"]}
-        metrics.update({f"{stage}/dice_{o}": v for o, v in summary["dice"].items()})
+        metrics: dict[str, float] = {}
+        for j, v in enumerate(self.variants[stage]):
+            summary = summarize(results, organs, variant=v)
+            suffix = "" if j == 0 else f"_{v}"
+            metrics[f"{stage}/dice{suffix}"] = summary["dice_mean"]
+            metrics.update({f"{stage}/dice{suffix}_{o}": d for o, d in summary["dice"].items()})
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
@@ -141,7 +196,7 @@ class FewShotModule(L.LightningModule):
         self._protos = {}
 
     def validation_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "val")
+        self._eval_item(item, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
@@ -149,9 +204,11 @@ class FewShotModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._results["test"] = []
         self._protos = {}
+        self.samples = []
+        self.ttt_stats["test"] = {"seconds": 0.0, "slices": 0}
 
     def test_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "test")
+        self._eval_item(item, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
