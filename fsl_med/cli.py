@@ -64,16 +64,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fsl_med.config import load_config
     from fsl_med.evaluate import evaluate
-    from fsl_med.evaluation.report import dice_table
+    from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
 
     name, overrides = _split_config_arg(args)
     if name is None:
         raise ConfigError("eval needs a config: fsl-med eval CONFIG ckpt=PATH [key=value ...]")
     cfg = load_config(_config_path(name), overrides)
     results, path = evaluate(cfg)
-    print(dice_table({f"Dice % (fold {cfg.data.fold})": results}, list(cfg.data.test_organs)))
+    cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {cfg.data.fold})": summ
+            for v, summ in (results.get("variants") or {"plain": results}).items()}
+    print(metric_table(cols, list(cfg.data.test_organs)))
     if results.get("seconds_per_volume") is not None:
         print(f"seconds per query volume: {results['seconds_per_volume']:.2f}")
+    print(path)
+    return 0
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from fsl_med.benchmark import run_protocol
+    from fsl_med.config import load_config
+
+    name, overrides = _split_config_arg(args)
+    if name is None:
+        raise ConfigError("protocol needs a config: fsl-med protocol CONFIG [key=value ...]")
+    cfg = load_config(_config_path(name), overrides)
+    _, path = run_protocol(cfg)
+    print(path.with_name("protocol.md").read_text(encoding="utf-8"))
     print(path)
     return 0
 
@@ -157,6 +173,19 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from fsl_med.segment import segment
+
+    res = segment(args.ckpt, args.support_image, args.support_mask, args.query, args.out, label=args.label,
+                  z_range=args.z_range, shots_per_part=args.shots_per_part, cca=args.cca,
+                  batch_size=args.batch_size, device=args.device)
+    a, b = res.z_range
+    print(f"segmented {res.voxels} voxels ({res.volume_ml:.1f} ml) in query slices {a}..{b} of {args.query}; "
+          f"support slices per part {res.support_slices}")
+    print(res.path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fsl-med``."""
     p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
@@ -167,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", cmd_train, "train on self-supervised episodes: train CONFIG [key=value ...]"),
         ("eval", cmd_eval, "EP1 evaluation: eval CONFIG ckpt=PATH|latest [key=value ...]"),
         ("demo", cmd_demo, "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]"),
+        ("protocol", cmd_protocol, "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
+                                   "with one report: protocol CONFIG [key=value ...]"),
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
@@ -207,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
         pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
         pp.add_argument("--no-progress", action="store_true", help="no progress bars")
         pp.set_defaults(func=cmd_prepare)
+    sp = sub.add_parser("segment", help="segment an organ in your own volume: segment --ckpt C --support-image S "
+                        "--support-mask M --query Q --out P.nii.gz")
+    sp.add_argument("--ckpt", required=True, help="checkpoint written by fsl-med train")
+    sp.add_argument("--support-image", required=True, help="support volume (NIfTI, any orientation/spacing)")
+    sp.add_argument("--support-mask", required=True, help="support mask of the support image's shape")
+    sp.add_argument("--query", required=True, help="volume to segment (3D NIfTI)")
+    sp.add_argument("--out", required=True, help="output .nii.gz: uint8 mask on the query's grid (1 = organ)")
+    sp.add_argument("--label", type=int, default=None, help="organ label in a multi-label support mask")
+    sp.add_argument("--z-range", default=None, metavar="A:B",
+                    help="segment only query slices A..B (inclusive, the query's third array axis); support parts "
+                    "follow the relative position in this range, so the organ's extent works best")
+    sp.add_argument("--shots-per-part", type=int, default=1, metavar="K", help="support slices per part (default 1)")
+    sp.add_argument("--cca", choices=("3d", "2d", "none"), default="3d",
+                    help="keep the largest component per volume (3d, default), per slice (2d), or none")
+    sp.add_argument("--batch-size", type=int, default=8, help="query slices per encoder call")
+    sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sp.set_defaults(func=cmd_segment)
     sp = sub.add_parser("encoders", help="list registered encoders")
     sp.set_defaults(func=cmd_encoders)
     return p

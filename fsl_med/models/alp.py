@@ -123,3 +123,34 @@ def episode_scores(query: torch.Tensor, protos: EpisodePrototypes, scale: float)
     """``[Q, 2, h, w]`` scores (channel 0 background, 1 foreground) of query features."""
     return torch.cat([prototype_scores(query, protos.bg.protos, scale),
                       prototype_scores(query, protos.fg.protos, scale)], dim=1)
+
+
+def merge_episode_prototypes(parts: list[EpisodePrototypes]) -> EpisodePrototypes:
+    """Merge the prototypes of several support slices of one part (k-shot) into one set.
+
+    Per class, local prototypes (rows of 'gridconv' sets, all rows but the last of 'gridconv+' sets) are
+    concatenated and global prototypes (the last row of 'gridconv+', the row of 'mask') are averaged. The
+    result is 'gridconv+' (locals, then the mean global), 'gridconv' (locals only) or 'mask' (mean global
+    only). One set is returned as is.
+
+    Raises:
+        ValueError: ``parts`` is empty.
+    """
+    if not parts:
+        raise ValueError("no prototypes to merge")
+    if len(parts) == 1:
+        return parts[0]
+
+    def merge(sets: list[ClassPrototypes]) -> ClassPrototypes:
+        local = [s.protos for s in sets if s.mode == "gridconv"] + [s.protos[:-1] for s in sets if s.mode == "gridconv+"]
+        glob = [s.protos[-1:] for s in sets if s.mode == "gridconv+"] + [s.protos for s in sets if s.mode == "mask"]
+        loc = torch.cat(local, dim=0) if local else None
+        g = torch.cat(glob, dim=0).mean(dim=0, keepdim=True) if glob else None
+        if loc is not None and g is not None:
+            return ClassPrototypes(torch.cat([loc, g], dim=0), "gridconv+")
+        if loc is not None:
+            return ClassPrototypes(loc, "gridconv")
+        assert g is not None
+        return ClassPrototypes(g, "mask")
+
+    return EpisodePrototypes(bg=merge([p.bg for p in parts]), fg=merge([p.fg for p in parts]))
