@@ -5,8 +5,8 @@ EP1 rule (the support organ's extent is split into ``cfg.eval.npart`` parts; eac
 part at its relative position in the query range). Inputs may have any orientation and voxel size:
 
 * Forward (to the training geometry, per volume): reorient to LAS (exact axis permutation/flips),
-  resample in-plane (MRI: to 1.25 mm; CT: the volume's own in-plane field of view to
-  ``image_size`` x ``image_size``) with the slice spacing unchanged (the model is 2D), then centre-crop or
+  resample in-plane (MRI: to 1.25 mm; CT: the volume's own in-plane field of view, without the 32 px
+  border a raw scan loses in preparation, to ``image_size`` x ``image_size``) with the slice spacing unchanged (the model is 2D), then centre-crop or
   pad in-plane to ``image_size``. Images are resampled linearly, the support mask per class (linear
   membership, highest wins). Every step returns the affine that keeps each voxel at its world position.
 * Intensities, before resampling: MRI images have their top 0.5 % of intensities clipped (as prepared
@@ -35,12 +35,14 @@ from scipy import ndimage
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.geometry import (
     CANONICAL_ORIENTATION,
+    crop_border_xy,
     crop_or_pad_xy,
     reorient,
     resample_image,
     resample_label,
     spacing_of,
 )
+from fsl_med.prepare.sabs import CtParams
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,10 @@ def to_model_grid(arr: np.ndarray, affine: np.ndarray, modality: str, image_size
         volume (unchanged by resampling, up to MONAI's rounding of the extent).
     """
     arr_c, aff_c = reorient(arr, affine, CANONICAL_ORIENTATION)
+    border = CtParams().border
+    if modality == "ct" and min(arr_c.shape[:2]) > image_size + 2 * border:
+        # a raw CT scan: drop the border as `fsl-med prepare sabs` does, so both reach the same grid
+        arr_c, aff_c = crop_border_xy(arr_c, aff_c, border)
     target = model_grid_spacing(arr_c.shape, aff_c, modality, image_size)
     if is_label:
         out, aff = resample_label(arr_c.astype(np.uint8), aff_c, target, "per_class")

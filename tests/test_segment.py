@@ -259,3 +259,18 @@ def test_z_range_restricts_prediction(chaos, ckpt, tmp_path):
     per_slice = pred.sum(axis=(0, 1))
     assert per_slice[:a].sum() == 0 and per_slice[b + 1:].sum() == 0
     assert per_slice[a:b + 1].sum() > 0 and res.voxels == int(pred.sum())
+
+
+def test_ct_model_grid_matches_prepare_sabs_geometry():
+    """A raw HU scan reaches the same grid as `fsl-med prepare sabs` gives (32 px border dropped, then 256²)."""
+    from fsl_med.prepare.pipeline import Scan
+    from fsl_med.prepare.sabs import CtParams, preprocess_ct
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 400, size=(400, 380, 3)).astype(np.float32)
+    aff = np.diag([-0.7, 0.75, 2.5, 1.0])
+    prep = preprocess_ct(Scan(hu, np.zeros(hu.shape, np.uint8), aff), CtParams())
+    out, out_aff = to_model_grid(preprocess_intensities(hu, "ct"), aff, "ct", 256)
+    assert out.shape == prep.image.shape == (256, 256, 3)
+    assert np.allclose(out_aff, prep.affine, atol=1e-3)
+    assert np.allclose(out[4:-4, 4:-4], prep.image[4:-4, 4:-4], atol=0.05)
