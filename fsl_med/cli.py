@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from fsl_med import __version__
 from fsl_med.errors import ConfigError, DataError, FslMedError
@@ -43,14 +44,20 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return None, rest
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _required_config(args: argparse.Namespace, usage: str) -> Any:
+    """The config named by the first positional argument with the ``key=value`` overrides applied."""
     from fsl_med.config import load_config
-    from fsl_med.train import train
 
     name, overrides = _split_config_arg(args)
     if name is None:
-        raise ConfigError("train needs a config: fsl-med train CONFIG [key=value ...]")
-    cfg = load_config(_config_path(name), overrides)
+        raise ConfigError(f"{args.command} needs a config: fsl-med {args.command} {usage}")
+    return load_config(_config_path(name), overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fsl_med.train import train
+
+    cfg = _required_config(args, "CONFIG [key=value ...]")
     res = train(cfg)
     sps = f"{res.seconds_per_step:.3f}" if res.seconds_per_step else "n/a"
     val = f"{res.val_dice:.2f}" if res.val_dice is not None else "n/a"
@@ -62,14 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fsl_med.config import load_config
     from fsl_med.evaluate import evaluate
     from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
 
-    name, overrides = _split_config_arg(args)
-    if name is None:
-        raise ConfigError("eval needs a config: fsl-med eval CONFIG ckpt=PATH [key=value ...]")
-    cfg = load_config(_config_path(name), overrides)
+    cfg = _required_config(args, "CONFIG ckpt=PATH [key=value ...]")
     results, path = evaluate(cfg)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {cfg.data.fold})": summ
             for v, summ in (results.get("variants") or {"plain": results}).items()}
@@ -82,12 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_protocol(args: argparse.Namespace) -> int:
     from fsl_med.benchmark import run_protocol
-    from fsl_med.config import load_config
 
-    name, overrides = _split_config_arg(args)
-    if name is None:
-        raise ConfigError("protocol needs a config: fsl-med protocol CONFIG [key=value ...]")
-    cfg = load_config(_config_path(name), overrides)
+    cfg = _required_config(args, "CONFIG [key=value ...]")
     _, path = run_protocol(cfg)
     print(path.with_name("protocol.md").read_text(encoding="utf-8"))
     print(path)
