@@ -143,6 +143,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     deterministic: bool = False
     gradient_clip_val: float | None = None
+    ckpt_every_n_steps: int | None = None
     enable_progress_bar: bool = True
 
 
@@ -198,6 +199,7 @@ class Config:
     name: str = "run"
     seed: int = 1234
     ckpt: str | None = None
+    resume: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -363,6 +365,8 @@ def validate(cfg: DictConfig) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(cfg.trainer.max_steps > 0, "trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
     _check(cfg.trainer.val_check_interval > 0, "trainer.val_check_interval", "must be > 0")
+    _check(cfg.trainer.ckpt_every_n_steps is None or cfg.trainer.ckpt_every_n_steps > 0,
+           "trainer.ckpt_every_n_steps", "must be > 0 (or null: every val_check_interval steps)")
     _check(cfg.eval.npart > 0, "eval.npart", "must be > 0")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(cfg.eval.z_margin >= 0, "eval.z_margin", "must be >= 0")

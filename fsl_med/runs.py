@@ -102,15 +102,20 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
                  max_steps: int | None = None, progress_bar: bool | None = None) -> L.Trainer:
     """A ``Trainer`` from ``cfg.trainer`` writing logs and checkpoints into ``run_dir``.
 
-    Checkpoints: ``checkpoints/last.ckpt`` always; with validation also the best by ``val/dice``.
+    Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.ckpt_every_n_steps`` (default: every
+    ``val_check_interval``) steps; with validation also the best by ``val/dice``.
     The progress bar is shown only on a terminal (``progress_bar`` forces it on or off).
     """
     t = cfg.trainer
+    every = t.ckpt_every_n_steps or t.val_check_interval
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", auto_insert_metric_name=False,
-                        monitor="val/dice" if with_val else None, mode="max", save_last=True,
-                        save_top_k=1),
+        # last.ckpt every `every` steps (resume point after a crash), written atomically
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every),
     ]
+    if with_val:  # the best checkpoint by val/dice
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
+                                         auto_insert_metric_name=False, monitor="val/dice", mode="max",
+                                         save_last=False, save_top_k=1))
     logger = make_logger(cfg, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -140,24 +145,25 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
     )
 
 
-def resolve_ckpt(cfg: DictConfig) -> Path | None:
-    """The checkpoint named by ``cfg.ckpt``: a path, ``latest`` (newest ``last.ckpt`` of runs named
-    ``cfg.name``), or ``None``.
+def resolve_ckpt(cfg: DictConfig, key: str = "ckpt") -> Path | None:
+    """The checkpoint named by ``cfg.<key>`` (``ckpt`` or ``resume``): a path, ``latest``/``last`` (newest
+    ``last.ckpt`` of runs named ``cfg.name``), or ``None``.
 
     Raises:
         WeightsError: the file does not exist, or ``latest`` finds no checkpoint.
     """
-    if cfg.ckpt in (None, "", "none", "None"):
+    value = cfg.get(key)
+    if value in (None, "", "none", "None"):
         return None
-    if cfg.ckpt in ("latest", "last"):
+    if value in ("latest", "last"):
         base = Path(cfg.logging.output_dir) / cfg.name
         found = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise WeightsError(f"ckpt={cfg.ckpt}: no checkpoint found under {base}/version_*/checkpoints/")
+            raise WeightsError(f"{key}={value}: no checkpoint found under {base}/version_*/checkpoints/")
         return found[-1]
-    p = Path(cfg.ckpt).expanduser()
+    p = Path(value).expanduser()
     if not p.is_file():
-        raise WeightsError(f"checkpoint not found: {p}")
+        raise WeightsError(f"{key}={value}: checkpoint not found: {p}")
     return p
 
 

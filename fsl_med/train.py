@@ -18,7 +18,14 @@ from fsl_med import atomic
 from fsl_med.config import excluded_labels, to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import make_trainer, new_run_dir, resolve_ckpt, save_config
+from fsl_med.runs import (
+    check_compatible,
+    load_checkpoint,
+    make_trainer,
+    new_run_dir,
+    resolve_ckpt,
+    save_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,10 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
         A :class:`TrainResult` (run folder, checkpoints, median seconds per step).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    resume = resolve_ckpt(cfg)
+    resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
+    if resume is not None:
+        check_compatible(load_checkpoint(resume)["hyper_parameters"]["config"], cfg, resume)
+        log.info("resuming from %s", resume)
     excl = excluded_labels(cfg)
     dm = FewShotDataModule(cfg)
     dm.prepare_data()
@@ -92,7 +102,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
     trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-    ckpt_cb = trainer.checkpoint_callback
+    ckpt_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/dice"), None)
     last = (run_dir / "checkpoints" / "last.ckpt").resolve()
     trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at
     best = Path(ckpt_cb.best_model_path).resolve() if ckpt_cb is not None and ckpt_cb.best_model_path else None

@@ -94,12 +94,14 @@ def test_setting2_drops_slices_with_test_organs(chaos_subset, cache_dir, tiny):
     assert len(dm1.train_set.candidates) > len(ds.candidates)
 
 
-def test_episode_sampler_differs_across_epochs_and_ranks():
+def test_episode_sampler_is_a_function_of_the_step_and_rank():
     from fsl_med.data.episodes import EpisodeSampler
 
-    s0, s1 = EpisodeSampler(5, rank=0, world_size=2), EpisodeSampler(5, rank=1, world_size=2)
+    s0, s1 = EpisodeSampler(5, 2, rank=0, world_size=2), EpisodeSampler(5, 2, rank=1, world_size=2)
     e0 = list(s0)
-    assert e0 == list(s0) and len(e0) == 5  # deterministic
+    assert e0 == list(s0) and len(e0) == len(s0) == 10  # deterministic, 5 steps x 2 episodes
     assert not set(e0) & set(s1)  # ranks draw different episodes
-    s0.set_epoch(1)
-    assert not set(e0) & set(s0)  # a new epoch draws new episodes
+    assert len(set(e0)) == 10  # steps draw different episodes
+    # a run resumed at step 3 continues with exactly the episodes of steps 3 and 4
+    assert list(EpisodeSampler(5, 2, rank=0, world_size=2, start_step=3)) == e0[6:]
+    assert list(EpisodeSampler(5, 2, rank=0, world_size=2, start_step=lambda: 4)) == e0[8:]

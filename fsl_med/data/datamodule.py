@@ -230,12 +230,15 @@ class FewShotDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-        nw = self.cfg.data.num_workers
+        trainer = self.trainer
+        if trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+        nw, b = self.cfg.data.num_workers, self.cfg.data.batch_size
+        log.info("training episodes: %d per step on each of %d process(es), %d per step in all", b, world, b * world)
+        start = (lambda: trainer.global_step) if trainer is not None else 0  # a resumed run continues there
         return DataLoader(
-            self.train_set, batch_size=self.cfg.data.batch_size,
-            sampler=EpisodeSampler(len(self.train_set), rank, world), num_workers=nw,
+            self.train_set, batch_size=b,
+            sampler=EpisodeSampler(self.cfg.trainer.max_steps, b, rank, world, start), num_workers=nw,
             persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
         )
 

@@ -13,7 +13,7 @@ MONAI's ``AdjustContrast`` gamma on the image.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,22 +183,33 @@ class EpisodeDataset(Dataset):
 
 
 class EpisodeSampler(Sampler[int]):
-    """Yields global episode indices: distinct across epochs and ranks, deterministic given the epoch.
+    """Yields global episode indices as a pure function of the training step: resumable and rank-aware.
 
-    Epoch ``e`` on rank ``r`` of ``w`` yields ``(e * w + r) * length + i`` for ``i < length``. Lightning
-    calls :meth:`set_epoch` before each epoch.
+    The episode of batch slot ``b`` at global step ``s`` on rank ``r`` of ``w`` is
+    ``(s * w + r) * batch_size + b``. One pass covers steps ``0 .. total_steps - 1`` (the whole run is one
+    epoch); iteration starts at ``start_step`` (an int, or a callable giving the trainer's restored global
+    step at iteration time), so a resumed run sees exactly the episodes the uninterrupted run would have
+    seen, and ranks never share an episode. ``len()`` is the full pass, so Lightning's restored position
+    within the epoch and the episodes left agree.
+
+    Args:
+        total_steps: steps of the whole run (``trainer.max_steps``).
+        batch_size: episodes per step and rank.
+        rank, world_size: this process's global rank and the number of processes.
+        start_step: first global step (int or zero-argument callable).
     """
 
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
-        self.length, self.rank, self.world_size, self.epoch = length, rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose indices are yielded next."""
-        self.epoch = epoch
+    def __init__(self, total_steps: int, batch_size: int = 1, rank: int = 0, world_size: int = 1,
+                 start_step: int | Callable[[], int] = 0) -> None:
+        self.total_steps, self.batch_size = max(0, int(total_steps)), int(batch_size)
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
 
     def __len__(self) -> int:
-        return self.length
+        return self.total_steps * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        base = (self.epoch * self.world_size + self.rank) * self.length
-        return iter(range(base, base + self.length))
+        b, w, r = self.batch_size, self.world_size, self.rank
+        start = int(self.start_step() if callable(self.start_step) else self.start_step)
+        for s in range(start, self.total_steps):
+            base = (s * w + r) * b
+            yield from range(base, base + b)
