@@ -20,11 +20,12 @@ from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_result
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_compatible,
+    is_rank_zero,
     load_checkpoint,
     make_trainer,
-    new_run_dir,
     resolve_ckpt,
     save_config,
+    shared_run_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
             global_step = 0
     dm = FewShotDataModule(cfg)
     dm.setup("test")
-    run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")
-    save_config(cfg, run_dir)
+    run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
+    if is_rank_zero():
+        save_config(cfg, run_dir)
     trainer = make_trainer(cfg, run_dir, with_val=False)
     trainer.test(module, datamodule=dm, verbose=False)
     volumes = module.last_results["test"]
@@ -113,8 +115,10 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     meta["ttt"] = to_container(cfg)["ttt"] if ttt_sps is not None else None
     results = build_results(summary, volumes, dm.skipped["test"], meta, variants=variants,
                             ttt_seconds_per_slice=ttt_sps)
-    write_figures(run_dir, variants, organs, module.samples)
-    path = write_results(run_dir, results, organs)
+    path = run_dir / "results.json"
+    if trainer.is_global_zero:  # results were gathered from every rank; one process writes them
+        write_figures(run_dir, variants, organs, module.samples)
+        path = write_results(run_dir, results, organs)
     return results, path
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,55 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
         except OSError as e:
             raise FslMedError(f"cannot create run folder {run}: {e.strerror or e}") from e
     raise FslMedError(f"could not allocate a run folder under {base}")
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the outputs: not distributed, or global rank 0.
+
+    Reads the launchers' environment: ``RANK`` (torchrun), ``SLURM_PROCID`` (SLURM with several tasks), or
+    Lightning's own ``NODE_RANK``/``LOCAL_RANK`` (its launcher sets them for the processes it starts).
+    """
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("NODE_RANK", "0")) == 0 and int(env.get("LOCAL_RANK", "0")) == 0
+
+
+def _job_id() -> str | None:
+    env = os.environ
+    job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID")
+    return f"{job}-{env.get('SLURM_STEP_ID', '')}-{env.get('MASTER_PORT', '')}" if job else None
+
+
+def shared_run_dir(output_dir: str | Path, name: str, timeout_s: float = 600.0) -> Path:
+    """The run folder of this run on every process of a distributed job.
+
+    Rank 0 creates a new ``version_N`` (:func:`new_run_dir`) and publishes it: in the environment (the
+    processes Lightning's launcher starts inherit it) and, under torchrun or SLURM, in a marker file named
+    by the job id. Other ranks read it from there (waiting up to ``timeout_s`` for the marker).
+
+    Raises:
+        FslMedError: a non-zero rank cannot learn rank 0's folder.
+    """
+    key = "FSL_MED_RUN_DIR_" + re.sub(r"\W", "_", name)
+    marker = Path(output_dir) / name / f".job-{_job_id()}" if _job_id() else None
+    if is_rank_zero():
+        run = new_run_dir(output_dir, name)
+        os.environ[key] = str(run)
+        if marker is not None:
+            atomic.write_text(marker, str(run))
+        return run
+    if key in os.environ:
+        return Path(os.environ[key])
+    deadline = time.time() + timeout_s
+    while marker is not None and time.time() < deadline:
+        if marker.is_file():
+            return Path(marker.read_text(encoding="utf-8").strip())
+        time.sleep(0.5)
+    raise FslMedError(f"rank > 0 cannot find the run folder of rank 0 for '{name}' (set {key}, or launch with "
+                      "torchrun/SLURM so the job id is known)")
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:

@@ -20,11 +20,12 @@ from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_compatible,
+    is_rank_zero,
     load_checkpoint,
     make_trainer,
-    new_run_dir,
     resolve_ckpt,
     save_config,
+    shared_run_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,9 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     dm.setup("fit")  # bad data fails here, before a run folder exists
     if module is None:
         module = FewShotModule.from_config(cfg)
-    run_dir = new_run_dir(cfg.logging.output_dir, cfg.name)
-    save_config(cfg, run_dir)
+    run_dir = shared_run_dir(cfg.logging.output_dir, cfg.name)  # the same folder on every rank
+    if is_rank_zero():
+        save_config(cfg, run_dir)
     log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
              list(cfg.data.test_organs), excl or "none")
     with_val = cfg.data.num_val_scans > 0
@@ -109,6 +111,8 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     val = trainer.callback_metrics.get("val/dice")
     result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),
                          float(val) if val is not None else None)
+    if not trainer.is_global_zero:
+        return result
     atomic.write_json(run_dir / "train_summary.json", {
         "steps": result.steps, "seconds_per_step_median": result.seconds_per_step,
         "last_ckpt": str(last), "best_ckpt": str(best) if best else None, "val_dice": result.val_dice,

@@ -242,11 +242,17 @@ class FewShotDataModule(L.LightningDataModule):
             persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
         )
 
+    def _eval_loader(self, ds: EvalDataset) -> DataLoader:
+        """One item per batch; under DDP each rank takes every world_size-th item (results are gathered)."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ds = EvalDataset(ds.items[self.trainer.global_rank::self.trainer.world_size])
+        return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=lambda x: x)
+
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=None, shuffle=False, collate_fn=lambda x: x)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None
-        return DataLoader(self.test_set, batch_size=None, shuffle=False, collate_fn=lambda x: x)
+        return self._eval_loader(self.test_set)

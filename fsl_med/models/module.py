@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import zlib
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fsl_med.config import from_container, to_container
+from fsl_med.config import VARIANTS, from_container, to_container
 from fsl_med.data.datamodule import EvalItem
 from fsl_med.data.episodes import AugmentParams
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
@@ -23,6 +24,10 @@ from fsl_med.refine.cca import largest_mass_component
 from fsl_med.refine.ttt import TestTimeTrainer
 
 log = logging.getLogger(__name__)
+
+
+def _scan_key(scan_id: str) -> tuple[int, int, str]:
+    return (0, int(scan_id), scan_id) if scan_id.isdigit() else (1, 0, scan_id)
 
 
 def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegmenter:
@@ -123,7 +128,7 @@ class FewShotModule(L.LightningModule):
                                         AugmentParams(**{k: a[k] for k in a}))
         return self._ttt
 
-    def _eval_item(self, item: EvalItem, stage: str, index: int) -> None:
+    def _eval_item(self, item: EvalItem, stage: str) -> None:
         variants = self.variants[stage]
         t0 = time.perf_counter()
         key = (item.support_id, item.organ)
@@ -144,7 +149,7 @@ class FewShotModule(L.LightningModule):
                       disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
                 tpred, tprob = self._ttt_trainer().refine(
                     item.query_images, pred, prob, item.part, item.support_images, item.support_masks,
-                    np.random.default_rng([self.cfg.seed, index]), self.device, self.cfg.eval.batch_size, bar.update)
+                    np.random.default_rng([self.cfg.seed, zlib.crc32(f'{item.organ}/{item.query_id}'.encode())]), self.device, self.cfg.eval.batch_size, bar.update)
             dt = time.perf_counter() - t1
             self.ttt_stats[stage]["seconds"] += dt
             self.ttt_stats[stage]["slices"] += n
@@ -176,8 +181,28 @@ class FewShotModule(L.LightningModule):
                 "support_image": item.support_images[int(p)], "support_mask": item.support_masks[int(p)],
             })
 
+    def _gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank (a one-element list when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [obj]
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def _eval_end(self, stage: str) -> None:
-        results = self._results[stage]
+        # every rank scored a shard of the items: gather TP/FP/FN (and HD95, timings) before any ratio
+        gathered = self._gather({"results": self._results[stage], "ttt": self.ttt_stats[stage],
+                                 "samples": self.samples if stage == "test" else []})
+        results = sorted((r for g in gathered for r in g["results"]),
+                         key=lambda r: (r.organ, _scan_key(r.query_id), VARIANTS.index(r.variant)))
+        self.ttt_stats[stage] = {k: sum(g["ttt"][k] for g in gathered) for k in ("seconds", "slices")}
+        if stage == "test":  # overlays: the first query volume of each organ, as in a single process
+            samples = sorted((x for g in gathered for x in g["samples"]),
+                             key=lambda x: (x["organ"], _scan_key(x["query"]), x["z"]))
+            first = {}
+            for x in samples:
+                first.setdefault(x["organ"], x["query"])
+            self.samples = [x for x in samples if x["query"] == first[x["organ"]]]
         self.last_results[stage] = list(results)
         self._results[stage] = []
         if not results:
@@ -196,7 +221,7 @@ class FewShotModule(L.LightningModule):
         self._protos = {}
 
     def validation_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "val", batch_idx)
+        self._eval_item(item, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
@@ -208,7 +233,7 @@ class FewShotModule(L.LightningModule):
         self.ttt_stats["test"] = {"seconds": 0.0, "slices": 0}
 
     def test_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "test", batch_idx)
+        self._eval_item(item, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")

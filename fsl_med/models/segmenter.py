@@ -171,10 +171,10 @@ class FewShotSegmenter(nn.Module):
                 q = tile3(torch.as_tensor(query_images[start:start + batch_size], dtype=torch.float32, device=device))
                 qf = self.encode(q)
                 pt = part_t[start:start + batch_size]
-                low = torch.empty(q.shape[0], 2, qf.shape[-2], qf.shape[-1], device=device, dtype=qf.dtype)
+                low = torch.empty(q.shape[0], 2, qf.shape[-2], qf.shape[-1], device=device, dtype=torch.float32)
                 for p in torch.unique(pt).tolist():
                     sel = pt == p
-                    low[sel] = self.scores(qf[sel], protos[p])
+                    low[sel] = self.scores(qf[sel], protos[p]).float()  # float32 under bf16 autocast too
                 logits = self.upsample(low.float(), (h, w))
                 pred[start:start + q.shape[0]] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
                 prob[start:start + q.shape[0]] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
