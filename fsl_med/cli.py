@@ -83,6 +83,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from fsl_med.evaluate import evaluate
+    from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
+    from fsl_med.models.module import FewShotModule
+    from fsl_med.train import train
+
+    cfg = _required_config(args, "CONFIG [key=value ...]")
+    module = FewShotModule.from_config(cfg)
+    res = train(cfg, module=module)
+    results, path = evaluate(cfg, module=module, global_step=res.steps)
+    cols = {f"Dice % {VARIANT_TITLES.get(v, v)}": summ for v, summ in results["variants"].items()}
+    print(metric_table(cols, list(cfg.data.test_organs)))
+    print(path)
+    return 0
+
+
 def cmd_protocol(args: argparse.Namespace) -> int:
     from fsl_med.benchmark import run_protocol
 
@@ -195,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", cmd_train, "train on self-supervised episodes: train CONFIG [key=value ...]"),
         ("eval", cmd_eval, "EP1 evaluation: eval CONFIG ckpt=PATH|latest [key=value ...]"),
         ("demo", cmd_demo, "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]"),
+        ("run", cmd_run, "train, then evaluate the trained model (one W&B run; what sweeps call): "
+                         "run CONFIG [key=value ...]"),
         ("protocol", cmd_protocol, "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
                                    "with one report: protocol CONFIG [key=value ...]"),
     ):

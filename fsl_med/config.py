@@ -190,6 +190,8 @@ class LoggingConfig:
 
     logger: str = "csv"
     output_dir: str = "lightning_logs"
+    wandb_project: str = "fsl_med"
+    wandb_entity: str | None = None
 
 
 @dataclass

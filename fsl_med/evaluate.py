@@ -117,9 +117,26 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
                             ttt_seconds_per_slice=ttt_sps)
     path = run_dir / "results.json"
     if trainer.is_global_zero:  # results were gathered from every rank; one process writes them
-        write_figures(run_dir, variants, organs, module.samples)
+        figures = write_figures(run_dir, variants, organs, module.samples)
         path = write_results(run_dir, results, organs)
+        log_to_wandb(trainer.logger, variants, organs, figures, ttt_sps)
     return results, path
+
+
+def log_to_wandb(logger: Any, variants: dict[str, dict[str, Any]], organs: list[str], figures: list[Path],
+                 ttt_seconds_per_slice: float | None) -> None:
+    """With ``logging.logger=wandb``: the results table (variant x organ Dice and HD95), the figures and the
+    TTT cost, in the run that logged the metrics. Other loggers: nothing."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    rows = [[v, o, s["dice"].get(o), s["hd95"].get(o)] for v, s in variants.items() for o in organs]
+    rows += [[v, "mean", s["dice_mean"], s["hd95_mean"]] for v, s in variants.items()]
+    logger.log_table(key="results", columns=["variant", "organ", "dice", "hd95_mm"], data=rows)
+    logger.log_image(key="figures", images=[str(p) for p in figures], caption=[p.stem for p in figures])
+    if ttt_seconds_per_slice is not None:
+        logger.log_metrics({"test/ttt_seconds_per_slice": ttt_seconds_per_slice})
 
 
 def write_figures(run_dir: Path, variants: dict[str, dict[str, Any]], organs: list[str],

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from omegaconf import DictConfig
 
 from fsl_med import atomic
-from fsl_med.config import to_yaml
+from fsl_med.config import to_container, to_yaml
 from fsl_med.errors import ConfigError, FslMedError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,9 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
         log.warning("no W&B API key configured: logging offline to %s (sync later with 'wandb sync')", run_dir)
-    return WandbLogger(project="fsl_med", name=f"{name}-{version}", save_dir=str(run_dir), offline=offline)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=f"{name}-{version}",
+                       save_dir=str(run_dir), offline=offline, config=to_container(cfg))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callbacks: list[Callback] | None = None,

@@ -26,6 +26,17 @@ from fsl_med.refine.ttt import TestTimeTrainer
 log = logging.getLogger(__name__)
 
 
+def dice_metric_name(stage: str, variant: str, first: bool) -> str:
+    """Name of a logged mean Dice: ``<stage>/dice`` for the first variant, ``<stage>/dice_<variant>`` otherwise."""
+    return f"{stage}/dice" if first else f"{stage}/dice_{variant}"
+
+
+def logged_dice_metrics(cfg: DictConfig) -> set[str]:
+    """The mean-Dice metric names a run of ``cfg`` logs (``fsl-med run``: validation, then test)."""
+    variants = list(cfg.eval.variants)
+    return {"val/dice"} | {dice_metric_name("test", v, j == 0) for j, v in enumerate(variants)}
+
+
 def _scan_key(scan_id: str) -> tuple[int, int, str]:
     return (0, int(scan_id), scan_id) if scan_id.isdigit() else (1, 0, scan_id)
 
@@ -211,9 +222,9 @@ class FewShotModule(L.LightningModule):
         metrics: dict[str, float] = {}
         for j, v in enumerate(self.variants[stage]):
             summary = summarize(results, organs, variant=v)
-            suffix = "" if j == 0 else f"_{v}"
-            metrics[f"{stage}/dice{suffix}"] = summary["dice_mean"]
-            metrics.update({f"{stage}/dice{suffix}_{o}": d for o, d in summary["dice"].items()})
+            key = dice_metric_name(stage, v, first=j == 0)
+            metrics[key] = summary["dice_mean"]
+            metrics.update({f"{key}_{o}": d for o, d in summary["dice"].items()})
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
