@@ -56,3 +56,22 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     assert _strip(one["volumes"]) == _strip(two["volumes"]) and len(one["volumes"]) == 16
     assert sorted(p.name for p in (tmp_path / "runs" / "two-eval" / "version_0" / "overlays").iterdir()) == \
         sorted(p.name for p in (tmp_path / "runs" / "one-eval" / "version_0" / "overlays").iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_processes_share_one_run_folder(tmp_path):
+    """Under torchrun every process starts at once: rank 0 creates the run folder, the others find it."""
+    root = generate_phantom(tmp_path / "ph", n_scans=6, size=64, depth=10, seed=0)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK"))}
+    p = subprocess.run([str(torchrun), "--nproc-per-node=2", "-m", "fsl_med", "train",
+                        str(REPO / "experiments" / "demo.yaml"), f"data.root={root}", "data.image_size=64",
+                        "data.num_workers=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                        f"logging.output_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false",
+                        f"data.cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "trainer.strategy=ddp", "name=tr"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={**env, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(d.name for d in (tmp_path / "runs" / "tr").iterdir() if d.is_dir())
+    assert runs == ["version_0"]
+    assert json.loads((tmp_path / "runs" / "tr" / "version_0" / "train_summary.json").read_text())["steps"] == 4
