@@ -18,7 +18,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-fast demo sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-fast demo bench sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help:
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -64,6 +64,9 @@ eval-ct: $(STAMP) ## evaluate CKPT (default: latest ct run) on SABS fold queries
 sweep-mri sweep-ct: $(STAMP) ## W&B sweep from experiments/sweeps/{mri,ct}.yaml: create it and start an agent (needs `wandb login`)
 	$(VENV)/bin/wandb sweep experiments/sweeps/$(@:sweep-%=%).yaml 2>&1 | tee .$@.log
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $$(sed -n 's/.*wandb agent \([^ ]*\).*/\1/p' .$@.log | tail -1)
+
+bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
+	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check fsl_med tests

@@ -109,6 +109,23 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fsl_med.bench import PARTS, run_bench
+
+    parts = tuple(args.parts.split(",")) if args.parts else PARTS
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"--parts: unknown part(s) {bad}; valid: {', '.join(PARTS)}")
+    data = args.data or os.environ.get("FSL_MED_DATA_MRI") or "../shared/data/CHAOST2/chaos_MR_T2_normalized"
+    if not Path(data).is_dir():
+        raise DataError(f"--data {data}: folder not found (a prepared CHAOS-T2 folder; set DATA= or FSL_MED_DATA_MRI)")
+    md = run_bench(data, args.out, parts, encoder=args.encoder, steps=args.steps, workers=args.workers,
+                   tiny_steps=args.tiny_steps)
+    print(md.read_text(encoding="utf-8"))
+    print(md)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fsl_med.demo import run_demo
 
@@ -272,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8, help="query slices per encoder call")
     sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     sp.set_defaults(func=cmd_segment)
+    sp = sub.add_parser("bench", help="speed/memory/FLOP-bound benchmark; writes BENCHMARKS.md and benchmarks.json")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
+    sp.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
+    sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,ttt,ttt_dice")
+    sp.add_argument("--encoder", default="dinov2_vits14")
+    sp.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up steps)")
+    sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
+    sp.add_argument("--tiny-steps", type=int, default=300, help="training steps of the tiny model of ttt_dice")
+    sp.set_defaults(func=cmd_bench)
     sp = sub.add_parser("encoders", help="list registered encoders")
     sp.set_defaults(func=cmd_encoders)
     return p

@@ -1,0 +1,383 @@
+"""``fsl-med bench`` (``make bench``): speed, memory and FLOP-bound fraction on the machine it runs on.
+
+Each measurement runs in its own process (so its peak resident memory is its own) and prints one JSON
+line; the parent collects them and writes ``BENCHMARKS.md`` and ``benchmarks.json``. Medians over
+repeated runs after warm-up. The FLOP bound is model FLOPs (``torch.utils.flop_counter``, attention
+included) divided by a float32 matmul throughput measured in the same run.
+
+Parts (ViT-S/14 random init unless stated, 256 px, batch 1, real CHAOS data when available):
+
+* ``matmul``: float32 GEMM GFLOP/s (2048³), the machine's reference throughput.
+* ``train_full`` / ``train_lora``: seconds per training step through Lightning (compute only, and wall time
+  including data), GFLOP per step, episode preparation time.
+* ``eval``: seconds per query slice and per query volume of EP1 evaluation with CCA (support encoded once
+  per scan and organ, query slices batched, ``inference_mode``).
+* ``ttt``: seconds per slice of the paper's TTT (100 steps, per slice) and of the fast mode (per volume).
+* ``ttt_dice``: Dice of per-slice TTT vs the fast mode from one briefly trained tiny-ViT checkpoint, with
+  their seconds per slice (the paper-size comparison would take hours on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fsl_med import __version__, atomic
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("matmul", "train_full", "train_lora", "eval", "ttt", "ttt_dice")
+REFERENCE = {  # method.md §10: the reference code on a 2-core CPU, ViT-S/14, 256 px
+    "train_full": 0.57, "train_full_as_shipped": 0.96, "eval_slice": 0.16, "ttt_slice": 51.0,
+    "peak_train_mb": 2000.0, "peak_eval_mb": 1400.0,
+}
+TARGETS = {"train_full": 0.45, "eval_slice": 0.08}
+FAST_TTT = ["ttt.mode=volume", "ttt.steps=100"]
+"""The fast TTT mode measured against the paper's per-slice TTT: one 100-step adaptation per query volume."""
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_matmul(_: argparse.Namespace) -> dict[str, Any]:
+    """float32 GEMM throughput (GFLOP/s) on the current device."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 2048
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+
+    def run() -> None:
+        (a @ b).sum().item()
+
+    t = _median_time(run, 10)
+    return {"gflops": 2 * n**3 / t / 1e9, "device": dev}
+
+
+def _config(args: argparse.Namespace, extra: list[str]) -> Any:
+    from fsl_med.config import load_config
+
+    return load_config(REPO / "experiments" / "mri.yaml", [
+        f"data.root={args.data}", f"model.encoder.name={args.encoder}", "model.encoder.weights=none",
+        f"data.cache_dir={args.cache_dir}", f"logging.output_dir={args.work}", "logging.logger=none",
+        "trainer.enable_progress_bar=false", f"trainer.precision={args.precision}", *extra])
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
+    """Seconds per training step through the real Lightning loop, and GFLOP per step."""
+    from lightning.pytorch.callbacks import Callback
+
+    from fsl_med.data.datamodule import FewShotDataModule
+    from fsl_med.models.module import FewShotModule
+    from fsl_med.runs import make_trainer, new_run_dir
+    from fsl_med.train import StepTimer
+
+    warm, n = 3, args.steps
+    cfg = _config(args, [f"model.encoder.finetune={finetune}", f"trainer.max_steps={warm + n}",
+                         "data.num_val_scans=0", f"data.num_workers={args.workers}"])
+    dm = FewShotDataModule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = FewShotModule.from_config(cfg)
+    batch = next(iter(dm.train_dataloader()))
+    t0 = time.perf_counter()
+    for i in range(20):
+        dm.train_set[i]
+    data_s = (time.perf_counter() - t0) / 20
+
+    def step() -> None:
+        loss, _, _ = module.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
+                                               batch["query_label"], module.ce_weights, cfg.loss.align_weight)
+        loss.backward()
+
+    flops = _flops(step)
+    module.zero_grad(set_to_none=True)
+
+    class Wall(Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_end(self, *a: Any) -> None:
+            self.t.append(time.perf_counter())
+
+    timer, wall = StepTimer(), Wall()
+    trainer = make_trainer(cfg, new_run_dir(args.work, f"bench-{finetune}"), with_val=False,
+                           extra_callbacks=[timer, wall], progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    compute = statistics.median(timer.times[warm:])
+    walls = statistics.median(np.diff(wall.t[warm - 1:]).tolist())
+    return {"seconds_per_step": compute, "wall_seconds_per_step": walls, "gflop_per_step": flops / 1e9,
+            "data_seconds_per_episode": data_s, "workers": args.workers, "steps": n}
+
+
+def _eval_items(args: argparse.Namespace, extra: list[str]):
+    from fsl_med.data.datamodule import FewShotDataModule
+
+    cfg = _config(args, extra)
+    dm = FewShotDataModule(cfg)
+    dm.setup("test")
+    items = [it for it in dm.test_set.items if it.query_id == dm.test_set.items[0].query_id]
+    return cfg, items
+
+
+def part_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """EP1 evaluation + CCA of one query scan, all four organs: seconds per slice and per volume."""
+    from fsl_med.models.module import FewShotModule
+    from fsl_med.refine.cca import largest_mass_component
+
+    cfg, items = _eval_items(args, [])
+    module = FewShotModule.from_config(cfg).eval()
+    seg = module.model
+    x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+    with torch.inference_mode():
+        flops = _flops(lambda: seg.encode(x))
+
+    def run() -> None:
+        for it in items:
+            protos = seg.support_prototypes(it.support_images, it.support_masks)
+            pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size)
+            largest_mass_component(pred, prob, cfg.eval.cca_mode)
+
+    t = _median_time(run, 3, warmup=1)
+    slices = sum(len(it.z) for it in items)
+    return {"seconds_per_slice": t / slices, "seconds_per_volume": t / len(items), "slices": slices,
+            "volumes": len(items), "gflop_per_slice": flops / 1e9, "batch_size": cfg.eval.batch_size}
+
+
+def _ttt_trainer(cfg: Any, module: Any, overrides: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    from fsl_med.data.episodes import AugmentParams
+    from fsl_med.refine.ttt import TestTimeTrainer
+
+    tcfg = OmegaConf.merge(cfg.ttt, OmegaConf.from_dotlist([o.removeprefix("ttt.") for o in overrides]))
+    a = cfg.data.augment
+    return TestTimeTrainer(module.model, tcfg, module.ce_weights, cfg.loss.align_weight,
+                           AugmentParams(**{k: a[k] for k in a}))
+
+
+PAPER_TTT = ["ttt.steps=100", "ttt.mode=slice"]
+
+
+def part_ttt(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per slice of per-slice TTT (100 steps) on one slice, and of the fast mode on a whole volume."""
+    from fsl_med.models.module import FewShotModule
+
+    cfg, items = _eval_items(args, [])
+    it = items[0]
+    module = FewShotModule.from_config(cfg).eval()
+    seg = module.model
+    protos = seg.support_prototypes(it.support_images, it.support_masks)
+    pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size)
+    out: dict[str, Any] = {}
+    mid = np.array([len(it.z) // 2])
+    for label, overrides, idx in (("paper", PAPER_TTT, mid), ("fast", FAST_TTT, np.arange(len(it.z)))):
+        fg = pred[idx].copy()
+        fg[:, 100:140, 100:140] = 1  # make sure every slice is adapted (empty predictions are skipped)
+        t0 = time.perf_counter()
+        _ttt_trainer(cfg, module, overrides).refine(it.query_images[idx], fg, prob[idx], it.part[idx],
+                                                   it.support_images, it.support_masks, np.random.default_rng(0),
+                                                   "cpu", cfg.eval.batch_size)
+        out[f"{label}_seconds_per_slice"] = (time.perf_counter() - t0) / len(idx)
+    out["fast_mode"] = " ".join(FAST_TTT)
+    out["slices_fast"] = len(it.z)
+    return out
+
+
+def part_ttt_dice(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-slice (paper) vs fast TTT Dice from one briefly trained tiny-ViT checkpoint, on the first query scan
+    of fold 0 (liver and right kidney; 3D Dice per volume, mean over the two organs)."""
+    from fsl_med.evaluation.metrics import confusion_counts
+    from fsl_med.models.module import FewShotModule
+    from fsl_med.train import train
+
+    base = ["model.encoder.name=vit_tiny_patch14", "model.encoder.finetune=full", "optim.name=adamw",
+            "optim.lr=0.001", "optim.weight_decay=0.0001", "optim.warmup_steps=20",
+            f"trainer.max_steps={args.tiny_steps}", "trainer.val_check_interval=100000", "data.num_val_scans=0",
+            "data.num_workers=0", "data.test_organs=[liver,right_kidney]"]
+    cfg = _config(args, base)
+    module = FewShotModule.from_config(cfg)
+    train(cfg, module=module)
+    _, items = _eval_items(args, base)
+    seg = module.model.eval()
+    plain, base_preds = [], []
+    for it in items:
+        protos = seg.support_prototypes(it.support_images, it.support_masks)
+        pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size)
+        base_preds.append((pred, prob))
+        plain.append(confusion_counts(pred, it.query_labels).dice)
+    out: dict[str, Any] = {"tiny_steps": args.tiny_steps, "organs": [it.organ for it in items],
+                           "query": items[0].query_id, "plain_dice": 100 * float(np.mean(plain))}
+    for label, overrides in (("paper", PAPER_TTT), ("fast", FAST_TTT)):
+        ttt = _ttt_trainer(cfg, module, overrides)
+        dice, secs, n = [], 0.0, 0
+        for i, (it, (pred, prob)) in enumerate(zip(items, base_preds, strict=True)):
+            t0 = time.perf_counter()
+            tp, _ = ttt.refine(it.query_images, pred, prob, it.part, it.support_images, it.support_masks,
+                               np.random.default_rng([cfg.seed, i]), "cpu", cfg.eval.batch_size)
+            secs += time.perf_counter() - t0
+            n += len(it.z)
+            dice.append(confusion_counts(tp, it.query_labels).dice)
+        out[f"{label}_dice"] = 100 * float(np.mean(dice))
+        out[f"{label}_seconds_per_slice"] = secs / max(n, 1)
+    return out
+
+
+def run_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one part in this process; returns its figures with the peak resident memory (MB)."""
+    torch.manual_seed(0)
+    fn = {"matmul": part_matmul, "train_full": lambda a: part_train(a, "full"),
+          "train_lora": lambda a: part_train(a, "lora"), "eval": part_eval, "ttt": part_ttt,
+          "ttt_dice": part_ttt_dice}[args.part]
+    res = fn(args)
+    res["peak_rss_mb"] = _peak_mb()
+    return res
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "fsl_med": __version__}
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def write_report(res: dict[str, Any], out_dir: Path) -> Path:
+    """``BENCHMARKS.md`` and ``benchmarks.json`` in ``out_dir``; returns the Markdown path."""
+    g = res["parts"]["matmul"]["gflops"]
+
+    def frac(gflop: float | None, secs: float | None) -> str:
+        return "–" if not gflop or not secs else f"{100 * gflop / secs / g:.0f} %"
+
+    tf, tl, ev, tt, td = (res["parts"].get(k, {}) for k in ("train_full", "train_lora", "eval", "ttt", "ttt_dice"))
+    m = res["machine"]
+    rows = [
+        ("training step, full fine-tuning (s)", tf.get("seconds_per_step"), REFERENCE["train_full"],
+         TARGETS["train_full"], frac(tf.get("gflop_per_step"), tf.get("seconds_per_step")), tf.get("peak_rss_mb")),
+        ("  wall time per step incl. data (s)", tf.get("wall_seconds_per_step"), REFERENCE["train_full_as_shipped"],
+         None, frac(tf.get("gflop_per_step"), tf.get("wall_seconds_per_step")), None),
+        ("training step, LoRA r=4 (s)", tl.get("seconds_per_step"), None, None,
+         frac(tl.get("gflop_per_step"), tl.get("seconds_per_step")), tl.get("peak_rss_mb")),
+        ("evaluation, per query slice incl. CCA (s)", ev.get("seconds_per_slice"), REFERENCE["eval_slice"],
+         TARGETS["eval_slice"], frac(ev.get("gflop_per_slice"), ev.get("seconds_per_slice")), ev.get("peak_rss_mb")),
+        ("evaluation, per query volume and organ (s)", ev.get("seconds_per_volume"), None, None, "–", None),
+        ("TTT, paper (100 steps per slice), per slice (s)", tt.get("paper_seconds_per_slice"), REFERENCE["ttt_slice"],
+         None, "–", tt.get("peak_rss_mb")),
+        (f"TTT, fast ({' '.join(FAST_TTT)}), per slice (s)", tt.get("fast_seconds_per_slice"), None,
+         (tt.get("paper_seconds_per_slice") or 0) / 5 or None, "–", None),
+    ]
+    lines = [
+        "# Benchmarks", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{'GPU ' + m['cuda'] if m['cuda'] else 'no GPU'}; torch {m['torch']}, Python {m['python']}, fsl_med {m['fsl_med']}. "
+        f"Measured float32 matmul: {g:.1f} GFLOP/s. Written by `make bench` on {res['date']}.", "",
+        f"Encoder `{res['encoder']}` (random init), 256 px, batch 1, data `{res['data']}`. Medians after warm-up; "
+        "FLOP-bound fraction = model FLOPs / time / measured matmul throughput.", "",
+        "| measurement | fsl_med | reference | target | of FLOP bound | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v, ref, tgt, fr, mem in rows:
+        lines.append(f"| {name} | {_fmt(v)} | {_fmt(ref, 2)} | {_fmt(tgt, 2)} | {fr} | {_fmt(mem, 0)} |")
+    lines += ["",
+              f"GFLOP per training step {_fmt(tf.get('gflop_per_step'), 1)} (reference count 95.1); per query slice "
+              f"{_fmt(ev.get('gflop_per_slice'), 1)}. Episode preparation {_fmt(tf.get('data_seconds_per_episode'))} s "
+              f"({tf.get('workers')} data worker(s), overlapped with compute). Reference peak memory: training/TTT "
+              f"{REFERENCE['peak_train_mb']:.0f} MB, evaluation {REFERENCE['peak_eval_mb']:.0f} MB."]
+    if td:
+        lines += ["", f"TTT Dice, tiny ViT trained {td['tiny_steps']} steps, fold-0 query scan {td['query']}, organs "
+                  f"{', '.join(td['organs'])}: plain {td['plain_dice']:.2f}, paper TTT {td['paper_dice']:.2f} "
+                  f"({td['paper_seconds_per_slice']:.3f} s/slice), fast TTT {td['fast_dice']:.2f} "
+                  f"({td['fast_seconds_per_slice']:.3f} s/slice): difference {abs(td['paper_dice'] - td['fast_dice']):.2f} "
+                  f"points, {td['paper_seconds_per_slice'] / td['fast_seconds_per_slice']:.1f}x faster."]
+    atomic.write_json(out_dir / "benchmarks.json", res)
+    return atomic.write_text(out_dir / "BENCHMARKS.md", "\n".join(lines) + "\n")
+
+
+def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PARTS, encoder: str = "dinov2_vits14",
+              steps: int = 10, workers: int = 1, tiny_steps: int = 300, cache_dir: str | None = None) -> Path:
+    """Run every part in a fresh process and write the report; returns the path of ``BENCHMARKS.md``."""
+    from fsl_med.errors import FslMedError
+
+    out = Path(out_dir)
+    cache = cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": encoder, "data": str(data),
+                           "machine": _machine(), "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
+        for part in parts:
+            cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
+                   "--steps", str(steps), "--workers", str(workers), "--tiny-steps", str(tiny_steps),
+                   "--cache-dir", cache, "--work", work]
+            print(f"bench: {part} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                raise FslMedError(f"bench part '{part}' failed: {tail}")
+            res["parts"][part] = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"bench: {part} done in {time.perf_counter() - t0:.0f} s: {res['parts'][part]}", file=sys.stderr)
+    return write_report(res, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: ``python -m fsl_med.bench PART ...`` prints the part's JSON."""
+    p = argparse.ArgumentParser(prog="fsl_med.bench")
+    p.add_argument("part", choices=PARTS)
+    p.add_argument("--data", required=True)
+    p.add_argument("--encoder", default="dinov2_vits14")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tiny-steps", type=int, default=300)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--cache-dir", default=".cache/fsl_med")
+    p.add_argument("--work", required=True)
+    args = p.parse_args(argv)
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    print(json.dumps(run_part(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
