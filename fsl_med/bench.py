@@ -85,6 +85,15 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Any:
         "trainer.enable_progress_bar=false", f"trainer.precision={args.precision}", *extra])
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _autocast(args: argparse.Namespace) -> Any:
+    """bf16 autocast for ``--precision bf16-mixed`` (CUDA runs), else a no-op context."""
+    return torch.autocast(_device(), dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
+
+
 def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -156,17 +165,19 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     from fsl_med.refine.cca import largest_mass_component
 
     cfg, items = _eval_items(args, [])
-    module = FewShotModule.from_config(cfg).eval()
+    dev = _device()
+    module = FewShotModule.from_config(cfg).eval().to(dev)
     seg = module.model
-    x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+    x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=dev)
     with torch.inference_mode():
         flops = _flops(lambda: seg.encode(x))
 
     def run() -> None:
-        for it in items:
-            protos = seg.support_prototypes(it.support_images, it.support_masks)
-            pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size)
-            largest_mass_component(pred, prob, cfg.eval.cca_mode)
+        with _autocast(args):
+            for it in items:
+                protos = seg.support_prototypes(it.support_images, it.support_masks, dev)
+                pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size, dev)
+                largest_mass_component(pred, prob, cfg.eval.cca_mode)
 
     t = _median_time(run, 3, warmup=1)
     slices = sum(len(it.z) for it in items)
@@ -306,6 +317,13 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         (f"TTT, fast ({' '.join(FAST_TTT)}), per slice (s)", tt.get("fast_seconds_per_slice"), None,
          (tt.get("paper_seconds_per_slice") or 0) / 5 or None, "–", None),
     ]
+    for key, title in (("train_full_bf16", "training step, full, bf16 autocast (s)"),
+                       ("train_lora_bf16", "training step, LoRA, bf16 autocast (s)"),
+                       ("eval_bf16", "evaluation per query slice, bf16 autocast (s)")):
+        part = res["parts"].get(key)
+        if part:
+            v = part.get("seconds_per_step", part.get("seconds_per_slice"))
+            rows.append((title, v, None, None, "–", part.get("peak_rss_mb")))
     lines = [
         "# Benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
@@ -342,18 +360,21 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": encoder, "data": str(data),
                            "machine": _machine(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
-        for part in parts:
+        runs = [(p, p, "32-true") for p in parts]
+        if torch.cuda.is_available():  # the same in bf16 autocast on a GPU
+            runs += [(f"{p}_bf16", p, "bf16-mixed") for p in parts if p in ("train_full", "train_lora", "eval")]
+        for label, part, precision in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
                    "--steps", str(steps), "--workers", str(workers), "--tiny-steps", str(tiny_steps),
-                   "--cache-dir", cache, "--work", work]
-            print(f"bench: {part} ...", file=sys.stderr, flush=True)
+                   "--cache-dir", cache, "--work", work, "--precision", precision]
+            print(f"bench: {label} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                raise FslMedError(f"bench part '{part}' failed: {tail}")
-            res["parts"][part] = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"bench: {part} done in {time.perf_counter() - t0:.0f} s: {res['parts'][part]}", file=sys.stderr)
+                raise FslMedError(f"bench part '{label}' failed: {tail}")
+            res["parts"][label] = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"bench: {label} done in {time.perf_counter() - t0:.0f} s: {res['parts'][label]}", file=sys.stderr)
     return write_report(res, out)
 
 

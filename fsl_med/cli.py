@@ -72,6 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fsl_med.evaluate import evaluate
     from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
 
+    if args.skip_bad:
+        args.rest = [*args.rest, "eval.skip_bad=true"]
     cfg = _required_config(args, "CONFIG ckpt=PATH [key=value ...]")
     results, path = evaluate(cfg)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {cfg.data.fold})": summ
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
+        if name == "eval":
+            sp.add_argument("--skip-bad", action="store_true",
+                            help="skip (and list in the report) query volumes that cannot be read, instead of failing")
         sp.set_defaults(func=fn)
     sp = sub.add_parser("phantom", help="generate a phantom dataset: prepared layout or an official raw format")
     sp.add_argument("--out", required=True)

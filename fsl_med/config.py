@@ -159,6 +159,7 @@ class EvalConfig:
     cca_mode: str = "2d"
     hd95: bool = True
     overlay_slices: int = 3
+    skip_bad: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from fsl_med import __version__
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.errors import WeightsError
+from fsl_med.errors import DataError, WeightsError
 from fsl_med.evaluation.figures import dice_bar_chart, overlay_figure
 from fsl_med.evaluation.metrics import summarize
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_results, write_results
@@ -85,6 +85,9 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
             global_step = 0
     dm = FewShotDataModule(cfg)
     dm.setup("test")
+    if not dm.test_set.items:
+        reasons = "; ".join(f"scan {q}/{o}: {r}" for q, o, r in dm.skipped["test"])
+        raise DataError(f"no query volume could be scored ({reasons or 'no query scans'})")
     run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
     if is_rank_zero():
         save_config(cfg, run_dir)

@@ -123,7 +123,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.train_set: EpisodeDataset | None = None
         self.val_set: EvalDataset | None = None
         self.test_set: EvalDataset | None = None
-        self.skipped: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+        self.skipped: dict[str, list[tuple[str, str, str]]] = {"val": [], "test": []}  # (scan, organ, reason)
         self._cache: dict[str, Volume] = {}
         self._sp_cache: dict[str, np.ndarray] = {}
 
@@ -196,13 +196,23 @@ class FewShotDataModule(L.LightningDataModule):
     def _build_eval(self, query_ids: list[str]) -> tuple[EvalDataset, list[tuple[str, str]]]:
         assert self.split is not None and self.normalize is not None
         e = self.cfg.eval
+        queries, bad = [], []
+        for q in query_ids:
+            try:
+                queries.append(self._volume(q))
+            except DataError as err:
+                if not e.skip_bad:
+                    raise DataError(f"query scan {q}: {err} (eval.skip_bad=true / --skip-bad skips it and lists it "
+                                    "in the report)") from err
+                log.warning("query scan %s skipped: %s", q, err)
+                bad.append((q, "*", f"unreadable: {err}"))
         items, skipped = build_eval_items(
-            self._volume(self.split.support), [self._volume(q) for q in query_ids], list(self.cfg.data.test_organs),
+            self._volume(self.split.support), queries, list(self.cfg.data.test_organs),
             self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices,
         )
         for q, organ in skipped:
             log.warning("organ '%s' absent from query scan %s: skipped (listed in the report)", organ, q)
-        return EvalDataset(items), skipped
+        return EvalDataset(items), [(q, o, "organ absent from the query scan") for q, o in skipped] + bad
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -211,6 +221,8 @@ class FewShotDataModule(L.LightningDataModule):
         It builds no datasets (other ranks do not see its work, only the on-disk cache); the volumes and
         pseudolabels it reads are memoised so that ``setup`` in the same process does not read them again.
         """
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return  # evaluation needs no pseudolabels (and must not read the training scans)
         ids = discover_scans(self.root)
         split = fold_split(self.info, ids, self.cfg.data.fold)
         for sid in split.train:

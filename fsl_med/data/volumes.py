@@ -68,6 +68,13 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt gzip file ({e.__class__.__name__})") from e
     except nib.filebasedimages.ImageFileError as e:
+        if str(path).endswith(".gz"):  # a cut-off gzip stream can look like a bad header: say which it is
+            try:
+                with gzip.open(path, "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as ge:
+                raise DataError(f"{path}: truncated or corrupt gzip file ({ge.__class__.__name__})") from e
         raise DataError(f"{path}: not a NIfTI file") from e
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e

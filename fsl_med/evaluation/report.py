@@ -60,7 +60,7 @@ def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: 
     return "\n".join(lines)
 
 
-def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped: list[tuple[str, str]],
+def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped: list[tuple[str, str, str]],
                   meta: dict[str, Any], variants: dict[str, dict[str, Any]] | None = None,
                   ttt_seconds_per_slice: float | None = None) -> dict[str, Any]:
     """The ``results.json`` document: the headline summary (first variant), every variant's summary,
@@ -75,7 +75,7 @@ def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped:
              "fn": v.counts.fn, "slices": v.n_slices, "seconds": v.seconds}
             for v in volumes
         ],
-        "skipped": [{"query": q, "organ": o, "reason": "organ absent from the query scan"} for q, o in skipped],
+        "skipped": [{"query": q, "organ": o, "reason": reason} for q, o, reason in skipped],
         **meta,
     }
 
@@ -128,7 +128,7 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
         md.append(f"TTT seconds per slice: {results['ttt_seconds_per_slice']:.3f}")
     if results["skipped"]:
         md.append("")
-        md.append("Skipped (organ absent from the query scan): "
-                  + ", ".join(f"{s['query']}/{s['organ']}" for s in results["skipped"]))
+        md.append("Skipped, never scored: " + "; ".join(f"scan {s['query']} / {s['organ']}: {s['reason']}"
+                                                       for s in results["skipped"]))
     atomic.write_text(run_dir / "results.md", "\n".join(md) + "\n")
     return atomic.write_json(run_dir / "results.json", results)
