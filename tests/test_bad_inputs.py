@@ -109,6 +109,12 @@ def _four_d(d: Path, sid: str) -> str:
     return f"image_{sid}.nii.gz: expected a 3D volume, got 4D"
 
 
+def _two_d(d: Path, sid: str) -> str:
+    img = nib.load(str(d / f"image_{sid}.nii.gz"))
+    write_nifti(d / f"image_{sid}.nii.gz", np.asarray(img.dataobj)[:, :, 0], img.affine)
+    return f"image_{sid}.nii.gz: expected a 3D volume, got 2D"
+
+
 def _support_without_organ(d: Path, sid: str) -> str:
     lab, aff = _label(d, "2")  # fold 0 of 6 scans: support scan 2
     lab[lab == 4] = 0
@@ -117,7 +123,7 @@ def _support_without_organ(d: Path, sid: str) -> str:
 
 
 DATA_CASES = [_missing, _empty, _unknown_layout, _truncated, _not_gzip, _not_nifti, _shape_mismatch,
-              _label_outside_map, _non_integer_label, _nan_image, _four_d, _support_without_organ]
+              _label_outside_map, _non_integer_label, _nan_image, _four_d, _two_d, _support_without_organ]
 
 CONFIG_CASES = [
     (["nosuch.key=1"], "override 'nosuch.key=1': unknown config key 'nosuch'"),
@@ -281,3 +287,18 @@ def test_prepare_killed_midway_then_rerun_completes(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["scans"]) == 6
     assert not list(out.glob(".*tmp*"))  # temporaries of the killed run are gone
+
+
+def test_organ_absent_from_a_query_scan_is_skipped_and_listed(phantom, tiny_ckpt, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    lab, aff = _label(data, "1")  # fold 0 query scan 1 loses its spleen
+    lab[lab == 4] = 0
+    write_nifti(data / "label_1.nii.gz", lab, aff)
+    assert main(["eval", *_common(data, tmp_path / "runs", tmp_path / "cache"), f"ckpt={tiny_ckpt}"]) == 0
+    res = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert res["skipped"] == [{"query": "1", "organ": "spleen", "reason": "organ absent from the query scan"}]
+    assert "spleen" not in res["dice"] and "spleen" in res["organs_without_volumes"]  # never scored as 0 or 1
+    assert all(v["organ"] != "spleen" for v in res["volumes"])
