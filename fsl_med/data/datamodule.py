@@ -234,6 +234,8 @@ class FewShotDataModule(L.LightningDataModule):
         assert self.split is not None
         if stage in ("fit", None) and self.train_set is None:
             self.train_set = self._build_train()
+            for sid in self.train_ids:  # the episode dataset holds what it needs (normalised slices, pseudolabels)
+                self._cache.pop(sid, None)
         if stage in ("fit", "validate", None) and self.val_set is None and self.val_ids:
             self.val_set, self.skipped["val"] = self._build_eval(self.val_ids)
         if stage in ("test", None) and self.test_set is None:
