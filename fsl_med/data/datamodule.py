@@ -79,24 +79,29 @@ def build_eval_items(support: Volume, queries: list[Volume], organs: list[str], 
     items: list[EvalItem] = []
     skipped: list[tuple[str, str]] = []
     sup_norm = normalize(support.image)
-    q_norm = {q.scan_id: normalize(q.image) for q in queries}
+    supports = {}
     for organ in organs:
         lid = info.labels[organ]
         organ_slices = support.slices_with(lid)
         if organ_slices.size == 0:
             raise DataError(f"support scan {support.path}: organ '{organ}' (label {lid}) is absent")
         sz = support_slice_indices(organ_slices, npart)
-        s_imgs = sup_norm[sz]
-        s_masks = (support.label[sz] == lid).astype(np.uint8)
-        for q in queries:
+        supports[organ] = (lid, sz, sup_norm[sz], (support.label[sz] == lid).astype(np.uint8))
+    # query-major order: the organs of one query scan follow each other, so its slice features are shared
+    for q in queries:
+        q_norm = normalize(q.image)
+        for organ in organs:
+            lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
             plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices)
             if plan.z.size == 0:
                 skipped.append((q.scan_id, organ))
                 continue
+            contiguous = bool(np.all(np.diff(plan.z) == 1))  # then a view: the organs share the scan's slices
+            q_imgs = q_norm[plan.z[0]:plan.z[-1] + 1] if contiguous else q_norm[plan.z]
             items.append(EvalItem(
                 organ=organ, label_id=lid, query_id=q.scan_id, support_id=support.scan_id,
-                query_images=q_norm[q.scan_id][plan.z], query_labels=(q.label[plan.z] == lid).astype(np.uint8),
+                query_images=q_imgs, query_labels=(q.label[plan.z] == lid).astype(np.uint8),
                 z=plan.z, part=plan.part, support_images=s_imgs, support_masks=s_masks, support_z=sz,
                 spacing=q.spacing,
             ))
@@ -257,9 +262,17 @@ class FewShotDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, ds: EvalDataset) -> DataLoader:
-        """One item per batch; under DDP each rank takes every world_size-th item (results are gathered)."""
+        """One item per batch; under DDP each rank takes every world_size-th query scan with all its organs
+        (so the scan's slice features are shared on that rank), or every world_size-th item when there are
+        fewer query scans than ranks; results are gathered."""
         if self.trainer is not None and self.trainer.world_size > 1:
-            ds = EvalDataset(ds.items[self.trainer.global_rank::self.trainer.world_size])
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            scans = list(dict.fromkeys(it.query_id for it in ds.items))
+            if len(scans) >= world:
+                mine = set(scans[rank::world])
+                ds = EvalDataset([it for it in ds.items if it.query_id in mine])
+            else:
+                ds = EvalDataset(ds.items[rank::world])
         return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=lambda x: x)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -19,7 +19,7 @@ from fsl_med.data.datamodule import EvalItem
 from fsl_med.data.episodes import AugmentParams
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
-from fsl_med.models.segmenter import FewShotSegmenter
+from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
 from fsl_med.refine.cca import largest_mass_component
 from fsl_med.refine.ttt import TestTimeTrainer
 
@@ -78,6 +78,7 @@ class FewShotModule(L.LightningModule):
         self._results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self.last_results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self._protos: dict[tuple[str, str], list] = {}  # (support scan, organ) -> prototypes per part
+        self._qcache: QueryFeatureCache | None = None  # query-slice features of the current query scan
         # evaluation variants: validation (checkpoint selection) is plain; test runs eval.variants
         self.variants: dict[str, list[str]] = {"val": ["plain"], "test": list(self.cfg.eval.variants)}
         self.ttt_stats: dict[str, dict[str, float]] = {s: {"seconds": 0.0, "slices": 0} for s in ("val", "test")}
@@ -104,10 +105,12 @@ class FewShotModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: model.encoder.finetune=frozen without an adapter")
+        # fused kernels (one pass over each parameter; 2x faster than foreach on a 2-core CPU, same update)
+        fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
         if o.name == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
         else:
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
         warm, step, gamma = o.warmup_steps, o.lr_step, o.lr_gamma
 
         def factor(i: int) -> float:
@@ -145,8 +148,12 @@ class FewShotModule(L.LightningModule):
         key = (item.support_id, item.organ)
         if key not in self._protos:  # support encoded once per support scan and organ per evaluation
             self._protos[key] = self.model.support_prototypes(item.support_images, item.support_masks, self.device)
+        if self._qcache is None or self._qcache.device != self.device:
+            self._qcache = QueryFeatureCache(self.model, self.cfg.eval.batch_size, self.device)
+        feats = self._qcache.features(item.query_id, item.z, item.query_images)  # shared by the scan's organs
         pred, prob = self.model.predict_volume(self._protos[key], item.query_images, item.part,
-                                               batch_size=self.cfg.eval.batch_size, device=self.device)
+                                               batch_size=self.cfg.eval.batch_size, device=self.device,
+                                               query_feats=feats)
         t_plain = time.perf_counter() - t0
         outs: dict[str, tuple[np.ndarray, float]] = {"plain": (pred, t_plain)}
         mode = self.cfg.eval.cca_mode
@@ -230,6 +237,7 @@ class FewShotModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._results["val"] = []
         self._protos = {}
+        self._qcache = None
 
     def validation_step(self, item: EvalItem, batch_idx: int) -> None:
         self._eval_item(item, "val")
@@ -240,6 +248,7 @@ class FewShotModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._results["test"] = []
         self._protos = {}
+        self._qcache = None
         self.samples = []
         self.ttt_stats["test"] = {"seconds": 0.0, "slices": 0}
 

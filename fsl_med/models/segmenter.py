@@ -148,8 +148,27 @@ class FewShotSegmenter(nn.Module):
             self.train(was_training)
 
     @torch.inference_mode()
+    def encode_slices(self, images: np.ndarray, batch_size: int = 8,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """Eval-mode features of ``[n, H, W]`` normalised slices, encoded in batches: ``[n, C, f, f]`` on ``device``
+        (float32 also under bf16 autocast). ``n == 0`` gives an empty tensor."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self.encode(tile3(torch.as_tensor(images[s:s + batch_size], dtype=torch.float32,
+                                                     device=device))).float()
+                   for s in range(0, images.shape[0], batch_size)]
+            if not out:
+                f = self.feature_size
+                return torch.empty(0, int(getattr(self.encoder, "out_channels", 0)), f, f, device=device)
+            return torch.cat(out)
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
     def predict_volume(self, protos: list[EpisodePrototypes], query_images: np.ndarray, part: np.ndarray,
-                       batch_size: int = 8, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                       batch_size: int = 8, device: torch.device | str = "cpu",
+                       query_feats: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """EP1 prediction of a query volume.
 
         Args:
@@ -157,6 +176,8 @@ class FewShotSegmenter(nn.Module):
                 scan and organ, not per query volume).
             query_images: ``[n, H, W]`` normalised query slices, encoded in batches of ``batch_size``.
             part: ``[n]`` support part of each query slice.
+            query_feats: ``[n, C, f, f]`` features of ``query_images`` already computed (e.g. by
+                :class:`QueryFeatureCache`, shared by the organs of one query scan); then nothing is encoded.
         Returns:
             ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``.
         """
@@ -168,18 +189,56 @@ class FewShotSegmenter(nn.Module):
             prob = np.zeros((n, h, w), dtype=np.float32)
             part_t = torch.as_tensor(part, device=device)
             for start in range(0, n, batch_size):
-                q = tile3(torch.as_tensor(query_images[start:start + batch_size], dtype=torch.float32, device=device))
-                qf = self.encode(q)
+                if query_feats is None:
+                    qf = self.encode(tile3(torch.as_tensor(query_images[start:start + batch_size],
+                                                           dtype=torch.float32, device=device)))
+                else:
+                    qf = query_feats[start:start + batch_size]
                 pt = part_t[start:start + batch_size]
-                low = torch.empty(q.shape[0], 2, qf.shape[-2], qf.shape[-1], device=device, dtype=torch.float32)
+                low = torch.empty(qf.shape[0], 2, qf.shape[-2], qf.shape[-1], device=device, dtype=torch.float32)
                 for p in torch.unique(pt).tolist():
                     sel = pt == p
                     low[sel] = self.scores(qf[sel], protos[p]).float()  # float32 under bf16 autocast too
                 # bilinear upsampling is linear, so upsampling the fg-bg margin (1 channel) gives the same
                 # argmax (margin > 0) and the same 2-class softmax (sigmoid of the margin) at half the cost
                 margin = self.upsample(low[:, 1:2] - low[:, 0:1], (h, w))[:, 0]
-                pred[start:start + q.shape[0]] = (margin > 0).to(torch.uint8).cpu().numpy()
-                prob[start:start + q.shape[0]] = torch.sigmoid(margin).cpu().numpy()
+                pred[start:start + qf.shape[0]] = (margin > 0).to(torch.uint8).cpu().numpy()
+                prob[start:start + qf.shape[0]] = torch.sigmoid(margin).cpu().numpy()
             return pred, prob
         finally:
             self.train(was_training)
+
+
+class QueryFeatureCache:
+    """Eval-mode query features of one query scan, shared by all organs evaluated on it.
+
+    EP1 scores each organ on its own slice range of the same query scan; the slices of different organs
+    overlap (on CHAOS the four organs' ranges sum to 2.4x their union), so each query slice is encoded once
+    per scan instead of once per organ. Holds one scan at a time; :meth:`clear` whenever the weights change.
+    """
+
+    def __init__(self, seg: FewShotSegmenter, batch_size: int = 8, device: torch.device | str = "cpu") -> None:
+        self.seg, self.batch_size, self.device = seg, batch_size, device
+        self.scan: str | None = None
+        self.feats: dict[int, torch.Tensor] = {}
+        self.encoded = 0  # slices encoded since the last clear (for timing per encoded slice)
+
+    def clear(self) -> None:
+        """Forget the cached scan (call after the model's weights changed)."""
+        self.scan, self.feats, self.encoded = None, {}, 0
+
+    def features(self, scan_id: str, z: np.ndarray, images: np.ndarray) -> torch.Tensor:
+        """``[n, C, f, f]`` features of query slices ``images`` (``[n, H, W]``) at slice indices ``z`` (``[n]``)
+        of scan ``scan_id``; slices seen before for the same scan are not encoded again. A new scan id replaces
+        the cached scan."""
+        if scan_id != self.scan:
+            self.scan, self.feats = scan_id, {}
+        if len(z) == 0:
+            return self.seg.encode_slices(images, self.batch_size, self.device)
+        missing = [i for i, zi in enumerate(z.tolist()) if zi not in self.feats]
+        if missing:
+            new = self.seg.encode_slices(images[missing], self.batch_size, self.device)
+            for j, i in enumerate(missing):
+                self.feats[int(z[i])] = new[j]
+            self.encoded += len(missing)
+        return torch.stack([self.feats[int(zi)] for zi in z.tolist()])

@@ -78,7 +78,8 @@ class TestTimeTrainer:
         chosen = {id(p) for p in params}
         for p in self.seg.parameters():
             p.requires_grad_(id(p) in chosen)
-        opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
+                              fused=all(p.device.type in ("cpu", "cuda") for p in params))
         usable = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
         self.seg.train()
         for _ in range(self.cfg.steps):
