@@ -2,7 +2,8 @@
 #   make demo | make test | make train-mri DATA=... ARGS="k=v ..." | make eval-mri CKPT=...
 # Variables: DATA (data.root), CKPT (ckpt: a path, or 'latest' = newest last.ckpt of the config's runs),
 #            ARGS (extra key=value config overrides), SRC (official download for prepare-*), OUT (prepare-*
-#            output folder), PYTHON_BOOT (python used to create .venv).
+#            output folder), CONFIG (experiments/ config of `make ablations`), PYTHON_BOOT (python used to
+#            create .venv).
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -18,7 +19,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-fast demo bench sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-fast demo bench ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help:
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -64,6 +65,9 @@ eval-ct: $(STAMP) ## evaluate CKPT (default: latest ct run) on SABS fold queries
 sweep-mri sweep-ct: $(STAMP) ## W&B sweep from experiments/sweeps/{mri,ct}.yaml: create it and start an agent (needs `wandb login`)
 	$(VENV)/bin/wandb sweep experiments/sweeps/$(@:sweep-%=%).yaml 2>&1 | tee .$@.log
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $$(sed -n 's/.*wandb agent \([^ ]*\).*/\1/p' .$@.log | tail -1)
+
+ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget on real CHAOS-T2; CONFIG=ablation for GPUs) -> lightning_logs/<name>-ablation/
+	$(FSL) ablate $(or $(CONFIG),ablation_cpu) $(DATA_ARG) $(ARGS)
 
 bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
 	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)

@@ -111,6 +111,16 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from fsl_med.ablate import run_ablation
+
+    cfg = _required_config(args, "CONFIG [key=value ...]")
+    _, path = run_ablation(cfg)
+    print(path.with_name("ablation.md").read_text(encoding="utf-8"))
+    print(path)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fsl_med.bench import PARTS, run_bench
 
@@ -232,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", cmd_demo, "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]"),
         ("run", cmd_run, "train, then evaluate the trained model (one W&B run; what sweeps call): "
                          "run CONFIG [key=value ...]"),
+        ("ablate", cmd_ablate, "ablation grid (encoder, fine-tuning, adapter, 3-slice input, k-shot; plain/+CCA/"
+                               "+TTT/+TTT+CCA) with one report: ablate CONFIG [key=value ...]"),
         ("protocol", cmd_protocol, "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
                                    "with one report: protocol CONFIG [key=value ...]"),
     ):

@@ -77,6 +77,7 @@ class DataConfig:
     num_workers: int = 1
     num_val_scans: int = 1
     min_superpixel_pixels: int = 64
+    three_slices: bool = False  # input = slices z-1, z, z+1 (zeros at the ends) instead of z tiled x3
     superpixel: SuperpixelConfig = field(default_factory=SuperpixelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -152,7 +153,7 @@ class EvalConfig:
     """EP1 evaluation (method.md §5)."""
 
     npart: int = 3
-    batch_size: int = 8
+    batch_size: int = 4  # query slices per encoder call; 4 on a 2-core CPU: as fast as 8, 86 MB less peak memory
     z_margin: int = 0
     skip_no_organ_slices: bool = False
     variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
@@ -160,6 +161,7 @@ class EvalConfig:
     hd95: bool = True
     overlay_slices: int = 3
     skip_bad: bool = False
+    shots_source: str = "scans"  # k-shot supports: k support scans, or k slices per part of the support scan
 
 
 @dataclass
@@ -186,6 +188,29 @@ class ProtocolConfig:
 
 
 @dataclass
+class AblationRun:
+    """One row of ``fsl-med ablate``: ``overrides`` (``key=value`` strings) on top of the base config.
+
+    ``reuse`` names an earlier row whose trained checkpoint this row evaluates instead of training (for
+    evaluation-time changes: ``shots``, ``eval.*``, ``ttt.*``); ``variants`` replaces ``ablation.variants``.
+    """
+
+    name: str = "???"
+    overrides: list[str] = field(default_factory=list)
+    reuse: str | None = None
+    variants: list[str] | None = None
+
+
+@dataclass
+class AblationConfig:
+    """What ``fsl-med ablate`` runs: every row of ``runs`` is trained (or reused) and evaluated with
+    ``variants`` on the base config's fold, setting and seed."""
+
+    runs: list[AblationRun] = field(default_factory=list)
+    variants: list[str] = field(default_factory=lambda: ["plain", "cca", "ttt", "ttt_cca"])
+
+
+@dataclass
 class LoggingConfig:
     """Where runs are written and which logger records metrics."""
 
@@ -201,6 +226,7 @@ class Config:
 
     name: str = "run"
     seed: int = 1234
+    shots: int = 1  # k-shot: k augmented supports per training episode, k supports per part in evaluation
     ckpt: str | None = None
     resume: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +237,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -286,21 +313,29 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         except OmegaConfBaseException as e:
             raise _translate(e, str(path)) from e
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key = item.split("=", 1)[0].strip()
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise _translate(e, f"override '{item}'") from e
-        except Exception as e:  # yaml parsing of the value
-            raise ConfigError(f"override '{item}': cannot parse value for '{key}'") from e
+    cfg = apply_overrides(cfg, overrides or [])
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _translate(e, "config") from e
     validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "override") -> DictConfig:
+    """A new config with dot-list ``key=value`` strings merged into ``cfg`` (which is not modified); not
+    validated. Raises a one-line ConfigError naming ``where`` and the item for an unknown key, a wrong type or
+    a malformed item."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where} '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _translate(e, f"{where} '{item}'") from e
+        except Exception as e:  # yaml parsing of the value
+            raise ConfigError(f"{where} '{item}': cannot parse value for '{key}'") from e
     return cfg
 
 
@@ -333,6 +368,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.num_val_scans >= 0, "data.num_val_scans", "must be >= 0")
     _check(cfg.data.min_superpixel_pixels >= 1, "data.min_superpixel_pixels", "must be >= 1")
+    _check(cfg.shots >= 1, "shots", f"must be >= 1, got {cfg.shots}")
+    _check(cfg.eval.shots_source in ("scans", "slices"), "eval.shots_source",
+           f"must be scans or slices, got '{cfg.eval.shots_source}'")
     aug = cfg.data.augment
     _check(0 < aug.zoom_min <= aug.zoom_max, "data.augment.zoom_min", "need 0 < zoom_min <= zoom_max")
     _check(0 < aug.gamma_min <= aug.gamma_max, "data.augment.gamma_min", "need 0 < gamma_min <= gamma_max")
@@ -373,7 +411,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.npart > 0, "eval.npart", "must be > 0")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(cfg.eval.z_margin >= 0, "eval.z_margin", "must be >= 0")
-    for key, variants in (("eval.variants", cfg.eval.variants), ("protocol.variants", cfg.protocol.variants)):
+    lists = [("eval.variants", cfg.eval.variants), ("protocol.variants", cfg.protocol.variants),
+             ("ablation.variants", cfg.ablation.variants)]
+    lists += [(f"ablation.runs[{i}].variants", r.variants) for i, r in enumerate(cfg.ablation.runs)
+              if r.variants is not None]
+    for key, variants in lists:
         bad = [v for v in variants if v not in VARIANTS]
         _check(not bad and len(variants) > 0, key, f"must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
     _check(cfg.eval.cca_mode in ("2d", "3d"), "eval.cca_mode", f"must be 2d or 3d, got '{cfg.eval.cca_mode}'")

@@ -240,7 +240,7 @@ def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> N
     """The checkpoint's encoder must be the one the config evaluates with.
 
     Raises:
-        ConfigError: encoder name, fine-tuning mode, LoRA rank or adapter differ.
+        ConfigError: encoder name, fine-tuning mode, LoRA rank, adapter or 3-slice input differ.
     """
     enc_c, enc = ckpt_cfg["model"]["encoder"], cfg.model.encoder
     for key in ("name", "finetune", "lora_rank", "adapter"):
@@ -250,3 +250,7 @@ def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> N
             raise ConfigError(
                 f"{path}: checkpoint has model.encoder.{key}={enc_c.get(key)!r} but the config says {enc[key]!r}"
             )
+    three_c = bool(ckpt_cfg.get("data", {}).get("three_slices", False))
+    if three_c != bool(cfg.data.three_slices):
+        raise ConfigError(f"{path}: checkpoint has data.three_slices={three_c} but the config says "
+                          f"{bool(cfg.data.three_slices)} (the model's input channels differ)")

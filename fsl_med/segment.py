@@ -235,18 +235,13 @@ def _binary_mask(mask: np.ndarray, path: Path, label: int | None) -> np.ndarray:
 
 
 def _support_indices(organ_slices: np.ndarray, npart: int, shots: int) -> list[list[int]]:
-    """Support slices per part: EP1's middle of each part, or ``shots`` slices spread within each part
-    (the middles of ``shots`` equal sub-parts, i.e. the EP1 choice with ``npart * shots`` parts)."""
-    from fsl_med.data.protocol import support_slice_indices
+    """Support slices per part (:func:`fsl_med.data.protocol.support_slices_per_part`), as a config error."""
+    from fsl_med.data.protocol import support_slices_per_part
 
-    if shots == 1:
-        return [[z] for z in support_slice_indices(organ_slices, npart)]
-    n = len(organ_slices)
-    if n < npart * shots:
-        raise ConfigError(f"--shots-per-part {shots}: the support organ spans only {n} slice(s) on the model grid, "
-                          f"fewer than {npart} parts x {shots} shots = {npart * shots}")
-    flat = support_slice_indices(organ_slices, npart * shots)
-    return [flat[p * shots:(p + 1) * shots] for p in range(npart)]
+    try:
+        return support_slices_per_part(organ_slices, npart, shots)
+    except DataError as err:
+        raise ConfigError(f"--shots-per-part {shots}: {err} on the model grid") from err
 
 
 def _device(name: str) -> torch.device:
@@ -299,9 +294,8 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
     """
     from fsl_med.config import from_container
     from fsl_med.data.datasets import get_dataset_info
-    from fsl_med.data.volumes import Normalizer, write_nifti
+    from fsl_med.data.volumes import Normalizer, slice_input, write_nifti
     from fsl_med.evaluate import module_from_checkpoint
-    from fsl_med.models.alp import merge_episode_prototypes
     from fsl_med.refine.cca import largest_mass_component
     from fsl_med.runs import load_checkpoint
 
@@ -378,11 +372,12 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
     module.eval().to(dev)
     seg = module.model
     flat = [z for zs_p in parts for z in zs_p]
+    three = bool(cfg.data.three_slices)  # the model's input: slice tiled x3, or z-1, z, z+1 stacks
     with torch.inference_mode():
-        protos_flat = seg.support_prototypes(sup_images[flat], sup_masks[flat].astype(np.float32), dev)
-        k = shots_per_part
-        protos = [merge_episode_prototypes(protos_flat[p * k:(p + 1) * k]) for p in range(npart)]
-        pred, prob = seg.predict_volume(protos, q_norm[zs], part, batch_size=batch_size, device=dev)
+        protos = seg.support_prototypes(slice_input(sup_images, three)[flat], sup_masks[flat].astype(np.float32),
+                                        dev, shots_per_part)
+        pred, prob = seg.predict_volume(protos, slice_input(q_norm, three)[zs], part, batch_size=batch_size,
+                                        device=dev)
     if cca != "none":
         pred = largest_mass_component(pred, prob, cca)
     full = np.zeros(q_norm.shape, dtype=np.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from fsl_med.config import excluded_labels
 from fsl_med.data.datasets import DatasetInfo, FoldSplit, discover_scans, fold_split, get_dataset_info
 from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
-from fsl_med.data.protocol import query_plan, support_slice_indices
+from fsl_med.data.protocol import query_plan, support_slices_per_part
 from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
-from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti
-from fsl_med.errors import DataError
+from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti, slice_input
+from fsl_med.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,13 @@ class EvalItem:
     Attributes:
         organ, label_id: the organ and its label id.
         query_id, support_id: scan ids.
-        query_images: ``[n, H, W]`` float32 normalised query slices, ``z`` their indices.
+        query_images: ``[n, H, W]`` float32 normalised query slices (``[n, 3, H, W]`` with 3-slice input),
+            ``z`` their indices.
         query_labels: ``[n, H, W]`` uint8 binary ground truth of the organ.
         part: ``[n]`` support part of each query slice.
-        support_images: ``[npart, H, W]`` float32; ``support_masks``: ``[npart, H, W]`` binary.
-        support_z: z indices of the support slices.
+        support_images: ``[npart * shots, H, W]`` float32, part-major (``[.., 3, H, W]`` with 3-slice input);
+            ``support_masks``: ``[npart * shots, H, W]`` binary; ``shots``: support slices per part.
+        support_z: z indices of the support slices (in their own support scans).
         spacing: ``(z, y, x)`` voxel size of the query scan in mm.
     """
 
@@ -50,6 +53,7 @@ class EvalItem:
     support_masks: np.ndarray
     support_z: list[int]
     spacing: tuple[float, float, float]
+    shots: int = 1
 
 
 class EvalDataset(Dataset):
@@ -65,31 +69,54 @@ class EvalDataset(Dataset):
         return self.items[i]
 
 
-def build_eval_items(support: Volume, queries: list[Volume], organs: list[str], info: DatasetInfo,
-                     normalize: Normalizer, npart: int = 3, z_margin: int = 0,
-                     skip_no_organ_slices: bool = False) -> tuple[list[EvalItem], list[tuple[str, str]]]:
-    """EP1 items for every (organ, query scan).
+def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], organs: list[str],
+                     info: DatasetInfo, normalize: Normalizer, npart: int = 3, z_margin: int = 0,
+                     skip_no_organ_slices: bool = False, shots: int = 1, shots_source: str = "scans",
+                     three_slices: bool = False) -> tuple[list[EvalItem], list[tuple[str, str]]]:
+    """EP1 items for every (organ, query scan), 1-shot or k-shot.
 
+    Args:
+        support: the fold's support scan, or (k-shot from scans) ``shots`` support scans, the fold's first.
+        shots: support slices per part; ``shots_source`` ``scans`` takes each part's EP1 slice from each of
+            the ``shots`` support scans, ``slices`` takes ``shots`` slices per part from the first support scan
+            (:func:`support_slices_per_part`). ``shots == 1`` is the 1-shot protocol exactly.
+        three_slices: slices become ``[3, H, W]`` stacks (z-1, z, z+1; zeros beyond the volume).
     Returns:
         ``(items, skipped)`` where ``skipped`` lists ``(query_id, organ)`` pairs whose organ is absent
-        from the query scan (they are reported, never scored).
+        from the query scan (they are reported, never scored). Items come query-major.
     Raises:
-        DataError: an organ is absent from the support scan (names scan and organ).
+        DataError: an organ is absent from a support scan (names scan and organ), or spans too few slices
+            for ``shots`` slices per part.
     """
+    sups = [support] if isinstance(support, Volume) else list(support)
+    if shots_source == "scans" and len(sups) != shots:
+        raise ValueError(f"{shots}-shot from scans needs {shots} support scans, got {len(sups)}")
+    sups = sups if shots_source == "scans" else sups[:1]
     items: list[EvalItem] = []
     skipped: list[tuple[str, str]] = []
-    sup_norm = normalize(support.image)
+    sup_norm = [slice_input(normalize(v.image), three_slices) for v in sups]
+    support_id = "+".join(v.scan_id for v in sups)
     supports = {}
     for organ in organs:
         lid = info.labels[organ]
-        organ_slices = support.slices_with(lid)
-        if organ_slices.size == 0:
-            raise DataError(f"support scan {support.path}: organ '{organ}' (label {lid}) is absent")
-        sz = support_slice_indices(organ_slices, npart)
-        supports[organ] = (lid, sz, sup_norm[sz], (support.label[sz] == lid).astype(np.uint8))
+        picks: list[list[tuple[int, int]]] = [[] for _ in range(npart)]  # per part: (support scan, z)
+        for i, v in enumerate(sups):
+            organ_slices = v.slices_with(lid)
+            if organ_slices.size == 0:
+                raise DataError(f"support scan {v.path}: organ '{organ}' (label {lid}) is absent")
+            try:
+                per_part = support_slices_per_part(organ_slices, npart, shots if shots_source == "slices" else 1)
+            except DataError as err:
+                raise DataError(f"support scan {v.path}, organ '{organ}': {err} (shots={shots})") from err
+            for p, zs in enumerate(per_part):
+                picks[p] += [(i, z) for z in zs]
+        flat = [iz for part in picks for iz in part]  # part-major
+        s_imgs = np.stack([sup_norm[i][z] for i, z in flat])
+        s_masks = np.stack([(sups[i].label[z] == lid).astype(np.uint8) for i, z in flat])
+        supports[organ] = (lid, [z for _, z in flat], s_imgs, s_masks)
     # query-major order: the organs of one query scan follow each other, so its slice features are shared
     for q in queries:
-        q_norm = normalize(q.image)
+        q_norm = slice_input(normalize(q.image), three_slices)
         for organ in organs:
             lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
@@ -100,10 +127,10 @@ def build_eval_items(support: Volume, queries: list[Volume], organs: list[str], 
             contiguous = bool(np.all(np.diff(plan.z) == 1))  # then a view: the organs share the scan's slices
             q_imgs = q_norm[plan.z[0]:plan.z[-1] + 1] if contiguous else q_norm[plan.z]
             items.append(EvalItem(
-                organ=organ, label_id=lid, query_id=q.scan_id, support_id=support.scan_id,
+                organ=organ, label_id=lid, query_id=q.scan_id, support_id=support_id,
                 query_images=q_imgs, query_labels=(q.label[plan.z] == lid).astype(np.uint8),
                 z=plan.z, part=plan.part, support_images=s_imgs, support_masks=s_masks, support_z=sz,
-                spacing=q.spacing,
+                spacing=q.spacing, shots=shots,
             ))
     return items, skipped
 
@@ -196,6 +223,7 @@ class FewShotDataModule(L.LightningDataModule):
             images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
             augment=AugmentParams(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
             feature_size=self.cfg.model.feature_size, mask_downsample=self.cfg.model.mask_downsample,
+            shots=self.cfg.shots, three_slices=self.cfg.data.three_slices,
         )
 
     def _build_eval(self, query_ids: list[str]) -> tuple[EvalDataset, list[tuple[str, str]]]:
@@ -212,12 +240,31 @@ class FewShotDataModule(L.LightningDataModule):
                 log.warning("query scan %s skipped: %s", q, err)
                 bad.append((q, "*", f"unreadable: {err}"))
         items, skipped = build_eval_items(
-            self._volume(self.split.support), queries, list(self.cfg.data.test_organs),
-            self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices,
+            [self._volume(s) for s in self.support_ids()], queries, list(self.cfg.data.test_organs),
+            self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices, self.cfg.shots,
+            e.shots_source, self.cfg.data.three_slices,
         )
         for q, organ in skipped:
             log.warning("organ '%s' absent from query scan %s: skipped (listed in the report)", organ, q)
         return EvalDataset(items), [(q, o, "organ absent from the query scan") for q, o in skipped] + bad
+
+    def support_ids(self) -> list[str]:
+        """The evaluation support scans: the fold's support scan, then (``shots`` k > 1 with
+        ``eval.shots_source=scans``) k-1 more of the fold's non-query scans, deterministically: the training
+        scans in the split's sorted order (validation scans are never supports).
+
+        Raises:
+            ConfigError: fewer than k-1 training scans.
+        """
+        assert self.split is not None
+        k = self.cfg.shots
+        if k == 1 or self.cfg.eval.shots_source == "slices":
+            return [self.split.support]
+        extra = [s for s in self.train_ids if s != self.split.support][:k - 1]
+        if len(extra) < k - 1:
+            raise ConfigError(f"config key 'shots': {k}-shot from scans needs {k - 1} training scans besides the "
+                              f"support scan, fold {self.cfg.data.fold} has {len(extra)}")
+        return [self.split.support, *extra]
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:

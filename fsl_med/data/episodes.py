@@ -24,6 +24,7 @@ from monai.transforms.utils import create_rotate, create_scale, create_shear, cr
 from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
+from fsl_med.data.volumes import slice_stack
 from fsl_med.errors import DataError
 
 
@@ -76,24 +77,26 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     """Augment an (image, binary mask) pair with one random geometric + intensity transform.
 
     Args:
-        image: ``[H, W]`` float32 (normalised intensities).
+        image: ``[H, W]`` float32 (normalised intensities), or a ``[C, H, W]`` stack of slices (3-slice input:
+            every channel gets the same transform, and one gamma over the stack's joint range).
         mask: ``[H, W]`` binary (any dtype).
         rng: random generator (the only source of randomness).
         params: augmentation ranges.
     Returns:
-        New arrays ``(image [H, W] float32, mask [H, W] uint8)``; the inputs are not modified.
+        New arrays ``(image float32 of the input's shape, mask [H, W] uint8)``; the inputs are not modified.
     """
     if not params.enabled:
         return image.astype(np.float32, copy=True), (mask > 0).astype(np.uint8)
-    h, w = image.shape
+    h, w = image.shape[-2:]
+    chans = image.reshape(-1, h, w).astype(np.float32)
     grid = _sampling_grid(rng, h, w, params)
-    stacked = torch.from_numpy(np.stack([image.astype(np.float32), (mask > 0).astype(np.float32)]))[None]
+    stacked = torch.from_numpy(np.concatenate([chans, (mask > 0).astype(np.float32)[None]]))[None]
     warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    img = warped[0].numpy()
-    out_mask = (warped[1].numpy() > 0.5).astype(np.uint8)
+    img = warped[:-1].numpy()
+    out_mask = (warped[-1].numpy() > 0.5).astype(np.uint8)
     gamma = rng.uniform(params.gamma_min, params.gamma_max)
-    img = np.asarray(AdjustContrast(gamma=gamma)(img[None]))[0]
-    return img.astype(np.float32), out_mask
+    img = np.asarray(AdjustContrast(gamma=gamma)(img))
+    return img.reshape(image.shape).astype(np.float32), out_mask
 
 
 def mask_at_feature_size(mask: torch.Tensor, feature_size: int, mode: str) -> torch.Tensor:
@@ -108,7 +111,7 @@ def mask_at_feature_size(mask: torch.Tensor, feature_size: int, mode: str) -> to
 
 
 class EpisodeDataset(Dataset):
-    """Self-supervised 1-way 1-shot episodes from superpixel pseudolabels.
+    """Self-supervised 1-way k-shot episodes from superpixel pseudolabels (k augmented supports, one query).
 
     Args:
         images: normalised training volumes, each ``[Z, H, W]`` float32.
@@ -119,9 +122,12 @@ class EpisodeDataset(Dataset):
         augment: augmentation ranges.
         min_pixels: a pseudolabel must cover at least this many pixels (never superpixel 0).
         feature_size, mask_downsample: the support mask must stay non-empty at the feature resolution.
+        shots: augmented supports per episode (k); ``1`` draws exactly the 1-shot episodes.
+        three_slices: images are z-1, z, z+1 stacks (zeros beyond the volume) instead of the slice tiled ×3.
 
-    Items are dicts: ``support_image [3,H,W]``, ``support_mask [H,W]`` float (1 = fg),
-    ``query_image [3,H,W]``, ``query_label [H,W]`` int64, ``scan`` (volume index), ``z``, ``superpixel``.
+    Items are dicts: ``support_image [3,H,W]`` (``[k,3,H,W]`` when k > 1), ``support_mask [H,W]`` float
+    (1 = fg; ``[k,H,W]``), ``query_image [3,H,W]``, ``query_label [H,W]`` int64, ``scan`` (volume index),
+    ``z``, ``superpixel``.
 
     Raises:
         DataError: no slice has a usable superpixel.
@@ -131,7 +137,8 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, images: Sequence[np.ndarray], superpixels: Sequence[np.ndarray],
                  slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentParams,
-                 min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest") -> None:
+                 min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest", shots: int = 1,
+                 three_slices: bool = False) -> None:
         self.images = list(images)
         self.superpixels = list(superpixels)
         self.length = int(length)
@@ -139,6 +146,7 @@ class EpisodeDataset(Dataset):
         self.augment = augment
         self.feature_size = feature_size
         self.mask_downsample = mask_downsample
+        self.shots, self.three_slices = int(shots), bool(three_slices)
         self.candidates: list[tuple[int, int, np.ndarray]] = []
         for v, z in slices:
             sp = self.superpixels[v][z]
@@ -156,6 +164,11 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @staticmethod
+    def _rgb(img: np.ndarray) -> np.ndarray:
+        """``[H, W]`` -> the slice tiled ``[3, H, W]``; a ``[3, H, W]`` stack as it is."""
+        return img if img.ndim == 3 else np.repeat(img[None], 3, axis=0)
+
     def _usable(self, mask: np.ndarray) -> bool:
         m = mask_at_feature_size(torch.from_numpy(mask), self.feature_size, self.mask_downsample)
         return bool(m.sum() > 0)
@@ -165,15 +178,20 @@ class EpisodeDataset(Dataset):
         for _ in range(self.max_tries):
             v, z, ids = self.candidates[int(rng.integers(len(self.candidates)))]
             sp_id = int(ids[int(rng.integers(len(ids)))])
-            img = self.images[v][z]
+            vol = self.images[v]
+            img = slice_stack(vol, z) if self.three_slices else vol[z]
             label = self.superpixels[v][z] == sp_id
-            s_img, s_mask = augment_pair(img, label, rng, self.augment)
+            supports = [augment_pair(img, label, rng, self.augment) for _ in range(self.shots)]
             q_img, q_mask = augment_pair(img, label, rng, self.augment)
-            if self._usable(s_mask) and q_mask.any():
+            if all(self._usable(m) for _, m in supports) and q_mask.any():
+                s_imgs = np.stack([self._rgb(i) for i, _ in supports])
+                s_masks = np.stack([m for _, m in supports]).astype(np.float32)
+                if self.shots == 1:
+                    s_imgs, s_masks = s_imgs[0], s_masks[0]
                 return {
-                    "support_image": torch.from_numpy(np.repeat(s_img[None], 3, axis=0)),
-                    "support_mask": torch.from_numpy(s_mask.astype(np.float32)),
-                    "query_image": torch.from_numpy(np.repeat(q_img[None], 3, axis=0)),
+                    "support_image": torch.from_numpy(s_imgs),
+                    "support_mask": torch.from_numpy(s_masks),
+                    "query_image": torch.from_numpy(self._rgb(q_img)),
                     "query_label": torch.from_numpy(q_mask.astype(np.int64)),
                     "scan": v,
                     "z": z,

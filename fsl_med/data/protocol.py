@@ -33,6 +33,25 @@ def support_slice_indices(organ_slices: np.ndarray, npart: int = 3) -> list[int]
     return [int(organ_slices[min(int(p * n), n - 1)]) for p in pcts]
 
 
+def support_slices_per_part(organ_slices: np.ndarray, npart: int = 3, shots: int = 1) -> list[list[int]]:
+    """Support slices of each part: EP1's middle slice (``shots == 1``), or ``shots`` slices spread within each
+    part, the middles of ``shots`` equal sub-parts (the EP1 choice with ``npart * shots`` parts).
+
+    Returns:
+        ``npart`` lists of ``shots`` z indices.
+    Raises:
+        DataError: the organ is absent, or spans fewer than ``npart * shots`` slices.
+    """
+    if shots == 1:
+        return [[z] for z in support_slice_indices(organ_slices, npart)]
+    n = len(organ_slices)
+    if n < npart * shots:
+        raise DataError(f"the support organ spans only {n} slice(s), fewer than {npart} parts x {shots} shots = "
+                        f"{npart * shots}")
+    flat = support_slice_indices(organ_slices, npart * shots)
+    return [flat[p * shots:(p + 1) * shots] for p in range(npart)]
+
+
 @dataclass(frozen=True)
 class QueryPlan:
     """Which query slices are scored and which support part each uses.

@@ -205,3 +205,32 @@ def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None)
     mean = sum(float(im.sum(dtype=np.float64)) for im in train_images) / n
     var = sum(float(((im - mean) ** 2).sum(dtype=np.float64)) for im in train_images) / n
     return Normalizer(mean=mean, std=float(np.sqrt(var)))
+
+
+def slice_input(volume: np.ndarray, three_slices: bool = False) -> np.ndarray:
+    """Model input slices of a normalised ``[Z, H, W]`` volume.
+
+    Returns the volume itself (``three_slices`` False: each slice is tiled ×3 later, the reference), or a new
+    ``[Z, 3, H, W]`` array whose slice z stacks z-1, z, z+1 with zeros beyond the volume ends (the reference's
+    ``use_3_slices``, ``data.three_slices``).
+    """
+    if not three_slices:
+        return volume
+    z = volume.shape[0]
+    out = np.zeros((z, 3, *volume.shape[1:]), dtype=volume.dtype)
+    out[:, 1] = volume
+    out[1:, 0] = volume[:-1]
+    out[:-1, 2] = volume[1:]
+    return out
+
+
+def slice_stack(volume: np.ndarray, z: int) -> np.ndarray:
+    """``[3, H, W]`` stack of slices z-1, z, z+1 of a ``[Z, H, W]`` volume, zeros beyond its ends (a new array;
+    equals ``slice_input(volume, True)[z]``)."""
+    out = np.zeros((3, *volume.shape[1:]), dtype=volume.dtype)
+    out[1] = volume[z]
+    if z > 0:
+        out[0] = volume[z - 1]
+    if z < volume.shape[0] - 1:
+        out[2] = volume[z + 1]
+    return out

@@ -1,8 +1,14 @@
-"""ViT patch-feature encoders (DINOv2 family, built with timm).
+"""The encoder registry and factory: ViT patch-feature encoders (DINOv2 family and any timm ViT) and
+ALPNet's original ResNet-101 DeepLabv3 encoder.
 
 An encoder maps an image batch ``[B, 3, H, W]`` to a dense feature map
-``[B, embed_dim, feature_size, feature_size]`` made of the final (LayerNorm-ed) patch tokens of a
-ViT, bilinearly upsampled when the token grid is coarser than ``feature_size``.
+``[B, C, feature_size, feature_size]``: for a ViT the final (LayerNorm-ed) patch tokens, bilinearly
+upsampled when the token grid is coarser than ``feature_size``; for ``resnet101_deeplabv3`` the stride-8
+backbone features projected 2048 -> 256 (:mod:`fsl_med.models.resnet_encoder`).
+
+Names: the registered ones (:func:`list_encoders`: ``dinov2_vit{s,b,l,g}14[_reg]``, ``resnet101_deeplabv3``,
+tiny test ViTs) or ``timm:<architecture>[.<tag>]`` for any timm ViT with a patch-token path (e.g.
+``timm:vit_small_patch16_224.dino``), registered on first use.
 
 Weights come from one of three sources (``model.encoder.weights``):
 
@@ -75,6 +81,7 @@ class EncoderSpec:
         hub_tag: timm pretrained tag of the official weights (``"lvd142m"``), or None if none exist.
         num_register_tokens: register tokens of the architecture (0 or 4 for DINOv2).
         timm_kwargs: extra kwargs to ``timm.create_model`` (used for tiny test models).
+        family: ``"vit"`` (timm ViT, patch tokens) or ``"resnet"`` (DeepLabv3 ResNet-101 + projection).
     """
 
     name: str
@@ -84,7 +91,11 @@ class EncoderSpec:
     hub_tag: str | None
     num_register_tokens: int = 0
     timm_kwargs: dict = field(default_factory=dict)
+    family: str = "vit"
 
+
+FAMILIES: tuple[str, ...] = ("vit", "resnet")
+TIMM_PREFIX = "timm:"
 
 _REGISTRY: dict[str, EncoderSpec] = {}
 
@@ -99,7 +110,9 @@ def register_encoder(spec: EncoderSpec) -> None:
         raise TypeError(f"register_encoder expects an EncoderSpec, got {type(spec).__name__}")
     if not spec.name:
         raise ValueError("EncoderSpec.name must be a non-empty string")
-    if not timm.is_model(spec.timm_name):
+    if spec.family not in FAMILIES:
+        raise ValueError(f"encoder {spec.name!r}: unknown family {spec.family!r} (valid: {', '.join(FAMILIES)})")
+    if spec.family == "vit" and not timm.is_model(spec.timm_name):
         raise ValueError(f"encoder {spec.name!r}: timm {timm.__version__} has no model {spec.timm_name!r}")
     old = _REGISTRY.get(spec.name)
     if old is not None and old != spec:
@@ -119,12 +132,40 @@ def get_encoder_spec(name: str) -> EncoderSpec:
     unknown name.
     """
     spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is None and isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        spec = _timm_vit_spec(name)
+        register_encoder(spec)
     if spec is None:
         names = list_encoders()
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.0)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"model.encoder.name: unknown encoder {name!r}{hint} (valid: {', '.join(names)})")
     return spec
+
+
+def _timm_vit_spec(name: str) -> EncoderSpec:
+    """Spec of ``timm:<architecture>[.<tag>]``: embed dim, patch size and prefix tokens read from the timm
+    model built on the meta device (no memory, no download). ConfigError if timm does not know the
+    architecture or it is not a ViT with a patch-token path (``patch_embed`` + ``num_prefix_tokens``)."""
+    arch, _, tag = name[len(TIMM_PREFIX):].partition(".")
+    if not arch or not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=1, cutoff=0.0)
+        hint = f"; did you mean 'timm:{close[0]}'?" if close else ""
+        raise ConfigError(f"model.encoder.name: timm has no architecture {arch!r}{hint}")
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError as exc:
+        raise ConfigError(f"model.encoder.name: timm architecture {arch!r} is not a ViT with dynamic patch "
+                          f"tokens ({_first_line(exc)})") from exc
+    pe = getattr(m, "patch_embed", None)
+    if pe is None or not hasattr(m, "num_prefix_tokens") or not hasattr(m, "forward_features"):
+        raise ConfigError(f"model.encoder.name: timm architecture {arch!r} has no patch-token path "
+                          "(needs patch_embed, num_prefix_tokens and forward_features)")
+    ps = pe.patch_size
+    patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+    dim = int(getattr(m, "embed_dim", getattr(m, "num_features", 0)))
+    return EncoderSpec(name, arch, dim, patch, tag or None, int(getattr(m, "num_reg_tokens", 0)))
 
 
 def _register_builtin() -> None:
@@ -136,6 +177,8 @@ def _register_builtin() -> None:
         register_encoder(
             EncoderSpec(f"dinov2_vit{letter}14_reg", f"vit_{word}_patch14_reg4_dinov2", dim, 14, "lvd142m", 4)
         )
+    # ALPNet's encoder: torchvision DeepLabv3 ResNet-101 backbone (stride 8) + 2048 -> 256 1x1 projection
+    register_encoder(EncoderSpec("resnet101_deeplabv3", "", 256, 8, "coco", family="resnet"))
     tiny = {"embed_dim": 64, "depth": 2, "num_heads": 2}
     # NOT official weights: tiny DINOv2-shaped ViTs for tests and CPU demos.
     register_encoder(EncoderSpec("vit_tiny_patch14", "vit_small_patch14_dinov2", 64, 14, None, 0, dict(tiny)))
@@ -393,8 +436,14 @@ def _lora_regex(targets: Sequence[str]) -> str:
     return rf"blocks\.\d+\.({'|'.join(alts)})"
 
 
-def _inject_lora(vit: nn.Module, rank: int, targets: Sequence[str]) -> nn.Module:
-    """Freeze ``vit`` and inject peft LoRA (scale 1, gaussian init, no dropout); returns the model."""
+RESNET_LORA_REGEX = r"layer\d\.\d+\.conv[13]"
+"""LoRA targets of the ResNet backbone: the 1×1 convolutions of its bottleneck blocks (peft's Conv2d LoRA does
+not carry the dilation of the 3×3 ones in the dilated layer3/layer4)."""
+
+
+def _inject_lora(vit: nn.Module, rank: int, targets: Sequence[str], regex: str | None = None) -> nn.Module:
+    """Freeze ``vit`` and inject peft LoRA (scale 1, gaussian init, no dropout) on the layers ``regex``
+    (default: the ViT Linear layers ``targets``) matches; returns the model."""
     from peft import LoraConfig, inject_adapter_in_model
 
     vit.requires_grad_(False)
@@ -403,7 +452,7 @@ def _inject_lora(vit: nn.Module, rank: int, targets: Sequence[str]) -> nn.Module
         lora_alpha=rank,
         lora_dropout=0.0,
         init_lora_weights="gaussian",
-        target_modules=_lora_regex(targets),
+        target_modules=regex or _lora_regex(targets),
         bias="none",
     )
     vit = inject_adapter_in_model(config, vit)
@@ -434,8 +483,10 @@ def create_encoder(
     input_size: int = 256,
     adapter: str = "none",
     imagenet_norm: bool = False,
-) -> ViTPatchEncoder:
-    """Build a :class:`ViTPatchEncoder`.
+    arch_overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Build an encoder: a :class:`ViTPatchEncoder`, or a
+    :class:`~fsl_med.models.resnet_encoder.ResNetDeepLabEncoder` for ``resnet101_deeplabv3``.
 
     Args:
         name: registry name (``model.encoder.name``), see :func:`list_encoders`.
@@ -452,6 +503,8 @@ def create_encoder(
             ``(input_size // patch) * patch`` (other sizes still work, with runtime resampling).
         adapter: ``"none"`` | ``"conv1"`` | ``"conv3"`` input adapter.
         imagenet_norm: normalise inputs with ImageNet mean/std before the adapter/ViT.
+        arch_overrides: extra timm architecture kwargs of a ViT (e.g. ``{"depth": 1}`` for a cheap model with
+            the same key format in tests); not for the ResNet.
 
     Raises:
         ConfigError: unknown name / finetune / adapter / lora target, or bad sizes / rank.
@@ -481,18 +534,17 @@ def create_encoder(
     if not weights_str:
         raise ConfigError("model.encoder.weights: empty value (use 'none', a hub tag or a file path)")
 
+    if spec.family == "resnet":
+        return _create_resnet(spec, weights_str, finetune, lora_rank, feature_size, adapter_module, imagenet_norm)
+
     img_size = (input_size // spec.patch_size) * spec.patch_size
     kwargs: dict[str, Any] = dict(spec.timm_kwargs)
+    kwargs.update(arch_overrides or {})
     kwargs.update(img_size=img_size, num_classes=0, dynamic_img_size=True)
 
     if weights_str == "none":
         vit = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        msg = (
-            f"encoder {spec.name} is RANDOMLY INITIALISED (model.encoder.weights='none'): "
-            "results will be far below the paper; pass official DINOv2 weights for real runs"
-        )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        logger.warning(msg)
+        _random_init_warning(spec.name)
     elif spec.hub_tag is not None and weights_str == spec.hub_tag:
         try:
             vit = timm.create_model(f"{spec.timm_name}.{spec.hub_tag}", pretrained=True, **kwargs)
@@ -529,3 +581,33 @@ def create_encoder(
         imagenet_norm=imagenet_norm,
         finetune=finetune,
     )
+
+
+def _random_init_warning(name: str) -> None:
+    msg = (
+        f"encoder {name} is RANDOMLY INITIALISED (model.encoder.weights='none'): "
+        "results will be far below the paper; pass pretrained (e.g. official DINOv2) weights for real runs"
+    )
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    logger.warning(msg)
+
+
+def _create_resnet(spec: EncoderSpec, weights: str, finetune: str, lora_rank: int, feature_size: int,
+                   adapter: nn.Module | None, imagenet_norm: bool) -> nn.Module:
+    """ALPNet's ResNet-101 DeepLabv3 encoder with weights ``none`` | ``coco`` | a file, then fine-tuning."""
+    from fsl_med.models import resnet_encoder as rn
+
+    enc = rn.ResNetDeepLabEncoder(spec, feature_size=feature_size, adapter=adapter, imagenet_norm=imagenet_norm,
+                                  finetune=finetune)
+    if weights == "none":
+        _random_init_warning(spec.name)
+    elif weights == spec.hub_tag:
+        rn.load_weights(enc, rn.coco_state_dict(), "torchvision COCO (download)")
+    else:
+        path = rn.resolve_file(weights)
+        rn.load_weights(enc, _read_weights_file(path), str(path))
+    if finetune == "frozen":
+        enc.backbone.requires_grad_(False)
+    elif finetune == "lora":
+        enc.backbone = _inject_lora(enc.backbone, lora_rank, (), regex=RESNET_LORA_REGEX)
+    return enc.train(enc.training)

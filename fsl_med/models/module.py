@@ -147,7 +147,8 @@ class FewShotModule(L.LightningModule):
         t0 = time.perf_counter()
         key = (item.support_id, item.organ)
         if key not in self._protos:  # support encoded once per support scan and organ per evaluation
-            self._protos[key] = self.model.support_prototypes(item.support_images, item.support_masks, self.device)
+            self._protos[key] = self.model.support_prototypes(item.support_images, item.support_masks, self.device,
+                                                              item.shots)
         if self._qcache is None or self._qcache.device != self.device:
             self._qcache = QueryFeatureCache(self.model, self.cfg.eval.batch_size, self.device)
         feats = self._qcache.features(item.query_id, item.z, item.query_images)  # shared by the scan's organs
@@ -167,7 +168,8 @@ class FewShotModule(L.LightningModule):
                       disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
                 tpred, tprob = self._ttt_trainer().refine(
                     item.query_images, pred, prob, item.part, item.support_images, item.support_masks,
-                    np.random.default_rng([self.cfg.seed, zlib.crc32(f'{item.organ}/{item.query_id}'.encode())]), self.device, self.cfg.eval.batch_size, bar.update)
+                    np.random.default_rng([self.cfg.seed, zlib.crc32(f'{item.organ}/{item.query_id}'.encode())]),
+                    self.device, self.cfg.eval.batch_size, bar.update, shots=item.shots)
             dt = time.perf_counter() - t1
             self.ttt_stats[stage]["seconds"] += dt
             self.ttt_stats[stage]["slices"] += n
@@ -192,11 +194,16 @@ class FewShotModule(L.LightningModule):
         for p in np.unique(item.part)[:k]:
             rows = np.flatnonzero(item.part == p)
             i = int(rows[len(rows) // 2])
+            s = int(p) * item.shots  # the part's first support slice
+
+            def mid(img: np.ndarray) -> np.ndarray:
+                return img[1] if img.ndim == 3 else img  # the centre slice of a 3-slice stack
+
             self.samples.append({
-                "organ": item.organ, "query": item.query_id, "z": int(item.z[i]), "image": item.query_images[i],
+                "organ": item.organ, "query": item.query_id, "z": int(item.z[i]), "image": mid(item.query_images[i]),
                 "label": item.query_labels[i], "preds": {v: pr[i] for v, pr in preds.items()},
-                "support": item.support_id, "support_z": int(item.support_z[int(p)]),
-                "support_image": item.support_images[int(p)], "support_mask": item.support_masks[int(p)],
+                "support": item.support_id.split("+")[0], "support_z": int(item.support_z[s]),
+                "support_image": mid(item.support_images[s]), "support_mask": item.support_masks[s],
             })
 
     def _gather(self, obj: Any) -> list[Any]:

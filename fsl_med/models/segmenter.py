@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsl_med.models.alp import EpisodePrototypes, episode_prototypes, episode_scores
+from fsl_med.models.alp import EpisodePrototypes, episode_prototypes, episode_scores, merge_episode_prototypes
 
 
 def tile3(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W]`` single-channel slices -> ``[B, 3, H, W]`` (the reference tiles the slice ×3)."""
+    """Encoder input from slices: ``[B, H, W]`` single slices are tiled ×3 (the reference) -> ``[B, 3, H, W]``;
+    ``[B, 3, H, W]`` 3-slice stacks (z-1, z, z+1; ``data.three_slices``) are returned as they are."""
+    if x.ndim == 4:
+        return x
     return x[:, None].expand(-1, 3, -1, -1)
 
 
@@ -55,6 +58,13 @@ class FewShotSegmenter(nn.Module):
         """Prototypes from ``[S, C, f, f]`` features and ``[S, 1, f, f]`` fg masks."""
         return episode_prototypes(feats, fg_mask_lowres, window, self.train_window, self.fg_thresh, self.bg_thresh)
 
+    def shot_prototypes(self, feats: torch.Tensor, fg_mask_lowres: torch.Tensor, window: int) -> EpisodePrototypes:
+        """k-shot prototypes from ``[k, C, f, f]`` features and ``[k, 1, f, f]`` fg masks of k supports: each
+        shot's prototypes as in 1-shot, local ones pooled over the shots and global ones averaged
+        (:func:`merge_episode_prototypes`); ``k == 1`` is exactly :meth:`prototypes`."""
+        return merge_episode_prototypes([self.prototypes(feats[j:j + 1], fg_mask_lowres[j:j + 1], window)
+                                         for j in range(feats.shape[0])])
+
     def scores(self, query_feats: torch.Tensor, protos: EpisodePrototypes) -> torch.Tensor:
         """``[Q, 2, f, f]`` low-resolution class scores."""
         return episode_scores(query_feats, protos, self.scale)
@@ -86,11 +96,12 @@ class FewShotSegmenter(nn.Module):
         """PANet-style prototype alignment loss of one episode (method.md §2.3).
 
         The query's own argmax prediction (at feature resolution) gives query prototypes, which
-        segment the support; the loss is an unweighted CE against the support mask.
+        segment the support(s); the loss is an unweighted CE against the support mask, averaged over the
+        k supports.
 
         Args:
             query_feats: ``[1, C, f, f]``; query_scores: ``[1, 2, f, f]``;
-            support_feats: ``[1, C, f, f]``; support_fg: ``[1, H, W]`` binary.
+            support_feats: ``[k, C, f, f]``; support_fg: ``[k, H, W]`` binary.
         """
         pred_fg = query_scores.argmax(dim=1, keepdim=True).float()  # [1, 1, f, f]
         protos = self.prototypes(query_feats, pred_fg, self.train_window)
@@ -100,39 +111,46 @@ class FewShotSegmenter(nn.Module):
     def episode_loss(self, support_images: torch.Tensor, support_fg: torch.Tensor, query_images: torch.Tensor,
                      query_labels: torch.Tensor, ce_weights: torch.Tensor, align_weight: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training loss of B independent 1-shot episodes (all 2B images encoded in one call).
+        """Training loss of B independent 1-way k-shot episodes (all B(k+1) images encoded in one call).
 
         Args:
-            support_images, query_images: ``[B, 3, H, W]``; support_fg: ``[B, H, W]`` binary;
-            query_labels: ``[B, H, W]`` int64 (255 = ignore); ce_weights: ``[2]`` (background, foreground).
+            support_images: ``[B, 3, H, W]`` (1-shot) or ``[B, k, 3, H, W]``; support_fg: ``[B, H, W]`` or
+                ``[B, k, H, W]`` binary; query_images: ``[B, 3, H, W]``; query_labels: ``[B, H, W]`` int64
+                (255 = ignore); ce_weights: ``[2]`` (background, foreground).
         Returns:
             ``(loss, ce, align)``, each averaged over the B episodes; ``loss = ce + align_weight * align``.
         """
-        b = support_images.shape[0]
-        feats = self.encode(torch.cat([support_images, query_images], dim=0))
-        s_feats, q_feats = feats[:b], feats[b:]
-        s_low = self.downsample_mask(support_fg)
+        if support_images.ndim == 4:  # 1-shot batch
+            support_images, support_fg = support_images[:, None], support_fg[:, None]
+        b, k = support_images.shape[:2]
+        feats = self.encode(torch.cat([support_images.flatten(0, 1), query_images], dim=0))
+        s_feats, q_feats = feats[:b * k], feats[b * k:]
+        fg = support_fg.flatten(0, 1)
+        s_low = self.downsample_mask(fg)
         ce_total = feats.new_zeros(())
         align_total = feats.new_zeros(())
         for i in range(b):
-            protos = self.prototypes(s_feats[i:i + 1], s_low[i:i + 1], self.train_window)
+            shots = slice(i * k, (i + 1) * k)
+            protos = self.shot_prototypes(s_feats[shots], s_low[shots], self.train_window)
             low = self.scores(q_feats[i:i + 1], protos)
             logits = self.upsample(low, query_images.shape[-2:])
             ce_total = ce_total + F.cross_entropy(logits.float(), query_labels[i:i + 1], weight=ce_weights,
                                                   ignore_index=255)
             if align_weight > 0:
-                align_total = align_total + self.align_loss(q_feats[i:i + 1], low, s_feats[i:i + 1],
-                                                            support_fg[i:i + 1])
+                align_total = align_total + self.align_loss(q_feats[i:i + 1], low, s_feats[shots], fg[shots])
         ce, align = ce_total / b, align_total / b
         return ce + align_weight * align, ce, align
 
     @torch.inference_mode()
     def support_prototypes(self, support_images: np.ndarray, support_masks: np.ndarray,
-                           device: torch.device | str = "cpu") -> list[EpisodePrototypes]:
-        """Test-time prototypes of each support part (one encoder call for all parts).
+                           device: torch.device | str = "cpu", shots: int = 1) -> list[EpisodePrototypes]:
+        """Test-time prototypes of each support part (one encoder call for all parts and shots).
 
         Args:
-            support_images: ``[P, H, W]`` normalised support slices; support_masks: ``[P, H, W]`` binary.
+            support_images: ``[P * shots, H, W]`` (or ``[P * shots, 3, H, W]`` 3-slice stacks) normalised
+                support slices, part-major (the ``shots`` slices of part 0 first); support_masks:
+                ``[P * shots, H, W]`` binary.
+            shots: support slices per part (k-shot: their prototypes are merged, see :meth:`shot_prototypes`).
         Returns:
             ``P`` :class:`EpisodePrototypes`, pooled with the test window.
         """
@@ -142,8 +160,11 @@ class FewShotSegmenter(nn.Module):
             sup = tile3(torch.as_tensor(support_images, dtype=torch.float32, device=device))
             sup_m = torch.as_tensor(support_masks, device=device)
             feats = self.encode(sup)
-            return [self.prototypes(feats[p:p + 1], self.downsample_mask(sup_m[p:p + 1]), self.test_window)
-                    for p in range(sup.shape[0])]
+            low = self.downsample_mask(sup_m)
+            if sup.shape[0] % shots:
+                raise ValueError(f"{sup.shape[0]} support slices are not a whole number of parts of {shots} shots")
+            return [self.shot_prototypes(feats[p:p + shots], low[p:p + shots], self.test_window)
+                    for p in range(0, sup.shape[0], shots)]
         finally:
             self.train(was_training)
 
@@ -174,7 +195,8 @@ class FewShotSegmenter(nn.Module):
         Args:
             protos: prototypes per support part (:meth:`support_prototypes`, computed once per support
                 scan and organ, not per query volume).
-            query_images: ``[n, H, W]`` normalised query slices, encoded in batches of ``batch_size``.
+            query_images: ``[n, H, W]`` normalised query slices (or ``[n, 3, H, W]`` 3-slice stacks), encoded in
+                batches of ``batch_size``.
             part: ``[n]`` support part of each query slice.
             query_feats: ``[n, C, f, f]`` features of ``query_images`` already computed (e.g. by
                 :class:`QueryFeatureCache`, shared by the organs of one query scan); then nothing is encoded.
@@ -184,7 +206,7 @@ class FewShotSegmenter(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            n, h, w = query_images.shape
+            n, (h, w) = query_images.shape[0], query_images.shape[-2:]
             pred = np.zeros((n, h, w), dtype=np.uint8)
             prob = np.zeros((n, h, w), dtype=np.float32)
             part_t = torch.as_tensor(part, device=device)

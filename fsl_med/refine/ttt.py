@@ -87,7 +87,7 @@ class TestTimeTrainer:
             s_img, s_mask = augment_pair(images[i], masks[i], rng, self.augment)
             q_img, q_mask = augment_pair(images[i], masks[i], rng, self.augment)
             if self.cfg.transpose:  # the reference transposes H and W of both copies (method.md §7)
-                s_img, s_mask, q_img, q_mask = s_img.T, s_mask.T, q_img.T, q_mask.T
+                s_img, s_mask, q_img, q_mask = (a.swapaxes(-1, -2) for a in (s_img, s_mask, q_img, q_mask))
             to = dict(device=device)
             loss, _, _ = self.seg.episode_loss(
                 tile3(torch.as_tensor(np.ascontiguousarray(s_img)[None], **to)),
@@ -102,13 +102,14 @@ class TestTimeTrainer:
     def refine(self, query_images: np.ndarray, plain_pred: np.ndarray, plain_prob: np.ndarray, part: np.ndarray,
                support_images: np.ndarray, support_masks: np.ndarray, rng: np.random.Generator,
                device: torch.device | str = "cpu", batch_size: int = 8,
-               on_slice: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               on_slice: Callable[[int], None] | None = None, shots: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """TTT predictions of a query volume.
 
         Args:
             query_images: ``[n, H, W]`` normalised slices; plain_pred, plain_prob: ``[n, H, W]`` their plain
                 prediction and foreground probability (kept for slices that are not adapted).
-            part: ``[n]`` support part per slice; support_images/support_masks: ``[P, H, W]``.
+            part: ``[n]`` support part per slice; support_images/support_masks: ``[P * shots, H, W]``, part-major
+                (query and support images may be ``[.., 3, H, W]`` 3-slice stacks).
             rng: randomness of the augmentations.
             on_slice: called after each slice (progress).
         Returns:
@@ -128,7 +129,9 @@ class TestTimeTrainer:
                     with restored(self.seg):
                         self._adapt(query_images[idx], plain_pred[idx], rng, device)
                         need, local_part = np.unique(part[idx], return_inverse=True)  # encode only used parts
-                        protos = self.seg.support_prototypes(support_images[need], support_masks[need], device)
+                        rows = (need[:, None] * shots + np.arange(shots)).ravel()
+                        protos = self.seg.support_prototypes(support_images[rows], support_masks[rows], device,
+                                                             shots)
                         pred[idx], prob[idx] = self.seg.predict_volume(protos, query_images[idx], local_part,
                                                                        batch_size, device)
                 if on_slice is not None:

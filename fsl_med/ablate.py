@@ -1,0 +1,193 @@
+"""The ``ablate`` verb: a grid of model variants trained and evaluated, one report (method ablations).
+
+Every row of ``ablation.runs`` is the base configuration plus its ``overrides`` (encoder, fine-tuning,
+slice adapter, 3-slice input, k-shot, ...). A row is trained on the base config's fold, setting and seed
+and evaluated with the evaluation variants (plain, +CCA, +TTT, +TTT+CCA), or, with ``reuse``, evaluates an
+earlier row's checkpoint (evaluation-time changes such as ``shots``). A row whose model has no trainable
+parameter (a frozen encoder without adapter: ALPNet has no learnable head) is evaluated untrained.
+
+The report (``ablation.md``, ``ablation.csv``, ``ablation.json``, ``dice_bar.png``) follows the protocol
+report: Dice per organ and mean, HD95, seconds per volume, the runs' folders, and the steps and seed used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fsl_med import __version__, atomic
+from fsl_med.config import apply_overrides, to_container, validate
+from fsl_med.errors import ConfigError
+from fsl_med.evaluate import evaluate, write_figures
+from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
+from fsl_med.models.module import FewShotModule
+from fsl_med.runs import new_run_dir, save_config
+from fsl_med.train import train
+
+log = logging.getLogger(__name__)
+
+
+def run_configs(cfg: DictConfig, out_dir: Path) -> list[tuple[str, DictConfig, str | None]]:
+    """``(name, validated run config, reused row)`` of every ablation row, in order.
+
+    Raises:
+        ConfigError: no rows, a missing or duplicate name, a ``reuse`` of an unknown or later row or of a row
+            that itself reuses, a bad override (named with its row), or a reused checkpoint's model differing.
+    """
+    rows = cfg.ablation.runs
+    if not rows:
+        raise ConfigError("config key 'ablation.runs' is empty: list the variants to train and evaluate")
+    seen: dict[str, DictConfig] = {}
+    reused: dict[str, str | None] = {}
+    out = []
+    for i, row in enumerate(rows):
+        if OmegaConf.is_missing(row, "name") or not row.name:
+            raise ConfigError(f"config key 'ablation.runs[{i}].name' is not set")
+        if row.name in seen:
+            raise ConfigError(f"config key 'ablation.runs[{i}].name': duplicate run name '{row.name}'")
+        base = cfg.copy()
+        OmegaConf.update(base, "ablation.runs", [], merge=False)  # a run's own config lists no runs
+        rcfg = apply_overrides(base, list(row.overrides), where=f"ablation.runs[{i}] ({row.name}) override")
+        variants = list(row.variants) if row.variants is not None else list(cfg.ablation.variants)
+        for key, value in (("eval.variants", variants), ("name", f"{cfg.name}-{row.name}"),
+                           ("logging.output_dir", str(out_dir / "runs"))):
+            OmegaConf.update(rcfg, key, value, merge=False)
+        OmegaConf.resolve(rcfg)
+        validate(rcfg)
+        if row.reuse is not None:
+            if row.reuse not in seen:
+                raise ConfigError(f"config key 'ablation.runs[{i}].reuse': '{row.reuse}' is not an earlier run "
+                                  f"(earlier: {', '.join(seen) or 'none'})")
+            if reused[row.reuse] is not None:
+                raise ConfigError(f"config key 'ablation.runs[{i}].reuse': '{row.reuse}' reuses a checkpoint itself")
+            src = seen[row.reuse]
+            for key in ("model", "data.three_slices"):
+                if OmegaConf.select(src, key) != OmegaConf.select(rcfg, key):
+                    raise ConfigError(f"config key 'ablation.runs[{i}].reuse': run '{row.name}' changes {key} of "
+                                      f"'{row.reuse}', so its checkpoint does not fit; train it instead")
+        seen[row.name] = rcfg
+        reused[row.name] = row.reuse
+        out.append((row.name, rcfg, row.reuse))
+    return out
+
+
+def _describe(rcfg: DictConfig) -> dict[str, Any]:
+    enc = rcfg.model.encoder
+    return {"encoder": enc.name, "weights": enc.weights,
+            "finetune": f"lora r={enc.lora_rank}" if enc.finetune == "lora" else enc.finetune,
+            "adapter": enc.adapter, "three_slices": bool(rcfg.data.three_slices), "shots": int(rcfg.shots),
+            "shots_source": rcfg.eval.shots_source}
+
+
+def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+    """Train (or reuse) and evaluate every row of ``cfg.ablation.runs`` and write the ablation report.
+
+    Returns:
+        ``(report, path of ablation.json)``; the folder is ``<output_dir>/<name>-ablation/version_N``.
+    """
+    run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-ablation")
+    rows = run_configs(cfg, run_dir)  # every row checked before the first one trains
+    save_config(cfg, run_dir)
+    log.info("ablation: %d runs (%s) -> %s", len(rows), ", ".join(n for n, _, _ in rows), run_dir)
+    done: dict[str, dict[str, Any]] = {}
+    for i, (name, rcfg, reuse) in enumerate(rows, start=1):
+        entry: dict[str, Any] = {"name": name, **_describe(rcfg), "reuse": reuse, "variants": list(rcfg.eval.variants)}
+        if reuse is not None:
+            src = done[reuse]
+            OmegaConf.update(rcfg, "ckpt", src["checkpoint"], merge=False)
+            log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
+                     ", ".join(rcfg.eval.variants))
+            results, path = evaluate(rcfg)
+            entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
+                         train_dir=src["train_dir"], checkpoint=src["checkpoint"])
+        else:
+            module = FewShotModule.from_config(rcfg)
+            trainable = any(p.requires_grad for p in module.parameters())
+            if trainable:
+                log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(rows), name, rcfg.trainer.max_steps,
+                         ", ".join(rcfg.eval.variants))
+                tr = train(rcfg, module=module)
+                entry.update(steps=tr.steps, trained=True, seconds_per_step=tr.seconds_per_step,
+                             train_dir=str(tr.run_dir), checkpoint=str(tr.last_ckpt))
+            else:
+                log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
+                         i, len(rows), name)
+                entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
+            results, path = evaluate(rcfg, module=module, global_step=entry["steps"])
+        entry.update(results_path=str(path), results=results)
+        done[name] = entry
+    organs = list(cfg.data.test_organs)
+    report = {
+        "name": cfg.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold, "setting": cfg.data.setting,
+        "seed": cfg.seed, "fsl_med_version": __version__, "variants": list(cfg.ablation.variants),
+        "ttt": to_container(cfg)["ttt"], "organs": organs,
+        "runs": [{k: v for k, v in e.items() if k != "results"} | {
+            "dice": {v: e["results"]["variants"][v]["dice"] for v in e["variants"]},
+            "dice_mean": {v: e["results"]["variants"][v]["dice_mean"] for v in e["variants"]},
+            "hd95_mean": {v: e["results"]["variants"][v].get("hd95_mean") for v in e["variants"]},
+            "seconds_per_volume": {v: e["results"]["variants"][v]["seconds_per_volume"] for v in e["variants"]},
+            "ttt_seconds_per_slice": e["results"].get("ttt_seconds_per_slice")} for e in done.values()],
+        "config": to_container(cfg),
+    }
+    _write_report(run_dir, report, done, organs)
+    return report, atomic.write_json(run_dir / "ablation.json", report)
+
+
+def _cell(x: float | None, nd: int = 2) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[str, Any]], organs: list[str]) -> None:
+    variants = report["variants"]
+    runs = report["runs"]
+    t = report["ttt"]
+    md = [f"# Ablation report: {report['name']}", "",
+          f"Dataset `{report['dataset']}`, fold {report['fold']}, Setting {report['setting']}, seed {report['seed']}. "
+          f"TTT: {t['steps']} steps, lr {t['lr']}, params `{t['params']}`, mode `{t['mode']}`; CCA mode "
+          f"`{report['config']['eval']['cca_mode']}`. fsl_med {report['fsl_med_version']}. Every row trains its own "
+          "model unless it names the run whose checkpoint it evaluates.", "",
+          "## Mean Dice (%) per run and evaluation variant", "",
+          "| run | encoder | weights | fine-tuning | adapter | 3-slice | shots | steps | "
+          + " | ".join(VARIANT_TITLES.get(v, v) for v in variants) + " | s/step | s/volume |",
+          "|---|---|---|---|---|---|---|---:|" + "---:|" * (len(variants) + 2)]
+    for r in runs:
+        shots = f"{r['shots']} ({r['shots_source']})" if r["shots"] > 1 else "1"
+        steps = f"{r['steps']}" + (f" (= {r['reuse']})" if r["reuse"] else "") + ("" if r["trained"] else " (untrained)")
+        cells = [_cell(r["dice_mean"].get(v)) for v in variants]
+        first = r["variants"][0]
+        md.append(f"| {r['name']} | `{r['encoder']}` | `{r['weights']}` | {r['finetune']} | {r['adapter']} | "
+                  f"{'yes' if r['three_slices'] else 'no'} | {shots} | {steps} | " + " | ".join(cells)
+                  + f" | {_cell(r['seconds_per_step'], 3)} | {_cell(r['seconds_per_volume'][first], 2)} |")
+    md += ["", "`–`: variant not evaluated for that run. s/volume: seconds per query volume and organ, plain "
+           "prediction (TTT adds its own time; TTT seconds per slice are listed per run below).", ""]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["run", "variant", "organ", "dice", "hd95_mm", "seconds_per_volume"])
+    for v in variants:
+        cols = {r["name"]: done[r["name"]]["results"]["variants"][v] for r in runs if v in r["variants"]}
+        if not cols:
+            continue
+        md += [f"## {VARIANT_TITLES.get(v, v)}: Dice (%) per organ", "", metric_table(cols, organs, "dice"), "",
+               "HD95 (mm):", "", metric_table(cols, organs, "hd95"), ""]
+        for name, summ in cols.items():
+            for o in organs:
+                if o in summ["dice"]:
+                    w.writerow([name, v, o, f"{summ['dice'][o]:.4f}", f"{summ['hd95'].get(o, float('nan')):.4f}", ""])
+            w.writerow([name, v, "mean", f"{summ['dice_mean']:.4f}", f"{summ.get('hd95_mean', float('nan')):.4f}",
+                        f"{summ['seconds_per_volume']:.4f}"])
+    bars = {r["name"]: done[r["name"]]["results"]["variants"][variants[0]] for r in runs
+            if variants[0] in r["variants"]}
+    write_figures(run_dir, bars, organs, [], None, bar_name="dice_bar.png")
+    md += [f"![Dice per organ and run, {VARIANT_TITLES.get(variants[0], variants[0])}](dice_bar.png)", "",
+           "## Runs", "", "| run | TTT s/slice | train folder | results |", "|---|---:|---|---|"]
+    md += [f"| {r['name']} | {_cell(r['ttt_seconds_per_slice'], 3)} | `{r['train_dir'] or '–'}` | `{r['results_path']}` |"
+           for r in runs]
+    md += ["", "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
+    atomic.write_text(run_dir / "ablation.csv", buf.getvalue())
+    atomic.write_text(run_dir / "ablation.md", "\n".join(md) + "\n")
