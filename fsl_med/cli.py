@@ -101,24 +101,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_verb(args: argparse.Namespace, runner: Any, report: str) -> int:
+    """Run a grid verb (``runner(cfg) -> (report, json path)``), print its Markdown report, then the JSON path."""
+    cfg = _required_config(args, "CONFIG [key=value ...]")
+    _, path = runner(cfg)
+    print(path.with_name(report).read_text(encoding="utf-8"))
+    print(path)
+    return 0
+
+
 def cmd_protocol(args: argparse.Namespace) -> int:
     from fsl_med.benchmark import run_protocol
 
-    cfg = _required_config(args, "CONFIG [key=value ...]")
-    _, path = run_protocol(cfg)
-    print(path.with_name("protocol.md").read_text(encoding="utf-8"))
-    print(path)
-    return 0
+    return _report_verb(args, run_protocol, "protocol.md")
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from fsl_med.ablate import run_ablation
 
-    cfg = _required_config(args, "CONFIG [key=value ...]")
-    _, path = run_ablation(cfg)
-    print(path.with_name("ablation.md").read_text(encoding="utf-8"))
-    print(path)
-    return 0
+    return _report_verb(args, run_ablation, "ablation.md")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -213,7 +214,9 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
     for n in list_encoders():
         s = get_encoder_spec(n)
-        print(f"{n:24s} timm={s.timm_name:36s} dim={s.embed_dim:5d} hub={s.hub_tag}")
+        arch = f"timm={s.timm_name}" if s.family == "vit" else "torchvision deeplabv3_resnet101 + 1x1 2048->256"
+        print(f"{n:24s} {arch:48s} dim={s.embed_dim:5d} weights: none|{s.hub_tag or '-'}|FILE")
+    print("timm:<architecture>[.<tag>]  any timm ViT with patch tokens, e.g. timm:vit_small_patch16_224.dino")
     return 0
 
 

@@ -193,3 +193,11 @@ def test_any_timm_vit_by_name() -> None:
         get_encoder_spec("timm:vit_nonexistent")
     with pytest.raises(WeightsError, match="hub download"):  # no internet here; the error is one line
         _build("timm:deit_tiny_patch16_224.fb_in1k", weights="fb_in1k")
+
+
+def test_encoders_verb_lists_the_zoo(capsys) -> None:
+    from fsl_med.cli import main
+
+    assert main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet101_deeplabv3" in out and "dinov2_vitg14_reg" in out and "timm:<architecture>" in out

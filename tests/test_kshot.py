@@ -185,3 +185,15 @@ def test_datamodule_support_scans_are_deterministic(phantom, cache_dir) -> None:
         load_config(None, [*base, "shots=0"])
     with pytest.raises(ConfigError, match="eval.shots_source"):
         load_config(None, [*base, "eval.shots_source=volumes"])
+
+
+def test_three_slice_checkpoint_needs_three_slice_config(phantom, tmp_path) -> None:
+    from fsl_med.config import to_container
+    from fsl_med.runs import check_compatible
+
+    cfg = load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14"])
+    ckpt_cfg = to_container(load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14",
+                                               "data.three_slices=true"]))
+    with pytest.raises(ConfigError, match="checkpoint has data.three_slices=True but the config says False"):
+        check_compatible(ckpt_cfg, cfg, tmp_path / "x.ckpt")
+    check_compatible(to_container(cfg), cfg, tmp_path / "x.ckpt")  # same input: fine

@@ -44,6 +44,7 @@ from fsl_med.errors import ConfigError, WeightsError
 
 __all__ = [
     "EncoderSpec",
+    "DenseEncoder",
     "ViTPatchEncoder",
     "create_encoder",
     "get_encoder_spec",
@@ -214,7 +215,52 @@ def _make_adapter(adapter: str) -> nn.Module | None:
     raise ConfigError(f"model.encoder.adapter: unknown adapter {adapter!r} (valid: {', '.join(ADAPTERS)})")
 
 
-class ViTPatchEncoder(nn.Module):
+class DenseEncoder(nn.Module):
+    """What every encoder shares: input checks, optional ImageNet normalisation and slice adapter, trainable
+    parameters, and the bilinear upsampling of a coarse feature grid to ``feature_size``."""
+
+    def __init__(self, spec: EncoderSpec, feature_size: int, adapter: nn.Module | None, imagenet_norm: bool,
+                 finetune: str, out_channels: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.adapter = adapter
+        self.out_channels: int = int(out_channels)
+        self.feature_size: int = int(feature_size)
+        self.imagenet_norm: bool = bool(imagenet_norm)
+        self.finetune: str = finetune
+        self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters with ``requires_grad`` (backbone, LoRA, projection or adapter weights by ``finetune``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @staticmethod
+    def check_input(x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is a float ``[B, 3, H, W]`` tensor."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"encoder input must be [B, 3, H, W], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"encoder input must be a float tensor, got {x.dtype}")
+
+    def normalise_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet mean/std (when ``imagenet_norm``), then the adapter (when set); a new tensor."""
+        if self.imagenet_norm:
+            x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
+        if self.adapter is not None:
+            x = self.adapter(x)
+        return x
+
+    def to_feature_size(self, feats: torch.Tensor) -> torch.Tensor:
+        """Bilinearly upsample ``[B, C, h, w]`` so that both sides are >= ``feature_size`` (larger sides kept)."""
+        h, w = feats.shape[-2:]
+        fs = self.feature_size
+        if h < fs or w < fs:
+            feats = F.interpolate(feats, size=(max(h, fs), max(w, fs)), mode="bilinear", align_corners=False)
+        return feats
+
+
+class ViTPatchEncoder(DenseEncoder):
     """Dense patch-feature encoder around a timm ViT.
 
     ``forward``: input ``[B, 3, H, W]`` float -> ``[B, embed_dim, fs, fs]`` (``fs = feature_size``).
@@ -246,28 +292,13 @@ class ViTPatchEncoder(nn.Module):
         imagenet_norm: bool = False,
         finetune: str = "full",
     ) -> None:
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec, feature_size, adapter, imagenet_norm, finetune, spec.embed_dim)
         self.vit = vit
-        self.adapter = adapter
-        self.out_channels: int = int(spec.embed_dim)
-        self.feature_size: int = int(feature_size)
         self.patch_size: int = int(spec.patch_size)
-        self.imagenet_norm: bool = bool(imagenet_norm)
-        self.finetune: str = finetune
-        self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad`` (ViT, LoRA or adapter weights depending on finetune)."""
-        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` float -> ``[B, out_channels, h', w']`` with ``h', w' >= feature_size``."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"encoder input must be [B, 3, H, W], got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"encoder input must be a float tensor, got {x.dtype}")
+        self.check_input(x)
         p = self.patch_size
         h_in, w_in = int(x.shape[-2]), int(x.shape[-1])
         if h_in < p or w_in < p:
@@ -275,18 +306,12 @@ class ViTPatchEncoder(nn.Module):
         th, tw = (h_in // p) * p, (w_in // p) * p
         if (th, tw) != (h_in, w_in):
             x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
-        if self.imagenet_norm:
-            x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
-        if self.adapter is not None:
-            x = self.adapter(x)
+        x = self.normalise_and_adapt(x)
         tokens = self.vit.forward_features(x)  # [B, prefix + h*w, C], final norm applied
         tokens = tokens[:, int(self.vit.num_prefix_tokens) :]
         h, w = th // p, tw // p
         feats = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
-        fs = self.feature_size
-        if h < fs or w < fs:
-            feats = F.interpolate(feats, size=(max(h, fs), max(w, fs)), mode="bilinear", align_corners=False)
-        return feats
+        return self.to_feature_size(feats)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fsl_med.errors import WeightsError
+from fsl_med.models.encoders import DenseEncoder, EncoderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def build_backbone() -> nn.Module:
     return IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
 
 
-class ResNetDeepLabEncoder(nn.Module):
+class ResNetDeepLabEncoder(DenseEncoder):
     """Dense features of the DeepLabv3 ResNet-101 backbone, projected to 256 channels.
 
     ``forward``: ``[B, 3, H, W]`` float -> ``[B, 256, h, w]`` with ``h = ceil(H / 8)``, bilinearly upsampled
@@ -52,20 +52,12 @@ class ResNetDeepLabEncoder(nn.Module):
     statistics are not updated); the projection and the adapter always train.
     """
 
-    def __init__(self, spec: object, feature_size: int = 32, adapter: nn.Module | None = None,
+    def __init__(self, spec: EncoderSpec, feature_size: int = 32, adapter: nn.Module | None = None,
                  imagenet_norm: bool = False, finetune: str = "full") -> None:
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec, feature_size, adapter, imagenet_norm, finetune, PROJ_CHANNELS)
         self.backbone = build_backbone()
         self.proj = nn.Conv2d(RESNET_OUT_CHANNELS, PROJ_CHANNELS, kernel_size=1, bias=False)
-        self.adapter = adapter
-        self.out_channels = PROJ_CHANNELS
-        self.feature_size = int(feature_size)
         self.patch_size = 8  # output stride
-        self.imagenet_norm = bool(imagenet_norm)
-        self.finetune = finetune
-        self.register_buffer("_mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> ResNetDeepLabEncoder:
         """As ``nn.Module.train``, but a frozen or LoRA backbone keeps its BatchNorm statistics fixed."""
@@ -76,26 +68,10 @@ class ResNetDeepLabEncoder(nn.Module):
                     m.eval()
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad`` (backbone, LoRA, projection, adapter depending on finetune)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` float -> ``[B, 256, h', w']`` with ``h', w' >= feature_size``."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"encoder input must be [B, 3, H, W], got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"encoder input must be a float tensor, got {x.dtype}")
-        if self.imagenet_norm:
-            x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
-        if self.adapter is not None:
-            x = self.adapter(x)
-        feats = self.proj(self.backbone(x)["out"])
-        h, w = feats.shape[-2:]
-        fs = self.feature_size
-        if h < fs or w < fs:
-            feats = F.interpolate(feats, size=(max(h, fs), max(w, fs)), mode="bilinear", align_corners=False)
-        return feats
+        self.check_input(x)
+        return self.to_feature_size(self.proj(self.backbone(self.normalise_and_adapt(x))["out"]))
 
 
 def to_encoder_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
