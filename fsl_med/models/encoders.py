@@ -629,8 +629,8 @@ def _create_resnet(spec: EncoderSpec, weights: str, finetune: str, lora_rank: in
     elif weights == spec.hub_tag:
         rn.load_weights(enc, rn.coco_state_dict(), "torchvision COCO (download)")
     else:
-        path = rn.resolve_file(weights)
-        rn.load_weights(enc, _read_weights_file(path), str(path))
+        path = Path(weights).expanduser()
+        rn.load_weights(enc, _read_weights_file(path), str(path))  # missing/unreadable file: one-line error
     if finetune == "frozen":
         enc.backbone.requires_grad_(False)
     elif finetune == "lora":

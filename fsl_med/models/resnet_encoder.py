@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -119,14 +118,3 @@ def coco_state_dict() -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"model.encoder.weights='coco': download of the official DeepLabv3 ResNet-101 COCO weights failed "
             f"({type(exc).__name__}: {first}); pass a local file path as model.encoder.weights instead") from exc
-
-
-def resolve_file(weights: str) -> Path:
-    """The local weight file named by ``weights`` (``~`` expanded); WeightsError when it is not a file."""
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise WeightsError(f"model.encoder.weights: file {path} does not exist (encoder resnet101_deeplabv3 takes "
-                           "'none', 'coco' or a weight file)")
-    if not path.is_file():
-        raise WeightsError(f"model.encoder.weights: {path} is not a file")
-    return path
