@@ -110,6 +110,52 @@ def _flops(fn) -> float:
     return float(fc.get_total_flops())
 
 
+FLOOR_OPS_EXTRA = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+"""The CPU flash-attention kernels, which ``flop_registry`` lacks (see :func:`_flops`)."""
+
+
+def _kernel_floor(fn, repeats: int = 5) -> dict[str, Any]:
+    """The time ``fn()`` would take if it were nothing but its FLOP-carrying kernels (matmuls, convolutions,
+    attention: the ops ``torch.utils.flop_counter`` counts, plus the CPU flash-attention kernels), each
+    replayed alone on copies of its own inputs (same shapes and strides) and timed, times its number of calls.
+
+    Elementwise work, normalisation, the optimiser and framework overhead are left out, so this is a lower
+    bound on ``fn``'s time with this machine's kernels; ``flops / seconds / matmul`` is the highest FLOP-bound
+    fraction those kernels allow. Returns ``{"seconds", "calls", "kernels"}`` (``kernels``: distinct
+    op/shape/stride signatures, each timed once).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten, tree_map
+    from torch.utils.flop_counter import flop_registry
+
+    ops = set(flop_registry) | {getattr(torch.ops.aten, n) for n in FLOOR_OPS_EXTRA}
+    calls: dict[tuple, list] = {}
+
+    def keep(a: Any) -> Any:
+        return a.detach().clone() if isinstance(a, torch.Tensor) else a
+
+    def sig(a: Any) -> Any:
+        return (tuple(a.shape), a.stride(), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            kwargs = kwargs or {}
+            if func.overloadpacket in ops:
+                key = (str(func), tuple(sig(a) for a in tree_flatten((args, kwargs))[0]))
+                if key in calls:
+                    calls[key][0] += 1
+                else:
+                    calls[key] = [1, func, tree_map(keep, args), tree_map(keep, kwargs)]
+            return func(*args, **kwargs)
+
+    with Capture():
+        fn()
+    total = 0.0
+    for count, func, a, kw in calls.values():
+        total += count * _median_time(lambda f=func, a=a, kw=kw: f(*a, **kw), repeats, warmup=1)
+    return {"seconds": total, "calls": sum(c[0] for c in calls.values()), "kernels": len(calls)}
+
+
 def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     """Seconds per training step through the real Lightning loop, and GFLOP per step."""
     from lightning.pytorch.callbacks import Callback
@@ -119,9 +165,9 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     from fsl_med.runs import make_trainer, new_run_dir
     from fsl_med.train import StepTimer
 
-    warm, n = 3, args.steps
+    warm, n = args.warmup, args.steps
     cfg = _config(args, [f"model.encoder.finetune={finetune}", f"trainer.max_steps={warm + n}",
-                         "data.num_val_scans=0", f"data.num_workers={args.workers}"])
+                         "data.num_val_scans=0", f"data.num_workers={args.workers}", *args.set])
     dm = FewShotDataModule(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -139,6 +185,10 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
 
     flops = _flops(step)
     module.zero_grad(set_to_none=True)
+    floor = None
+    if finetune == "full" and not args.set and not args.precision.startswith("bf16") and _device() == "cpu":
+        floor = _kernel_floor(step)
+        module.zero_grad(set_to_none=True)
 
     class Wall(Callback):
         def __init__(self) -> None:
@@ -153,8 +203,13 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm)
     compute = statistics.median(timer.times[warm:])
     walls = statistics.median(np.diff(wall.t[warm - 1:]).tolist())
-    return {"seconds_per_step": compute, "wall_seconds_per_step": walls, "gflop_per_step": flops / 1e9,
-            "data_seconds_per_episode": data_s, "workers": args.workers, "steps": n}
+    out = {"seconds_per_step": compute, "wall_seconds_per_step": walls, "gflop_per_step": flops / 1e9,
+           "data_seconds_per_episode": data_s, "workers": args.workers, "steps": n,
+           "first_step_seconds": timer.times[0], "overrides": list(args.set)}
+    if floor is not None:
+        out.update(floor_seconds_per_step=floor["seconds"], floor_kernel_calls=floor["calls"],
+                   floor_kernels=floor["kernels"])
+    return out
 
 
 def _eval_items(args: argparse.Namespace, extra: list[str], all_queries: bool = False):
@@ -341,13 +396,19 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         (f"TTT, fast ({' '.join(FAST_TTT)}), per slice (s)", tt.get("fast_seconds_per_slice"), None,
          (tt.get("paper_seconds_per_slice") or 0) / 5 or None, "–", None),
     ]
-    for key, title in (("train_full_bf16", "training step, full, bf16 autocast (s)"),
+    if tf.get("floor_seconds_per_step"):
+        rows.insert(2, ("  kernel floor: the step's matmul, convolution and attention kernels alone (s)",
+                        tf["floor_seconds_per_step"], None, None,
+                        frac(tf.get("gflop_per_step"), tf["floor_seconds_per_step"]), None))
+    for key, title in (("train_full_compile", "training step, full, torch.compile (s)"),
+                       ("train_full_bf16", "training step, full, bf16 autocast (s)"),
                        ("train_lora_bf16", "training step, LoRA, bf16 autocast (s)"),
                        ("eval_bf16", "evaluation per query slice, bf16 autocast (s)")):
         part = res["parts"].get(key)
         if part:
             v = part.get("seconds_per_step", part.get("seconds_per_slice"))
-            rows.append((title, v, None, None, "–", part.get("peak_rss_mb")))
+            fr = frac(part.get("gflop_per_step"), v) if key == "train_full_compile" else "–"
+            rows.append((title, v, None, None, fr, part.get("peak_rss_mb")))
     lines = [
         "# Benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
@@ -372,6 +433,20 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
               f"{ev.get('query_scans')} query scans, {ev.get('encoded_slices')} slices encoded). Episode preparation {_fmt(tf.get('data_seconds_per_episode'))} s "
               f"({tf.get('workers')} data worker(s), overlapped with compute). Reference peak memory: training/TTT "
               f"{REFERENCE['peak_train_mb']:.0f} MB, evaluation {REFERENCE['peak_eval_mb']:.0f} MB."]
+    if tf.get("floor_seconds_per_step"):
+        fl = tf["floor_seconds_per_step"]
+        lines += ["", f"Kernel floor: the {tf['floor_kernel_calls']} FLOP-carrying kernel calls of one training step "
+                  f"({tf['floor_kernels']} distinct op/shape signatures), each replayed alone and timed, take {fl:.3f} s "
+                  f"({frac(tf.get('gflop_per_step'), fl)} of the FLOP bound): the fastest this step can be with this "
+                  f"machine's matmul and attention kernels. The other {tf['seconds_per_step'] - fl:.3f} s of the measured "
+                  "step are elementwise work, normalisation, the ALP head, the optimiser and framework overhead."]
+    for key, title in (("train_full_compile", "torch.compile (model.compile=default)"),
+                       ("train_full_bf16", "bf16 autocast (trainer.precision=bf16-mixed)")):
+        part = res["parts"].get(key)
+        if part and tf.get("seconds_per_step"):
+            lines += ["", f"{title}: first step {part['first_step_seconds']:.1f} s, then {part['seconds_per_step']:.3f} "
+                      f"s per step against {tf['seconds_per_step']:.3f} s in float32 eager "
+                      f"({tf['seconds_per_step'] / part['seconds_per_step']:.2f}x)."]
     if td:
         lines += ["", f"TTT Dice, tiny ViT trained {td['tiny_steps']} steps, fold-0 query scan {td['query']}, organs "
                   f"{', '.join(td['organs'])}: plain {td['plain_dice']:.2f}, paper TTT {td['paper_dice']:.2f} "
@@ -392,13 +467,20 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": encoder, "data": str(data),
                            "machine": _machine(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
-        runs = [(p, p, "32-true") for p in parts]
-        if torch.cuda.is_available():  # the same in bf16 autocast on a GPU
-            runs += [(f"{p}_bf16", p, "bf16-mixed") for p in parts if p in ("train_full", "train_lora", "eval")]
-        for label, part, precision in runs:
+        gpu = torch.cuda.is_available()
+        runs: list[tuple[str, str, str, list[str], int]] = [(p, p, "32-true", [], steps) for p in parts]
+        # the optional speed-ups, measured: full fine-tuning compiled, and in bf16 autocast (CPU and GPU);
+        # on a GPU also LoRA training and evaluation in bf16. A CPU without bf16 units emulates it (~25x
+        # slower here), so on a CPU it gets 3 timed steps.
+        bf16 = ("train_full", "train_lora", "eval") if gpu else ("train_full",)
+        runs += [(f"{p}_bf16", p, "bf16-mixed", [], steps if gpu else 3) for p in parts if p in bf16]
+        if "train_full" in parts:
+            runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps))
+        for label, part, precision, overrides, n_steps in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
-                   "--steps", str(steps), "--workers", str(workers), "--tiny-steps", str(tiny_steps),
-                   "--cache-dir", cache, "--work", work, "--precision", precision]
+                   "--steps", str(n_steps), "--warmup", str(3 if n_steps == steps else 1), "--workers", str(workers),
+                   "--tiny-steps", str(tiny_steps), "--cache-dir", cache, "--work", work, "--precision", precision,
+                   "--set", *overrides]
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -417,9 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--encoder", default="dinov2_vits14")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="training steps before the timed ones")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--tiny-steps", type=int, default=300)
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides of the part (key=value)")
     p.add_argument("--cache-dir", default=".cache/fsl_med")
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)

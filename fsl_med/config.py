@@ -34,6 +34,9 @@ ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 VARIANTS = ("plain", "cca", "ttt", "ttt_cca")
 """Evaluation variants: the prediction as is, + CCA, + TTT, + TTT then CCA (method.md §6-7)."""
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
+
 
 @dataclass
 class SuperpixelConfig:
@@ -107,6 +110,7 @@ class ModelConfig:
     bg_thresh: float = 0.95
     scale: float = 20.0
     mask_downsample: str = "nearest"
+    compile: str = "off"  # off, or a torch.compile mode for the encoder (default, max-autotune, ...)
 
 
 @dataclass
@@ -394,6 +398,7 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < m.fg_thresh <= 1 and 0 < m.bg_thresh <= 1, "model.fg_thresh", "thresholds must be in (0, 1]")
     _check(m.scale > 0, "model.scale", "must be > 0")
     _check(m.mask_downsample in ("nearest", "bilinear"), "model.mask_downsample", "must be nearest or bilinear")
+    _check(m.compile in COMPILE_MODES, "model.compile", f"must be one of {', '.join(COMPILE_MODES)}, got '{m.compile}'")
     _check(len(cfg.loss.ce_weights) == 2 and min(cfg.loss.ce_weights) >= 0, "loss.ce_weights",
            "must be two non-negative weights [background, foreground]")
     _check(cfg.loss.align_weight >= 0, "loss.align_weight", "must be >= 0")

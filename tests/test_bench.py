@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from fsl_med.bench import run_bench
+from fsl_med.bench import _kernel_floor, run_bench
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
 
@@ -24,10 +26,33 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     assert p["eval"]["seconds_per_slice"] > 0 and p["eval"]["slices"] > 0 and p["eval"]["volumes"] == 4
     assert p["ttt"]["paper_seconds_per_slice"] > p["ttt"]["fast_seconds_per_slice"] > 0
     assert all(part["peak_rss_mb"] > 0 for part in p.values())
+    # the kernel floor leaves out everything but the matmul/conv/attention kernels: below the measured step
+    tf = p["train_full"]
+    assert 0 < tf["floor_seconds_per_step"] < tf["seconds_per_step"] and tf["floor_kernel_calls"] >= tf["floor_kernels"]
+    # the optional speed-ups are measured: torch.compile and bf16 autocast of the same training step
+    assert p["train_full_compile"]["overrides"] == ["model.compile=default"]
+    assert p["train_full_compile"]["seconds_per_step"] > 0 and p["train_full_bf16"]["seconds_per_step"] > 0
     text = md.read_text()
     for needle in ("Machine:", "GFLOP/s", "training step, full fine-tuning", "evaluation, per query slice",
-                   "TTT, paper", "TTT, fast", "of FLOP bound", "peak RSS"):
+                   "TTT, paper", "TTT, fast", "of FLOP bound", "peak RSS", "kernel floor", "torch.compile",
+                   "bf16 autocast"):
         assert needle in text, needle
+
+
+def test_kernel_floor_replays_each_flop_kernel_once_per_signature():
+    a, b, c = torch.randn(64, 32), torch.randn(32, 48), torch.randn(48, 16)
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+
+    def fn() -> None:
+        for _ in range(3):
+            (a @ b).relu()  # three calls, one signature; relu is not a FLOP kernel
+        (a @ b) @ c  # a fourth call of the first signature, and a second signature
+        F.scaled_dot_product_attention(q, k, v).sum().backward()  # CPU flash attention forward and backward
+
+    floor = _kernel_floor(fn, repeats=2)
+    assert floor["kernels"] == 4 and floor["calls"] == 7  # a@b 4x, (a@b)@c, attention forward, backward
+    assert floor["seconds"] > 0
+    assert q.grad is not None  # fn itself ran normally under the capture
 
 
 def test_bench_cli_errors_are_one_line(tmp_path, capsys):

@@ -36,6 +36,7 @@ def test_experiment_files_load_and_inherit_defaults():
         ("model.encoder.name=dinov2_vitz14", r"model.encoder.name"),
         ("model.encoder.finetune=half", r"model.encoder.finetune"),
         ("optim.name=adam", r"optim.name"),
+        ("model.compile=fast", r"'model.compile': must be one of off, default, reduce-overhead"),
         ("nonsense", r"not of the form key=value"),
     ],
 )

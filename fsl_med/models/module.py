@@ -42,7 +42,9 @@ def _scan_key(scan_id: str) -> tuple[int, int, str]:
 
 
 def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegmenter:
-    """The segmenter described by ``cfg.model`` (``weights`` overrides ``model.encoder.weights``)."""
+    """The segmenter described by ``cfg.model`` (``weights`` overrides ``model.encoder.weights``); with
+    ``model.compile`` other than ``off`` the encoder is compiled in place with that ``torch.compile`` mode
+    (compiled on its first call; the state dict keeps the eager names)."""
     e = cfg.model.encoder
     encoder = create_encoder(
         e.name, weights=e.weights if weights is None else weights, finetune=e.finetune, lora_rank=e.lora_rank,
@@ -50,6 +52,9 @@ def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegme
         adapter=e.adapter, imagenet_norm=e.imagenet_norm,
     )
     m = cfg.model
+    if m.compile != "off":
+        # in place (nn.Module.compile): parameter names and checkpoints are those of the eager model
+        encoder.compile(mode=m.compile)
     return FewShotSegmenter(encoder, m.feature_size, m.proto_grid, m.test_window, m.fg_thresh, m.bg_thresh,
                             m.scale, m.mask_downsample)
 
