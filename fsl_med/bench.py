@@ -474,17 +474,18 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
                            "machine": _machine(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
         gpu = torch.cuda.is_available()
-        runs: list[tuple[str, str, str, list[str], int]] = [(p, p, "32-true", [], steps) for p in parts]
+        # (label, part, precision, overrides, timed steps, warm-up steps)
+        runs: list[tuple[str, str, str, list[str], int, int]] = [(p, p, "32-true", [], steps, 3) for p in parts]
         # the optional speed-ups, measured: full fine-tuning compiled, and in bf16 autocast (CPU and GPU);
         # on a GPU also LoRA training and evaluation in bf16. A CPU without bf16 units emulates it (~25x
-        # slower here), so on a CPU it gets 3 timed steps.
+        # slower here), so on a CPU it gets 1 warm-up and 3 timed steps.
         bf16 = ("train_full", "train_lora", "eval") if gpu else ("train_full",)
-        runs += [(f"{p}_bf16", p, "bf16-mixed", [], steps if gpu else 3) for p in parts if p in bf16]
+        runs += [(f"{p}_bf16", p, "bf16-mixed", [], *((steps, 3) if gpu else (3, 1))) for p in parts if p in bf16]
         if "train_full" in parts:
-            runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps))
-        for label, part, precision, overrides, n_steps in runs:
+            runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps, 3))
+        for label, part, precision, overrides, n_steps, warmup in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
-                   "--steps", str(n_steps), "--warmup", str(3 if n_steps == steps else 1), "--workers", str(workers),
+                   "--steps", str(n_steps), "--warmup", str(warmup), "--workers", str(workers),
                    "--tiny-steps", str(tiny_steps), "--cache-dir", cache, "--work", work, "--precision", precision,
                    "--set", *overrides]
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
