@@ -203,6 +203,7 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm)
     peak = _peak_mb()  # the training's own peak, before the kernel floor's copies of kernel inputs
     floor = None
+    # CPU only: the replays are timed with perf_counter, without CUDA synchronisation
     if finetune == "full" and not args.set and not args.precision.startswith("bf16") and _device() == "cpu":
         floor = _kernel_floor(step)
     compute = statistics.median(timer.times[warm:])
@@ -417,9 +418,8 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         "# Benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"{'GPU ' + m['cuda'] if m['cuda'] else 'no GPU'}; torch {m['torch']}, Python {m['python']}, fsl_med {m['fsl_med']}. "
-        f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³"
-        + (f"; median {res['parts']['matmul']['median_gflops']:.1f}" if "median_gflops" in res["parts"]["matmul"] else "")
-        + f"). Written by `make bench` on {res['date']}.", "",
+        f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
+        f"{res['parts']['matmul']['median_gflops']:.1f}). Written by `make bench` on {res['date']}.", "",
         f"Encoder `{res['encoder']}` (random init), 256 px, batch 1, data `{res['data']}`. Medians after warm-up; "
         "FLOP-bound fraction = model FLOPs / time / measured matmul throughput.", "",
         f"Reference and target are the figures of method.md §10, measured on a machine with a "
