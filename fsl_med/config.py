@@ -322,8 +322,16 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _translate(e, "config") from e
+    _normalise(cfg)
     validate(cfg)
     return cfg
+
+
+def _normalise(cfg: DictConfig) -> None:
+    """Undo YAML 1.1's reading of ``off`` as a boolean: ``model.compile=off`` (command line or YAML file)
+    arrives in the string field as ``'False'``."""
+    if cfg.model.compile in ("False", "false"):
+        cfg.model.compile = "off"
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "override") -> DictConfig:
@@ -463,6 +471,7 @@ def from_container(data: dict[str, Any]) -> DictConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as e:
         raise _translate(e, "stored config") from e
+    _normalise(cfg)
     validate(cfg)
     return cfg
 

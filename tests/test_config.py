@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,12 @@ def test_cli_config_error_is_one_line_without_traceback():
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("fsl-med: error: ") and "data.fodl" in lines[-1] and "data.fold" in lines[-1]
     assert "Traceback" not in p.stderr
+
+
+def test_compile_off_survives_yaml_booleans(tmp_path):
+    """YAML 1.1 reads ``off`` as false: ``model.compile=off`` (command line or file) must still mean off."""
+    assert load_config("experiments/mri.yaml", [ROOT, "model.compile=off"]).model.compile == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text(f"defaults: [{Path('experiments/mri.yaml').resolve()}]\nmodel:\n  compile: off\n")
+    assert load_config(f, [ROOT]).model.compile == "off"
+    assert load_config("experiments/mri.yaml", [ROOT, "model.compile=default"]).model.compile == "default"
