@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsl_med import __version__, atomic
+from fsl_med import atomic
+from fsl_med.measure import (
+    count_flops,
+    default_device,
+    machine_info,
+    matmul_throughput,
+    median_time,
+    peak_rss_mb,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("matmul", "train_full", "train_lora", "eval", "ttt", "ttt_dice")
@@ -52,36 +58,13 @@ FAST_TTT = ["ttt.mode=volume", "ttt.steps=100"]
 """The fast TTT mode measured against the paper's per-slice TTT: one 100-step adaptation per query volume."""
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def part_matmul(_: argparse.Namespace) -> dict[str, Any]:
     """float32 GEMM throughput (GFLOP/s) on the current device: the best of 30 timed 2048³ products (the
     machine's peak, which the FLOP-bound fractions are taken against; on a shared machine the median of a
     few runs swings by ±5 %), and their median."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 2048
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    times = []
-    for i in range(33):
-        t0 = time.perf_counter()
-        (a @ b).sum().item()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    flop = 2 * n**3 / 1e9
-    return {"gflops": flop / min(times), "median_gflops": flop / statistics.median(times), "device": dev}
+    dev = default_device()
+    mm = matmul_throughput(dev, torch.float32, n=2048, repeats=30, warmup=3)
+    return {"gflops": mm["best"] / 1e9, "median_gflops": mm["median"] / 1e9, "device": dev}
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
@@ -93,29 +76,13 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Any:
         "trainer.enable_progress_bar=false", f"trainer.precision={args.precision}", *extra])
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _autocast(args: argparse.Namespace) -> Any:
     """bf16 autocast for ``--precision bf16-mixed`` (CUDA runs), else a no-op context."""
-    return torch.autocast(_device(), dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
-
-
-def _flops(fn) -> float:
-    """FLOPs of ``fn()`` (forward and backward if it calls ``backward``), attention included: the count runs
-    with the math attention backend, because ``FlopCounterMode`` counts nothing for the fused CPU
-    attention kernels (flash attention forward and backward); the timed runs use the default kernels."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-        fn()
-    return float(fc.get_total_flops())
+    return torch.autocast(default_device(), dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
 
 
 FLOOR_OPS_EXTRA = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
-"""The CPU flash-attention kernels, which ``flop_registry`` lacks (see :func:`_flops`)."""
+"""The CPU flash-attention kernels, which ``flop_registry`` lacks (see :func:`fsl_med.measure.count_flops`)."""
 
 
 def _kernel_floor(fn, repeats: int = 5) -> dict[str, Any]:
@@ -156,7 +123,7 @@ def _kernel_floor(fn, repeats: int = 5) -> dict[str, Any]:
         fn()
     total = 0.0
     for count, func, a, kw in calls.values():
-        total += count * _median_time(lambda f=func, a=a, kw=kw: f(*a, **kw), repeats, warmup=1)
+        total += count * median_time(lambda f=func, a=a, kw=kw: f(*a, **kw), repeats, warmup=1)
     return {"seconds": total, "calls": sum(c[0] for c in calls.values()), "kernels": len(calls)}
 
 
@@ -187,7 +154,7 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
                                                batch["query_label"], module.ce_weights, cfg.loss.align_weight)
         loss.backward()
 
-    flops = _flops(step)
+    flops = count_flops(step)
     module.zero_grad(set_to_none=True)
 
     class Wall(Callback):
@@ -201,10 +168,10 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     trainer = make_trainer(cfg, new_run_dir(args.work, f"bench-{finetune}"), with_val=False,
                            extra_callbacks=[timer, wall], progress_bar=False)
     trainer.fit(module, datamodule=dm)
-    peak = _peak_mb()  # the training's own peak, before the kernel floor's copies of kernel inputs
+    peak = peak_rss_mb()  # the training's own peak, before the kernel floor's copies of kernel inputs
     floor = None
     # CPU only: the replays are timed with perf_counter, without CUDA synchronisation
-    if finetune == "full" and not args.set and not args.precision.startswith("bf16") and _device() == "cpu":
+    if finetune == "full" and not args.set and not args.precision.startswith("bf16") and default_device() == "cpu":
         floor = _kernel_floor(step)
     compute = statistics.median(timer.times[warm:])
     walls = statistics.median(np.diff(wall.t[warm - 1:]).tolist())
@@ -237,12 +204,12 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg, items = _eval_items(args, ["eval.variants=[plain,cca]", "eval.hd95=false", "eval.overlay_slices=0"],
                              all_queries=True)
-    dev = _device()
+    dev = default_device()
     module = FewShotModule.from_config(cfg).eval().to(dev)
     seg = module.model
     x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=dev)
     with torch.inference_mode():
-        flops = _flops(lambda: seg.encode(x))
+        flops = count_flops(lambda: seg.encode(x))
     encoded: list[int] = []
 
     def run() -> None:
@@ -253,7 +220,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
         support = {it.organ: len(it.support_z) for it in items}  # support slices, encoded once per organ
         encoded.append(module._qcache.encoded + sum(support.values()))
 
-    t = _median_time(run, 3, warmup=1)
+    t = median_time(run, 3, warmup=1)
     slices = sum(len(it.z) for it in items)
     return {"seconds_per_slice": t / slices, "seconds_per_volume": t / len(items), "slices": slices,
             "volumes": len(items), "query_scans": len({it.query_id for it in items}),
@@ -348,22 +315,8 @@ def run_part(args: argparse.Namespace) -> dict[str, Any]:
           "train_lora": lambda a: part_train(a, "lora"), "eval": part_eval, "ttt": part_ttt,
           "ttt_dice": part_ttt_dice}[args.part]
     res = fn(args)
-    res.setdefault("peak_rss_mb", _peak_mb())
+    res.setdefault("peak_rss_mb", peak_rss_mb())
     return res
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "fsl_med": __version__}
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -471,7 +424,7 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
     out = Path(out_dir)
     cache = cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": encoder, "data": str(data),
-                           "machine": _machine(), "parts": {}}
+                           "machine": machine_info(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
         gpu = torch.cuda.is_available()
         # (label, part, precision, overrides, timed steps, warm-up steps)

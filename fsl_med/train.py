@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from fsl_med import atomic
 from fsl_med.config import excluded_labels, to_container
 from fsl_med.data.datamodule import FewShotDataModule
+from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_compatible,
@@ -34,26 +35,43 @@ log = logging.getLogger(__name__)
 class StepTimer(Callback):
     """Wall-clock seconds of each training batch (data wait excluded), for the run summary.
 
+    On CUDA the device is synchronised at the start and end of each batch, so a time is the batch's
+    kernels, not their launch. ``gaps`` holds the seconds from the end of one batch to the start of the next:
+    the wait for the DataLoader plus the loop's own work between batches (logging, checkpoint callbacks).
+
     With ``log_every > 0`` it also logs a progress line every ``log_every`` steps (used when there is
     no terminal for a progress bar, e.g. batch jobs and CI logs).
     """
 
     def __init__(self, log_every: int = 0) -> None:
         self.times: list[float] = []
+        self.gaps: list[float] = []
         self._t0 = 0.0
+        self._t_end: float | None = None
         self.log_every = log_every
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        sync(pl_module.device)
         self._t0 = time.perf_counter()
+        if self._t_end is not None:
+            self.gaps.append(self._t0 - self._t_end)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+        sync(pl_module.device)
+        self._t_end = time.perf_counter()
+        self.times.append(self._t_end - self._t0)
         step = trainer.global_step
         if self.log_every and (step % self.log_every == 0 or step == trainer.max_steps):
             loss = trainer.callback_metrics.get("train/loss")
             log.info("step %d/%d  loss %s  %.3f s/step", step, trainer.max_steps,
                      f"{float(loss):.4f}" if loss is not None else "n/a", statistics.median(self.times[-self.log_every:]))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_end = None  # validation or an epoch boundary lies between these batches: not a data wait
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_end = None
 
     def median(self, skip: int = 3) -> float | None:
         """Median seconds per step after ``skip`` warm-up steps (None if no step ran)."""

@@ -294,6 +294,13 @@ class FewShotDataModule(L.LightningDataModule):
             self.test_set, self.skipped["test"] = self._build_eval(self.split.query)
 
     def train_dataloader(self) -> DataLoader:
+        return self.episode_loader()
+
+    def episode_loader(self, total_steps: int | None = None) -> DataLoader:
+        """The training DataLoader: ``data.batch_size`` episodes per step and rank, ``data.num_workers`` workers,
+        pinned memory on CUDA machines. Episodes are a function of the global step (:class:`EpisodeSampler`);
+        it runs to ``total_steps`` (default ``trainer.max_steps``), starting at the trainer's global step (0
+        without a trainer)."""
         assert self.train_set is not None
         rank, world = 0, 1
         trainer = self.trainer
@@ -302,9 +309,10 @@ class FewShotDataModule(L.LightningDataModule):
         nw, b = self.cfg.data.num_workers, self.cfg.data.batch_size
         log.info("training episodes: %d per step on each of %d process(es), %d per step in all", b, world, b * world)
         start = (lambda: trainer.global_step) if trainer is not None else 0  # a resumed run continues there
+        total = self.cfg.trainer.max_steps if total_steps is None else total_steps
         return DataLoader(
             self.train_set, batch_size=b,
-            sampler=EpisodeSampler(self.cfg.trainer.max_steps, b, rank, world, start), num_workers=nw,
+            sampler=EpisodeSampler(total, b, rank, world, start), num_workers=nw,
             persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
         )
 
