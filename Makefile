@@ -3,7 +3,7 @@
 # Variables: DATA (data.root), CKPT (ckpt: a path, or 'latest' = newest last.ckpt of the config's runs),
 #            ARGS (extra key=value config overrides), SRC (official download for prepare-*), OUT (prepare-*
 #            output folder), CONFIG (experiments/ config of `make ablations`), PYTHON_BOOT (python used to
-#            create .venv).
+#            create .venv). `make gpu-check` needs no .venv on a GPU machine that has the bundle (gpu_bundle/).
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -19,7 +19,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-fast demo bench ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-fast demo bench gpu-check gpu-bundle ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help:
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -71,6 +71,12 @@ ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget o
 
 bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
 	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)
+
+gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) -> OUT (default lightning_logs/gpu-check/)
+	@OUT="$(or $(OUT),lightning_logs/gpu-check)" bash scripts/gpu-check.sh $(ARGS)
+
+gpu-bundle: $(STAMP) ## wheels (Python 3.12) + a real CHAOS-T2 subset with superpixels for a GPU machine -> gpu_bundle/
+	$(FSL) gpu-bundle --out $(or $(OUT),gpu_bundle) $(if $(DATA),--data $(DATA),)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check fsl_med tests

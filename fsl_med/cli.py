@@ -139,6 +139,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from fsl_med.gpu_check import run_gpu_check
+
+    only = [o for o in (args.only or "").split(",") if o] or None
+    md, failed = run_gpu_check(args.out, args.profile, data=args.data, bundle=args.bundle, cache_dir=args.cache_dir,
+                               overrides=list(args.rest), only=only, budget_s=args.budget_s)
+    print(md.read_text(encoding="utf-8"))
+    print(md)
+    if failed:
+        print(f"fsl-med: gpu-check: {failed} row(s) failed (messages above; tracebacks in {md.with_suffix('.log')})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_gpu_bundle(args: argparse.Namespace) -> int:
+    from fsl_med.gpu_bundle import build_bundle
+
+    scans = [s for s in (args.scans or "").split(",") if s] or None
+    bundle = build_bundle(args.out, args.data, scans, wheels_from=args.wheels_from)
+    print(bundle.summary())
+    print(bundle.path)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fsl_med.demo import run_demo
 
@@ -318,6 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
     sp.add_argument("--tiny-steps", type=int, default=300, help="training steps of the tiny model of ttt_dice")
     sp.set_defaults(func=cmd_bench)
+    sp = sub.add_parser("gpu-check", help="run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) "
+                        "in one command; a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log")
+    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
+    sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
+    sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
+                    help="gpu (CUDA, real data, ViT-L/ViT-S) or tiny (phantom, tiny ViT); auto: gpu when CUDA is present")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default: the bundle's, $FSL_MED_DATA_MRI, "
+                    "../shared/...)")
+    sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle (its data and cache)")
+    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, .cache/fsl_med)")
+    sp.add_argument("--only", default=None, metavar="ROWS",
+                    help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs)")
+    sp.add_argument("--budget-s", type=float, default=None,
+                    help="rows not started within this many seconds are skipped (default: gpu 330, tiny 270)")
+    sp.set_defaults(func=cmd_gpu_check)
+    sp = sub.add_parser("gpu-bundle", help="wheels (Python 3.12) + a CHAOS-T2 subset and its superpixels for a "
+                        "GPU machine without network: gpu-bundle [--out gpu_bundle] [--data DIR] [--scans 1,2,...]")
+    sp.add_argument("--out", default="gpu_bundle", help="bundle folder (default gpu_bundle, git-ignored)")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
+    sp.add_argument("--scans", default=None, help="comma-separated scan ids (default 1,2,3,5,8,10,13,15,19,20)")
+    sp.add_argument("--wheels-from", default=None, metavar="DIR", help="take the wheels from this folder (offline)")
+    sp.set_defaults(func=cmd_gpu_bundle)
     sp = sub.add_parser("encoders", help="list registered encoders")
     sp.set_defaults(func=cmd_encoders)
     return p

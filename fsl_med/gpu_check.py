@@ -1,0 +1,743 @@
+"""``fsl-med gpu-check`` (``make gpu-check``): fsl_med's GPU path, run and measured in one command.
+
+Every CUDA-specific path of fsl_med runs here once, each as one row of a report: bf16 autocast and
+``torch.compile`` training, pinned-memory batches, the evaluation's host/device split with CCA and TTT,
+``fsl-med segment``, DDP (NCCL), and whether the data pipeline keeps the device busy. A row that fails is
+reported with its message (and its traceback in ``gpu-check.log``); the other rows still run.
+
+Two profiles:
+
+* ``gpu`` (a CUDA device is present): the bundled or given real CHAOS-T2 folder, fold 0; the paper's
+  encoder (DINOv2 ViT-L/14, LoRA r=4, 256 px) and ViT-S/14 full fine-tuning, random init.
+* ``tiny`` (no CUDA, or ``--profile tiny``): a generated phantom, a 2-block ViT, a few steps. Every row runs
+  (on the CPU), so the check cannot rot; what needs CUDA says ``skipped: no CUDA``. Its figures exercise
+  the code and are not benchmarks.
+
+Outputs in ``--out``: ``gpu-check.md`` (the report; its first line says what ran where), ``gpu-check.json``
+(every figure) and ``gpu-check.log`` (one line per row, tracebacks of failed rows), rewritten after every
+row, so a run cut short still leaves what it measured. Scratch files (runs, checkpoints, segmentations)
+live in a temporary folder that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fsl_med import atomic
+from fsl_med.errors import ConfigError, DataError
+from fsl_med.measure import count_flops, machine_info, matmul_throughput, peak_rss_mb, sync
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "lightning_logs/gpu-check"
+DICE_TOLERANCE = 1e-3
+"""Largest allowed difference between a device and a CPU evaluation of one checkpoint (Dice as a fraction)."""
+NO_CUDA = "skipped: no CUDA"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the check runs: the two encoders, step counts, batch sizes and the time budget."""
+
+    name: str
+    large: tuple[str, ...]
+    large_title: str
+    small: tuple[str, ...]
+    small_title: str
+    phantom: tuple[str, ...]
+    warmup: int
+    steps: int
+    batch_sizes: tuple[int, ...]
+    ckpt_steps: int
+    ttt_steps: int
+    paper_ttt_slices: int
+    matmul_n: int
+    budget_s: float
+    row_timeout_s: int
+
+
+GPU = Profile(
+    name="gpu",
+    large=("model.encoder.name=dinov2_vitl14", "model.encoder.finetune=lora", "model.encoder.lora_rank=4"),
+    large_title="DINOv2 ViT-L/14, LoRA r=4",
+    small=("model.encoder.name=dinov2_vits14", "model.encoder.finetune=full"),
+    small_title="DINOv2 ViT-S/14, full",
+    phantom=(), warmup=3, steps=10, batch_sizes=(1, 8, 32), ckpt_steps=5, ttt_steps=100, paper_ttt_slices=3,
+    matmul_n=8192, budget_s=330.0, row_timeout_s=200,
+)
+TINY = Profile(
+    name="tiny",
+    large=("model.encoder.name=vit_tiny_patch14", "model.encoder.finetune=lora", "model.encoder.lora_rank=4"),
+    large_title="tiny ViT (2 blocks, dim 64), LoRA r=4",
+    small=("model.encoder.name=vit_tiny_patch14", "model.encoder.finetune=full"),
+    small_title="tiny ViT (2 blocks, dim 64), full",
+    phantom=("data.image_size=64",), warmup=1, steps=2, batch_sizes=(1, 2, 4), ckpt_steps=2, ttt_steps=2,
+    paper_ttt_slices=2, matmul_n=512, budget_s=270.0, row_timeout_s=150,
+)
+PROFILES = {"gpu": GPU, "tiny": TINY}
+
+
+def train_plan(profile: Profile) -> tuple[list[tuple[str, str, str, str, int]], list[tuple[str, str, str, str, int]]]:
+    """The training rows ``(key, encoder, precision, compile, batch)``: eager ones (run first) and compiled ones
+    (run last: compiling a ViT-L takes the longest and is the first thing the time budget drops)."""
+    b1 = profile.batch_sizes[0]
+    eager = [("train-large-fp32", "large", "32-true", "off", b1), ("train-large-bf16", "large", "bf16-mixed", "off", b1),
+             ("train-small-fp32", "small", "32-true", "off", b1), ("train-small-bf16", "small", "bf16-mixed", "off", b1)]
+    eager += [(f"train-large-bf16-b{b}", "large", "bf16-mixed", "off", b) for b in profile.batch_sizes[1:]]
+    compiled = [("train-small-bf16-compile", "small", "bf16-mixed", "default", b1),
+                ("train-large-bf16-compile", "large", "bf16-mixed", "default", b1)]
+    return eager, compiled
+
+
+def row_keys(profile: Profile) -> list[str]:
+    """Every row key of ``profile`` in the order the rows run (``--only`` takes prefixes of them)."""
+    eager, compiled = train_plan(profile)
+    return ["env", *(k[0] for k in eager), *EVAL_KEYS, *(k[0] for k in compiled)]
+
+
+EVAL_KEYS = ("ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp")
+
+
+@dataclass
+class Row:
+    """One line of the report: what ran, its figures, and ``ok`` / ``FAILED: ...`` / ``skipped: ...``."""
+
+    key: str
+    section: str
+    title: str
+    status: str = "not run"
+    seconds: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class RowTimeout(Exception):
+    """A row ran past its time limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise :class:`RowTimeout` in this (main) thread after ``seconds``; a no-op outside the main thread."""
+    def expire(*_: Any) -> None:
+        raise RowTimeout(f"ran past its limit of {seconds} s")
+
+    try:
+        old = signal.signal(signal.SIGALRM, expire)
+    except ValueError:  # not the main thread
+        yield
+        return
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+class GpuCheck:
+    """Runs the rows of a profile and writes the report.
+
+    Args:
+        out: report folder.
+        profile: :data:`GPU` or :data:`TINY`.
+        data: prepared CHAOS-T2 folder; ``None``: a phantom is generated (the ``tiny`` profile's default).
+        cache_dir: superpixel cache.
+        overrides: ``key=value`` config overrides applied to every row (after the profile's).
+        only: run only rows whose key starts with one of these (the environment row always runs; rows
+            that need the evaluation checkpoint bring its row along).
+        budget_s: rows not started within this many seconds are reported as skipped.
+    """
+
+    def __init__(self, out: Path, profile: Profile, data: Path | None, cache_dir: str, overrides: list[str],
+                 only: list[str] | None = None, budget_s: float | None = None) -> None:
+        self.out, self.profile, self.data, self.cache_dir = out, profile, data, cache_dir
+        self.overrides, self.only = list(overrides), only
+        self.budget_s = profile.budget_s if budget_s is None else budget_s
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cuda = self.device == "cuda"
+        self.rows: list[Row] = []
+        self.env: dict[str, Any] = {}
+        self.bound: float | None = None  # FLOP/s: the faster of the bf16 and fp32 matmuls
+        self.flops: dict[tuple[str, int], float] = {}  # (encoder, batch) -> FLOPs per training step
+        self.ckpt: Path | None = None
+        self.t_start = time.monotonic()
+        self.work = Path(".")
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.phantom = data is None  # a phantom is generated (tiny profile without --data/--bundle)
+        self.split: dict[str, Any] = {}
+
+    # -- configuration ------------------------------------------------------------------------------
+    def config(self, extra: list[str] | tuple[str, ...]) -> Any:
+        """The run config of one row: ``experiments/mri.yaml`` + scratch paths + profile + user + row overrides."""
+        from fsl_med.config import load_config
+
+        return load_config(REPO / "experiments" / "mri.yaml", [
+            f"data.root={self.data}", f"data.cache_dir={self.cache_dir}", f"logging.output_dir={self.work / 'runs'}",
+            "logging.logger=none", "trainer.enable_progress_bar=false", "model.encoder.weights=none",
+            *(self.profile.phantom if self.phantom else ()), *self.overrides, *extra])
+
+    # -- running rows -------------------------------------------------------------------------------
+    def selected(self, key: str) -> bool:
+        return self.only is None or key == "env" or any(key.startswith(p) for p in self.only)
+
+    def run_row(self, key: str, section: str, title: str, fn: Callable[[Row], None],
+                needs_ckpt: bool = False) -> Row:
+        """Run ``fn(row)`` with a time limit; any exception becomes the row's ``FAILED`` status."""
+        row = Row(key, section, title)
+        self.rows.append(row)
+        elapsed = time.monotonic() - self.t_start
+        if not self.selected(key):
+            row.status = "skipped: not selected (--only)"
+        elif elapsed > self.budget_s:
+            row.status = f"skipped: time budget ({self.budget_s:.0f} s) spent"
+        elif needs_ckpt and self.ckpt is None:
+            row.status = "skipped: no checkpoint (the checkpoint row did not succeed)"
+        else:
+            print(f"gpu-check: {title} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                with _time_limit(self.profile.row_timeout_s):
+                    fn(row)
+                row.status = row.figures.pop("_status", "ok")
+            except Exception as e:  # noqa: BLE001 - every failure is reported per row
+                row.status = f"FAILED: {_one_line(e)}"
+                self._log(f"{key}: {row.status}\n{traceback.format_exc()}")
+            finally:
+                row.seconds = time.perf_counter() - t0
+                self._cleanup()
+            print(f"gpu-check: {title}: {row.status} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
+        self._log(f"{key}: {row.status}" + (f" ({row.seconds:.1f} s)" if row.seconds is not None else ""))
+        self.write()
+        return row
+
+    def _cleanup(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def _log(self, text: str) -> None:
+        with open(self.out / "gpu-check.log", "a", encoding="utf-8") as f:
+            f.write(f"[{time.strftime('%H:%M:%S')}] {text.rstrip()}\n")
+
+    def _peak_memory(self) -> dict[str, Any]:
+        if self.cuda:
+            return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        return {"peak_gpu_mb": NO_CUDA, "peak_rss_mb": peak_rss_mb()}
+
+    # -- the rows -----------------------------------------------------------------------------------
+    def row_env(self, row: Row) -> None:
+        f = row.figures
+        f.update(machine_info())
+        import lightning
+        import timm
+
+        f.update(lightning=lightning.__version__, timm=timm.__version__, device=self.device,
+                 profile=self.profile.name)
+        if self.cuda:
+            p = torch.cuda.get_device_properties(0)
+            f.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, multiprocessors=p.multi_processor_count,
+                     compute_capability=f"{p.major}.{p.minor}", cuda_version=torch.version.cuda,
+                     cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported(),
+                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+        else:
+            f.update(gpu=NO_CUDA, cuda_version=NO_CUDA, bf16_supported="emulated on this CPU (no CUDA)")
+        n = self.profile.matmul_n
+        bf = matmul_throughput(self.device, torch.bfloat16, n=n, repeats=10, warmup=3)
+        fp = matmul_throughput(self.device, torch.float32, n=n, repeats=5, warmup=2)
+        f.update(matmul_n=n, bf16_matmul_tflops=bf["best"] / 1e12, bf16_matmul_median_tflops=bf["median"] / 1e12,
+                 fp32_matmul_tflops=fp["best"] / 1e12)
+        self.bound = max(bf["best"], fp["best"])
+        f["bound_tflops"] = self.bound / 1e12
+        self.env = f
+
+    def _data_module(self, cfg: Any) -> Any:
+        from fsl_med.data.datamodule import FewShotDataModule
+
+        dm = FewShotDataModule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    def _loader_rate(self, dm: Any, batch: int, seconds: float = 3.0) -> dict[str, Any]:
+        """Episodes per second of the training DataLoader as configured (workers, pinned memory), measured
+        after its start-up and its prefetched batches, for about ``seconds`` (at least 3 batches)."""
+        dl = dm.episode_loader(total_steps=10_000)
+        nw = dl.num_workers
+        it = iter(dl)
+        for _ in range(nw * (dl.prefetch_factor or 2) + 1 if nw else 1):
+            next(it)
+        got, t0 = 0, time.perf_counter()
+        while got < 3 or (time.perf_counter() - t0 < seconds and got < 100):
+            next(it)
+            got += 1
+        dt = time.perf_counter() - t0
+        del it
+        return {"loader_workers": nw, "loader_pinned": bool(dl.pin_memory), "loader_episodes_per_s": got * batch / dt}
+
+    def row_train(self, row: Row, encoder: str, precision: str, compile_mode: str, batch: int) -> None:
+        """Seconds per training step through Lightning (median after warm-up), FLOPs, peak memory and the
+        data pipeline: the wait between steps and the configured DataLoader's episodes per second."""
+        from fsl_med.models.module import FewShotModule
+        from fsl_med.runs import make_trainer, new_run_dir
+        from fsl_med.train import StepTimer
+
+        p = self.profile
+        enc = p.large if encoder == "large" else p.small
+        cfg = self.config([*enc, f"trainer.precision={precision}", f"model.compile={compile_mode}",
+                           f"data.batch_size={batch}", f"trainer.max_steps={p.warmup + p.steps}",
+                           "data.num_val_scans=0"])
+        dm = self._data_module(cfg)
+        f = row.figures
+        f.update(encoder=cfg.model.encoder.name, finetune=cfg.model.encoder.finetune, precision=precision,
+                 compile=compile_mode, batch=batch, workers=cfg.data.num_workers)
+        f.update(self._loader_rate(dm, batch))
+        module = FewShotModule.from_config(cfg)
+        key = (f"{cfg.model.encoder.name}/{cfg.model.encoder.finetune}", batch)
+        if key not in self.flops and compile_mode == "off":
+            from torch.utils.data import default_collate
+
+            b = default_collate([dm.train_set[i] for i in range(batch)])
+            module.to(self.device)
+            b = {k: v.to(self.device) for k, v in b.items()}
+
+            def step() -> None:
+                loss, _, _ = module.model.episode_loss(b["support_image"], b["support_mask"], b["query_image"],
+                                                       b["query_label"], module.ce_weights, cfg.loss.align_weight)
+                loss.backward()
+
+            self.flops[key] = count_flops(step)
+            module.zero_grad(set_to_none=True)
+            del b
+            self._cleanup()
+        timer = StepTimer()
+        trainer = make_trainer(cfg, new_run_dir(self.work / "runs", f"train-{row.key}"), with_val=False,
+                               extra_callbacks=[timer], progress_bar=False)
+        trainer.fit(module, datamodule=dm)
+        secs = _median(timer.times[p.warmup:])
+        wait = _median(timer.gaps[p.warmup:]) if len(timer.gaps) > p.warmup else _median(timer.gaps)
+        flops = self.flops.get(key)
+        f.update(seconds_per_step=secs, steps_per_s=1 / secs if secs else None,
+                 episodes_per_s=batch / secs if secs else None, first_step_seconds=timer.times[0],
+                 steps=len(timer.times), gflop_per_step=flops / 1e9 if flops else None,
+                 bound_fraction=flops / secs / self.bound if flops and secs and self.bound else None,
+                 wait_seconds_per_step=wait)
+        f.update(self._peak_memory())
+        rate = f.get("loader_episodes_per_s")
+        if rate is not None and f["episodes_per_s"]:
+            f["data_keeps_up"] = bool(rate >= f["episodes_per_s"])
+            f["workers_needed"] = math.ceil(f["episodes_per_s"] / (rate / max(1, f["loader_workers"])))
+        if compile_mode != "off":
+            torch._dynamo.reset()
+
+    def row_ckpt(self, row: Row) -> None:
+        """The ``train`` verb for a few steps with validation: the checkpoint every evaluation row loads."""
+        from fsl_med.train import train
+
+        p = self.profile
+        cfg = self.config([*p.large, f"trainer.max_steps={p.ckpt_steps}", f"trainer.val_check_interval={p.ckpt_steps}",
+                           "data.num_val_scans=1", "name=gpu-check", "trainer.precision=32-true"])
+        res = train(cfg)
+        self.ckpt = res.last_ckpt
+        row.figures.update(steps=res.steps, seconds_per_step=res.seconds_per_step, val_dice=res.val_dice,
+                           checkpoint=res.last_ckpt.name)
+
+    def _eval_config(self, extra: list[str]) -> Any:
+        return self.config([*self.profile.large, f"ckpt={self.ckpt}", "trainer.precision=32-true", "name=gpu-check",
+                            *extra])
+
+    def row_eval(self, row: Row) -> None:
+        """The ``eval`` verb on the device: fold 0, all four variants, TTT in the fast (per-volume) mode."""
+        from fsl_med.evaluate import evaluate
+
+        cfg = self._eval_config(["eval.variants=[plain,cca,ttt,ttt_cca]", "ttt.mode=volume",
+                                 f"ttt.steps={self.profile.ttt_steps}"])
+        results, _ = evaluate(cfg)
+        plain = [v for v in results["volumes"] if v["variant"] == "plain"]
+        slices = sum(v["slices"] for v in plain)
+        f = row.figures
+        f.update({f"dice_{k}": s["dice_mean"] for k, s in results["variants"].items()})
+        f.update(volumes=len(plain), scored_slices=slices, query_scans=sorted({v["query"] for v in plain}),
+                 seconds_per_slice=sum(v["seconds"] for v in plain) / max(slices, 1),
+                 seconds_per_volume=results["variants"]["plain"]["seconds_per_volume"],
+                 ttt_mode=f"volume, {self.profile.ttt_steps} steps",
+                 ttt_seconds_per_slice=results["ttt_seconds_per_slice"])
+
+    def row_ttt_paper(self, row: Row) -> None:
+        """The paper's TTT (per slice, ``ttt_steps`` steps) on a few slices of the first query volume."""
+        from fsl_med.data.datamodule import FewShotDataModule
+        from fsl_med.data.episodes import AugmentParams
+        from fsl_med.evaluate import module_from_checkpoint
+        from fsl_med.refine.ttt import TestTimeTrainer
+
+        cfg = self._eval_config(["ttt.mode=slice", f"ttt.steps={self.profile.ttt_steps}"])
+        dm = FewShotDataModule(cfg)
+        dm.setup("test")
+        it = dm.test_set.items[0]
+        module, _ = module_from_checkpoint(self.ckpt, cfg)
+        module.to(self.device).eval()
+        seg = module.model
+        protos = seg.support_prototypes(it.support_images, it.support_masks, self.device, it.shots)
+        pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size, self.device)
+        n = min(self.profile.paper_ttt_slices, len(it.z))
+        idx = np.arange(len(it.z) // 2 - n // 2, len(it.z) // 2 - n // 2 + n)
+        fg = pred[idx].copy()
+        h, w = fg.shape[-2:]
+        fg[:, h * 2 // 5:h * 3 // 5, w * 2 // 5:w * 3 // 5] = 1  # every slice is adapted (empty ones are skipped)
+        a = cfg.data.augment
+        ttt = TestTimeTrainer(seg, cfg.ttt, module.ce_weights, cfg.loss.align_weight, AugmentParams(**{k: a[k] for k in a}))
+        sync(self.device)
+        t0 = time.perf_counter()
+        ttt.refine(it.query_images[idx], fg, prob[idx], it.part[idx], it.support_images, it.support_masks,
+                   np.random.default_rng(0), self.device, cfg.eval.batch_size, shots=it.shots)
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        row.figures.update(slices=n, steps_per_slice=self.profile.ttt_steps, ttt_seconds_per_slice=dt / n,
+                           seconds_per_ttt_step=dt / n / max(1, self.profile.ttt_steps), organ=it.organ,
+                           query=it.query_id)
+        row.figures.update(self._peak_memory())
+
+    def _subset_dice(self, accelerator: str) -> tuple[dict[str, float], str]:
+        """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop."""
+        from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
+        from fsl_med.evaluate import module_from_checkpoint
+        from fsl_med.runs import make_trainer, new_run_dir
+
+        cfg = self._eval_config(["eval.variants=[plain,cca]", f"trainer.accelerator={accelerator}",
+                                 "trainer.devices=1", "trainer.strategy=auto", "eval.overlay_slices=0"])
+        module, _ = module_from_checkpoint(self.ckpt, cfg)
+        dm = FewShotDataModule(cfg)
+        dm.setup("test")
+        query = dm.test_set.items[0].query_id
+        dm.test_set = EvalDataset([it for it in dm.test_set.items if it.query_id == query])
+        trainer = make_trainer(cfg, new_run_dir(self.work / "runs", f"subset-{accelerator}"), with_val=False,
+                               progress_bar=False)
+        trainer.test(module, datamodule=dm, verbose=False)
+        return {f"{r.organ}/{r.variant}": r.counts.dice for r in module.last_results["test"]}, query
+
+    def row_eval_vs_cpu(self, row: Row) -> None:
+        """One query scan evaluated on the device and on the CPU (fp32, plain and +CCA): Dice must agree."""
+        dev, query = self._subset_dice("auto")
+        cpu, _ = self._subset_dice("cpu")
+        if sorted(dev) != sorted(cpu):
+            raise RuntimeError(f"device and CPU scored different volumes: {sorted(dev)} vs {sorted(cpu)}")
+        diff = max(abs(dev[k] - cpu[k]) for k in dev)
+        f = row.figures
+        f.update(query=query, volumes=len(dev), device=self.device, max_abs_dice_diff=diff,
+                 dice_device={k: 100 * v for k, v in dev.items()}, dice_cpu={k: 100 * v for k, v in cpu.items()})
+        if not self.cuda:
+            f["note"] = "no CUDA: the device run was on the CPU too"
+        if diff > DICE_TOLERANCE:
+            raise RuntimeError(f"device and CPU Dice differ by {diff:.2e} > {DICE_TOLERANCE:g} (query {query})")
+
+    def row_segment_vs_cpu(self, row: Row) -> None:
+        """``fsl-med segment`` of one query volume (liver, the fold's support scan) on the device and on the CPU:
+        the two outputs must be identical."""
+        from fsl_med.data.datasets import discover_scans, fold_split, get_dataset_info
+        from fsl_med.data.volumes import read_nifti
+        from fsl_med.segment import segment
+
+        split = fold_split(get_dataset_info("chaos_t2"), discover_scans(self.data), 0)
+        root = Path(self.data)
+        sup, query = split.support, split.query[0]
+        kw = dict(label=1, batch_size=8)
+        out: dict[str, Any] = {}
+        for dev in (self.device, "cpu"):
+            dest = self.work / f"segment-{dev}.nii.gz"
+            sync(self.device)
+            t0 = time.perf_counter()
+            res = segment(self.ckpt, root / f"image_{sup}.nii.gz", root / f"label_{sup}.nii.gz",
+                          root / f"image_{query}.nii.gz", dest, device=dev, **kw)
+            out[dev] = (read_nifti(res.path)[0], time.perf_counter() - t0)
+        a, b = out[self.device][0], out["cpu"][0]
+        differ = int(np.count_nonzero(a != b))
+        f = row.figures
+        f.update(support=sup, query=query, organ="liver", shape=list(a.shape), voxels_device=int(a.sum()),
+                 voxels_cpu=int(b.sum()), voxels_differing=differ, identical=differ == 0,
+                 seconds_device=out[self.device][1], seconds_cpu=out["cpu"][1])
+        if not self.cuda:
+            f["note"] = "no CUDA: the device run was on the CPU too"
+        if differ:
+            raise RuntimeError(f"segment on {self.device} and on the CPU differ in {differ} voxels")
+
+    def row_ddp(self, row: Row) -> None:
+        """``trainer.strategy=ddp`` in one process (NCCL on CUDA, gloo without): train, then evaluate, with
+        the cross-rank gather of the evaluation."""
+        import torch.distributed as dist
+
+        from fsl_med.evaluate import evaluate
+        from fsl_med.train import train
+
+        p = self.profile
+        env = dict(os.environ)
+        try:
+            cfg = self.config([*p.small, "trainer.strategy=ddp", "trainer.devices=1", "trainer.max_steps=2",
+                               "trainer.val_check_interval=2", "data.num_val_scans=1", "name=gpu-check-ddp",
+                               "eval.variants=[plain,cca]", "eval.overlay_slices=0"])
+            res = train(cfg)
+            results, _ = evaluate(_with(cfg, ckpt=str(res.last_ckpt)))
+            row.figures.update(backend="nccl" if self.cuda else "gloo", steps=res.steps, val_dice=res.val_dice,
+                               dice_plain=results["variants"]["plain"]["dice_mean"],
+                               volumes=len([v for v in results["volumes"] if v["variant"] == "plain"]))
+            if not self.cuda:
+                row.figures["_status"] = "ok (gloo; NCCL skipped: no CUDA)"
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            os.environ.clear()
+            os.environ.update(env)
+
+    # -- the whole check ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run every row, write the report; returns the number of failed rows."""
+        p = self.profile
+        with tempfile.TemporaryDirectory(prefix="fsl_med_gpu_check_") as work:
+            self.work = Path(work)
+            if self.phantom:
+                from fsl_med.data.phantom import generate_phantom
+
+                self.data = generate_phantom(self.work / "phantom", n_scans=6, size=64, depth=8, seed=0)
+            self.split = self._split()
+            print(f"gpu-check: {self.headline(counts=False)} Report: {self.out / 'gpu-check.md'}", file=sys.stderr,
+                  flush=True)
+            self.run_row("env", "env", "environment and matmul throughput", self.row_env)
+            L, S = p.large_title, p.small_title
+            eager, compiled = train_plan(p)
+
+            def title(enc: str, prec: str, comp: str, b: int) -> str:
+                return f"{L if enc == 'large' else S}, {prec}{' + torch.compile' if comp != 'off' else ''}, batch {b}"
+
+            for k, enc, prec, comp, b in eager:
+                self.run_row(k, "train", title(enc, prec, comp, b), lambda r, a=(enc, prec, comp, b): self.row_train(r, *a))
+            self.run_row("ckpt", "eval", f"checkpoint: `fsl-med train` {p.ckpt_steps} steps + validation, {L}, fp32",
+                         self.row_ckpt)
+            self.run_row("eval", "eval", f"`fsl-med eval` fold 0 on {self.device}: plain, +CCA, +TTT, +TTT+CCA "
+                         f"(TTT per volume, {p.ttt_steps} steps)", self.row_eval, needs_ckpt=True)
+            self.run_row("ttt-paper", "eval", f"TTT as in the paper: per slice, {p.ttt_steps} steps, "
+                         f"{p.paper_ttt_slices} slices", self.row_ttt_paper, needs_ckpt=True)
+            self.run_row("eval-vs-cpu", "eval", f"evaluation of one query scan on {self.device} vs CPU (fp32, plain "
+                         "and +CCA)", self.row_eval_vs_cpu, needs_ckpt=True)
+            self.run_row("segment-vs-cpu", "segment", f"`fsl-med segment` of one volume on {self.device} vs CPU",
+                         self.row_segment_vs_cpu, needs_ckpt=True)
+            self.run_row("ddp", "ddp", f"DDP ({'NCCL' if self.cuda else 'gloo'}), 1 process: train 2 steps, evaluate",
+                         self.row_ddp)
+            for k, enc, prec, comp, b in compiled:
+                self.run_row(k, "train", title(enc, prec, comp, b), lambda r, a=(enc, prec, comp, b): self.row_train(r, *a))
+        self.write()
+        return sum(r.status.startswith("FAILED") for r in self.rows)
+
+    # -- the report ---------------------------------------------------------------------------------
+    def _split(self) -> dict[str, Any]:
+        from fsl_med.data.datasets import discover_scans, fold_split, get_dataset_info
+
+        split = fold_split(get_dataset_info("chaos_t2"), discover_scans(self.data), 0)
+        return {"query": split.query, "support": split.support, "train": split.train}
+
+    def headline(self, counts: bool = True) -> str:
+        """The report's first line: what ran where, and (``counts``) how many rows passed, failed, were skipped."""
+        n = {s: sum(r.status.startswith(s) for r in self.rows) for s in ("ok", "FAILED", "skipped")}
+        tally = f" {n['ok']} rows ok, {n['FAILED']} failed, {n['skipped']} skipped." if counts else ""
+        if self.profile.name == "tiny":
+            why = "No CUDA device" if not self.cuda else "--profile tiny"
+            data = "phantom data" if self.phantom else "real data"
+            return (f"{why}: tiny mode on {self.device} ({data}, tiny random-init ViT, {self.profile.steps} timed "
+                    f"steps); the figures exercise the code and are not benchmarks.{tally}")
+        e = self.env
+        gpu = f"{e.get('gpu')} ({e.get('gpu_memory_gib', 0):.0f} GiB)" if e else "CUDA"
+        return f"GPU check on {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}.{tally}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"headline": self.headline(), "profile": self.profile.name, "device": self.device,
+                "started": self.started, "seconds": time.monotonic() - self.t_start, "data": str(self.data),
+                "fold0": self.split, "overrides": self.overrides, "bound_tflops": self.bound / 1e12 if self.bound else None,
+                "rows": [r.__dict__ for r in self.rows]}
+
+    def write(self) -> Path:
+        """Write ``gpu-check.md`` and ``gpu-check.json`` (atomically); returns the Markdown path."""
+        atomic.write_json(self.out / "gpu-check.json", _jsonable(self.to_json()))
+        return atomic.write_text(self.out / "gpu-check.md", render_markdown(self))
+
+
+def _with(cfg: Any, **values: Any) -> Any:
+    from fsl_med.config import apply_overrides
+
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in values.items()])
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _cell(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return "–" if not math.isfinite(v) else f"{v:.{nd}f}"
+    return str(v)
+
+
+def _pct(v: Any) -> str:
+    return "–" if not isinstance(v, float) else f"{100 * v:.1f} %"
+
+
+def render_markdown(check: GpuCheck) -> str:
+    """The report: headline, environment, then one table per section; failures with their messages."""
+    lines = [f"# fsl_med GPU check: {check.headline()}", ""]
+    e = check.env
+    if e:
+        lines += ["| environment | |", "|---|---|"]
+        for k in ("gpu", "gpu_memory_gib", "multiprocessors", "compute_capability", "cuda_version", "cudnn",
+                  "bf16_supported", "tf32_matmul", "tf32_cudnn", "torch", "lightning", "timm", "python", "cpu",
+                  "cores", "torch_threads"):
+            if k in e:
+                lines.append(f"| {k} | {_cell(e[k], 1)} |")
+        lines += [f"| bf16 matmul {e['matmul_n']}³ (best of 10) | {e['bf16_matmul_tflops']:.2f} TFLOP/s "
+                  f"(median {e['bf16_matmul_median_tflops']:.2f}) |",
+                  f"| fp32 matmul {e['matmul_n']}³ (best of 5) | {e['fp32_matmul_tflops']:.2f} TFLOP/s |",
+                  f"| bound (the faster of the two; denominator of every fraction) | {e['bound_tflops']:.2f} TFLOP/s |",
+                  ""]
+    sp = check.split
+    fold = (f", fold 0: query scans {', '.join(sp['query'])}, support {sp['support']}, training "
+            f"{', '.join(sp['train'])}" if sp else "")
+    lines += [f"Data: `{check.data}`{fold}. Config overrides: `{' '.join(check.overrides) or 'none'}`.", ""]
+    rows = [r for r in check.rows if r.section == "train"]
+    if rows:
+        lines += ["## Training (median after warm-up)", "",
+                  "| row | s/step | steps/s | episodes/s | GFLOP/step | of bound | peak GPU MB | first step s "
+                  "| wait between steps s | loader episodes/s (workers) | data keeps up | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        for r in rows:
+            f = r.figures
+            loader = (f"{_cell(f.get('loader_episodes_per_s'), 1)} ({f.get('loader_workers', '–')})"
+                      if "loader_workers" in f else "–")
+            keeps = _cell(f.get("data_keeps_up"))
+            if f.get("data_keeps_up") is False:
+                keeps += f" (needs ~{f.get('workers_needed')} workers)"
+            mem = f.get("peak_gpu_mb")
+            lines.append(f"| {r.title} | {_cell(f.get('seconds_per_step'), 4)} | {_cell(f.get('steps_per_s'), 2)} "
+                         f"| {_cell(f.get('episodes_per_s'), 1)} | {_cell(f.get('gflop_per_step'), 1)} "
+                         f"| {_pct(f.get('bound_fraction'))} | {_cell(mem, 0) if isinstance(mem, float) else (mem or '–')} "
+                         f"| {_cell(f.get('first_step_seconds'), 2)} | {_cell(f.get('wait_seconds_per_step'), 4)} "
+                         f"| {loader} | {keeps} | {r.status} |")
+        lines.append("")
+    for section, heading in (("eval", "## Evaluation"), ("segment", "## Segment"), ("ddp", "## DDP")):
+        rows = [r for r in check.rows if r.section == section]
+        if not rows:
+            continue
+        lines += [heading, "", "| row | figures | seconds | status |", "|---|---|---:|---|"]
+        for r in rows:
+            figs = "; ".join(f"{k} {_fig(v)}" for k, v in r.figures.items())
+            lines.append(f"| {r.title} | {figs or '–'} | {_cell(r.seconds, 1)} | {r.status} |")
+        lines.append("")
+    failed = [r for r in check.rows if r.status.startswith("FAILED")]
+    if failed:
+        lines += ["## Failures", ""] + [f"- `{r.key}`: {r.status[len('FAILED: '):]}" for r in failed]
+        lines += ["", "Tracebacks: `gpu-check.log`.", ""]
+    return "\n".join(lines)
+
+
+def _fig(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fig(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return _cell(v)
+
+
+def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None) -> tuple[Path | None, str]:
+    """The data folder and superpixel cache of the ``gpu`` profile: ``--data``/``--cache-dir``, else the
+    bundle's (``gpu_bundle/chaos``, ``gpu_bundle/cache``), else ``$FSL_MED_DATA_MRI`` / the shared folder and
+    ``$FSL_MED_CACHE`` / ``.cache/fsl_med``."""
+    b = Path(bundle) if bundle else None
+    if data is None and b is not None and (b / "chaos").is_dir():
+        data = str(b / "chaos")
+    if cache_dir is None and b is not None and (b / "cache").is_dir():
+        cache_dir = str(b / "cache")
+    data = data or os.environ.get("FSL_MED_DATA_MRI") or str(REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized")
+    return Path(data), cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
+
+
+def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: str | None = None,
+                  bundle: str | None = None, cache_dir: str | None = None, overrides: list[str] | None = None,
+                  only: list[str] | None = None, budget_s: float | None = None) -> tuple[Path, int]:
+    """Run the check and write its report.
+
+    Args:
+        out: report folder (created).
+        profile: ``auto`` (``gpu`` with CUDA, else ``tiny``), ``gpu`` or ``tiny``.
+        data, bundle, cache_dir: see :func:`resolve_inputs` (``gpu`` profile only).
+        overrides: ``key=value`` config overrides of every row (checked before any row runs).
+        only: row-key prefixes to run (``train``, ``eval``, ``segment``, ``ddp``, ``train-large-bf16``...).
+    Returns:
+        ``(path of gpu-check.md, number of failed rows)``.
+    Raises:
+        ConfigError: unknown profile, ``gpu`` without CUDA, a bad override or ``--only`` value.
+        DataError: the ``gpu`` profile's data folder is missing.
+    """
+    if profile == "auto":
+        profile = "gpu" if torch.cuda.is_available() else "tiny"
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile}: must be auto, gpu or tiny")
+    if profile == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--profile gpu: no CUDA device on this machine (the tiny profile runs without one)")
+    prof = PROFILES[profile]
+    keys = row_keys(prof)
+    for o in only or []:
+        if not any(k.startswith(o) for k in keys):
+            raise ConfigError(f"--only {o}: matches no row (rows: {', '.join(keys)})")
+    if only and any(o.startswith(("eval", "ttt", "segment")) for o in only):
+        only = [*only, "ckpt"]  # the rows that load the evaluation checkpoint need its row
+    explicit = data is not None or bundle is not None
+    root, cache = resolve_inputs(bundle, data, cache_dir)
+    if (prof.name == "gpu" or explicit) and not any(root.glob("image_*.nii.gz")):
+        raise DataError(f"--data {root}: no prepared CHAOS-T2 volumes there (make gpu-bundle, or set --data)")
+    from fsl_med.config import load_config
+
+    # the overrides are checked once, up front: a typo is one error line, not a failure in every row
+    load_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])
+    out_dir = atomic.ensure_writable_dir(out, "--out")
+    (out_dir / "gpu-check.log").write_text("", encoding="utf-8")
+    real = prof.name == "gpu" or explicit  # the tiny profile generates a phantom unless given data
+    check = GpuCheck(out_dir, prof, root if real else None, cache, list(overrides or []), only, budget_s)
+    failed = check.run()
+    return out_dir / "gpu-check.md", failed

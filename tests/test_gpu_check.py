@@ -1,0 +1,219 @@
+"""``make gpu-check`` and ``make gpu-bundle`` on a machine without CUDA.
+
+The check's tiny mode runs every row (on the CPU) so that it cannot rot; a failing row is reported with its
+message and does not stop the others. The bundle carries what a borrowed GPU machine lacks, and its mode runs
+on a Python that has torch, lightning, timm, ... but neither monai, nibabel, omegaconf, pydicom nor wandb.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from fsl_med.cli import main
+from fsl_med.gpu_bundle import LIMIT_BYTES, MISSING_PACKAGES
+from fsl_med.gpu_check import NO_CUDA
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ROWS = ("train-large-fp32", "train-large-bf16", "train-small-fp32", "train-small-bf16", "train-large-bf16-b2",
+              "train-large-bf16-b4", "train-small-bf16-compile", "train-large-bf16-compile")
+ALL_ROWS = {"env", *TRAIN_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp"}
+BLOCKED = ("monai", "nibabel", "omegaconf", "pydicom", "wandb")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK",
+                                                                        "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    return {**env, "PYTHONWARNINGS": "ignore", **extra}
+
+
+def _report(out: Path) -> tuple[dict, dict[str, dict]]:
+    doc = json.loads((out / "gpu-check.json").read_text())
+    return doc, {r["key"]: r for r in doc["rows"]}
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
+    out = tmp_path / "gc"
+    p = subprocess.run(["make", "-s", "gpu-check", f"OUT={out}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.splitlines()[0].startswith("gpu-check: No CUDA device: tiny mode on cpu (phantom data")
+    md = (out / "gpu-check.md").read_text()
+    assert md.splitlines()[0].startswith("# fsl_med GPU check: No CUDA device: tiny mode")
+    assert "15 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
+    assert md.strip() in p.stdout  # the report is printed, then its path
+    doc, rows = _report(out)
+    assert set(rows) == ALL_ROWS and all(r["status"].startswith("ok") for r in rows.values())
+    assert doc["profile"] == "tiny" and doc["fold0"]["query"] == ["1"] and doc["fold0"]["support"] == "2"
+
+    env = rows["env"]["figures"]
+    assert env["gpu"] == NO_CUDA and env["bound_tflops"] > 0 and env["bf16_matmul_tflops"] > 0
+    for key in TRAIN_ROWS:
+        f = rows[key]["figures"]
+        assert f["seconds_per_step"] > 0 and f["steps"] == 3 and f["episodes_per_s"] > 0, key
+        assert f["gflop_per_step"] > 0 and 0 < f["bound_fraction"] < 1, key
+        assert f["loader_episodes_per_s"] > 0 and f["loader_workers"] == 1 and isinstance(f["data_keeps_up"], bool)
+        assert f["wait_seconds_per_step"] >= 0 and f["peak_gpu_mb"] == NO_CUDA and f["peak_rss_mb"] > 0
+    assert rows["train-large-bf16-b4"]["figures"]["batch"] == 4
+    assert rows["train-large-fp32"]["figures"]["finetune"] == "lora"
+    assert rows["train-small-bf16"]["figures"]["precision"] == "bf16-mixed"
+    assert rows["train-large-bf16-compile"]["figures"]["compile"] == "default"
+    # FLOPs per step do not depend on the batch's precision or compilation, and grow with the batch
+    gf = {k: rows[k]["figures"]["gflop_per_step"] for k in TRAIN_ROWS}
+    assert gf["train-large-fp32"] == gf["train-large-bf16"] == gf["train-large-bf16-compile"]
+    assert gf["train-large-bf16-b4"] > gf["train-large-bf16-b2"] > gf["train-large-bf16"]
+
+    ev = rows["eval"]["figures"]
+    assert all(0 <= ev[f"dice_{v}"] <= 100 for v in ("plain", "cca", "ttt", "ttt_cca"))
+    assert ev["volumes"] == 4 and ev["seconds_per_slice"] > 0 and ev["ttt_seconds_per_slice"] > 0
+    assert rows["ttt-paper"]["figures"]["ttt_seconds_per_slice"] > 0
+    cmp_ = rows["eval-vs-cpu"]["figures"]
+    assert cmp_["volumes"] == 8 and cmp_["max_abs_dice_diff"] == 0 and cmp_["dice_device"] == cmp_["dice_cpu"]
+    seg = rows["segment-vs-cpu"]["figures"]
+    assert seg["identical"] is True and seg["voxels_device"] == seg["voxels_cpu"] > 0
+    assert rows["ddp"]["status"] == "ok (gloo; NCCL skipped: no CUDA)"
+    assert rows["ddp"]["figures"]["volumes"] == 4
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, capsys):
+    out = tmp_path / "gc"
+    # no adapter to adapt: every TTT row fails, plain and +CCA evaluation and segment do not
+    rc = main(["gpu-check", "--out", str(out), "--only", "eval,ttt,segment", "ttt.params=adapter"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "2 row(s) failed" in err
+    _, rows = _report(out)
+    for key in ("eval", "ttt-paper"):
+        assert rows[key]["status"].startswith("FAILED: ConfigError: config key 'ttt.params'"), rows[key]["status"]
+    for key in ("env", "ckpt", "eval-vs-cpu", "segment-vs-cpu"):
+        assert rows[key]["status"] == "ok", (key, rows[key]["status"])
+    assert all(rows[k]["status"] == "skipped: not selected (--only)" for k in (*TRAIN_ROWS, "ddp"))
+    md = (out / "gpu-check.md").read_text()
+    assert "2 failed" in md.splitlines()[0] and "## Failures" in md and "- `eval`: ConfigError" in md
+    log = (out / "gpu-check.log").read_text()
+    assert "Traceback" in log and "ttt.params" in log
+
+
+def test_rows_past_the_time_budget_are_skipped(tmp_path, capsys):
+    out = tmp_path / "gc"
+    assert main(["gpu-check", "--out", str(out), "--budget-s", "0"]) == 0
+    _, rows = _report(out)
+    assert set(rows) == ALL_ROWS and all(r["status"] == "skipped: time budget (0 s) spent" for r in rows.values())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--only", "nonsense"], "--only nonsense: matches no row"),
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    (["--profile", "gpu"], "--profile gpu: no CUDA device"),
+    (["--data", "MISSING"], "no prepared CHAOS-T2 volumes"),
+])
+def test_bad_gpu_check_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "gc"
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    assert main(["gpu-check", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fsl-med: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+# -- the bundle ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(chaos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of five real scans (fold 0 of the subset: query 1, support 2, training 3, 5, 8)."""
+    out = tmp_path_factory.mktemp("bundle") / "gpu_bundle"
+    p = subprocess.run([sys.executable, "-m", "fsl_med", "gpu-bundle", "--out", str(out), "--data", str(chaos),
+                        "--scans", "1,2,3,5,8"], capture_output=True, text=True, timeout=600, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+def test_gpu_bundle_holds_the_missing_wheels_the_scans_and_their_pseudolabels(bundle, chaos):
+    m = json.loads((bundle / "MANIFEST.json").read_text())
+    wheels = sorted(p.name for p in (bundle / "wheels").iterdir())
+    assert len(wheels) == len(MISSING_PACKAGES) and not any(w.startswith("wandb") for w in wheels)
+    for pkg in MISSING_PACKAGES:  # the versions tested here travel
+        [w] = [w for w in wheels if w.lower().startswith(f"{pkg}-")]
+        assert w.startswith(f"{pkg}-{importlib.metadata.version(pkg)}-")
+        assert w.endswith("-py3-none-any.whl") or ("cp312" in w and "manylinux" in w and "x86_64" in w), w
+    assert {e["file"]: e["sha256"] for e in m["wheels"]} == {w: _sha(bundle / "wheels" / w) for w in wheels}
+    assert m["python"] == "3.12" and m["scans"] == ["1", "2", "3", "5", "8"]
+    for sid in m["scans"]:
+        for kind in ("image", "label"):
+            assert _sha(bundle / "chaos" / f"{kind}_{sid}.nii.gz") == _sha(chaos / f"{kind}_{sid}.nii.gz")
+    assert m["fold0_of_subset"] == {"query": ["1"], "support": "2", "train": ["3", "5", "8"]}
+    cached = sorted(p.name.split("-")[0] for p in (bundle / "cache" / "superpixels").glob("*.npz"))
+    assert cached == ["image_3", "image_5", "image_8"]
+    assert m["bytes"] + m["repository_bytes"] < LIMIT_BYTES == m["limit_bytes"]
+
+
+def test_gpu_bundle_offline_and_a_failed_rebuild_keeps_the_old_bundle(bundle, chaos, tmp_path):
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "fsl_med", "gpu-bundle", "--out", str(out), "--data", str(chaos), "--scans", "1,2,3"]
+    p = subprocess.run([*cmd, "--wheels-from", str(bundle / "wheels")], capture_output=True, text=True, timeout=300,
+                       env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = (out / "MANIFEST.json").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = subprocess.run([*cmd, "--wheels-from", str(empty)], capture_output=True, text=True, timeout=300, env=_env())
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert p.returncode == 2 and lines[-1].startswith("fsl-med: error: gpu-bundle: pip could not get") and \
+        "monai==" in lines[-1] and "Traceback" not in p.stderr
+    assert (out / "MANIFEST.json").read_text() == before and len(list((out / "wheels").glob("*.whl"))) == 4
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["b", "empty"]  # no half-written bundle left
+    p = subprocess.run([*cmd[:-2], "--scans", "1,2,77"], capture_output=True, text=True, timeout=300, env=_env())
+    assert p.returncode == 2 and "image_77.nii.gz not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def _gpu_machine_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A Python like the GPU machines': this interpreter started with ``-S`` on a copy (links) of its
+    site-packages without monai, nibabel, omegaconf, pydicom, wandb and fsl_med's own editable install."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        name = entry.name.lower()
+        if name.startswith((*BLOCKED, "fsl_med", "__editable__")) or name.endswith(".pth"):
+            continue
+        (site / entry.name).symlink_to(entry)
+    py = tmp_path / "python"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    py.chmod(0o755)
+    return py, site
+
+
+@pytest.mark.slow
+def test_bundle_mode_runs_the_check_on_a_python_without_the_missing_packages(bundle, tmp_path):
+    py, site = _gpu_machine_python(tmp_path)
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u, sys; import torch, lightning, timm; "
+                            f"sys.exit(any(u.find_spec(m) for m in {BLOCKED!r}))"],
+                           capture_output=True, text=True, env=_env(PYTHONPATH=str(site)), timeout=300)
+    assert probe.returncode == 0, probe.stderr  # the simulated machine lacks them (and has torch)
+    cache_before = sorted(p.name for p in (bundle / "cache" / "superpixels").iterdir())
+    out = tmp_path / "gc"
+    p = subprocess.run(["bash", "scripts/gpu-check.sh", "--only", "train-small-fp32,eval,ttt,segment"], cwd=REPO,
+                       capture_output=True, text=True, timeout=900,
+                       env=_env(FSL_MED_GPU_CHECK="bundle", GPU_BUNDLE=str(bundle), PYTHON=str(py),
+                                PYTHONPATH=str(site), OUT=str(out)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc, rows = _report(out)
+    assert doc["headline"].startswith("No CUDA device: tiny mode on cpu (real data")
+    assert doc["data"] == str(bundle / "chaos") and doc["fold0"]["support"] == "2"
+    for key in ("env", "train-small-fp32", "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu"):
+        assert rows[key]["status"] == "ok", (key, rows[key]["status"])
+    # the bundled pseudolabels were used as they are (a miss would have added files)
+    assert sorted(p.name for p in (bundle / "cache" / "superpixels").iterdir()) == cache_before
