@@ -180,14 +180,15 @@ def test_gpu_bundle_offline_and_a_failed_rebuild_keeps_the_old_bundle(bundle, ch
     assert p.returncode == 2 and "image_77.nii.gz not found" in p.stderr and "Traceback" not in p.stderr
 
 
-def _gpu_machine_python(tmp_path: Path) -> tuple[Path, Path]:
+def _gpu_machine_python(tmp_path: Path, without: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A Python like the GPU machines': this interpreter started with ``-S`` on a copy (links) of its
-    site-packages without monai, nibabel, omegaconf, pydicom, wandb and fsl_med's own editable install."""
+    site-packages without monai, nibabel, omegaconf, pydicom, wandb (and ``without``) and fsl_med's own
+    editable install."""
     site = tmp_path / "site"
     site.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
         name = entry.name.lower()
-        if name.startswith((*BLOCKED, "fsl_med", "__editable__")) or name.endswith(".pth"):
+        if name.startswith((*BLOCKED, *without, "fsl_med", "__editable__")) or name.endswith(".pth"):
             continue
         (site / entry.name).symlink_to(entry)
     py = tmp_path / "python"
@@ -217,3 +218,13 @@ def test_bundle_mode_runs_the_check_on_a_python_without_the_missing_packages(bun
         assert rows[key]["status"] == "ok", (key, rows[key]["status"])
     # the bundled pseudolabels were used as they are (a miss would have added files)
     assert sorted(p.name for p in (bundle / "cache" / "superpixels").iterdir()) == cache_before
+
+
+def test_bundle_mode_names_what_the_machine_lacks(bundle, tmp_path):
+    py, site = _gpu_machine_python(tmp_path, without=("timm",))
+    p = subprocess.run(["bash", "scripts/gpu-check.sh"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=_env(FSL_MED_GPU_CHECK="bundle", GPU_BUNDLE=str(bundle), PYTHON=str(py),
+                                PYTHONPATH=str(site), OUT=str(tmp_path / "gc")))
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"gpu-check: {py} lacks: timm (add their Python 3.12 wheels to {bundle}/wheels)"]
+    assert not (tmp_path / "gc").exists()
