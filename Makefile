@@ -72,8 +72,8 @@ ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget o
 bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
 	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)
 
-gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) -> OUT (default lightning_logs/gpu-check/)
-	@OUT="$(or $(OUT),lightning_logs/gpu-check)" bash scripts/gpu-check.sh $(ARGS)
+gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) [DATA=...] -> OUT (default lightning_logs/gpu-check/)
+	@OUT="$(or $(OUT),lightning_logs/gpu-check)" bash scripts/gpu-check.sh $(if $(DATA),--data $(DATA),) $(ARGS)
 
 gpu-bundle: $(STAMP) ## wheels (Python 3.12) + a real CHAOS-T2 subset with superpixels for a GPU machine -> gpu_bundle/
 	$(FSL) gpu-bundle --out $(or $(OUT),gpu_bundle) $(if $(DATA),--data $(DATA),)

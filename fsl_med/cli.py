@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from fsl_med.gpu_check import run_gpu_check
 
-    only = [o for o in (args.only or "").split(",") if o] or None
+    only = None if args.only is None else [o.strip() for o in args.only.split(",") if o.strip()]
     md, failed = run_gpu_check(args.out, args.profile, data=args.data, bundle=args.bundle, cache_dir=args.cache_dir,
                                overrides=list(args.rest), only=only, budget_s=args.budget_s)
     print(md.read_text(encoding="utf-8"))
@@ -343,23 +343,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
     sp.add_argument("--tiny-steps", type=int, default=300, help="training steps of the tiny model of ttt_dice")
     sp.set_defaults(func=cmd_bench)
-    sp = sub.add_parser("gpu-check", help="run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) "
-                        "in one command; a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log")
+    sp = sub.add_parser(
+        "gpu-check", help="run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) in one command; "
+        "a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log",
+        description="Runs every CUDA-specific path of fsl_med once, one report row each (a failing row is reported and "
+        "the others still run; exit 1 if any failed): training of DINOv2 ViT-L/14 LoRA r=4 and ViT-S/14 full in fp32, "
+        "bf16-mixed and bf16-mixed + torch.compile, ViT-L at batch 1/8/32, with FLOP-bound fractions, peak GPU memory "
+        "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
+        "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
+        "--only): env, train-large-fp32, train-large-bf16, train-small-fp32, train-small-bf16, train-large-bf16-b<N>, "
+        "ckpt, eval, ttt-paper, eval-vs-cpu, segment-vs-cpu, ddp, train-small-bf16-compile, train-large-bf16-compile.")
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
     sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
     sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
                     help="gpu (CUDA, real data, ViT-L/ViT-S) or tiny (phantom, tiny ViT); auto: gpu when CUDA is present")
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default: the bundle's, $FSL_MED_DATA_MRI, "
-                    "../shared/...)")
-    sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle (its data and cache)")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (gpu profile default: $FSL_MED_DATA_MRI, "
+                    "../shared/..., gpu_bundle/chaos; the tiny profile generates a phantom unless --data/--bundle)")
+    sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle: its data and superpixel cache")
     sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, .cache/fsl_med)")
     sp.add_argument("--only", default=None, metavar="ROWS",
-                    help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs)")
+                    help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs; the "
+                    "evaluation rows bring the checkpoint row)")
     sp.add_argument("--budget-s", type=float, default=None,
-                    help="rows not started within this many seconds are skipped (default: gpu 330, tiny 270)")
+                    help="rows not started within this many seconds are skipped, env excepted (default: gpu 330, tiny 270)")
     sp.set_defaults(func=cmd_gpu_check)
-    sp = sub.add_parser("gpu-bundle", help="wheels (Python 3.12) + a CHAOS-T2 subset and its superpixels for a "
-                        "GPU machine without network: gpu-bundle [--out gpu_bundle] [--data DIR] [--scans 1,2,...]")
+    sp = sub.add_parser(
+        "gpu-bundle", help="wheels (Python 3.12) + a CHAOS-T2 subset and its superpixels for a GPU machine without "
+        "network: gpu-bundle [--out gpu_bundle] [--data DIR] [--scans 1,2,...]",
+        description="Writes what `make gpu-check` needs on a GPU machine that has no network and lacks monai, nibabel, "
+        "omegaconf and pydicom: their wheels for CPython 3.12 (downloaded by pip, so this needs a package registry, "
+        "or --wheels-from), a subset of the prepared CHAOS-T2 scans, the superpixels of the subset's fold-0 training "
+        "scans and MANIFEST.json; under the 64 MiB the device tool carries with the repository (~34 MiB by default). "
+        "An existing bundle is replaced only when the new one is complete; a folder that is not a bundle is refused.")
     sp.add_argument("--out", default="gpu_bundle", help="bundle folder (default gpu_bundle, git-ignored)")
     sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
     sp.add_argument("--scans", default=None, help="comma-separated scan ids (default 1,2,3,5,8,10,13,15,19,20)")

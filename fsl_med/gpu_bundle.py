@@ -133,7 +133,8 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
         A :class:`Bundle`.
     Raises:
         DataError: the data folder or a scan is missing.
-        ConfigError: fewer than 3 scans, or a bundle over the 64 MiB the device tool carries.
+        ConfigError: fewer than 3 scans, ``out`` is a non-empty folder that is not a bundle, or a bundle over the
+            64 MiB the device tool carries.
         FslMedError: a wheel cannot be obtained.
     """
     from fsl_med.config import load_config
@@ -147,6 +148,10 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
     if len(ids) < 3:
         raise ConfigError(f"--scans {','.join(ids)}: need at least 3 scans (query, support, training)")
     out = Path(out)
+    if out.exists() and not (out.is_dir() and (out / "MANIFEST.json").is_file()):
+        if not out.is_dir() or any(out.iterdir()):
+            raise ConfigError(f"--out {out}: exists and is not a bundle (no MANIFEST.json): choose another folder, "
+                              "a bundle is replaced as a whole")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)

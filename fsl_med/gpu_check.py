@@ -214,7 +214,7 @@ class GpuCheck:
         elapsed = time.monotonic() - self.t_start
         if not self.selected(key):
             row.status = "skipped: not selected (--only)"
-        elif elapsed > self.budget_s:
+        elif elapsed > self.budget_s and key != "env":
             row.status = f"skipped: time budget ({self.budget_s:.0f} s) spent"
         elif needs_ckpt and self.ckpt is None:
             row.status = "skipped: no checkpoint (the checkpoint row did not succeed)"
@@ -387,6 +387,7 @@ class GpuCheck:
                  seconds_per_slice=sum(v["seconds"] for v in plain) / max(slices, 1),
                  seconds_per_volume=results["variants"]["plain"]["seconds_per_volume"],
                  ttt_mode=f"volume, {self.profile.ttt_steps} steps",
+                 ttt_changed_volumes=_changed(results["volumes"], "ttt"),
                  ttt_seconds_per_slice=results["ttt_seconds_per_slice"])
 
     def row_ttt_paper(self, row: Row) -> None:
@@ -466,21 +467,21 @@ class GpuCheck:
         split = fold_split(get_dataset_info("chaos_t2"), discover_scans(self.data), 0)
         root = Path(self.data)
         sup, query = split.support, split.query[0]
-        kw = dict(label=1, batch_size=8)
-        out: dict[str, Any] = {}
-        for dev in (self.device, "cpu"):
-            dest = self.work / f"segment-{dev}.nii.gz"
+        out: dict[str, tuple[np.ndarray, float]] = {}
+        for run, dev in (("device", self.device), ("cpu", "cpu")):  # two runs, also when the device is the CPU
             sync(self.device)
             t0 = time.perf_counter()
             res = segment(self.ckpt, root / f"image_{sup}.nii.gz", root / f"label_{sup}.nii.gz",
-                          root / f"image_{query}.nii.gz", dest, device=dev, **kw)
-            out[dev] = (read_nifti(res.path)[0], time.perf_counter() - t0)
-        a, b = out[self.device][0], out["cpu"][0]
+                          root / f"image_{query}.nii.gz", self.work / f"segment-{run}.nii.gz", label=1, batch_size=8,
+                          device=dev)
+            sync(self.device)
+            out[run] = (read_nifti(res.path)[0], time.perf_counter() - t0)
+        a, b = out["device"][0], out["cpu"][0]
         differ = int(np.count_nonzero(a != b))
         f = row.figures
         f.update(support=sup, query=query, organ="liver", shape=list(a.shape), voxels_device=int(a.sum()),
                  voxels_cpu=int(b.sum()), voxels_differing=differ, identical=differ == 0,
-                 seconds_device=out[self.device][1], seconds_cpu=out["cpu"][1])
+                 seconds_device=out["device"][1], seconds_cpu=out["cpu"][1])
         if not self.cuda:
             f["note"] = "no CUDA: the device run was on the CPU too"
         if differ:
@@ -584,6 +585,13 @@ class GpuCheck:
         return atomic.write_text(self.out / "gpu-check.md", render_markdown(self))
 
 
+def _changed(volumes: list[dict[str, Any]], variant: str) -> str:
+    """``"k of n"``: the volumes whose ``variant`` prediction differs from the plain one (TP/FP/FN)."""
+    counts = {(v["organ"], v["query"], v["variant"]): (v["tp"], v["fp"], v["fn"]) for v in volumes}
+    keys = [k for k in counts if k[2] == "plain"]
+    return f"{sum(counts[k] != counts[(k[0], k[1], variant)] for k in keys)} of {len(keys)}"
+
+
 def _with(cfg: Any, **values: Any) -> Any:
     from fsl_med.config import apply_overrides
 
@@ -684,17 +692,46 @@ def _fig(v: Any) -> str:
     return _cell(v)
 
 
-def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None) -> tuple[Path | None, str]:
-    """The data folder and superpixel cache of the ``gpu`` profile: ``--data``/``--cache-dir``, else the
-    bundle's (``gpu_bundle/chaos``, ``gpu_bundle/cache``), else ``$FSL_MED_DATA_MRI`` / the shared folder and
-    ``$FSL_MED_CACHE`` / ``.cache/fsl_med``."""
-    b = Path(bundle) if bundle else None
-    if data is None and b is not None and (b / "chaos").is_dir():
-        data = str(b / "chaos")
-    if cache_dir is None and b is not None and (b / "cache").is_dir():
+DEFAULT_BUNDLE = REPO / "gpu_bundle"
+
+
+def _has_volumes(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("image_*.nii.gz"))
+
+
+def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None) -> tuple[Path, str, str]:
+    """The data folder and superpixel cache: ``--data`` or ``--bundle`` when given (checked); else the first
+    of ``$FSL_MED_DATA_MRI``, ``../shared/data/CHAOST2/chaos_MR_T2_normalized`` and ``gpu_bundle/chaos`` that
+    holds volumes. The cache is ``--cache-dir``, else the bundle's when the data is the bundle's, else
+    ``$FSL_MED_CACHE`` or ``.cache/fsl_med``.
+
+    Returns:
+        ``(data folder, cache folder, where the data came from)``.
+    Raises:
+        DataError: ``--bundle`` is not a bundle, or ``--data`` (or the bundle) holds no prepared volumes.
+    """
+    b: Path | None = None
+    if bundle is not None:
+        b = Path(bundle)
+        if not (b / "MANIFEST.json").is_file():
+            raise DataError(f"--bundle {b}: not a bundle (no MANIFEST.json; make gpu-bundle writes one)")
+    if data is not None:
+        root, origin = Path(data), "--data"
+    elif b is not None:
+        root, origin = b / "chaos", "--bundle"
+    else:
+        env = os.environ.get("FSL_MED_DATA_MRI")
+        candidates = [Path(env)] if env else []
+        candidates += [REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized", DEFAULT_BUNDLE / "chaos"]
+        root = next((c for c in candidates if _has_volumes(c)), candidates[0])
+        origin = "default"
+        if root == DEFAULT_BUNDLE / "chaos":
+            b = DEFAULT_BUNDLE
+    if origin != "default" and not _has_volumes(root):
+        raise DataError(f"{origin} {root}: no prepared CHAOS-T2 volumes (image_<id>.nii.gz) there")
+    if cache_dir is None and b is not None and root == b / "chaos" and (b / "cache").is_dir():
         cache_dir = str(b / "cache")
-    data = data or os.environ.get("FSL_MED_DATA_MRI") or str(REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized")
-    return Path(data), cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
+    return root, cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med", origin
 
 
 def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: str | None = None,
@@ -705,14 +742,15 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     Args:
         out: report folder (created).
         profile: ``auto`` (``gpu`` with CUDA, else ``tiny``), ``gpu`` or ``tiny``.
-        data, bundle, cache_dir: see :func:`resolve_inputs` (``gpu`` profile only).
+        data, bundle, cache_dir: see :func:`resolve_inputs`; the ``tiny`` profile generates a phantom unless
+            ``data`` or ``bundle`` is given.
         overrides: ``key=value`` config overrides of every row (checked before any row runs).
         only: row-key prefixes to run (``train``, ``eval``, ``segment``, ``ddp``, ``train-large-bf16``...).
     Returns:
         ``(path of gpu-check.md, number of failed rows)``.
     Raises:
-        ConfigError: unknown profile, ``gpu`` without CUDA, a bad override or ``--only`` value.
-        DataError: the ``gpu`` profile's data folder is missing.
+        ConfigError: unknown profile, ``gpu`` without CUDA, a bad override, ``--only`` or ``--budget-s`` value.
+        DataError: no data for the ``gpu`` profile, a ``--data`` folder without volumes, not a ``--bundle``.
     """
     if profile == "auto":
         profile = "gpu" if torch.cuda.is_available() else "tiny"
@@ -722,22 +760,25 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
         raise ConfigError("--profile gpu: no CUDA device on this machine (the tiny profile runs without one)")
     prof = PROFILES[profile]
     keys = row_keys(prof)
+    if only is not None and not only:
+        raise ConfigError(f"--only: names no row (rows: {', '.join(keys)})")
     for o in only or []:
         if not any(k.startswith(o) for k in keys):
             raise ConfigError(f"--only {o}: matches no row (rows: {', '.join(keys)})")
     if only and any(o.startswith(("eval", "ttt", "segment")) for o in only):
         only = [*only, "ckpt"]  # the rows that load the evaluation checkpoint need its row
-    explicit = data is not None or bundle is not None
-    root, cache = resolve_inputs(bundle, data, cache_dir)
-    if (prof.name == "gpu" or explicit) and not any(root.glob("image_*.nii.gz")):
-        raise DataError(f"--data {root}: no prepared CHAOS-T2 volumes there (make gpu-bundle, or set --data)")
+    if budget_s is not None and not budget_s >= 0:
+        raise ConfigError(f"--budget-s {budget_s}: must be >= 0")
+    root, cache, origin = resolve_inputs(bundle, data, cache_dir)
+    real = prof.name == "gpu" or origin != "default"  # the tiny profile generates a phantom unless given data
+    if real and not _has_volumes(root):
+        raise DataError(f"{root}: no prepared CHAOS-T2 volumes for the gpu profile (make gpu-bundle, or --data DIR)")
     from fsl_med.config import load_config
 
     # the overrides are checked once, up front: a typo is one error line, not a failure in every row
     load_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])
     out_dir = atomic.ensure_writable_dir(out, "--out")
     (out_dir / "gpu-check.log").write_text("", encoding="utf-8")
-    real = prof.name == "gpu" or explicit  # the tiny profile generates a phantom unless given data
     check = GpuCheck(out_dir, prof, root if real else None, cache, list(overrides or []), only, budget_s)
     failed = check.run()
     return out_dir / "gpu-check.md", failed

@@ -78,12 +78,14 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
 
     ev = rows["eval"]["figures"]
     assert all(0 <= ev[f"dice_{v}"] <= 100 for v in ("plain", "cca", "ttt", "ttt_cca"))
+    assert ev["ttt_changed_volumes"].endswith(" of 4")
     assert ev["volumes"] == 4 and ev["seconds_per_slice"] > 0 and ev["ttt_seconds_per_slice"] > 0
     assert rows["ttt-paper"]["figures"]["ttt_seconds_per_slice"] > 0
     cmp_ = rows["eval-vs-cpu"]["figures"]
     assert cmp_["volumes"] == 8 and cmp_["max_abs_dice_diff"] == 0 and cmp_["dice_device"] == cmp_["dice_cpu"]
     seg = rows["segment-vs-cpu"]["figures"]
     assert seg["identical"] is True and seg["voxels_device"] == seg["voxels_cpu"] > 0
+    assert seg["seconds_device"] != seg["seconds_cpu"]  # two runs were compared, not one with itself
     assert rows["ddp"]["status"] == "ok (gloo; NCCL skipped: no CUDA)"
     assert rows["ddp"]["figures"]["volumes"] == 4
 
@@ -111,21 +113,26 @@ def test_rows_past_the_time_budget_are_skipped(tmp_path, capsys):
     out = tmp_path / "gc"
     assert main(["gpu-check", "--out", str(out), "--budget-s", "0"]) == 0
     _, rows = _report(out)
-    assert set(rows) == ALL_ROWS and all(r["status"] == "skipped: time budget (0 s) spent" for r in rows.values())
+    assert set(rows) == ALL_ROWS and rows["env"]["status"] == "ok"  # the environment row always runs
+    assert all(r["status"] == "skipped: time budget (0 s) spent" for k, r in rows.items() if k != "env")
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--only", "nonsense"], "--only nonsense: matches no row"),
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["--profile", "gpu"], "--profile gpu: no CUDA device"),
-    (["--data", "MISSING"], "no prepared CHAOS-T2 volumes"),
+    (["--data", "MISSING"], "--data MISSING: no prepared CHAOS-T2 volumes"),
+    (["--bundle", "MISSING"], "--bundle MISSING: not a bundle (no MANIFEST.json"),
+    (["--only", ","], "--only: names no row"),
+    (["--budget-s", "-1"], "--budget-s -1.0: must be >= 0"),
 ])
 def test_bad_gpu_check_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "gc"
-    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    missing = str(tmp_path / "missing")
+    args = [missing if a == "MISSING" else a for a in args]
     assert main(["gpu-check", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fsl-med: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("fsl-med: error: ") and message.replace("MISSING", missing) in err[0], err
     assert not out.exists()
 
 
@@ -178,6 +185,27 @@ def test_gpu_bundle_offline_and_a_failed_rebuild_keeps_the_old_bundle(bundle, ch
     assert sorted(x.name for x in tmp_path.iterdir()) == ["b", "empty"]  # no half-written bundle left
     p = subprocess.run([*cmd[:-2], "--scans", "1,2,77"], capture_output=True, text=True, timeout=300, env=_env())
     assert p.returncode == 2 and "image_77.nii.gz not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_gpu_bundle_never_replaces_a_folder_that_is_not_a_bundle(chaos, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    p = subprocess.run([sys.executable, "-m", "fsl_med", "gpu-bundle", "--out", str(out), "--data", str(chaos),
+                        "--scans", "1,2,3"], capture_output=True, text=True, timeout=300, env=_env())
+    assert p.returncode == 2 and "exists and is not a bundle" in p.stderr and "Traceback" not in p.stderr
+    assert [x.name for x in out.iterdir()] == ["notes.txt"] and sorted(x.name for x in tmp_path.iterdir()) == ["mine"]
+
+
+def test_make_gpu_check_takes_data(chaos, tmp_path):
+    out = tmp_path / "gc"
+    p = subprocess.run(["make", "-s", "gpu-check", f"OUT={out}", f"DATA={chaos}", "ARGS=--only env"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc, rows = _report(out)
+    assert doc["data"] == str(chaos) and doc["fold0"] == {"query": ["1", "2", "3", "5"], "support": "8", "train": [
+        "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34", "36", "37", "38", "39"]}
+    assert doc["headline"].startswith("No CUDA device: tiny mode on cpu (real data") and rows["env"]["status"] == "ok"
 
 
 def _gpu_machine_python(tmp_path: Path, without: tuple[str, ...] = ()) -> tuple[Path, Path]:
