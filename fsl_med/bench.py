@@ -129,7 +129,6 @@ def _kernel_floor(fn, repeats: int = 5) -> dict[str, Any]:
 
 def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     """Seconds per training step through the real Lightning loop, and GFLOP per step."""
-    from lightning.pytorch.callbacks import Callback
 
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.models.module import FewShotModule
@@ -157,16 +156,9 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     flops = count_flops(step)
     module.zero_grad(set_to_none=True)
 
-    class Wall(Callback):
-        def __init__(self) -> None:
-            self.t: list[float] = []
-
-        def on_train_batch_end(self, *a: Any) -> None:
-            self.t.append(time.perf_counter())
-
-    timer, wall = StepTimer(), Wall()
+    timer = StepTimer()
     trainer = make_trainer(cfg, new_run_dir(args.work, f"bench-{finetune}"), with_val=False,
-                           extra_callbacks=[timer, wall], progress_bar=False)
+                           extra_callbacks=[timer], progress_bar=False)
     trainer.fit(module, datamodule=dm)
     peak = peak_rss_mb()  # the training's own peak, before the kernel floor's copies of kernel inputs
     floor = None
@@ -174,7 +166,8 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     if finetune == "full" and not args.set and not args.precision.startswith("bf16") and default_device() == "cpu":
         floor = _kernel_floor(step)
     compute = statistics.median(timer.times[warm:])
-    walls = statistics.median(np.diff(wall.t[warm - 1:]).tolist())
+    # wall time of step i (end of step i-1 to end of step i): the wait before it plus its compute
+    walls = statistics.median([timer.gaps[i - 1] + timer.times[i] for i in range(warm, len(timer.times))])
     out = {"seconds_per_step": compute, "wall_seconds_per_step": walls, "gflop_per_step": flops / 1e9,
            "data_seconds_per_episode": data_s, "workers": args.workers, "steps": n,
            "first_step_seconds": timer.times[0], "overrides": list(args.set), "peak_rss_mb": peak}
@@ -232,13 +225,10 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _ttt_trainer(cfg: Any, module: Any, overrides: list[str]) -> Any:
     from omegaconf import OmegaConf
 
-    from fsl_med.data.episodes import AugmentParams
     from fsl_med.refine.ttt import TestTimeTrainer
 
     tcfg = OmegaConf.merge(cfg.ttt, OmegaConf.from_dotlist([o.removeprefix("ttt.") for o in overrides]))
-    a = cfg.data.augment
-    return TestTimeTrainer(module.model, tcfg, module.ce_weights, cfg.loss.align_weight,
-                           AugmentParams(**{k: a[k] for k in a}))
+    return TestTimeTrainer.from_config(module.model, cfg, module.ce_weights, tcfg)
 
 
 PAPER_TTT = ["ttt.steps=100", "ttt.mode=slice"]

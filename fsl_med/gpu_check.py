@@ -393,7 +393,6 @@ class GpuCheck:
     def row_ttt_paper(self, row: Row) -> None:
         """The paper's TTT (per slice, ``ttt_steps`` steps) on a few slices of the first query volume."""
         from fsl_med.data.datamodule import FewShotDataModule
-        from fsl_med.data.episodes import AugmentParams
         from fsl_med.evaluate import module_from_checkpoint
         from fsl_med.refine.ttt import TestTimeTrainer
 
@@ -411,8 +410,7 @@ class GpuCheck:
         fg = pred[idx].copy()
         h, w = fg.shape[-2:]
         fg[:, h * 2 // 5:h * 3 // 5, w * 2 // 5:w * 3 // 5] = 1  # every slice is adapted (empty ones are skipped)
-        a = cfg.data.augment
-        ttt = TestTimeTrainer(seg, cfg.ttt, module.ce_weights, cfg.loss.align_weight, AugmentParams(**{k: a[k] for k in a}))
+        ttt = TestTimeTrainer.from_config(seg, cfg, module.ce_weights)
         sync(self.device)
         t0 = time.perf_counter()
         ttt.refine(it.query_images[idx], fg, prob[idx], it.part[idx], it.support_images, it.support_masks,

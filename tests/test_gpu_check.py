@@ -256,3 +256,13 @@ def test_bundle_mode_names_what_the_machine_lacks(bundle, tmp_path):
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"gpu-check: {py} lacks: timm (add their Python 3.12 wheels to {bundle}/wheels)"]
     assert not (tmp_path / "gc").exists()
+
+
+def test_help_lists_every_row_key():
+    from fsl_med.cli import build_parser
+    from fsl_med.gpu_check import GPU, TINY, row_keys
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["gpu-check"]
+    text = " ".join(sub.description.split())
+    for key in {*row_keys(GPU), *row_keys(TINY)}:
+        assert (key if not key.startswith("train-large-bf16-b") else "train-large-bf16-b<N>") in text, key

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from fsl_med.config import VARIANTS, from_container, to_container
 from fsl_med.data.datamodule import EvalItem
-from fsl_med.data.episodes import AugmentParams
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
@@ -142,9 +141,7 @@ class FewShotModule(L.LightningModule):
 
     def _ttt_trainer(self) -> TestTimeTrainer:
         if self._ttt is None:
-            a = self.cfg.data.augment
-            self._ttt = TestTimeTrainer(self.model, self.cfg.ttt, self.ce_weights, self.cfg.loss.align_weight,
-                                        AugmentParams(**{k: a[k] for k in a}))
+            self._ttt = TestTimeTrainer.from_config(self.model, self.cfg, self.ce_weights)
         return self._ttt
 
     def _eval_item(self, item: EvalItem, stage: str) -> None:

@@ -73,6 +73,15 @@ class TestTimeTrainer:
         self.seg, self.cfg = segmenter, ttt
         self.ce_weights, self.align_weight, self.augment = ce_weights, align_weight, augment
 
+    @classmethod
+    def from_config(cls, segmenter: FewShotSegmenter, cfg: DictConfig, ce_weights: torch.Tensor,
+                    ttt: DictConfig | None = None) -> TestTimeTrainer:
+        """TTT with a run config's loss (``loss.align_weight``) and augmentation (``data.augment``); ``ttt``
+        replaces the config's ``ttt`` section."""
+        a = cfg.data.augment
+        return cls(segmenter, cfg.ttt if ttt is None else ttt, ce_weights, cfg.loss.align_weight,
+                   AugmentParams(**{k: a[k] for k in a}))
+
     def _adapt(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, device: torch.device) -> None:
         params = adapted_parameters(self.seg, self.cfg.params)
         chosen = {id(p) for p in params}
