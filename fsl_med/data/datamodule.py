@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from fsl_med.config import excluded_labels
-from fsl_med.data.datasets import DatasetInfo, FoldSplit, discover_scans, fold_split, get_dataset_info
+from fsl_med.data.classmap import CLASSMAP_NAME, read_classmap
+from fsl_med.data.datasets import DatasetInfo, FoldSplit, fold_split, get_dataset_info, scan_files
 from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
 from fsl_med.data.protocol import query_plan, support_slices_per_part
 from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
@@ -94,7 +95,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
     sups = sups if shots_source == "scans" else sups[:1]
     items: list[EvalItem] = []
     skipped: list[tuple[str, str]] = []
-    sup_norm = [slice_input(normalize(v.image), three_slices) for v in sups]
+    sup_norm = [slice_input(normalize(v.image, v.path), three_slices) for v in sups]
     support_id = "+".join(v.scan_id for v in sups)
     supports = {}
     for organ in organs:
@@ -116,7 +117,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
         supports[organ] = (lid, [z for _, z in flat], s_imgs, s_masks)
     # query-major order: the organs of one query scan follow each other, so its slice features are shared
     for q in queries:
-        q_norm = slice_input(normalize(q.image), three_slices)
+        q_norm = slice_input(normalize(q.image, q.path), three_slices)
         for organ in organs:
             lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
@@ -166,9 +167,23 @@ class FewShotDataModule(L.LightningDataModule):
         return self._cache[scan_id]
 
     def _resolve_split(self) -> None:
+        """Check the data folder and fix the fold's scans: list the scans (files the layout does not recognise
+        are logged once, as one warning line), check an existing ``classmap_1.json`` against its schema, split
+        the scans and build the normaliser.
+
+        Raises:
+            DataError: no scans, a malformed classmap, too few scans for a fold, or (CT) a bad training scan.
+        """
         if self.split is not None:
             return
-        ids = discover_scans(self.root)
+        listing = scan_files(self.root)
+        ids = listing.scan_ids()
+        note = listing.note()
+        if note:
+            log.warning("%s", note)
+        classmap = self.root / CLASSMAP_NAME
+        if classmap.is_file():  # not otherwise used by training; a malformed one means a broken folder
+            read_classmap(classmap)
         self.split = fold_split(self.info, ids, self.cfg.data.fold)
         nval = self.cfg.data.num_val_scans
         train = list(self.split.train)
@@ -210,7 +225,7 @@ class FewShotDataModule(L.LightningDataModule):
         for v, sid in enumerate(self.train_ids):
             vol = self._volume(sid)
             assert self.normalize is not None
-            images.append(self.normalize(vol.image))
+            images.append(self.normalize(vol.image, vol.path))
             sps.append(self._superpixels(vol))
             has_excl = np.isin(vol.label, excl).reshape(vol.label.shape[0], -1).any(axis=1) if excl else None
             for z in range(vol.image.shape[0]):
@@ -275,9 +290,11 @@ class FewShotDataModule(L.LightningDataModule):
         """
         if self.trainer is not None and self.trainer.state.fn != "fit":
             return  # evaluation needs no pseudolabels (and must not read the training scans)
-        ids = discover_scans(self.root)
-        split = fold_split(self.info, ids, self.cfg.data.fold)
-        for sid in split.train:
+        if self.train_set is not None:
+            return  # set up in this process already (train() calls setup before fit): its pseudolabels exist
+        self._resolve_split()  # the folder's checks (classmap, ignored files) come before any pseudolabel work
+        assert self.split is not None
+        for sid in self.split.train:
             self._superpixels(self._volume(sid))
 
     def setup(self, stage: str | None = None) -> None:

@@ -110,40 +110,145 @@ def get_dataset_info(name: str) -> DatasetInfo:
     return _REGISTRY[key]
 
 
-_IMAGE_RE = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
+_SCAN_FILE_RE = re.compile(r"^(image|label)_(.+?)\.(nii\.gz|nii)$")
+_NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_EXPECTED_PREFIXES = ("superpix-",)  # shipped pseudolabels: part of the layout, not listed as ignored
+_LAYOUT = "image_<id>.nii.gz + label_<id>.nii.gz"
 
 
 def _sort_key(scan_id: str) -> tuple[int, str]:
     return (int(scan_id), scan_id) if scan_id.isdigit() else (1 << 30, scan_id)
 
 
-def discover_scans(root: str | Path) -> list[str]:
-    """Scan ids of a prepared folder (``image_{id}.nii.gz`` with a matching label), sorted numerically.
+@dataclass(frozen=True)
+class IgnoredFile:
+    """A NIfTI file of a data folder that is not part of a scan.
+
+    Attributes:
+        name: file name (in the listed folder).
+        reason: why it is ignored, e.g. ``non-numeric id``.
+        kind: ``unpaired`` (an image without label or a label without image), ``duplicate`` (a ``.nii``
+            beside the ``.nii.gz`` of the same scan), ``non_numeric`` or ``unrecognised`` (another name).
+    """
+
+    name: str
+    reason: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class ScanListing:
+    """What a prepared folder holds: its scans and the NIfTI files it ignores.
+
+    Attributes:
+        root: the folder.
+        scans: scan id -> ``(image path, label path)``, sorted numerically.
+        ignored: NIfTI files that are not part of a scan, each with the reason, in name order.
+    """
+
+    root: Path
+    scans: dict[str, tuple[Path, Path]]
+    ignored: list[IgnoredFile]
+
+    def note(self, kinds: tuple[str, ...] | None = None) -> str | None:
+        """One line listing the ignored files (of ``kinds``; all by default), or None when there are none."""
+        items = [f for f in self.ignored if kinds is None or f.kind in kinds]
+        if not items:
+            return None
+        listed = ", ".join(f"{f.name} ({f.reason})" for f in items)
+        return f"{self.root}: ignoring {len(items)} file(s) the prepared layout does not recognise: {listed}"
+
+    def scan_ids(self) -> list[str]:
+        """The scan ids, sorted numerically.
+
+        Raises:
+            DataError: the folder holds no image/label pair (the expected layout and any ignored files are named).
+        """
+        if not self.scans:
+            other = ""
+            if self.ignored:
+                more = f" and {len(self.ignored) - 5} more" if len(self.ignored) > 5 else ""
+                other = (f"; found {len(self.ignored)} other NIfTI file(s): "
+                         f"{', '.join(f.name for f in self.ignored[:5])}{more}")
+            raise DataError(f"{self.root}: no prepared volumes found; expected the prepared layout {_LAYOUT}"
+                            f" (run 'fsl-med prepare' on the official download first){other}")
+        return list(self.scans)
+
+    def paths(self, scan_id: str) -> tuple[Path, Path]:
+        """``(image path, label path)`` of one scan.
+
+        Raises:
+            DataError: the scan is not in the folder, or only its image or label is (the message names the file).
+        """
+        if scan_id in self.scans:
+            return self.scans[scan_id]
+        for f in self.ignored:
+            if f.kind == "unpaired" and f.name.split(".")[0] in (f"image_{scan_id}", f"label_{scan_id}"):
+                raise DataError(f"{self.root / f.name}: {f.reason}")
+        raise DataError(f"{self.root / f'image_{scan_id}.nii.gz'}: file not found")
+
+
+def scan_files(root: str | Path) -> ScanListing:
+    """List the scans of a prepared folder and the NIfTI files it ignores (the one rule every reader uses).
+
+    Rules: a scan is ``image_<id>`` + ``label_<id>`` with a numeric id, each stored as ``.nii.gz`` or ``.nii``
+    (when both exist, ``.nii.gz`` is used and the ``.nii`` is ignored). Ignored and listed: non-numeric ids,
+    an image without a label, a label without an image, and any other ``*.nii``/``*.nii.gz`` file.
+    Not listed: other files (``manifest.json``, ``classmap_1.json``, READMEs), shipped ``superpix-*``
+    pseudolabels and hidden files (e.g. temporaries of an interrupted write).
 
     Raises:
-        DataError: the folder is missing, empty, or has no ``image_{id}.nii.gz`` files (the expected
-            prepared layout is named in the message), or an image has no label.
+        DataError: the folder is missing or not a folder.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root} (set data.root or DATA=)")
     if not root.is_dir():
         raise DataError(f"data.root is not a folder: {root}")
-    ids = []
-    for p in root.iterdir():
-        m = _IMAGE_RE.match(p.name)
-        if m:
-            ids.append(m.group(1))
-    if not ids:
-        raise DataError(
-            f"{root}: no prepared volumes found; expected the prepared layout image_<id>.nii.gz + label_<id>.nii.gz"
-            " (run 'fsl-med prepare' on the official download first)"
-        )
-    ids = sorted(set(ids), key=_sort_key)
-    for sid in ids:
-        if not any((root / f"label_{sid}{ext}").is_file() for ext in (".nii.gz", ".nii")):
-            raise DataError(f"{root}: image_{sid} has no label_{sid}.nii.gz")
-    return ids
+    ignored: list[IgnoredFile] = []
+    found: dict[tuple[str, str], dict[str, Path]] = {}
+    try:
+        entries = sorted(root.iterdir(), key=lambda q: q.name)
+    except OSError as e:
+        raise DataError(f"{root}: cannot list the folder ({e.strerror or e})") from e
+    for p in entries:
+        name = p.name
+        if name.startswith(".") or not _NIFTI_RE.search(name) or name.startswith(_EXPECTED_PREFIXES):
+            continue
+        m = _SCAN_FILE_RE.match(name)
+        if not m:
+            ignored.append(IgnoredFile(name, "not named image_<id>.nii[.gz] or label_<id>.nii[.gz]", "unrecognised"))
+        elif not re.fullmatch(r"[0-9]+", m.group(2)):
+            ignored.append(IgnoredFile(name, "non-numeric id", "non_numeric"))
+        else:
+            found.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = p
+    chosen: dict[tuple[str, str], Path] = {}
+    for key, by_ext in found.items():
+        chosen[key] = by_ext.get("nii.gz") or by_ext["nii"]
+        if len(by_ext) > 1:
+            ignored.append(IgnoredFile(by_ext["nii"].name, "a .nii.gz of the same scan exists", "duplicate"))
+    scans: dict[str, tuple[Path, Path]] = {}
+    for sid in sorted({sid for _, sid in chosen}, key=_sort_key):
+        img, lab = chosen.get(("image", sid)), chosen.get(("label", sid))
+        if img is not None and lab is not None:
+            scans[sid] = (img, lab)
+        elif img is not None:
+            ignored.append(IgnoredFile(img.name, f"no matching label_{sid}.nii.gz", "unpaired"))
+        elif lab is not None:
+            ignored.append(IgnoredFile(lab.name, f"no matching image_{sid}.nii.gz", "unpaired"))
+    ignored.sort(key=lambda f: f.name)
+    return ScanListing(root=root, scans=scans, ignored=ignored)
+
+
+def discover_scans(root: str | Path) -> list[str]:
+    """Scan ids of a prepared folder (``image_{id}`` with a matching ``label_{id}``, see :func:`scan_files`),
+    sorted numerically. Files the layout does not recognise are skipped (:meth:`ScanListing.note` lists them).
+
+    Raises:
+        DataError: the folder is missing, not a folder, or holds no image/label pair (the expected prepared
+            layout is named in the message).
+    """
+    return scan_files(root).scan_ids()
 
 
 @dataclass(frozen=True)

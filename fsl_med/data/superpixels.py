@@ -8,8 +8,10 @@ data is used instead when the parameters are the reference defaults.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,8 +20,28 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from fsl_med.atomic import atomic_path, sha256_file
+from fsl_med.errors import DataError
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+"""OS errors of a cache that is read-only: tolerated (pseudolabels computed without caching)."""
+_warned: set[str] = set()
+
+
+def _cache_fault(folder: Path, err: OSError) -> None:
+    """A read-only cache: warn once per folder; any other fault: :class:`DataError` naming the path."""
+    reason = err.strerror or type(err).__name__
+    if err.errno in _UNWRITABLE:
+        if str(folder) not in _warned:
+            _warned.add(str(folder))
+            log.warning("superpixel cache %s is not writable (%s): pseudolabels are computed without caching",
+                        folder, reason)
+        return
+    raise DataError(f"superpixel cache {folder}: cannot create or write it ({reason}); "
+                    "set data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE to a writable folder") from err
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,12 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
                              cache_dir: str | Path) -> np.ndarray:
     """Pseudolabels of a volume, read from the cache or computed and cached (atomically).
 
+    A cache that cannot be written for lack of permission (a shared read-only cache, a read-only mount:
+    ``EACCES``, ``EPERM``, ``EROFS``) is tolerated, as a researcher reusing someone else's cache expects:
+    entries already there are read, missing ones are computed and not stored, and one warning line per
+    folder says so. A cache path that cannot be a folder (it, or a folder above it, is a regular file) or
+    any other OS error when creating or writing it is an error.
+
     Args:
         image: ``[Z, H, W]`` intensities as stored (before normalisation), already at the loader size.
         image_path: the image file (its content keys the cache).
@@ -94,20 +122,41 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
         cache_dir: cache folder (created if needed).
     Returns:
         ``[Z, H, W]`` int32 superpixel ids (0 = outside the body).
+    Raises:
+        DataError: the cache path is not usable as a folder (the message names it and the OS error), or
+            the image file cannot be read.
     """
     cache_dir = Path(cache_dir).expanduser() / "superpixels"
+    writable = True
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)  # before the work: a cache path below a file fails now
+    except FileExistsError as e:  # exists, but not as a folder
+        raise DataError(f"superpixel cache {cache_dir}: exists and is not a folder; "
+                        "set data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE to a folder") from e
+    except OSError as e:
+        _cache_fault(cache_dir, e)
+        writable = False
     key = cache_key(image_path, params, image.shape[-1])
     dest = cache_dir / f"{image_path.name.split('.')[0]}-{key}.npz"
-    if dest.is_file():
+    try:
+        cached = dest.is_file()
+    except OSError as e:  # a folder we may not search
+        _cache_fault(cache_dir, e)
+        cached, writable = False, False
+    if cached:
         try:
             with np.load(dest) as z:
                 sp = z["superpixels"]
             if sp.shape == image.shape:
                 return sp
         except (OSError, ValueError, KeyError, EOFError):
-            pass  # corrupt cache entry: regenerate
+            pass  # corrupt or unreadable cache entry: regenerate
     sp = superpixels_volume(image, params)
-    with atomic_path(dest, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, superpixels=sp)
+    if writable:
+        try:
+            with atomic_path(dest, suffix=".npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, superpixels=sp)
+        except OSError as e:
+            _cache_fault(cache_dir, e)
     return sp

@@ -7,6 +7,7 @@ the order SimpleITK gives and the reference code uses; nibabel's ``[x, y, z]`` i
 from __future__ import annotations
 
 import gzip
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from fsl_med.atomic import atomic_path
+from fsl_med.data.datasets import scan_files
 from fsl_med.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,23 +49,34 @@ class Volume:
         return np.flatnonzero((self.label == label_id).reshape(self.label.shape[0], -1).any(axis=1))
 
 
-def _find(root: Path, stem: str) -> Path:
-    for ext in (".nii.gz", ".nii"):
-        p = root / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    raise DataError(f"{root / (stem + '.nii.gz')}: file not found")
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    """Raise :class:`DataError` for an affine whose voxel axes have zero length, are parallel, or are not finite."""
+    if not np.isfinite(affine).all():
+        raise DataError(f"{path}: affine has NaN/inf entries; fix the header's qform/sform")
+    axes = affine[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    # |det| is the voxel volume; relative to the product of the axis lengths it is |sin| of the axes' skew
+    if norms.min() == 0 or abs(float(np.linalg.det(axes))) <= 1e-6 * float(np.prod(norms)):
+        raise DataError(f"{path}: singular affine (voxel axes have zero length or are parallel); "
+                        "fix the header's qform/sform")
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI file fully.
+    """Read a NIfTI file fully and check that its geometry can be used.
 
     Returns:
         ``(array in nibabel order, affine, zooms)``.
 
     Raises:
-        DataError: truncated, not gzip, not NIfTI, or unreadable; the message names the file.
+        DataError: one line naming the file: a filesystem fault, reported as such with the OS's reason
+            (``cannot read (Permission denied)``, ``(Is a directory)``, ``(No such file or directory)``);
+            truncated or not gzip; not NIfTI; or a singular (or NaN) affine.
     """
+    try:  # filesystem faults first, so that they are never mistaken for a corrupt file
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from e
     try:
         img = nib.load(str(path))
         arr = np.asarray(img.dataobj)
@@ -76,9 +91,51 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
             except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as ge:
                 raise DataError(f"{path}: truncated or corrupt gzip file ({ge.__class__.__name__})") from e
         raise DataError(f"{path}: not a NIfTI file") from e
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        if e.errno is not None:  # an I/O fault while reading (EIO, ...), not a format problem
+            raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from e
         raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    return arr, np.asarray(img.affine, dtype=np.float64), tuple(float(z) for z in img.header.get_zooms())
+    except ValueError as e:
+        raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(Path(path), affine)
+    return arr, affine, tuple(float(z) for z in img.header.get_zooms())
+
+
+AFFINE_ATOL_MM = 1e-3
+"""Largest difference (mm, any affine entry) between an image's and its label's affine that goes unremarked."""
+
+
+def affine_mismatch(image_path: Path, image_affine: np.ndarray, label_path: Path,
+                    label_affine: np.ndarray) -> str | None:
+    """A one-line warning when a label's affine differs from its image's by more than ``AFFINE_ATOL_MM``
+    in any entry (None when they agree). The label is still used voxel for voxel with the image."""
+    if np.allclose(image_affine, label_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
+        return None
+    diff = float(np.max(np.abs(np.asarray(image_affine) - np.asarray(label_affine))))
+    return (f"{label_path}: affine differs from that of {image_path} by up to {diff:.3g} mm; the label is used "
+            "voxel for voxel with the image (check that it belongs to this image)")
+
+
+MAX_INTENSITY = float(np.sqrt(np.finfo(np.float32).max))
+"""Largest intensity magnitude accepted (~1.8e19): beyond it a value's square is not finite in float32."""
+
+
+def check_intensities(image: np.ndarray, what: str | Path) -> None:
+    """Reject intensities too large for float32 arithmetic (their squares overflow).
+
+    Such values (e.g. near 3e38) are finite but come from a broken export (a garbage ``scl_slope``, a wrong
+    data type); statistics, augmentation and the model work in float32 and would turn them into inf/NaN.
+
+    Raises:
+        DataError: ``what`` (the file) and the intensity range in one line.
+    """
+    if image.size == 0:
+        return
+    lo, hi = float(np.min(image)), float(np.max(image))
+    if max(abs(lo), abs(hi)) > MAX_INTENSITY:
+        raise DataError(f"{what}: intensities are too large: their squares are not finite in float32 "
+                        f"(range {lo:.1e}..{hi:.1e}); rescale the image or fix the header's scl_slope")
 
 
 def _resize_slices(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -101,23 +158,30 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
         image_size: if given and different from the stored in-plane size, slices are resized to
             ``image_size``² (image bilinear, label nearest), as the reference loader does.
 
+    The files are found by :func:`~fsl_med.data.datasets.scan_files` (``.nii.gz`` or ``.nii``). A label whose
+    affine differs from the image's (:func:`affine_mismatch`) is logged as a warning and used as is.
+
     Raises:
-        DataError: missing/corrupt file, not 3D, shape mismatch, NaN/inf voxels, non-integer labels
-            or label values outside ``label_ids``.
+        DataError: missing/unreadable/corrupt file, singular affine, not 3D, shape mismatch, NaN/inf voxels,
+            intensities too large for float32 arithmetic, non-integer labels or label values outside ``label_ids``.
     """
     root = Path(root)
-    ipath, lpath = _find(root, f"image_{scan_id}"), _find(root, f"label_{scan_id}")
+    ipath, lpath = scan_files(root).paths(str(scan_id))
     img, affine, zooms = read_nifti(ipath)
-    lab, _, _ = read_nifti(lpath)
+    lab, laffine, _ = read_nifti(lpath)
+    warning = affine_mismatch(ipath, affine, lpath, laffine)
+    if warning:
+        log.warning("%s", warning)
     if img.ndim != 3:
         raise DataError(f"{ipath}: expected a 3D volume, got {img.ndim}D shape {tuple(img.shape)}")
     if lab.ndim != 3:
         raise DataError(f"{lpath}: expected a 3D volume, got {lab.ndim}D shape {tuple(lab.shape)}")
     if img.shape != lab.shape:
         raise DataError(f"{lpath}: label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)}")
-    img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         raise DataError(f"{ipath}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
+    check_intensities(img, ipath)  # before the float32 cast, which would turn larger values into inf
+    img = img.astype(np.float32, copy=False)
     labf = np.asarray(lab)
     if labf.dtype.kind == "f":
         if not np.isfinite(labf).all() or not np.array_equal(labf, np.rint(labf)):
@@ -181,13 +245,30 @@ class Normalizer:
     mean: float | None = None
     std: float | None = None
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Return a normalised float32 copy of ``image`` (any shape); the input is not modified."""
-        if self.mean is None:
-            m, s = float(image.mean()), float(image.std())
-        else:
-            m, s = self.mean, float(self.std or 1.0)
-        return ((image - m) / max(s, 1e-8)).astype(np.float32)
+    def __call__(self, image: np.ndarray, what: str | Path | None = None) -> np.ndarray:
+        """Return a normalised float32 copy of ``image`` (any shape); the input is not modified.
+
+        Per-volume statistics are those of the reference (numpy on the float32 volume); only where they overflow
+        (huge intensities) are they recomputed in float64, so normal volumes give bit-identical results.
+
+        Args:
+            what: the image's file, named in the error.
+        Raises:
+            DataError: the normalised intensities are not all finite (the message gives the input range).
+        """
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are reported below
+            if self.mean is None:
+                m, s = float(image.mean()), float(image.std())
+                if not (np.isfinite(m) and np.isfinite(s)):
+                    m, s = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
+            else:
+                m, s = self.mean, float(self.std or 1.0)
+            out = ((image - m) / max(s, 1e-8)).astype(np.float32)
+        if not np.isfinite(out).all():
+            lo, hi = (float(np.min(image)), float(np.max(image))) if image.size else (0.0, 0.0)
+            raise DataError(f"{what or 'image'}: intensities are not finite after normalisation "
+                            f"(range {lo:.1e}..{hi:.1e}, mean {m:.3g}, std {s:.3g}); rescale the image")
+        return out
 
 
 def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None) -> Normalizer:
@@ -195,7 +276,9 @@ def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None)
 
     Args:
         modality: ``"mri"`` (per-volume z-score) or ``"ct"`` (global statistics).
-        train_images: for CT, the fold's training volumes; their voxels give mean and std.
+        train_images: for CT, the fold's training volumes; their voxels give mean and std (in float64).
+    Raises:
+        DataError: CT without training scans, or statistics that are not finite.
     """
     if modality == "mri":
         return Normalizer()
@@ -203,8 +286,13 @@ def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None)
         raise DataError("CT normalisation needs the training scans' statistics, but no training scans were given")
     n = sum(im.size for im in train_images)
     mean = sum(float(im.sum(dtype=np.float64)) for im in train_images) / n
-    var = sum(float(((im - mean) ** 2).sum(dtype=np.float64)) for im in train_images) / n
-    return Normalizer(mean=mean, std=float(np.sqrt(var)))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        var = sum(float(((im - mean) ** 2).sum(dtype=np.float64)) for im in train_images) / n
+    std = float(np.sqrt(var))
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise DataError(f"CT normalisation: the training scans' intensity statistics are not finite (mean {mean:.3g}, "
+                        f"std {std:.3g}); rescale the images")
+    return Normalizer(mean=mean, std=std)
 
 
 def slice_input(volume: np.ndarray, three_slices: bool = False) -> np.ndarray:

@@ -1,9 +1,12 @@
 """``fsl-med prepare import``: check a folder prepared elsewhere and add what fsl_med needs.
 
 Other projects distribute the prepared layout (``image_ID.nii.gz``, ``label_ID.nii.gz``,
-``classmap_1.json``). :func:`check_prepared` lists every problem (one line each: missing label or image,
-unreadable file, not 3D, image/label shape mismatch, NaN/inf voxels, non-integer labels, label values
-outside the dataset's label map, a classmap that disagrees with the labels). :func:`import_prepared`
+``classmap_1.json``); ``.nii`` files are accepted too (the folder is listed by
+:func:`fsl_med.data.datasets.scan_files`, as training lists it). :func:`check_prepared` lists every problem
+(one line each: missing label or image, unreadable file, singular affine, not 3D, image/label shape mismatch,
+NaN/inf voxels, intensities too large for float32, non-integer labels, label values outside the dataset's
+label map, a malformed classmap or one that disagrees with the labels) and notes what is merely odd (files
+the layout does not recognise, an image and label whose affines differ, absent organs). :func:`import_prepared`
 then, unless asked only to check, writes what is missing: ``classmap_1.json``, ``manifest.json`` and the
 superpixel pseudolabels in the cache.
 """
@@ -11,9 +14,7 @@ superpixel pseudolabels in the cache.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from fsl_med import __version__
-from fsl_med.data.datasets import DatasetInfo, get_dataset_info
-from fsl_med.data.volumes import read_nifti
+from fsl_med.data.classmap import read_classmap
+from fsl_med.data.datasets import DatasetInfo, get_dataset_info, scan_files
+from fsl_med.data.volumes import affine_mismatch, check_intensities, read_nifti
 from fsl_med.errors import DataError
 from fsl_med.prepare.geometry import CANONICAL_ORIENTATION
 from fsl_med.prepare.manifest import FORMAT, FORMAT_VERSION, file_record, read_manifest, write_manifest
@@ -33,8 +35,6 @@ from fsl_med.prepare.pipeline import (
     label_slices,
     write_classmap,
 )
-
-_FILE_RE = re.compile(r"^(image|label)_(\w+?)\.nii(\.gz)?$")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
     classmap_present: bool = False
+    files: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -55,14 +56,16 @@ class ImportReport:
         return not self.problems
 
 
-def _check_pair(folder: Path, sid: str, info: DatasetInfo, report: ImportReport) -> None:
-    ipath, lpath = folder / f"image_{sid}.nii.gz", folder / f"label_{sid}.nii.gz"
+def _check_pair(ipath: Path, lpath: Path, sid: str, info: DatasetInfo, report: ImportReport) -> None:
     try:
         img, aff, _ = read_nifti(ipath)
-        lab, _, _ = read_nifti(lpath)
+        lab, laff, _ = read_nifti(lpath)
     except DataError as e:
         report.problems.append(str(e))
         return
+    mismatch = affine_mismatch(ipath, aff, lpath, laff)
+    if mismatch:
+        report.notes.append(mismatch)
     for p, a in ((ipath, img), (lpath, lab)):
         if a.ndim != 3:
             report.problems.append(f"{p}: expected a 3D volume, got shape {tuple(a.shape)}")
@@ -72,6 +75,11 @@ def _check_pair(folder: Path, sid: str, info: DatasetInfo, report: ImportReport)
         return
     if not np.isfinite(img).all():
         report.problems.append(f"{ipath}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
+        return
+    try:
+        check_intensities(img, ipath)
+    except DataError as e:
+        report.problems.append(str(e))
         return
     labf = np.asarray(lab)
     if labf.dtype.kind == "f" and (not np.isfinite(labf).all() or not np.array_equal(labf, np.rint(labf))):
@@ -87,19 +95,21 @@ def _check_pair(folder: Path, sid: str, info: DatasetInfo, report: ImportReport)
     missing = [o for o, lid in info.labels.items() if lid not in values]
     if missing:
         report.notes.append(f"{lpath}: organs absent from this scan: {', '.join(missing)}")
+    report.files[sid] = (ipath, lpath)
     report.scans[sid] = {**geometry_record(img, aff), "labels_present": [int(v) for v in values],
                          "label_slices": label_slices(label), "intensity_range": [float(img.min()), float(img.max())]}
 
 
 def _check_classmap(folder: Path, info: DatasetInfo, report: ImportReport) -> bool:
-    """Compare an existing classmap with the labels; returns True if the file exists."""
+    """Check an existing classmap's schema (:func:`read_classmap`, as training does) and compare it with the
+    labels; returns True if the file exists."""
     path = folder / CLASSMAP_NAME
     if not path.is_file():
         return False
     try:
-        cm = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        report.problems.append(f"{path}: not valid JSON ({e})")
+        cm = read_classmap(path)
+    except DataError as e:
+        report.problems.append(str(e))
         return True
     for lid, name in info.classmap_names.items():
         if lid == 0:
@@ -118,6 +128,10 @@ def _check_classmap(folder: Path, info: DatasetInfo, report: ImportReport) -> bo
 def check_prepared(folder: str | Path, dataset: str) -> ImportReport:
     """Check every image/label pair of a prepared folder against ``dataset``'s label map.
 
+    The folder is listed by :func:`~fsl_med.data.datasets.scan_files`, the rule training uses: an image
+    without a label (or a label without an image) is a problem; the other files it ignores (non-numeric ids,
+    a ``.nii`` beside the ``.nii.gz`` of the same scan, other NIfTI names) are listed in one note.
+
     Raises:
         DataError: the folder is missing, not a folder, or holds no ``image_*/label_*`` files at all
             (the expected layout is named). Per-file problems are collected in the report instead.
@@ -126,21 +140,21 @@ def check_prepared(folder: str | Path, dataset: str) -> ImportReport:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"--src {folder}: {'not a folder' if root.exists() else 'folder not found'}")
-    images, labels = set(), set()
-    for p in root.iterdir():
-        m = _FILE_RE.match(p.name)
-        if m:
-            (images if m.group(1) == "image" else labels).add(m.group(2))
-    if not images and not labels:
+    listing = scan_files(root)
+    unpaired = [f for f in listing.ignored if f.kind == "unpaired"]
+    if not listing.scans and not unpaired:
+        other = f"; found other NIfTI file(s): {', '.join(f.name for f in listing.ignored[:5])}" if listing.ignored else ""
         raise DataError(f"{root}: no prepared volumes found; expected image_<id>.nii.gz + label_<id>.nii.gz "
-                        f"(for an official download use 'fsl-med prepare {'chaos' if info.modality == 'mri' else 'sabs'}')")
+                        f"(for an official download use 'fsl-med prepare {'chaos' if info.modality == 'mri' else 'sabs'}')"
+                        f"{other}")
     report = ImportReport(folder=root, dataset=info.name)
-    for sid in sorted(images - labels):
-        report.problems.append(f"{root / f'image_{sid}.nii.gz'}: no matching label_{sid}.nii.gz")
-    for sid in sorted(labels - images):
-        report.problems.append(f"{root / f'label_{sid}.nii.gz'}: no matching image_{sid}.nii.gz")
-    for sid in sorted(images & labels, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s)):
-        _check_pair(root, sid, info, report)
+    for f in unpaired:
+        report.problems.append(f"{root / f.name}: {f.reason}")
+    note = listing.note(kinds=("duplicate", "non_numeric", "unrecognised"))
+    if note:
+        report.notes.append(note)
+    for sid, (ipath, lpath) in listing.scans.items():
+        _check_pair(ipath, lpath, sid, info, report)
     orients = sorted({e["orientation"] for e in report.scans.values()})
     if orients and orients != [CANONICAL_ORIENTATION]:
         report.notes.append(f"{root}: orientation {', '.join(orients)} differs from fsl_med's canonical "
@@ -169,8 +183,7 @@ def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = Fals
         "orientation": None, "complete": True, "scans": {}, "files": {},
     }
     for sid, entry in report.scans.items():
-        manifest["scans"][sid] = {**entry, "files": {n: file_record(root / n) for n in
-                                                     (f"image_{sid}.nii.gz", f"label_{sid}.nii.gz")}}
+        manifest["scans"][sid] = {**entry, "files": {p.name: file_record(p) for p in report.files[sid]}}
     if not writable:
         report.notes.append(f"{root}: folder is read-only; classmap/manifest not written (the data is usable as is)")
     else:
