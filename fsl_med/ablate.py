@@ -21,13 +21,19 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, atomic
+from fsl_med import __version__, atomic, interrupts
 from fsl_med.config import apply_overrides, to_container, validate
 from fsl_med.errors import ConfigError
 from fsl_med.evaluate import evaluate, write_figures
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import new_run_dir, save_config
+from fsl_med.runs import (
+    check_output_location,
+    check_trainer_settings,
+    discard_run_dir,
+    new_run_dir,
+    save_config,
+)
 from fsl_med.train import train
 
 log = logging.getLogger(__name__)
@@ -91,37 +97,47 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     Returns:
         ``(report, path of ablation.json)``; the folder is ``<output_dir>/<name>-ablation/version_N``.
     """
+    check_trainer_settings(cfg)
+    check_output_location(cfg)
     run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-ablation")
-    rows = run_configs(cfg, run_dir)  # every row checked before the first one trains
+    try:
+        rows = run_configs(cfg, run_dir)  # every row checked before the first one trains
+    except BaseException:
+        discard_run_dir(run_dir)
+        raise
     save_config(cfg, run_dir)
     log.info("ablation: %d runs (%s) -> %s", len(rows), ", ".join(n for n, _, _ in rows), run_dir)
     done: dict[str, dict[str, Any]] = {}
-    for i, (name, rcfg, reuse) in enumerate(rows, start=1):
-        entry: dict[str, Any] = {"name": name, **_describe(rcfg), "reuse": reuse, "variants": list(rcfg.eval.variants)}
-        if reuse is not None:
-            src = done[reuse]
-            OmegaConf.update(rcfg, "ckpt", src["checkpoint"], merge=False)
-            log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
-                     ", ".join(rcfg.eval.variants))
-            results, path = evaluate(rcfg)
-            entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
-                         train_dir=src["train_dir"], checkpoint=src["checkpoint"])
-        else:
-            module = FewShotModule.from_config(rcfg)
-            trainable = any(p.requires_grad for p in module.parameters())
-            if trainable:
-                log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(rows), name, rcfg.trainer.max_steps,
+    try:
+        for i, (name, rcfg, reuse) in enumerate(rows, start=1):
+            entry: dict[str, Any] = {"name": name, **_describe(rcfg), "reuse": reuse, "variants": list(rcfg.eval.variants)}
+            if reuse is not None:
+                src = done[reuse]
+                OmegaConf.update(rcfg, "ckpt", src["checkpoint"], merge=False)
+                log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
                          ", ".join(rcfg.eval.variants))
-                tr = train(rcfg, module=module)
-                entry.update(steps=tr.steps, trained=True, seconds_per_step=tr.seconds_per_step,
-                             train_dir=str(tr.run_dir), checkpoint=str(tr.last_ckpt))
+                results, path = evaluate(rcfg)
+                entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
+                             train_dir=src["train_dir"], checkpoint=src["checkpoint"])
             else:
-                log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
-                         i, len(rows), name)
-                entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
-            results, path = evaluate(rcfg, module=module, global_step=entry["steps"])
-        entry.update(results_path=str(path), results=results)
-        done[name] = entry
+                module = FewShotModule.from_config(rcfg)
+                trainable = any(p.requires_grad for p in module.parameters())
+                if trainable:
+                    log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(rows), name, rcfg.trainer.max_steps,
+                             ", ".join(rcfg.eval.variants))
+                    tr = train(rcfg, module=module)
+                    entry.update(steps=tr.steps, trained=True, seconds_per_step=tr.seconds_per_step,
+                                 train_dir=str(tr.run_dir), checkpoint=str(tr.last_ckpt))
+                else:
+                    log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
+                             i, len(rows), name)
+                    entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
+                results, path = evaluate(rcfg, module=module, global_step=entry["steps"])
+            entry.update(results_path=str(path), results=results)
+            done[name] = entry
+    except interrupts.Interrupted as e:
+        raise e.with_detail(f"in run {len(done) + 1} of {len(rows)} {e.detail}; {len(done)} finished run(s) are in "
+                            f"{run_dir / 'runs'}; no ablation report was written") from None
     organs = list(cfg.data.test_organs)
     report = {
         "name": cfg.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold, "setting": cfg.data.setting,

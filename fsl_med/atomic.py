@@ -96,3 +96,84 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str = "output folder
     if not os.access(out, os.W_OK | os.X_OK):
         raise DataError(f"{what}: {out} is not writable")
     return out
+
+
+def _resolved(path: str | os.PathLike[str]) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def is_same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when ``a`` and ``b`` are one file: the same resolved path, or (both existing) the same inode, which
+    catches symbolic and hard links."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str]],
+                              what: str = "--out") -> None:
+    """Refuse an output file that is one of the command's inputs (before any work is done).
+
+    Args:
+        out: the output file.
+        inputs: option name -> input path (e.g. ``{"--query": q}``).
+        what: the output's option name in the message.
+
+    Raises:
+        DataError: ``out`` is, or links to, one of ``inputs``.
+    """
+    from fsl_med.errors import DataError
+
+    for option, path in inputs.items():
+        if path is not None and is_same_file(out, path):
+            raise DataError(f"{what} {out}: is the input {option} {path}; fsl-med never writes over its inputs "
+                            "(choose another output path)")
+
+
+def refuse_nested(out_dir: str | os.PathLike[str], other: str | os.PathLike[str], what: str, other_what: str,
+                  may_contain: bool = False) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder (resolved, links followed);
+    with ``may_contain``, one that holds the input somewhere below it is allowed (it writes only its own files).
+
+    Raises:
+        DataError: naming both folders and how they overlap.
+    """
+    from fsl_med.errors import DataError
+
+    a, b = _resolved(out_dir), _resolved(other)
+    if a == b or is_same_file(a, b):
+        how = "is"
+    elif b in a.parents:
+        how = "lies inside"
+    elif a in b.parents and not may_contain:
+        how = "contains"
+    else:
+        return
+    raise DataError(f"{what} {out_dir}: {how} {other_what} {other}; outputs must be kept apart from inputs "
+                    "(choose another folder)")
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "--out") -> None:
+    """Check, before any work and without creating anything, that ``path`` can be written: it is not a folder,
+    and its nearest existing parent is a writable folder (missing folders below it are created on writing).
+
+    Raises:
+        DataError: naming the path and the OS error (not a directory, permission denied).
+    """
+    import errno
+
+    from fsl_med.errors import DataError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{what} {path}: is a folder, not a file")
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DataError(f"{what} {path}: cannot create it: {anc} is a file ({os.strerror(errno.ENOTDIR)})")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {path}: cannot write in {anc} ({os.strerror(errno.EACCES)})")

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, atomic
+from fsl_med import __version__, atomic, interrupts
 from fsl_med.config import to_container, validate
 from fsl_med.data.datasets import get_dataset_info
 from fsl_med.evaluate import evaluate, write_figures
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import new_run_dir, save_config
+from fsl_med.runs import check_output_location, check_trainer_settings, new_run_dir, save_config
 from fsl_med.train import train
 
 log = logging.getLogger(__name__)
@@ -105,18 +105,24 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     Returns:
         ``(report, path of protocol.json)``; the report folder is ``<output_dir>/<name>-protocol/version_N``.
     """
+    check_trainer_settings(cfg)
+    check_output_location(cfg)
+    jobs = protocol_jobs(cfg)
     run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-protocol")
     save_config(cfg, run_dir)
-    jobs = protocol_jobs(cfg)
     log.info("protocol: %d training runs (%s) -> %s", len(jobs), ", ".join(j.tag for j in jobs), run_dir)
     runs: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, start=1):
         jcfg = job_config(cfg, job, run_dir)
         log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(jobs), job.tag, jcfg.trainer.max_steps,
                  ", ".join(jcfg.eval.variants))
-        module = FewShotModule.from_config(jcfg)
-        tr = train(jcfg, module=module)
-        results, path = evaluate(jcfg, module=module, global_step=tr.steps)
+        try:
+            module = FewShotModule.from_config(jcfg)
+            tr = train(jcfg, module=module)
+            results, path = evaluate(jcfg, module=module, global_step=tr.steps)
+        except interrupts.Interrupted as e:
+            raise e.with_detail(f"in job {i} of {len(jobs)} ({job.tag}) {e.detail}; {i - 1} finished job(s) are in "
+                                f"{run_dir / 'runs'}; no protocol report was written") from None
         runs.append({"job": job, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
                      "seconds_per_step": tr.seconds_per_step})
     variants = list(cfg.protocol.variants)

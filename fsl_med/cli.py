@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.skip_bad:
         args.rest = [*args.rest, "eval.skip_bad=true"]
     cfg = _required_config(args, "CONFIG ckpt=PATH [key=value ...]")
-    results, path = evaluate(cfg)
+    results, path = evaluate(cfg, explicit=_split_config_arg(args)[1])
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {cfg.data.fold})": summ
             for v, summ in (results.get("variants") or {"plain": results}).items()}
     print(metric_table(cols, list(cfg.data.test_organs)))
@@ -132,6 +132,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     data = args.data or os.environ.get("FSL_MED_DATA_MRI") or "../shared/data/CHAOST2/chaos_MR_T2_normalized"
     if not Path(data).is_dir():
         raise DataError(f"--data {data}: folder not found (a prepared CHAOS-T2 folder; set DATA= or FSL_MED_DATA_MRI)")
+    from fsl_med.atomic import refuse_nested
+
+    refuse_nested(args.out, data, "--out", "the --data folder", may_contain=True)
     md = run_bench(data, args.out, parts, encoder=args.encoder, steps=args.steps, workers=args.workers,
                    tiny_steps=args.tiny_steps)
     print(md.read_text(encoding="utf-8"))
@@ -198,6 +201,11 @@ def _cache_dir(args: argparse.Namespace) -> str | None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     progress = not args.no_progress
+    cache = _cache_dir(args)
+    if cache is not None and Path(args.src).is_dir():  # the superpixel cache is never written into the source
+        from fsl_med.atomic import refuse_nested
+
+        refuse_nested(cache, args.src, "--cache-dir", "the source folder --src", may_contain=True)
     if args.kind == "import":
         from fsl_med.prepare.importer import import_prepared
 
@@ -256,6 +264,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
           f"support slices per part {res.support_slices}")
     print(res.path)
     return 0
+
+
+_INTERRUPTED = {
+    "segment": "before its output was written; nothing was written",
+    "prepare chaos": "with the scans finished so far kept; rerun the same command to continue",
+    "prepare sabs": "with the scans finished so far kept; rerun the same command to continue",
+    "prepare import": "with every file written so far complete; rerun the same command to continue",
+}
+"""What an interrupted verb leaves behind, when the verb itself says nothing more (train and eval do)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,16 +420,30 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     args = build_parser().parse_args(argv)
+    from fsl_med import interrupts
+
+    verb = args.command if args.command != "prepare" else f"prepare {args.kind}"
     try:
-        return int(args.func(args) or 0)
+        with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143, one line saying what was saved
+            return int(args.func(args) or 0)
+    except interrupts.Interrupted as e:
+        detail = e.detail or _INTERRUPTED.get(verb, "")
+        print(f"fsl-med: {verb} interrupted by {e.name}{' ' + detail if detail else ''}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # SIGINT where the handler could not be installed (not the main thread)
+        print(f"fsl-med: {verb} interrupted by SIGINT", file=sys.stderr)
+        return 130
     except FslMedError as e:
         if debug:
             raise
         print(f"fsl-med: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fsl-med: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # a filesystem fault: the path and the OS's reason
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fsl-med: error: {where}{e.strerror or e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - one line without --debug
         if debug:
             raise

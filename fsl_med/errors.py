@@ -22,3 +22,24 @@ class DataError(FslMedError):
 
 class WeightsError(FslMedError):
     """A weight file or checkpoint is missing, unreadable or of another architecture."""
+
+
+class TrainingDiverged(FslMedError):
+    """Training produced a non-finite loss or gradient; the message names the step and the episodes."""
+
+
+class FilesystemError(FslMedError):
+    """A file or folder cannot be read or written (permission denied, no space left, not a directory); the
+    message names the path and the operating system's reason."""
+
+
+def os_reason(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``exc`` (itself, or in its ``__cause__``/``__context__`` chain), or ``None``."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None

@@ -10,36 +10,44 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from fsl_med import __version__
+from fsl_med import __version__, interrupts
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.errors import DataError, WeightsError
+from fsl_med.errors import DataError
 from fsl_med.evaluation.figures import dice_bar_chart, overlay_figure
 from fsl_med.evaluation.metrics import summarize
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_results, write_results
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
+    adopt_checkpoint_model,
     check_compatible,
+    check_output_location,
+    check_state_dict,
+    check_trainer_settings,
+    discard_run_dir,
     is_rank_zero,
     load_checkpoint,
     make_trainer,
     resolve_ckpt,
     save_config,
     shared_run_dir,
+    stored_config,
 )
 
 log = logging.getLogger(__name__)
 
 
-def module_from_checkpoint(path: Path, cfg: DictConfig) -> tuple[FewShotModule, dict[str, Any]]:
-    """Build the module of ``cfg`` and load a checkpoint's weights into it.
+def module_from_checkpoint(path: Path, cfg: DictConfig, ckpt: dict[str, Any] | None = None
+                           ) -> tuple[FewShotModule, dict[str, Any]]:
+    """Build the module of ``cfg`` and load a checkpoint's weights into it (``ckpt``: the checkpoint already
+    read from ``path``, to read it once).
 
     Raises:
         WeightsError: unreadable checkpoint or weights of another architecture.
         ConfigError: the checkpoint's encoder differs from the config's.
     """
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt["hyper_parameters"]["config"], cfg, path)
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    check_compatible(to_container(stored_config(ckpt, path)), cfg, path)
     with warnings.catch_warnings():  # the encoder's random init is replaced by the checkpoint right away
         warnings.simplefilter("ignore")
         enc_logger = logging.getLogger("fsl_med.models.encoders")
@@ -49,17 +57,13 @@ def module_from_checkpoint(path: Path, cfg: DictConfig) -> tuple[FewShotModule, 
             module = FewShotModule(to_container(cfg), weights="none")
         finally:
             enc_logger.setLevel(level)
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: weights do not fit the model ({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
-        )
+    check_state_dict(ckpt["state_dict"], module, path)
+    module.load_state_dict(ckpt["state_dict"])
     return module, ckpt
 
 
 def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: str = "-eval",
-             global_step: int | None = None) -> tuple[dict[str, Any], Path]:
+             global_step: int | None = None, explicit: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
     """Evaluate with the EP1 protocol on the configured fold and write the results.
 
     Args:
@@ -68,16 +72,22 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         module: evaluate this module instead of loading one.
         name_suffix: the run folder is ``<output_dir>/<name><suffix>/version_N``.
         global_step: trained steps of ``module`` (reported).
+        explicit: the command line's ``key=value`` overrides. With a checkpoint every ``model.*`` setting comes
+            from it (:func:`fsl_med.runs.adopt_checkpoint_model`); an explicit one that contradicts it is an error.
     Returns:
         ``(results, path of results.json)``.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_trainer_settings(cfg)
+    check_output_location(cfg)
     ckpt_path = None
     init_weights = cfg.model.encoder.weights
     if module is None:
         ckpt_path = resolve_ckpt(cfg)
         if ckpt_path is not None:
-            module, ckpt = module_from_checkpoint(ckpt_path, cfg)
+            ckpt = load_checkpoint(ckpt_path)
+            cfg = adopt_checkpoint_model(cfg, ckpt, ckpt_path, explicit)
+            module, ckpt = module_from_checkpoint(ckpt_path, cfg, ckpt)
             global_step = int(ckpt.get("global_step", 0))
             init_weights = ckpt["hyper_parameters"]["config"]["model"]["encoder"]["weights"]
         else:
@@ -91,8 +101,18 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
     if is_rank_zero():
         save_config(cfg, run_dir)
-    trainer = make_trainer(cfg, run_dir, with_val=False)
-    trainer.test(module, datamodule=dm, verbose=False)
+    try:
+        trainer = make_trainer(cfg, run_dir, with_val=False)
+        with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current query volume
+            trainer.test(module, datamodule=dm, verbose=False)
+    except BaseException as exc:
+        discard_run_dir(run_dir)  # no results: no run folder left behind
+        sig = interrupts.signal_of(exc)
+        if sig is None:
+            raise
+        done = len({(r.organ, r.query_id) for r in module._results["test"]})
+        raise interrupts.Interrupted(sig, f"after {done} of {len(dm.test_set.items)} query volumes; nothing was "
+                                     "written (rerun the same command)") from None
     volumes = module.last_results["test"]
     organs = list(cfg.data.test_organs)
     variants = {v: summarize(volumes, organs, variant=v) for v in module.variants["test"]}

@@ -19,11 +19,12 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
 from fsl_med.config import to_container, to_yaml
-from fsl_med.errors import ConfigError, FslMedError, WeightsError
+from fsl_med.errors import ConfigError, DataError, FilesystemError, FslMedError, WeightsError, os_reason
+from fsl_med.interrupts import raise_pending
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,34 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     return atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
+class StopOnSignal(Callback):
+    """Raises a pending SIGINT/SIGTERM (:mod:`fsl_med.interrupts`) at the end of a training, validation or test
+    batch: a checkpoint saved then holds a completed step."""
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        raise_pending()
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        raise_pending()
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        raise_pending()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file in the target folder and renamed into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
-        with atomic.atomic_path(path, suffix=".ckpt") as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic.atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)  # a file object: a failed write surfaces as the OSError it is
+        except Exception as e:
+            reason = os_reason(e)
+            if reason is None:
+                raise
+            raise FilesystemError(f"cannot write checkpoint {path}: {reason.strerror or reason} (the previous "
+                                  "checkpoint, if any, is untouched)") from e
 
 
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -172,6 +194,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.extend(extra_callbacks or [])
+    callbacks.append(StopOnSignal())  # SIGINT/SIGTERM stop at a batch boundary
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_steps=max_steps if max_steps is not None else t.max_steps,
@@ -236,11 +259,46 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    """The checkpoint's encoder must be the one the config evaluates with.
+def _patch_grid(cfg_like: Any, size: int) -> str:
+    """``"4x4 = 16"`` patch tokens of a ViT encoder of ``cfg_like`` at ``size`` pixels ("" for other encoders)."""
+    from fsl_med.models.encoders import get_encoder_spec
+
+    try:
+        spec = get_encoder_spec(str(cfg_like["model"]["encoder"]["name"]))
+    except Exception:  # noqa: BLE001 - an unknown encoder is reported elsewhere
+        return ""
+    if spec.family != "vit":
+        return ""
+    g = int(size) // spec.patch_size
+    return f"{g}x{g} = {g * g}"
+
+
+def check_input_geometry(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """The checkpoint's input geometry (``data.image_size``, ``data.three_slices``) must be the config's.
 
     Raises:
-        ConfigError: encoder name, fine-tuning mode, LoRA rank, adapter or 3-slice input differ.
+        ConfigError: names the setting, both values and what differs in the encoder's input.
+    """
+    data_c = ckpt_cfg.get("data") or {}
+    size_c = data_c.get("image_size")
+    if size_c is not None and int(size_c) != int(cfg.data.image_size):
+        grid_c, grid = _patch_grid(ckpt_cfg, size_c), _patch_grid(cfg, cfg.data.image_size)
+        what = f": the encoder would see {grid} patch tokens, not {grid_c}" if grid and grid_c else ""
+        raise ConfigError(f"{path}: checkpoint was trained with data.image_size={size_c}, the config says "
+                          f"{cfg.data.image_size}{what}; set data.image_size={size_c}")
+    three_c = bool(data_c.get("three_slices", False))
+    if three_c != bool(cfg.data.three_slices):
+        raise ConfigError(f"{path}: checkpoint was trained with data.three_slices={three_c}, the config says "
+                          f"{bool(cfg.data.three_slices)} (the encoder's input is {'z-1, z, z+1' if three_c else 'one slice x3'}"
+                          f"); set data.three_slices={str(three_c).lower()}")
+
+
+def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """The checkpoint's model must be the one the config builds (resuming training, ablation reuse).
+
+    Raises:
+        ConfigError: encoder name, fine-tuning mode, LoRA rank, adapter, image size or 3-slice input differ
+            (the message names the key and both values).
     """
     enc_c, enc = ckpt_cfg["model"]["encoder"], cfg.model.encoder
     for key in ("name", "finetune", "lora_rank", "adapter"):
@@ -250,7 +308,194 @@ def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> N
             raise ConfigError(
                 f"{path}: checkpoint has model.encoder.{key}={enc_c.get(key)!r} but the config says {enc[key]!r}"
             )
-    three_c = bool(ckpt_cfg.get("data", {}).get("three_slices", False))
-    if three_c != bool(cfg.data.three_slices):
-        raise ConfigError(f"{path}: checkpoint has data.three_slices={three_c} but the config says "
-                          f"{bool(cfg.data.three_slices)} (the model's input channels differ)")
+    check_input_geometry(ckpt_cfg, cfg, path)
+
+
+RUNTIME_MODEL_KEYS = ("model.compile",)
+"""``model.*`` keys that say how to run the model, not what it is: never taken from a checkpoint."""
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def stored_config(ckpt: dict[str, Any], path: Path) -> DictConfig:
+    """The validated config stored in a checkpoint.
+
+    Raises:
+        WeightsError: the stored config is malformed (not a mapping, unknown keys, wrong types, bad values).
+    """
+    from fsl_med.config import from_container
+
+    raw = (ckpt.get("hyper_parameters") or {}).get("config")
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path}: the checkpoint's stored config is malformed (a {type(raw).__name__}, not a "
+                           "mapping)")
+    try:
+        return from_container(raw)
+    except FslMedError as e:
+        raise WeightsError(f"{path}: the checkpoint's stored config is malformed ({e})") from e
+
+
+def adopt_checkpoint_model(cfg: DictConfig, ckpt: dict[str, Any], path: Path,
+                           explicit: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config to evaluate a checkpoint with: ``cfg`` with every ``model.*`` setting taken from the checkpoint
+    (``model.compile`` excepted), so evaluating needs none of the training run's overrides repeated.
+
+    Args:
+        cfg: the config from the YAML file and command line (not modified).
+        ckpt: the checkpoint (:func:`load_checkpoint`).
+        explicit: the ``key=value`` overrides given on the command line; a ``model.*`` one that contradicts the
+            checkpoint is an error (one from the YAML file is replaced, and listed in one note).
+    Returns:
+        A new validated config.
+    Raises:
+        ConfigError: an explicit ``model.*`` override contradicts the checkpoint, or the input geometry
+            (:func:`check_input_geometry`) differs.
+        WeightsError: the stored config is malformed.
+    """
+    from fsl_med.config import validate
+
+    stored = to_container(stored_config(ckpt, path))
+    given = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for item in explicit if "=" in item}
+    new = cfg.copy()
+    ours = _leaves(to_container(cfg)["model"], "model")
+    differ = []
+    for key, value in _leaves(stored["model"], "model").items():
+        if key in RUNTIME_MODEL_KEYS or ours.get(key) == value:
+            continue
+        if key in given or any(key.startswith(g + ".") for g in given):
+            raise ConfigError(f"{key}={ours.get(key)!r} on the command line contradicts the checkpoint {path}, which "
+                              f"was trained with {key}={value!r}; drop the override (the checkpoint defines the model)")
+        OmegaConf.update(new, key, value, merge=False)
+        differ.append(f"{key}={value!r} (config: {ours.get(key)!r})")
+    if differ:
+        log.warning("note: the checkpoint %s defines the model; taken from it instead of the config: %s", path,
+                    ", ".join(differ))
+    check_input_geometry(stored, new, path)
+    validate(new)
+    return new
+
+
+def check_state_dict(state: dict[str, Any], model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's tensors must be the model's: same names and shapes.
+
+    Raises:
+        WeightsError: one line naming the first differing tensor and, for a ViT, what it means (position
+            embedding tokens, patch size, width, depth), or the counts of missing/unexpected tensors.
+    """
+    bad = [k for k, t in state.items() if not hasattr(t, "shape")]
+    if bad:
+        raise WeightsError(f"{path}: entry {bad[0]} of the state dict is not a tensor (cut or damaged checkpoint)")
+    own = model.state_dict()
+    for key, t in state.items():
+        if key in own and hasattr(t, "shape") and tuple(t.shape) != tuple(own[key].shape):
+            a, b = tuple(t.shape), tuple(own[key].shape)
+            hint = ""
+            if key.endswith("pos_embed"):
+                hint = f": the position embedding has {a[1]} tokens in the checkpoint, {b[1]} in the model"
+            elif key.endswith("patch_embed.proj.weight"):
+                hint = (f": patch {a[-1]}x{a[-2]} and {a[1]} input channels in the checkpoint, patch {b[-1]}x{b[-2]} "
+                        f"and {b[1]} in the model")
+            elif len(a) >= 1 and len(b) >= 1 and a[0] != b[0]:
+                hint = f": width {a[0]} in the checkpoint, {b[0]} in the model"
+            raise WeightsError(f"{path}: tensor {key} has shape {list(a)} in the checkpoint but {list(b)} in the "
+                               f"model{hint} (cut or from another architecture)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        depth = ""
+        blocks_c = {k.split("blocks.")[1].split(".")[0] for k in state if ".blocks." in k}
+        blocks_m = {k.split("blocks.")[1].split(".")[0] for k in own if ".blocks." in k}
+        if blocks_c != blocks_m and blocks_c and blocks_m:
+            depth = f"; depth {len(blocks_c)} blocks in the checkpoint, {len(blocks_m)} in the model"
+        raise WeightsError(f"{path}: weights do not fit the model ({len(missing)} missing tensors, e.g. "
+                           f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}{depth})")
+
+_INDEX_MAX = sys.maxsize
+"""The largest step count or interval accepted (an index-sized integer, 2**63 - 1 on 64-bit Python)."""
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Check every ``trainer.*`` value before anything is written, by our rules and by building the Lightning
+    objects they describe (accelerator, devices, strategy, nodes, precision) the way :func:`make_trainer` will.
+
+    Raises:
+        ConfigError: one line naming the first bad ``trainer.*`` key and what is wrong with it.
+    """
+    t = cfg.trainer
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps", "ckpt_every_n_steps"):
+        v = t[key]
+        if v is None and key == "ckpt_every_n_steps":
+            continue
+        lo = 0 if key == "log_every_n_steps" else 1
+        if not lo <= int(v) <= _INDEX_MAX:
+            raise ConfigError(f"config key 'trainer.{key}': must be an integer in {lo}..{_INDEX_MAX} (2**63 - 1), "
+                              f"got {v}")
+    if t.gradient_clip_val is not None and not (0 < float(t.gradient_clip_val) < float("inf")):
+        raise ConfigError(f"config key 'trainer.gradient_clip_val': must be a finite value > 0 (or null: no "
+                          f"clipping), got {t.gradient_clip_val}")
+    if int(t.num_nodes) < 1:
+        raise ConfigError(f"config key 'trainer.num_nodes': must be >= 1, got {t.num_nodes}")
+    # each Lightning argument added in turn: the first construction that fails names its key
+    args: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in ("accelerator", "devices", "num_nodes", "strategy", "precision"):
+            args[key] = t[key]
+            try:
+                L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, max_steps=1, **args)
+            except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, TypeError, Misconfiguration...
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"config key 'trainer.{key}': {t[key]!r} is not usable here: {first}") from e
+
+
+def discard_run_dir(run_dir: Path) -> bool:
+    """Remove a run folder that a failed or interrupted start leaves without a checkpoint or results
+    (rank zero only); returns True if it was removed. A folder holding ``*.ckpt`` or ``results.json`` is kept."""
+    import shutil
+
+    if not is_rank_zero() or not run_dir.is_dir():
+        return False
+    if any(run_dir.rglob("*.ckpt")) or (run_dir / "results.json").exists():
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
+
+
+def check_output_location(cfg: DictConfig) -> None:
+    """Outputs must be kept apart from the inputs. The superpixel cache (``data.cache_dir``) may not be or lie
+    inside the data folder (``data.root``). Run folders (``logging.output_dir/<name>/version_N``): the output folder
+    may not be, or lie inside, the data folder (``data.root``) or the superpixel cache (``data.cache_dir``), and
+    the runs' folder ``<output_dir>/<name>`` may not contain them. (An output folder that merely holds an input
+    beside the runs, e.g. ``.`` with data in ``./data``, is fine.)
+
+    Raises:
+        DataError: naming the setting, both folders and how they overlap.
+    """
+    out = Path(cfg.logging.output_dir).expanduser().resolve()
+    runs = out / cfg.name
+    if cfg.data.cache_dir and not OmegaConf.is_missing(cfg.data, "root"):
+        cache, root = Path(cfg.data.cache_dir).expanduser().resolve(), Path(cfg.data.root).expanduser().resolve()
+        if cache == root or root in cache.parents:
+            raise DataError(f"config key 'data.cache_dir': {cfg.data.cache_dir} {'is' if cache == root else 'lies inside'}"
+                            f" the data.root folder {cfg.data.root}; the superpixel cache is never written into the "
+                            "data (set data.cache_dir or FSL_MED_CACHE elsewhere)")
+    for key in ("data.root", "data.cache_dir"):
+        folder = OmegaConf.select(cfg, key)
+        if folder in (None, ""):
+            continue
+        f = Path(folder).expanduser().resolve()
+        if out == f or f in out.parents:
+            raise DataError(f"config key 'logging.output_dir': {cfg.logging.output_dir} "
+                            f"{'is' if out == f else 'lies inside'} the {key} folder {folder}; run folders must be "
+                            "kept apart from the inputs (choose another logging.output_dir)")
+        if runs == f or runs in f.parents:
+            raise DataError(f"config key 'logging.output_dir': the run folders {runs} would contain the {key} folder "
+                            f"{folder}; choose another logging.output_dir or name")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.geometry import (
     CANONICAL_ORIENTATION,
@@ -190,9 +191,12 @@ def _read_volume(path: Path, option: str) -> tuple[np.ndarray, np.ndarray, tuple
 
 
 def _check_finite(arr: np.ndarray, path: Path, option: str) -> np.ndarray:
+    from fsl_med.data.volumes import check_intensities
+
     img = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(img).all():
         raise DataError(f"{option} {path}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
+    check_intensities(img, f"{option} {path}")
     return img
 
 
@@ -292,12 +296,11 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
             support slices for ``shots_per_part``, unknown ``cca``/``device``, bad output suffix).
         WeightsError: missing or corrupt checkpoint.
     """
-    from fsl_med.config import from_container
     from fsl_med.data.datasets import get_dataset_info
     from fsl_med.data.volumes import Normalizer, slice_input, write_nifti
     from fsl_med.evaluate import module_from_checkpoint
     from fsl_med.refine.cca import largest_mass_component
-    from fsl_med.runs import load_checkpoint
+    from fsl_med.runs import load_checkpoint, stored_config
 
     ckpt, out = Path(ckpt), Path(out)
     sup_img_p, sup_mask_p, query_p = Path(support_image), Path(support_mask), Path(query)
@@ -312,6 +315,9 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
         raise ConfigError(f"--out {out}: must end with .nii.gz or .nii")
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out}: is a folder")
+    refuse_overwriting_inputs(out, {"--query": query_p, "--support-image": sup_img_p, "--support-mask": sup_mask_p,
+                                    "--ckpt": ckpt})
+    check_output_file(out, "--out")  # before the work: a bad location fails now, not after inference
     zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
     if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
         raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
@@ -342,9 +348,8 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
 
     # -- checkpoint config (inputs were checked first: their errors come without loading it)
     ck = load_checkpoint(ckpt)
-    cfg = from_container(ck["hyper_parameters"]["config"])
+    cfg = stored_config(ck, ckpt)
     norm_d = ck.get("normalizer") or {}
-    del ck  # the module loads its weights itself
     modality = get_dataset_info(cfg.data.dataset).modality
     size, npart = int(cfg.data.image_size), int(cfg.eval.npart)
     normalize = Normalizer(mean=norm_d.get("mean"), std=norm_d.get("std"))
@@ -355,20 +360,21 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
     s_grid, _ = to_model_grid(preprocess_intensities(s_img, modality), s_aff, modality, size)
     m_grid, _ = to_model_grid(organ.astype(np.uint8), s_aff, modality, size, is_label=True)
     q_grid, q_model_aff = to_model_grid(preprocess_intensities(q_img, modality), q_aff, modality, size)
-    sup_images = normalize(s_grid.transpose(2, 1, 0))
+    sup_images = normalize(s_grid.transpose(2, 1, 0), f"--support-image {sup_img_p}")
     sup_masks = np.ascontiguousarray(m_grid.transpose(2, 1, 0) > 0)
     organ_slices = np.flatnonzero(sup_masks.reshape(sup_masks.shape[0], -1).any(axis=1))
     if organ_slices.size == 0:
         raise DataError(f"--support-mask {sup_mask_p}: the organ lies outside the model's {size}x{size} field "
                         "of view after resampling")
     parts = _support_indices(organ_slices, npart, shots_per_part)
-    q_norm = normalize(q_grid.transpose(2, 1, 0))
+    q_norm = normalize(q_grid.transpose(2, 1, 0), f"--query {query_p}")
     za, zb = model_z_range(zr, q_shape, q_aff, q_model_aff, q_norm.shape[0])  # type: ignore[arg-type]
     zs = np.arange(za, zb + 1)
     part = np.minimum(npart - 1, (npart * (zs - za)) // (zb - za + 1)).astype(np.int64)
 
     # -- model
-    module, _ = module_from_checkpoint(ckpt, cfg)
+    module, _ = module_from_checkpoint(ckpt, cfg, ck)
+    del ck
     module.eval().to(dev)
     seg = module.model
     flat = [z for zs_p in parts for z in zs_p]

@@ -14,19 +14,24 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from fsl_med import atomic
+from fsl_med import atomic, interrupts
 from fsl_med.config import excluded_labels, to_container
 from fsl_med.data.datamodule import FewShotDataModule
+from fsl_med.errors import TrainingDiverged
 from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_compatible,
+    check_output_location,
+    check_trainer_settings,
+    discard_run_dir,
     is_rank_zero,
     load_checkpoint,
     make_trainer,
     resolve_ckpt,
     save_config,
     shared_run_dir,
+    stored_config,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,45 @@ class StepTimer(Callback):
         return statistics.median(t) if t else None
 
 
+def _stopped_by_signal(trainer: L.Trainer | None, run_dir: Path, cfg: DictConfig, sig: int) -> interrupts.Interrupted:
+    """Save ``last.ckpt`` at the step reached (atomically), mark a W&B run failed (and preempted for SIGTERM),
+    and return the :class:`Interrupted` whose message says what was saved and how to resume."""
+    step = int(trainer.global_step) if trainer is not None else 0
+    if trainer is not None:
+        mark_logger_interrupted(trainer, sig)
+    if step == 0:
+        discard_run_dir(run_dir)
+        return interrupts.Interrupted(sig, "before the first training step; nothing was saved")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        assert trainer is not None
+        trainer.save_checkpoint(last)
+    except Exception as e:  # noqa: BLE001 - report what is on disk instead
+        return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}; saving {last} failed "
+                                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): resume=last "
+                                      "takes the last periodic checkpoint")
+    return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}: saved {last}; resume with the "
+                                  "same command and resume=last")
+
+
+def mark_logger_interrupted(trainer: L.Trainer, sig: int) -> None:
+    """A W&B run of ``trainer`` is finished as failed (exit code ``128 + sig``) and, for SIGTERM, marked as
+    preempting, so that W&B and sweep agents never record it as finished. Other loggers: nothing (Lightning
+    has already finalised them with status ``failed``)."""
+    import signal
+
+    for lg in trainer.loggers:
+        run = getattr(lg, "_experiment", None)
+        if type(lg).__name__ != "WandbLogger" or run is None:
+            continue
+        try:
+            if sig == signal.SIGTERM:
+                run.mark_preempting()
+            run.finish(exit_code=128 + sig)
+        except Exception as e:  # noqa: BLE001 - the interruption is reported either way
+            log.warning("could not mark the W&B run as interrupted: %s", e)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a training run produced."""
@@ -102,9 +146,11 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
         A :class:`TrainResult` (run folder, checkpoints, median seconds per step).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_trainer_settings(cfg)
+    check_output_location(cfg)
     resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
     if resume is not None:
-        check_compatible(load_checkpoint(resume)["hyper_parameters"]["config"], cfg, resume)
+        check_compatible(to_container(stored_config(load_checkpoint(resume), resume)), cfg, resume)
         log.info("resuming from %s", resume)
     excl = excluded_labels(cfg)
     dm = FewShotDataModule(cfg)
@@ -120,8 +166,23 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     with_val = cfg.data.num_val_scans > 0
     interactive = sys.stderr.isatty()
     timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
-    trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
+        with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current step
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    except BaseException as exc:
+        sig = interrupts.signal_of(exc)
+        if sig is None:
+            removed = discard_run_dir(run_dir)  # a failed start leaves no empty run folder behind
+            if removed:
+                log.info("removed %s (the run stopped before its first checkpoint)", run_dir)
+            if isinstance(exc, TrainingDiverged):
+                last = run_dir / "checkpoints" / "last.ckpt"
+                kept = f"the last good checkpoint is {last} (untouched)" if last.is_file() else \
+                    "no checkpoint had been written" + (f"; {run_dir} was removed" if removed else "")
+                raise TrainingDiverged(f"{exc}; {kept}") from None
+            raise
+        raise _stopped_by_signal(trainer if "trainer" in locals() else None, run_dir, cfg, sig) from None
     ckpt_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/dice"), None)
     last = (run_dir / "checkpoints" / "last.ckpt").resolve()
     trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at

@@ -194,6 +194,6 @@ def test_three_slice_checkpoint_needs_three_slice_config(phantom, tmp_path) -> N
     cfg = load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14"])
     ckpt_cfg = to_container(load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14",
                                                "data.three_slices=true"]))
-    with pytest.raises(ConfigError, match="checkpoint has data.three_slices=True but the config says False"):
+    with pytest.raises(ConfigError, match="checkpoint was trained with data.three_slices=True, the config says False"):
         check_compatible(ckpt_cfg, cfg, tmp_path / "x.ckpt")
     check_compatible(to_container(cfg), cfg, tmp_path / "x.ckpt")  # same input: fine

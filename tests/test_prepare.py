@@ -222,7 +222,7 @@ def test_cli_prepare_errors_are_one_line(raw_chaos, tmp_path, capsys):
     src = raw_chaos / "Train_Sets"
     assert main(["prepare", "chaos", "--src", str(src), "--out", str(src / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "must not be inside the source folder" in err[0]
+    assert len(err) == 1 and "lies inside the source folder --src" in err[0]
     assert main(["prepare", "sabs", "--src", str(raw_chaos), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "RawData/Training/img/img00XX.nii.gz" in capsys.readouterr().err
     assert main(["prepare", "chaos", "--src", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "o")]) == 2

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fsl_med.config import VARIANTS, from_container, to_container
 from fsl_med.data.datamodule import EvalItem
+from fsl_med.errors import TrainingDiverged
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
@@ -100,8 +101,40 @@ class FewShotModule(L.LightningModule):
         b = batch["support_image"].shape[0]
         loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
                                                   batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
+        if not bool(torch.isfinite(loss)):  # one host sync per step; Lightning's detect_anomaly is far slower
+            raise TrainingDiverged(self._diverged(f"loss ({float(loss.detach())})", batch))
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/align": align}, prog_bar=True, batch_size=b)
+        self._last_episodes = {k: batch[k] for k in ("scan", "z", "superpixel") if k in batch}
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights (not with fp16's loss scaling, which skips
+        such steps by design)."""
+        if str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads])) \
+            if not hasattr(torch.nn.utils, "get_total_norm") else torch.nn.utils.get_total_norm(grads)
+        if not bool(torch.isfinite(norm)):
+            raise TrainingDiverged(self._diverged("gradient", getattr(self, "_last_episodes", None)))
+
+    def _diverged(self, what: str, batch: dict[str, Any] | None) -> str:
+        """One line: the step, the episode(s) (training scan ids, slices, superpixels) and what to change."""
+        step = int(self.trainer.global_step) + 1 if self._trainer is not None else 0
+        episodes = "unknown"
+        if batch is not None and "scan" in batch:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            ids = list(getattr(dm, "train_ids", []) or [])
+            scans = [int(v) for v in torch.as_tensor(batch["scan"]).reshape(-1)]
+            zs = [int(v) for v in torch.as_tensor(batch["z"]).reshape(-1)]
+            sps = [int(v) for v in torch.as_tensor(batch["superpixel"]).reshape(-1)] if "superpixel" in batch \
+                else [None] * len(scans)
+            episodes = ", ".join(f"scan {ids[v] if v < len(ids) else v} slice {z} superpixel {sp}"
+                                 for v, z, sp in zip(scans, zs, sps, strict=False))
+        return (f"training stopped: non-finite {what} at step {step}; episode(s): {episodes}; lower optim.lr, "
+                "set trainer.gradient_clip_val, or check these scans' intensities")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (reference) or AdamW, with linear warm-up and ×gamma every ``lr_step`` steps."""

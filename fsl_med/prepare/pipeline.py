@@ -24,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from fsl_med import __version__
-from fsl_med.atomic import ensure_writable_dir, write_text
+from fsl_med.atomic import ensure_writable_dir, refuse_nested, refuse_overwriting_inputs, write_text
+from fsl_med.data.classmap import CLASSMAP_NAME
 from fsl_med.data.datasets import DatasetInfo
 from fsl_med.data.volumes import write_nifti
 from fsl_med.errors import DataError
@@ -42,8 +43,6 @@ from fsl_med.prepare.manifest import (
 from fsl_med.prepare.sources import Source
 
 log = logging.getLogger(__name__)
-
-CLASSMAP_NAME = "classmap_1.json"
 
 
 @dataclass(frozen=True)
@@ -96,11 +95,11 @@ def check_output_dir(out_dir: Path, source: Source | None) -> None:
         DataError: naming the folder and the problem.
     """
     out = out_dir.expanduser().resolve()
-    if source is not None and source.kind == "folder":
-        src = source.path.resolve()
-        if out == src or src in out.parents:
-            raise DataError(f"--out {out_dir}: must not be inside the source folder {source.path} "
-                            "(preparation never modifies its source)")
+    if source is not None:
+        if source.kind == "folder":
+            refuse_nested(out_dir, source.path, "--out", "the source folder --src")
+        else:
+            refuse_overwriting_inputs(out_dir, {"--src": source.path})
     ensure_writable_dir(out, f"--out {out_dir}")
 
 

@@ -1,0 +1,123 @@
+"""SIGINT and SIGTERM as an honest, resumable stop.
+
+The CLI runs each verb inside :func:`installed`. A signal then raises :class:`Interrupted` at once, except inside
+:func:`deferred` (a Lightning fit/test loop), where it is recorded and raised at the next batch boundary
+(``fsl_med.runs.StopOnSignal``), so that a checkpoint holds a completed step. A second signal while one is
+pending raises at once. This module imports nothing heavy, so the CLI installs it before a verb imports torch. The process exits ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the convention of
+shells, SLURM and Kubernetes, so a scheduler or sweep agent never records an interrupted run as a success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM (a ``BaseException``, like ``KeyboardInterrupt``: ``except Exception``
+    does not swallow it).
+
+    Attributes:
+        signum: the signal number.
+        detail: what was saved and how to resume, filled in by the verb that was interrupted.
+    """
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        super().__init__(signum, detail)
+        self.signum = int(signum)
+        self.detail = detail
+
+    @property
+    def name(self) -> str:
+        """``SIGINT`` or ``SIGTERM``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+    def with_detail(self, detail: str) -> Interrupted:
+        """The same interruption with ``detail`` (a new exception; this one is not changed)."""
+        return Interrupted(self.signum, detail)
+
+
+_state: dict[str, Any] = {"defer": 0, "pending": None}
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _state["defer"] and _state["pending"] is None:
+        _state["pending"] = signum
+        log.warning("received %s: stopping after the current step (send it again to stop at once)",
+                    signal.Signals(signum).name)
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only; elsewhere nothing changes).
+    The previous handlers are restored on exit.
+
+    Lightning composes its own SIGTERM handler with this one while it fits, so both run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+    _state["pending"] = None
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _state["pending"] = None
+
+
+def pending() -> int | None:
+    """The signal received inside :func:`deferred` and not yet acted on (``None``: none)."""
+    return _state["pending"]
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, a first signal is recorded instead of raised; :func:`raise_pending`
+    raises it at a safe point. A signal still pending when the block ends is raised there."""
+    _state["defer"] += 1
+    try:
+        yield
+    finally:
+        _state["defer"] -= 1
+    raise_pending()
+
+
+def raise_pending() -> None:
+    """Raise :class:`Interrupted` if a signal is pending (and clear it)."""
+    sig = _state["pending"]
+    if sig is not None:
+        _state["pending"] = None
+        raise Interrupted(sig)
+
+
+def signal_of(exc: BaseException) -> int | None:
+    """The signal behind an exception that stopped a Lightning loop: :class:`Interrupted`, or Lightning's own
+    ``SIGTERMException`` (raised when its SIGTERM handler saw the signal first); ``None`` for anything else."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(exc, Interrupted):
+        return exc.signum
+    if isinstance(exc, SIGTERMException):
+        _state["pending"] = None
+        return int(signal.SIGTERM)
+    return None
