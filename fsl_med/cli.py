@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except interrupts.Interrupted as e:
         detail = e.detail or _INTERRUPTED.get(verb, "")
-        print(f"fsl-med: {verb} interrupted by {e.name}{' ' + detail if detail else ''}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:  # one line per job
+            print(f"fsl-med: {verb} interrupted by {e.name}{' ' + detail if detail else ''}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # SIGINT where the handler could not be installed (not the main thread)
         print(f"fsl-med: {verb} interrupted by SIGINT", file=sys.stderr)

@@ -51,7 +51,7 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, detail)
 
 
-_state: dict[str, Any] = {"defer": 0, "pending": None}
+_state: dict[str, Any] = {"defer": 0, "pending": None, "installed": False}
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -76,13 +76,30 @@ def installed() -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _handler)
-    _state["pending"] = None
+    _state["pending"], _state["installed"] = None, True
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        _state["pending"] = None
+        _state["pending"], _state["installed"] = None, False
+
+
+def reclaim() -> None:
+    """Inside :func:`installed`, make this module's handler the only one for SIGINT and SIGTERM again.
+
+    Lightning's own SIGTERM handler (registered when a fit/test starts) relays the signal to the processes it
+    launched and broadcasts a flag from inside the handler; under DDP that broadcast can meet another rank's
+    all-reduce and hang both. :class:`fsl_med.runs.StopOnSignal` stops all ranks together instead. Lightning
+    restores the handler it replaced (this one) when it tears down."""
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _handler)
+
+
+def set_pending(signum: int) -> None:
+    """Record ``signum`` as pending (another rank received it)."""
+    _state["pending"] = int(signum)
 
 
 def pending() -> int | None:
@@ -117,7 +134,8 @@ def signal_of(exc: BaseException) -> int | None:
 
     if isinstance(exc, Interrupted):
         return exc.signum
-    if isinstance(exc, SIGTERMException):
+    if isinstance(exc, SIGTERMException):  # the signal this process recorded, else rank 0's SIGTERM
+        sig = _state["pending"]
         _state["pending"] = None
-        return int(signal.SIGTERM)
+        return int(sig) if sig is not None else int(signal.SIGTERM)
     return None

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fsl_med import atomic
 from fsl_med.config import to_container, to_yaml
 from fsl_med.errors import ConfigError, DataError, FilesystemError, FslMedError, WeightsError, os_reason
-from fsl_med.interrupts import raise_pending
+from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,46 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
 
 class StopOnSignal(Callback):
     """Raises a pending SIGINT/SIGTERM (:mod:`fsl_med.interrupts`) at the end of a training, validation or test
-    batch: a checkpoint saved then holds a completed step."""
+    batch: a checkpoint saved then holds a completed step.
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+    With several processes the stop is collective: after every training batch the ranks all-reduce (max) the
+    signal each has received, so all of them stop after the same step even when only rank 0 was signalled (as
+    Kubernetes does); one small all-reduce per step. During evaluation (items are sharded unevenly, so no
+    per-item collective), rank 0 relays the signal to the processes Lightning launched.
+    """
+
+    def on_train_start(self, *args: Any, **kwargs: Any) -> None:
+        reclaim()
+
+    def on_validation_start(self, *args: Any, **kwargs: Any) -> None:
+        reclaim()
+
+    def on_test_start(self, *args: Any, **kwargs: Any) -> None:
+        reclaim()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sig = torch.tensor([pending() or 0], dtype=torch.int32, device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(sig, op=torch.distributed.ReduceOp.MAX)
+            if int(sig.item()) == 0:
+                return
+            set_pending(int(sig.item()))
         raise_pending()
 
-    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+    def _eval_batch_end(self, trainer: L.Trainer) -> None:
+        sig = pending()
+        if sig is None:
+            return
+        launcher = trainer.strategy.launcher
+        if trainer.is_global_zero and launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(sig)  # the other ranks stop after their current item too
         raise_pending()
 
-    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        raise_pending()
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._eval_batch_end(trainer)
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._eval_batch_end(trainer)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -382,3 +382,21 @@ def test_caches_and_reports_are_never_written_into_the_data(phantom, tmp_path, c
     assert rc == 2
     _error_line(capsys.readouterr().err, "--out", "lies inside the --data folder")
     assert sorted(p.name for p in data.iterdir()) == names
+
+
+def test_sigterm_to_rank_zero_stops_every_ddp_rank_after_the_same_step(phantom, tmp_path):
+    """Only rank 0 is signalled (as Kubernetes does): the ranks agree after the next step, save one
+    checkpoint and exit 143 together, instead of one rank waiting forever in an all-reduce."""
+    args = [*_common(phantom, tmp_path / "runs", tmp_path / "cache", steps=100000), "trainer.log_every_n_steps=2",
+            "trainer.val_check_interval=100000", "name=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.strategy=ddp"]
+    proc = _start(["train", *args], tmp_path)
+    _wait_for(proc, "step 6/", timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = _finish(proc)
+    assert rc == 143, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("fsl-med:")]
+    assert len(lines) == 1 and "train interrupted by SIGTERM at step" in lines[0], err[-3000:]
+    last = tmp_path / "runs" / "ddp" / "version_0" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert f"at step {step} of" in lines[0]
