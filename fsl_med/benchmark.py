@@ -28,7 +28,13 @@ from fsl_med.data.datasets import get_dataset_info
 from fsl_med.evaluate import evaluate, write_figures
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import check_output_location, check_trainer_settings, new_run_dir, save_config
+from fsl_med.runs import (
+    check_output_location,
+    check_trainer_settings,
+    discard_run_dir,
+    new_run_dir,
+    save_config,
+)
 from fsl_med.train import train
 
 log = logging.getLogger(__name__)
@@ -121,8 +127,15 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
             tr = train(jcfg, module=module)
             results, path = evaluate(jcfg, module=module, global_step=tr.steps)
         except interrupts.Interrupted as e:
-            raise e.with_detail(f"in job {i} of {len(jobs)} ({job.tag}) {e.detail}; {i - 1} finished job(s) are in "
-                                f"{run_dir / 'runs'}; no protocol report was written") from None
+            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
+            if i == 1:
+                discard_run_dir(run_dir)  # kept if the job saved a checkpoint
+            raise e.with_detail(f"in job {i} of {len(jobs)} ({job.tag}); {kept}; no protocol report was written and "
+                                "the protocol does not resume: rerun the same command to start it over") from None
+        except BaseException:
+            if i == 1:
+                discard_run_dir(run_dir)  # a protocol that fails at its first job leaves no folder (unless a checkpoint)
+            raise
         runs.append({"job": job, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
                      "seconds_per_step": tr.seconds_per_step})
     variants = list(cfg.protocol.variants)

@@ -28,6 +28,8 @@ def _config_path(name: str | None, default: str | None = None) -> Path | None:
     p = Path(name)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise ConfigError(f"config file {name}: is a folder, not a YAML file")
     repo_experiments = Path(__file__).resolve().parents[1] / "experiments"  # a source checkout
     for folder in (Path("experiments"), repo_experiments):
         for cand in (folder / name, folder / f"{name}.yaml"):
@@ -135,6 +137,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fsl_med.atomic import refuse_nested
 
     refuse_nested(args.out, data, "--out", "the --data folder", may_contain=True)
+    from fsl_med.atomic import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "--out")  # before the benchmark runs, not after
+    if args.steps < 1 or args.workers < 0 or args.tiny_steps < 1:
+        raise ConfigError(f"--steps {args.steps} / --workers {args.workers} / --tiny-steps {args.tiny_steps}: need "
+                          "--steps >= 1, --workers >= 0, --tiny-steps >= 1")
     md = run_bench(data, args.out, parts, encoder=args.encoder, steps=args.steps, workers=args.workers,
                    tiny_steps=args.tiny_steps)
     print(md.read_text(encoding="utf-8"))
@@ -271,6 +279,8 @@ _INTERRUPTED = {
     "prepare chaos": "with the scans finished so far kept; rerun the same command to continue",
     "prepare sabs": "with the scans finished so far kept; rerun the same command to continue",
     "prepare import": "with every file written so far complete; rerun the same command to continue",
+    "phantom": "with its phantom.json marked incomplete; rerun the same command to finish it",
+    "download": "with the partial download kept as a .part file; rerun the same command to continue it",
 }
 """What an interrupted verb leaves behind, when the verb itself says nothing more (train and eval do)."""
 
@@ -415,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
     if not debug:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries: one error line instead
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # the hub sets its own level when first imported
         for noisy in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                       "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

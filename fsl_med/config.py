@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 VARIANTS = ("plain", "cca", "ttt", "ttt_cca")
 """Evaluation variants: the prediction as is, + CCA, + TTT, + TTT then CCA (method.md §6-7)."""
+NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+"""A run ``name``: one folder name (no separator, not ``.``/``..``), so runs stay under ``logging.output_dir``."""
+MAX_IMAGE_SIZE = 2048
+"""``data.image_size`` bound: (2048/14)^2 = 21k ViT tokens per slice, far beyond any abdominal protocol."""
+MAX_NPART = 100
+"""``eval.npart`` bound: support parts per organ (3 in the protocol); more than an organ has slices is useless."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
 
@@ -278,12 +285,18 @@ def _translate(err: OmegaConfBaseException, where: str) -> ConfigError:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """Read a YAML config, resolving ``defaults: [other.yaml]`` (relative to its folder) first."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular 'defaults' chain")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a config file is UTF-8 YAML") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
     except yaml.YAMLError as e:
         line = f" line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         raise ConfigError(f"{path}:{line} is not valid YAML") from e
@@ -317,6 +330,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         except OmegaConfBaseException as e:
             raise _translate(e, str(path)) from e
+        except (TypeError, ValueError) as e:  # e.g. a mapping where the schema has a list
+            raise ConfigError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (a section has the "
+                              "wrong kind of value: a mapping for a list or the reverse)") from e
     cfg = apply_overrides(cfg, overrides or [])
     try:
         OmegaConf.resolve(cfg)
@@ -332,6 +348,8 @@ def _normalise(cfg: DictConfig) -> None:
     arrives in the string field as ``'False'``."""
     if cfg.model.compile in ("False", "false"):
         cfg.model.compile = "off"
+    if cfg.data.cache_dir == "":  # FSL_MED_CACHE set but empty: the default, not the current folder
+        cfg.data.cache_dir = ".cache/fsl_med"
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "override") -> DictConfig:
@@ -346,6 +364,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "overrid
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _translate(e, f"{where} '{item}'") from e
+        except TypeError as e:  # a mapping where the schema has a list, or the reverse
+            raise ConfigError(f"{where} '{item}': wrong kind of value for '{key}' ({e})") from e
         except Exception as e:  # yaml parsing of the value
             raise ConfigError(f"{where} '{item}': cannot parse value for '{key}'") from e
     return cfg
@@ -374,7 +394,19 @@ def validate(cfg: DictConfig) -> None:
                 f"config key 'data.test_organs': unknown organ '{organ}'{hint}; valid: {', '.join(info.labels)}"
             )
     _check(len(set(cfg.data.test_organs)) == len(cfg.data.test_organs), "data.test_organs", "has duplicates")
-    _check(cfg.data.image_size >= 28, "data.image_size", f"must be >= 28, got {cfg.data.image_size}")
+    _check(NAME_RE.fullmatch(str(cfg.name)) is not None and cfg.name not in (".", ".."), "name",
+           f"must be one folder name of letters, digits, '.', '_' and '-' (it names the run folder "
+           f"<logging.output_dir>/<name>), got {cfg.name!r}")
+    _check(0 <= cfg.seed < 2**32, "seed", f"must be in 0..{2**32 - 1} (numpy's seed range), got {cfg.seed}")
+    for key in ("data.root", "data.cache_dir", "logging.output_dir", "ckpt", "resume", "model.encoder.weights"):
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if isinstance(value, str) and value.startswith("~"):
+            try:
+                Path(value).expanduser()
+            except RuntimeError as e:
+                raise ConfigError(f"config key '{key}': cannot expand {value!r} ({e})") from e
+    _check(28 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+           f"must be in 28..{MAX_IMAGE_SIZE}, got {cfg.data.image_size}")
     _check(cfg.data.episodes_per_epoch > 0, "data.episodes_per_epoch", "must be > 0")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -421,7 +453,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.trainer.val_check_interval > 0, "trainer.val_check_interval", "must be > 0")
     _check(cfg.trainer.ckpt_every_n_steps is None or cfg.trainer.ckpt_every_n_steps > 0,
            "trainer.ckpt_every_n_steps", "must be > 0 (or null: every val_check_interval steps)")
-    _check(cfg.eval.npart > 0, "eval.npart", "must be > 0")
+    _check(0 < cfg.eval.npart <= MAX_NPART, "eval.npart", f"must be in 1..{MAX_NPART} (support parts per organ; the "
+           f"protocol uses 3), got {cfg.eval.npart}")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(cfg.eval.z_margin >= 0, "eval.z_margin", "must be >= 0")
     lists = [("eval.variants", cfg.eval.variants), ("protocol.variants", cfg.protocol.variants),
@@ -445,6 +478,7 @@ def validate(cfg: DictConfig) -> None:
     _check(len(pr.settings) > 0 and all(s in (1, 2) for s in pr.settings), "protocol.settings",
            f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
     _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
+    _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
     _check(cfg.logging.logger in ("csv", "tensorboard", "wandb", "none"), "logging.logger",
            "must be csv, tensorboard, wandb or none")
 

@@ -118,7 +118,12 @@ def download_archive(
     if archive is None:
         raise DataError(f"unknown archive {name!r} (valid: {', '.join(sorted(ARCHIVES))})")
     src = url or archive.url
-    scheme = urllib.parse.urlsplit(src).scheme.lower()
+    try:
+        parts = urllib.parse.urlsplit(src)
+        _ = parts.port  # an invalid port or IPv6 host raises here, not in the middle of the download
+    except ValueError as e:
+        raise DataError(f"invalid URL {src!r}: {e}") from e
+    scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise DataError(f"unsupported URL {src!r}: only http:// and https:// downloads are supported")
     if sha256 is not None:

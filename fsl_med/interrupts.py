@@ -3,7 +3,8 @@
 The CLI runs each verb inside :func:`installed`. A signal then raises :class:`Interrupted` at once, except inside
 :func:`deferred` (a Lightning fit/test loop), where it is recorded and raised at the next batch boundary
 (``fsl_med.runs.StopOnSignal``), so that a checkpoint holds a completed step. A second signal while one is
-pending raises at once. This module imports nothing heavy, so the CLI installs it before a verb imports torch. The process exits ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the convention of
+pending raises at once; once the stop is under way (e.g. writing ``last.ckpt``), further signals are logged
+and ignored, so the checkpoint is never cut off. This module imports nothing heavy, so the CLI installs it before a verb imports torch. The process exits ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the convention of
 shells, SLURM and Kubernetes, so a scheduler or sweep agent never records an interrupted run as a success.
 """
 
@@ -51,22 +52,27 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, detail)
 
 
-_state: dict[str, Any] = {"defer": 0, "pending": None, "installed": False}
+_state: dict[str, Any] = {"defer": 0, "pending": None, "installed": False, "stopping": False}
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
+    if _state["stopping"]:  # the stop is under way (a checkpoint may be being written): let it finish
+        log.warning("received %s again: already stopping", signal.Signals(signum).name)
+        return
     if _state["defer"] and _state["pending"] is None:
         _state["pending"] = signum
-        log.warning("received %s: stopping after the current step (send it again to stop at once)",
+        log.warning("received %s: stopping after the current step or query volume (send it again to stop at once)",
                     signal.Signals(signum).name)
         return
+    _state["stopping"] = True
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def installed() -> Iterator[None]:
     """Inside, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only; elsewhere nothing changes).
-    The previous handlers are restored on exit.
+    The previous handlers are restored on exit, except after a stop by a signal: then both signals stay ignored,
+    since the caller (the CLI) exits with ``128 + signum`` next and a repeated signal must not kill it first.
 
     Lightning composes its own SIGTERM handler with this one while it fits, so both run.
     """
@@ -76,13 +82,15 @@ def installed() -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _handler)
-    _state["pending"], _state["installed"] = None, True
+    _state.update(pending=None, installed=True, stopping=False)
     try:
         yield
     finally:
+        stopping = _state["stopping"]
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        _state["pending"], _state["installed"] = None, False
+            # after a stop the process is about to exit 128 + signum: a late repeat must not kill it first
+            signal.signal(sig, signal.SIG_IGN if stopping else (handler if handler is not None else signal.SIG_DFL))
+        _state.update(pending=None, installed=False, stopping=False)
 
 
 def reclaim() -> None:
@@ -123,7 +131,7 @@ def raise_pending() -> None:
     """Raise :class:`Interrupted` if a signal is pending (and clear it)."""
     sig = _state["pending"]
     if sig is not None:
-        _state["pending"] = None
+        _state["pending"], _state["stopping"] = None, True
         raise Interrupted(sig)
 
 
@@ -136,6 +144,6 @@ def signal_of(exc: BaseException) -> int | None:
         return exc.signum
     if isinstance(exc, SIGTERMException):  # the signal this process recorded, else rank 0's SIGTERM
         sig = _state["pending"]
-        _state["pending"] = None
+        _state["pending"], _state["stopping"] = None, True
         return int(sig) if sig is not None else int(signal.SIGTERM)
     return None

@@ -6,6 +6,7 @@ runs started together never share one) holding ``config.yaml``, ``checkpoints/``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -496,6 +497,10 @@ def discard_run_dir(run_dir: Path) -> bool:
     if any(run_dir.rglob("*.ckpt")) or (run_dir / "results.json").exists():
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    with contextlib.suppress(OSError):  # the <name> folder too, when this run was its only content
+        if not any(p for p in parent.iterdir() if not p.name.startswith(".job-")):
+            shutil.rmtree(parent)
     return not run_dir.exists()
 
 

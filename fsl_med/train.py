@@ -96,11 +96,16 @@ def _stopped_by_signal(trainer: L.Trainer | None, run_dir: Path, cfg: DictConfig
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
         assert trainer is not None
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last)  # further signals are ignored while stopping: never cut off
     except Exception as e:  # noqa: BLE001 - report what is on disk instead
-        return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}; saving {last} failed "
-                                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): resume=last "
-                                      "takes the last periodic checkpoint")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if last.is_file():
+            return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}; saving {last} failed "
+                                          f"({why}); it holds the last periodic checkpoint: resume=last continues "
+                                          "from there")
+        removed = discard_run_dir(run_dir)
+        return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}; saving {last} failed ({why}) "
+                                      f"and no earlier checkpoint exists{f' ({run_dir} was removed)' if removed else ''}")
     return interrupts.Interrupted(sig, f"at step {step} of {cfg.trainer.max_steps}: saved {last}; resume with the "
                                   "same command and resume=last")
 
@@ -163,7 +168,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
         save_config(cfg, run_dir)
     log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
              list(cfg.data.test_organs), excl or "none")
-    with_val = cfg.data.num_val_scans > 0
+    with_val = bool(dm.val_ids)  # data.num_val_scans > 0 and enough training scans to hold them out
     interactive = sys.stderr.isatty()
     timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
     try:

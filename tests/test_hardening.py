@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -400,3 +401,121 @@ def test_sigterm_to_rank_zero_stops_every_ddp_rank_after_the_same_step(phantom, 
     last = tmp_path / "runs" / "ddp" / "version_0" / "checkpoints" / "last.ckpt"
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert f"at step {step} of" in lines[0]
+
+
+# -- found by a hostile trial (95 cases) after the first round of fixes ------------------------------------
+
+BAD_VALUES = [
+    (["name=../escape"], "'name'"),
+    (["name=/abs"], "'name'"),
+    (["name=a/b"], "'name'"),
+    (["name=.."], "'name'"),
+    (["seed=-1"], "'seed'"),
+    (["seed=1180591620717411303424"], "'seed'"),
+    (["protocol.seeds=[-1]"], "'protocol.seeds'"),
+    (["eval.npart=1000000000000000000000"], "'eval.npart'"),
+    (["data.image_size=1000000000"], "'data.image_size'"),
+    (["data.cache_dir=~nosuchuser_fslmed/x"], "'data.cache_dir'"),
+    (["ablation.runs={a: 1}"], "ablation.runs"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_VALUES, ids=[c[0][0][:30] for c in BAD_VALUES])
+def test_out_of_range_settings_are_one_line_errors(overrides, needle, phantom, tmp_path, capsys):
+    out = tmp_path / "runs"
+    rc = main(["train", *_common(phantom, out, tmp_path / "cache"), *overrides])
+    assert rc == 2
+    _error_line(capsys.readouterr().err, needle)
+    assert not out.exists() or not any(out.rglob("version_*"))
+    assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
+
+
+def test_ablation_row_name_cannot_leave_the_output_folder(phantom, tmp_path, capsys):
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(f"defaults: [{DEMO}]\nablation:\n  runs:\n    - {{name: ../../escape, overrides: []}}\n")
+    rc = main(["ablate", str(cfg), *_common(phantom, tmp_path / "runs", tmp_path / "cache")[1:]])
+    assert rc == 2
+    _error_line(capsys.readouterr().err, "'name'")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_bad_config_files_are_named(phantom, tmp_path, capsys):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    for path, needle in ((binary, "not UTF-8 text"), (folder, "is a folder")):
+        rc = main(["train", str(path), f"data.root={phantom}"])
+        assert rc == 2
+        _error_line(capsys.readouterr().err, str(path), needle)
+
+
+def test_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    from fsl_med.config import load_config
+
+    monkeypatch.setenv("FSL_MED_CACHE", "")
+    assert load_config(DEMO, ["data.root=x"]).data.cache_dir == ".cache/fsl_med"
+
+
+def test_complex_valued_query_is_refused(phantom, lora_ckpt, tmp_path, capsys):
+    import nibabel as nib
+
+    img = nib.load(str(phantom / "image_1.nii.gz"))
+    cplx = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.complex64), img.affine), str(cplx))
+    rc = main(["segment", "--ckpt", str(lora_ckpt), "--support-image", str(phantom / "image_2.nii.gz"),
+               "--support-mask", str(phantom / "label_2.nii.gz"), "--label", "1", "--query", str(cplx),
+               "--out", str(tmp_path / "p.nii.gz")])
+    assert rc == 2
+    _error_line(capsys.readouterr().err, str(cplx), "complex-valued voxels")
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_other_verbs_check_their_outputs_first(phantom, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    cases = [
+        (["phantom", "--out", str(blocker / "ph"), "--n-scans", "2", "--size", "32", "--depth", "8"], "afile"),
+        (["phantom", "--out", str(tmp_path / "big"), "--depth", "100000000"], "depth must be an integer in 8..512"),
+        (["download", "chaos", "--out", str(tmp_path / "dl"), "--url", "http://[::1"], "invalid URL"),
+        (["bench", "--data", str(phantom), "--out", str(blocker), "--parts", "matmul"], "exists and is not a folder"),
+        (["bench", "--data", str(phantom), "--out", str(tmp_path / "b"), "--steps", "-3"], "--steps -3"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        _error_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "big").exists() or not any((tmp_path / "big").glob("*.nii.gz"))
+
+
+def test_too_many_validation_scans_is_said_not_silent(phantom, tmp_path, capsys, caplog):
+    assert main(["train", *_common(phantom, tmp_path / "runs", tmp_path / "cache")[:-1], "data.num_val_scans=100",
+                 "trainer.val_check_interval=1"]) == 0
+    assert "data.num_val_scans=100, but fold 0 has only" in caplog.text and "no validation" in caplog.text
+
+
+def test_sigterm_stops_test_time_training_within_a_step(phantom, lora_ckpt, tmp_path):
+    proc = _start(["eval", *_common(phantom, tmp_path / "runs", tmp_path / "cache"), f"ckpt={lora_ckpt}",
+                   "eval.variants=[plain,ttt]", "ttt.steps=1000000", "name=tt"], tmp_path)
+    _wait_for(proc, "fold 0:")
+    time.sleep(4)  # well inside the first volume's TTT (a million steps)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc, err = _finish(proc)
+    assert rc == 143 and time.time() - t0 < 60, err[-2000:]
+    assert "eval interrupted by SIGTERM after 0 of" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "eval folders left behind"
+
+
+def test_a_second_sigterm_never_cuts_the_checkpoint_off(phantom, tmp_path):
+    args = [*_common(phantom, tmp_path / "runs", tmp_path / "cache", steps=100000), "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=100000", "name=two"]
+    proc = _start(["train", *args], tmp_path)
+    _wait_for(proc, "step 5/")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = _finish(proc)
+    assert rc == 143, err[-2000:]
+    last = tmp_path / "runs" / "two" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"saved {last}" in err, err[-2000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 5

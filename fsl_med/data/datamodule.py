@@ -190,6 +190,10 @@ class FewShotDataModule(L.LightningDataModule):
         if nval and len(train) > nval:
             self.val_ids, self.train_ids = train[-nval:], train[:-nval]
         else:
+            if nval:
+                log.warning("data.num_val_scans=%d, but fold %d has only %d training scan(s) and one must remain for "
+                            "training: no validation (no val/dice, no best checkpoint); set data.num_val_scans=0 "
+                            "to silence this", nval, self.cfg.data.fold, len(train))
             self.val_ids, self.train_ids = [], train
         if self.info.modality == "ct":
             self.normalize = make_normalizer("ct", [self._volume(s).image for s in self.train_ids])

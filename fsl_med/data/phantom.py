@@ -369,10 +369,15 @@ def phantom_affine(size: int, depth: int) -> np.ndarray:
     return aff
 
 
+_LIMITS = {"n_scans": (1, 200), "size": (32, 1024), "depth": (8, 512)}
+"""Phantom parameter ranges (a 1024 x 1024 x 512 float32 scan is already 2 GiB)."""
+
+
 def _check_params(n_scans: int, size: int, depth: int, seed: int) -> None:
-    for name, value, lo in (("n_scans", n_scans, 1), ("size", size, 32), ("depth", depth, 8)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise ConfigError(f"phantom: {name} must be an integer >= {lo}, got {value!r}")
+    for name, value in (("n_scans", n_scans), ("size", size), ("depth", depth)):
+        lo, hi = _LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+            raise ConfigError(f"phantom: {name} must be an integer in {lo}..{hi}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"phantom: seed must be a non-negative integer, got {seed!r}")
 
@@ -425,13 +430,16 @@ def _prepare_dir(out_dir: Path, n_scans: int, overwrite: bool) -> None:
     """Create ``out_dir``; refuse to write over a foreign dataset; remove stale phantom files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"phantom: output path {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"phantom: cannot create {out_dir} ({e.strerror or e})") from e
     ours = _read_meta(out_dir) is not None
     scan_files = [p for p in out_dir.iterdir() if _SCAN_FILE_RE.match(p.name)]
     if not ours and not overwrite and (scan_files or (out_dir / _CLASSMAP_NAME).exists()):
         raise DataError(
             f"phantom: {out_dir} already holds a dataset not made by the phantom generator "
-            "(no phantom.json); refusing to overwrite it (pass overwrite=True)"
+            "(no phantom.json); refusing to overwrite it (choose another --out)"
         )
     if not ours:
         return

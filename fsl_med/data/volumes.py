@@ -99,6 +99,8 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(Path(path), affine)
+    if np.iscomplexobj(arr):
+        raise DataError(f"{path}: complex-valued voxels ({arr.dtype}); store the magnitude image as real values")
     return arr, affine, tuple(float(z) for z in img.header.get_zooms())
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fsl_med.data.episodes import AugmentParams, augment_pair
 from fsl_med.errors import ConfigError
+from fsl_med.interrupts import raise_pending
 from fsl_med.models.segmenter import FewShotSegmenter, tile3
 
 
@@ -92,6 +93,7 @@ class TestTimeTrainer:
         usable = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
         self.seg.train()
         for _ in range(self.cfg.steps):
+            raise_pending()  # SIGINT/SIGTERM during evaluation stop within one TTT step (weights are restored)
             i = int(usable[rng.integers(usable.size)])
             s_img, s_mask = augment_pair(images[i], masks[i], rng, self.augment)
             q_img, q_mask = augment_pair(images[i], masks[i], rng, self.augment)
