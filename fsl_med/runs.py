@@ -268,6 +268,8 @@ def resolve_ckpt(cfg: DictConfig, key: str = "ckpt") -> Path | None:
             raise WeightsError(f"{key}={value}: no checkpoint found under {base}/version_*/checkpoints/")
         return found[-1]
     p = Path(value).expanduser()
+    if p.is_dir():
+        raise WeightsError(f"{key}={value}: is a folder; give a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or last")
     if not p.is_file():
         raise WeightsError(f"{key}={value}: checkpoint not found: {p}")
     return p

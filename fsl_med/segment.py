@@ -218,6 +218,11 @@ def preprocess_intensities(img: np.ndarray, modality: str) -> np.ndarray:
     return img
 
 
+def _few(values: list[int], n: int = 10) -> str:
+    """``[1, 2, 3]``, or the first ``n`` and how many more (a message stays one readable line)."""
+    return str(values) if len(values) <= n else f"{values[:n]} and {len(values) - n} more"
+
+
 def _binary_mask(mask: np.ndarray, path: Path, label: int | None) -> np.ndarray:
     """The organ's binary mask from a binary or multi-label mask (see :func:`segment`)."""
     m = np.asarray(mask)
@@ -230,11 +235,11 @@ def _binary_mask(mask: np.ndarray, path: Path, label: int | None) -> np.ndarray:
         raise DataError(f"--support-mask {path}: empty mask (no foreground voxel)")
     if label is None:
         if len(present) > 1:
-            raise DataError(f"--support-mask {path}: not a binary mask (labels present: {present}); "
+            raise DataError(f"--support-mask {path}: not a binary mask (labels present: {_few(present)}); "
                             "choose one with --label N")
         return m != 0
     if label not in present:
-        raise ConfigError(f"--label {label}: not in the support mask {path} (labels present: {present})")
+        raise ConfigError(f"--label {label}: not in the support mask {path} (labels present: {_few(present)})")
     return m == label
 
 
@@ -324,6 +329,8 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
     dev = _device(device)
     for p, opt in ((ckpt, "--ckpt"), (sup_img_p, "--support-image"), (sup_mask_p, "--support-mask"),
                    (query_p, "--query")):
+        if p.is_dir():
+            raise DataError(f"{opt} {p}: is a folder, not a file")
         if not p.is_file():
             raise DataError(f"{opt} {p}: file not found")
 

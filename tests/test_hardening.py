@@ -519,3 +519,23 @@ def test_a_second_sigterm_never_cuts_the_checkpoint_off(phantom, tmp_path):
     last = tmp_path / "runs" / "two" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"saved {last}" in err, err[-2000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 5
+
+
+def test_folders_given_for_files_are_named_as_folders(phantom, lora_ckpt, tmp_path, capsys):
+    d = tmp_path / "x.ckpt"
+    d.mkdir()
+    rc = main(["train", *_common(phantom, tmp_path / "runs", tmp_path / "cache"), f"resume={d}"])
+    assert rc == 2
+    _error_line(capsys.readouterr().err, "resume=", "is a folder")
+    rc = main(["segment", "--ckpt", str(d), "--support-image", str(phantom / "image_2.nii.gz"), "--support-mask",
+               str(phantom / "image_2.nii.gz"), "--query", str(phantom / "image_1.nii.gz"),
+               "--out", str(tmp_path / "p.nii.gz")])
+    assert rc == 2
+    _error_line(capsys.readouterr().err, "--ckpt", "is a folder")
+    # an image given as the mask: the labels listed are capped, the line stays readable
+    rc = main(["segment", "--ckpt", str(lora_ckpt), "--support-image", str(phantom / "image_2.nii.gz"),
+               "--support-mask", str(phantom / "image_2.nii.gz"), "--query", str(phantom / "image_1.nii.gz"),
+               "--out", str(tmp_path / "p.nii.gz")])
+    assert rc == 2
+    line = _error_line(capsys.readouterr().err)
+    assert ("non-integer" in line or "more)" in line) and len(line) < 400, line
