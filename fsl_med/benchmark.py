@@ -126,16 +126,14 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
             module = FewShotModule.from_config(jcfg)
             tr = train(jcfg, module=module)
             results, path = evaluate(jcfg, module=module, global_step=tr.steps)
-        except interrupts.Interrupted as e:
-            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
+        except BaseException as e:
             if i == 1:
-                discard_run_dir(run_dir)  # kept if the job saved a checkpoint
+                discard_run_dir(run_dir)  # a protocol stopped in its first job leaves no folder (unless a checkpoint)
+            if not isinstance(e, interrupts.Interrupted):
+                raise
+            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
             raise e.with_detail(f"in job {i} of {len(jobs)} ({job.tag}); {kept}; no protocol report was written and "
                                 "the protocol does not resume: rerun the same command to start it over") from None
-        except BaseException:
-            if i == 1:
-                discard_run_dir(run_dir)  # a protocol that fails at its first job leaves no folder (unless a checkpoint)
-            raise
         runs.append({"job": job, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
                      "seconds_per_step": tr.seconds_per_step})
     variants = list(cfg.protocol.variants)

@@ -110,7 +110,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         sig = interrupts.signal_of(exc)
         if sig is None:
             raise
-        done = len({(r.organ, r.query_id) for r in module._results["test"]})
+        done = module.volumes_scored("test")
         raise interrupts.Interrupted(sig, f"after {done} of {len(dm.test_set.items)} query volumes; nothing was "
                                      "written (rerun the same command)") from None
     volumes = module.last_results["test"]

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
 from fsl_med.config import to_container, to_yaml
-from fsl_med.errors import ConfigError, DataError, FilesystemError, FslMedError, WeightsError, os_reason
+from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
 
 log = logging.getLogger(__name__)
@@ -516,23 +516,14 @@ def check_output_location(cfg: DictConfig) -> None:
     Raises:
         DataError: naming the setting, both folders and how they overlap.
     """
-    out = Path(cfg.logging.output_dir).expanduser().resolve()
-    runs = out / cfg.name
-    if cfg.data.cache_dir and not OmegaConf.is_missing(cfg.data, "root"):
-        cache, root = Path(cfg.data.cache_dir).expanduser().resolve(), Path(cfg.data.root).expanduser().resolve()
-        if cache == root or root in cache.parents:
-            raise DataError(f"config key 'data.cache_dir': {cfg.data.cache_dir} {'is' if cache == root else 'lies inside'}"
-                            f" the data.root folder {cfg.data.root}; the superpixel cache is never written into the "
-                            "data (set data.cache_dir or FSL_MED_CACHE elsewhere)")
+    from fsl_med.atomic import refuse_nested
+
+    root, out = cfg.data.root, cfg.logging.output_dir
+    if cfg.data.cache_dir:
+        refuse_nested(cfg.data.cache_dir, root, "config key 'data.cache_dir':", "the data.root folder", may_contain=True)
     for key in ("data.root", "data.cache_dir"):
         folder = OmegaConf.select(cfg, key)
-        if folder in (None, ""):
-            continue
-        f = Path(folder).expanduser().resolve()
-        if out == f or f in out.parents:
-            raise DataError(f"config key 'logging.output_dir': {cfg.logging.output_dir} "
-                            f"{'is' if out == f else 'lies inside'} the {key} folder {folder}; run folders must be "
-                            "kept apart from the inputs (choose another logging.output_dir)")
-        if runs == f or runs in f.parents:
-            raise DataError(f"config key 'logging.output_dir': the run folders {runs} would contain the {key} folder "
-                            f"{folder}; choose another logging.output_dir or name")
+        if folder:
+            refuse_nested(out, folder, "config key 'logging.output_dir':", f"the {key} folder", may_contain=True)
+            refuse_nested(Path(out) / cfg.name, folder, "config key 'logging.output_dir': the run folders",
+                          f"the {key} folder")

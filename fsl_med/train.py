@@ -171,6 +171,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     with_val = bool(dm.val_ids)  # data.num_val_scans > 0 and enough training scans to hold them out
     interactive = sys.stderr.isatty()
     timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
+    trainer: L.Trainer | None = None
     try:
         trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
         with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current step
@@ -187,7 +188,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
                     "no checkpoint had been written" + (f"; {run_dir} was removed" if removed else "")
                 raise TrainingDiverged(f"{exc}; {kept}") from None
             raise
-        raise _stopped_by_signal(trainer if "trainer" in locals() else None, run_dir, cfg, sig) from None
+        raise _stopped_by_signal(trainer, run_dir, cfg, sig) from None
     ckpt_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/dice"), None)
     last = (run_dir / "checkpoints" / "last.ckpt").resolve()
     trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at

@@ -335,8 +335,7 @@ def test_full_disk_while_writing_a_checkpoint_is_named(phantom, tmp_path):
                        preexec_fn=limit)
     assert p.returncode != 0
     err = p.stderr
-    line = _error_line(err, "cannot write checkpoint", "File too large")
-    assert "last.ckpt" in line or ".ckpt" in line
+    _error_line(err, "cannot write checkpoint", ".ckpt", "File too large")
     assert not list((tmp_path / "runs").rglob("*.ckpt")), "a partial checkpoint was left behind"
     assert not list((tmp_path / "runs").rglob(".*.tmp*"))
     assert not list((tmp_path / "runs").rglob("version_*")), "the failed start left its run folder"

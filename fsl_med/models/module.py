@@ -276,6 +276,11 @@ class FewShotModule(L.LightningModule):
             metrics.update({f"{key}_{o}": d for o, d in summary["dice"].items()})
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
 
+    def volumes_scored(self, stage: str) -> int:
+        """(organ, query volume) pairs scored so far in the running ``stage`` on this process (an interrupted
+        evaluation reports it)."""
+        return len({(r.organ, r.query_id) for r in self._results[stage]})
+
     def on_validation_epoch_start(self) -> None:
         self._results["val"] = []
         self._protos = {}
