@@ -63,8 +63,7 @@ eval-ct: $(STAMP) ## evaluate CKPT (default: latest ct run) on SABS fold queries
 	$(FSL) eval experiments/ct.yaml $(DATA_ARG) ckpt=$(CKPT) $(ARGS)
 
 sweep-mri sweep-ct: $(STAMP) ## W&B sweep from experiments/sweeps/{mri,ct}.yaml: create it and start an agent (needs `wandb login`)
-	$(VENV)/bin/wandb sweep experiments/sweeps/$(@:sweep-%=%).yaml 2>&1 | tee .$@.log
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $$(sed -n 's/.*wandb agent \([^ ]*\).*/\1/p' .$@.log | tail -1)
+	$(FSL) sweep experiments/sweeps/$(@:sweep-%=%).yaml
 
 ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget on real CHAOS-T2; CONFIG=ablation for GPUs) -> lightning_logs/<name>-ablation/
 	$(FSL) ablate $(or $(CONFIG),ablation_cpu) $(DATA_ARG) $(ARGS)

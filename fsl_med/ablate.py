@@ -116,7 +116,8 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
                 OmegaConf.update(rcfg, "ckpt", src["checkpoint"], merge=False)
                 log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
                          ", ".join(rcfg.eval.variants))
-                results, path = evaluate(rcfg)
+                # the row's own overrides are explicit: a data.fold the source did not train on is refused
+                results, path = evaluate(rcfg, explicit=list(cfg.ablation.runs[i - 1].overrides or []))
                 entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
                              train_dir=src["train_dir"], checkpoint=src["checkpoint"])
             else:

@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fsl_med.train import train
 
     cfg = _required_config(args, "CONFIG [key=value ...]")
-    res = train(cfg)
+    res = train(cfg, explicit=_split_config_arg(args)[1])
     sps = f"{res.seconds_per_step:.3f}" if res.seconds_per_step else "n/a"
     val = f"{res.val_dice:.2f}" if res.val_dice is not None else "n/a"
     print(f"trained {res.steps} steps ({sps} s/step median), val/dice {val}; run folder {res.run_dir}")
@@ -78,9 +78,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.rest = [*args.rest, "eval.skip_bad=true"]
     cfg = _required_config(args, "CONFIG ckpt=PATH [key=value ...]")
     results, path = evaluate(cfg, explicit=_split_config_arg(args)[1])
-    cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {cfg.data.fold})": summ
+    organs = list(results["config"]["data"]["test_organs"])  # the checkpoint's, unless given explicitly
+    cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {results['fold']})": summ
             for v, summ in (results.get("variants") or {"plain": results}).items()}
-    print(metric_table(cols, list(cfg.data.test_organs)))
+    if results.get("in_sample"):
+        print(results["in_sample"])
+    print(metric_table(cols, organs))
     if results.get("seconds_per_volume") is not None:
         print(f"seconds per query volume: {results['seconds_per_volume']:.2f}")
     print(path)
@@ -95,9 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _required_config(args, "CONFIG [key=value ...]")
     module = FewShotModule.from_config(cfg)
-    res = train(cfg, module=module)
+    res = train(cfg, module=module, explicit=_split_config_arg(args)[1])
+    cfg = res.config or cfg  # resuming (ckpt=...) takes the data settings from the checkpoint
     results, path = evaluate(cfg, module=module, global_step=res.steps)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)}": summ for v, summ in results["variants"].items()}
+    if results.get("in_sample"):
+        print(results["in_sample"])
     print(metric_table(cols, list(cfg.data.test_organs)))
     print(path)
     return 0
@@ -147,6 +153,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    tiny_steps=args.tiny_steps)
     print(md.read_text(encoding="utf-8"))
     print(md)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fsl_med.sweep import run_sweep
+
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count {args.count}: must be >= 1")
+    sweep_id = run_sweep(args.file, count=args.count, create_only=args.create_only)
+    print(sweep_id)
     return 0
 
 
@@ -308,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--skip-bad", action="store_true",
                             help="skip (and list in the report) query volumes that cannot be read, instead of failing")
         sp.set_defaults(func=fn)
+    sp = sub.add_parser("sweep", help="create a W&B sweep from a sweep file and run an agent (needs wandb login)",
+                        description="Create a W&B sweep from a sweep file (experiments/sweeps/*.yaml) and run an agent "
+                        "here; more agents elsewhere: wandb agent <sweep id>. Needs W&B credentials (wandb login).")
+    sp.add_argument("file", help="sweep file, e.g. experiments/sweeps/mri.yaml")
+    sp.add_argument("--count", type=int, default=None, help="runs for this agent (default: until the sweep ends)")
+    sp.add_argument("--create-only", action="store_true", help="create the sweep and print its id; start no agent")
+    sp.set_defaults(func=cmd_sweep)
     sp = sub.add_parser("phantom", help="generate a phantom dataset: prepared layout or an official raw format")
     sp.add_argument("--out", required=True)
     sp.add_argument("--format", choices=("prepared", "chaos-raw", "chaos-zip", "sabs-raw"), default="prepared",
@@ -415,10 +438,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fsl-med``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # OpenMP threads sleep instead of spinning while they wait for work: read when torch loads its OpenMP runtime
+    # (below, in the verb), so before any torch import. With another busy process on the cores, spinning threads
+    # steal each other's time slices (BENCHMARKS.md, "CPU oversubscription"); set OMP_WAIT_POLICY to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="[%(name)s] %(message)s")
+    from fsl_med.ranks import is_rank_zero
+
+    if is_rank_zero():
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="[%(name)s] %(message)s")
+    else:  # other processes of a distributed job: warnings and errors only, no results or paths on stdout
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK", "?")
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format=f"[rank {rank}] [%(name)s] %(message)s")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).propagate = False  # Lightning has its own handler: no duplicate lines
     # the encoder also logs this warning; show it once

@@ -172,6 +172,7 @@ class EvalConfig:
     hd95: bool = True
     overlay_slices: int = 3
     skip_bad: bool = False
+    allow_train_scans: bool = False  # score scans the checkpoint trained on (a deliberate in-sample analysis)
     shots_source: str = "scans"  # k-shot supports: k support scans, or k slices per part of the support scan
 
 

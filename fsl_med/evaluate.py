@@ -19,12 +19,15 @@ from fsl_med.evaluation.metrics import summarize
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_results, write_results
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
+    adopt_checkpoint_data,
     adopt_checkpoint_model,
     check_compatible,
     check_output_location,
     check_state_dict,
     check_trainer_settings,
+    checkpoint_trained_on,
     discard_run_dir,
+    in_sample_scans,
     is_rank_zero,
     load_checkpoint,
     make_trainer,
@@ -74,19 +77,29 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         global_step: trained steps of ``module`` (reported).
         explicit: the command line's ``key=value`` overrides. With a checkpoint every ``model.*`` setting comes
             from it (:func:`fsl_med.runs.adopt_checkpoint_model`); an explicit one that contradicts it is an error.
+            ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it unless explicit
+            (:func:`fsl_med.runs.adopt_checkpoint_data`).
     Returns:
         ``(results, path of results.json)``.
+    Raises:
+        DataError: a query or support scan was trained or validated on by the checkpoint (or by ``module``), unless
+            ``eval.allow_train_scans`` (then ``results["in_sample"]`` and the report's first line say so).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_trainer_settings(cfg)
     check_output_location(cfg)
     ckpt_path = None
     init_weights = cfg.model.encoder.weights
+    trained = module.trained_on if module is not None else None
+    source = "the trained model"
     if module is None:
         ckpt_path = resolve_ckpt(cfg)
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path)
             cfg = adopt_checkpoint_model(cfg, ckpt, ckpt_path, explicit)
+            trained = checkpoint_trained_on(ckpt, ckpt_path, cfg)
+            cfg = adopt_checkpoint_data(cfg, trained, ckpt_path, explicit)
+            source = f"checkpoint {ckpt_path}"
             module, ckpt = module_from_checkpoint(ckpt_path, cfg, ckpt)
             global_step = int(ckpt.get("global_step", 0))
             init_weights = ckpt["hyper_parameters"]["config"]["model"]["encoder"]["weights"]
@@ -94,6 +107,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
             module = FewShotModule.from_config(cfg)
             global_step = 0
     dm = FewShotDataModule(cfg)
+    in_sample = in_sample_scans(cfg, trained, dm, source)  # before any query volume is read
     dm.setup("test")
     if not dm.test_set.items:
         reasons = "; ".join(f"scan {q}/{o}: {r}" for q, o, r in dm.skipped["test"])
@@ -135,9 +149,11 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         "fsl_med_version": __version__,
         "config": to_container(cfg),
     }
+    meta["trained_on"] = trained.to_dict() if trained is not None else None
     meta["ttt"] = to_container(cfg)["ttt"] if ttt_sps is not None else None
     results = build_results(summary, volumes, dm.skipped["test"], meta, variants=variants,
                             ttt_seconds_per_slice=ttt_sps)
+    results = {"in_sample": in_sample, **results}  # the first key of results.json
     path = run_dir / "results.json"
     if trainer.is_global_zero:  # results were gathered from every rank; one process writes them
         figures = write_figures(run_dir, variants, organs, module.samples)

@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
 from fsl_med.config import to_container, to_yaml
+from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
+from fsl_med.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +64,6 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
         except OSError as e:
             raise FslMedError(f"cannot create run folder {run}: {e.strerror or e}") from e
     raise FslMedError(f"could not allocate a run folder under {base}")
-
-
-def is_rank_zero() -> bool:
-    """True in the process that owns the outputs: not distributed, or global rank 0.
-
-    Reads the launchers' environment: ``RANK`` (torchrun), ``SLURM_PROCID`` (SLURM with several tasks), or
-    Lightning's own ``NODE_RANK``/``LOCAL_RANK`` (its launcher sets them for the processes it starts).
-    """
-    env = os.environ
-    if "RANK" in env:
-        return int(env["RANK"]) == 0
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]) == 0
-    return int(env.get("NODE_RANK", "0")) == 0 and int(env.get("LOCAL_RANK", "0")) == 0
 
 
 def _job_id() -> str | None:
@@ -178,6 +166,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                   "checkpoint, if any, is untouched)") from e
 
 
+def has_wandb_key() -> bool:
+    """Whether W&B credentials are configured: ``WANDB_API_KEY``, or an entry for the W&B host (``WANDB_BASE_URL``,
+    default api.wandb.ai) in the netrc file (``NETRC`` or ``~/.netrc``) that ``wandb login`` writes."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """The configured Lightning logger writing into ``run_dir`` (``False`` for ``logging.logger=none``)."""
     kind = cfg.logging.logger
@@ -194,7 +199,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
         return TensorBoardLogger(save_dir=save_dir, name=name, version=version)
     from lightning.pytorch.loggers import WandbLogger
 
-    offline = not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().is_file())
+    offline = not has_wandb_key()
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
         log.warning("no W&B API key configured: logging offline to %s (sync later with 'wandb sync')", run_dir)
@@ -527,3 +532,114 @@ def check_output_location(cfg: DictConfig) -> None:
             refuse_nested(out, folder, "config key 'logging.output_dir':", f"the {key} folder", may_contain=True)
             refuse_nested(Path(out) / cfg.name, folder, "config key 'logging.output_dir': the run folders",
                           f"the {key} folder")
+
+
+DATA_KEYS_FROM_CHECKPOINT = ("data.fold", "data.setting", "data.test_organs")
+"""The data settings evaluation (and resumed training) take from a checkpoint unless given on the command line."""
+
+
+def _is_explicit(key: str, explicit: list[str] | tuple[str, ...]) -> bool:
+    given = [item.split("=", 1)[0].strip().lstrip("+") for item in explicit if "=" in item]
+    return any(key == g or key.startswith(g + ".") for g in given)
+
+
+def checkpoint_trained_on(ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainedOn | None:
+    """What a checkpoint was trained on: its record (:mod:`fsl_med.data.provenance`), or for a checkpoint written
+    before records existed, the fold split its stored config gives on ``cfg.data.root`` (logged as inferred;
+    label digests unknown, so equal scan ids count as seen). None when neither is available (another dataset).
+
+    Raises:
+        WeightsError: the record or the stored config is malformed.
+    """
+    from fsl_med.data.datasets import fold_split, get_dataset_info, scan_files
+
+    raw = ckpt.get(CHECKPOINT_KEY)
+    if raw is not None:
+        try:
+            return TrainedOn.from_dict(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise WeightsError(f"{path}: the checkpoint's record of its training data ({CHECKPOINT_KEY}) is "
+                               f"malformed ({type(e).__name__}: {e})") from e
+    stored = stored_config(ckpt, path)
+    if stored.data.dataset != cfg.data.dataset:
+        return None
+    try:
+        ids = scan_files(cfg.data.root).scan_ids()
+        split = fold_split(get_dataset_info(stored.data.dataset), ids, int(stored.data.fold))
+    except FslMedError:
+        return None  # the evaluation's own checks report a bad folder
+    train = list(split.train)
+    nval = int(stored.data.num_val_scans)
+    val, train = (train[-nval:], train[:-nval]) if nval and len(train) > nval else ([], train)
+    from fsl_med.config import excluded_labels
+
+    log.warning("note: %s predates training records; assuming it was trained on fold %s of this folder (its stored "
+                "config)", path, stored.data.fold)
+    return TrainedOn(dataset=str(stored.data.dataset), fingerprint="", fold=int(stored.data.fold),
+                     setting=int(stored.data.setting), excluded_labels=[int(x) for x in excluded_labels(stored)],
+                     test_organs=[str(o) for o in stored.data.test_organs], train_scans=dict.fromkeys(train),
+                     val_scans=dict.fromkeys(val))
+
+
+def adopt_checkpoint_data(cfg: DictConfig, trained: TrainedOn | None, path: Path,
+                          explicit: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """``cfg`` with ``data.fold``, ``data.setting`` and ``data.test_organs`` taken from what the checkpoint was trained
+    on, except those given on the command line (``explicit``); one note lists what was taken. A checkpoint of
+    another dataset (cross-domain evaluation) gives nothing. Returns a new validated config (``cfg`` untouched)."""
+    from fsl_med.config import validate
+
+    if trained is None or trained.dataset != cfg.data.dataset:
+        return cfg
+    values = {"data.fold": trained.fold, "data.setting": trained.setting, "data.test_organs": list(trained.test_organs)}
+    new = cfg.copy()
+    taken = []
+    for key in DATA_KEYS_FROM_CHECKPOINT:
+        ours = OmegaConf.select(cfg, key)
+        ours = list(ours) if key == "data.test_organs" else ours
+        if ours == values[key] or _is_explicit(key, explicit):
+            continue
+        OmegaConf.update(new, key, values[key], merge=False)
+        taken.append(f"{key}={values[key]} (config: {ours})")
+    if taken:
+        log.warning("note: as the checkpoint %s was trained, taken from it: %s (give them on the command line to "
+                    "override)", path, ", ".join(taken))
+        validate(new)
+    return new
+
+
+def in_sample_scans(cfg: DictConfig, trained: TrainedOn | None, dm: Any, source: str) -> str | None:
+    """Refuse to score or take supports from scans the model trained or validated on.
+
+    Args:
+        cfg: the evaluation config (``eval.allow_train_scans`` permits it).
+        trained: what the model was trained on (None: untrained or unknown, nothing to check).
+        dm: the evaluation's :class:`~fsl_med.data.datamodule.FewShotDataModule` (its split is resolved here).
+        source: what the model is, for the message (``checkpoint <path>`` or ``the trained model``).
+    Returns:
+        None when no evaluated scan was seen in training; with ``eval.allow_train_scans=true`` the line the report
+        and ``results.json`` begin with.
+    Raises:
+        DataError: a query or support scan was trained or validated on (one line naming the scans).
+    """
+    from fsl_med.errors import DataError
+
+    if trained is None or trained.dataset != cfg.data.dataset:
+        return None
+    fingerprint = dm.fingerprint()
+    assert dm.split is not None
+    overlap = scans_seen(trained, fingerprint, {s: p[1] for s, p in dm.scan_paths.items()}, dm.split.query,
+                         dm.support_ids())
+    if overlap.uncertain:
+        log.warning("%s was trained on another data folder of %s whose scans %s share ids with scans evaluated here "
+                    "but have other label files (other patients, or prepared differently): not counted as seen",
+                    source, trained.dataset, ", ".join(overlap.uncertain))
+    if not overlap:
+        return None
+    what = (f"{source} was trained on fold {trained.fold} (setting {trained.setting}) of {trained.dataset}; "
+            f"evaluating fold {cfg.data.fold} uses {overlap.describe()}")
+    if cfg.eval.allow_train_scans:
+        line = f"IN-SAMPLE evaluation (eval.allow_train_scans=true): {what}; these Dice are not a test result"
+        log.warning("%s", line)
+        return line
+    raise DataError(f"{what}: that would be in-sample Dice; evaluate fold {trained.fold} (drop the "
+                    "data.fold override) or set eval.allow_train_scans=true for a deliberate in-sample analysis")

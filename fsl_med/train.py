@@ -21,9 +21,11 @@ from fsl_med.errors import TrainingDiverged
 from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
+    adopt_checkpoint_data,
     check_compatible,
     check_output_location,
     check_trainer_settings,
+    checkpoint_trained_on,
     discard_run_dir,
     is_rank_zero,
     load_checkpoint,
@@ -138,15 +140,19 @@ class TrainResult:
     seconds_per_step: float | None
     steps: int
     val_dice: float | None
+    config: DictConfig | None = None  # the config trained with (a resumed run's data settings come from its checkpoint)
 
 
-def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
+def train(cfg: DictConfig, module: FewShotModule | None = None,
+          explicit: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train on self-supervised episodes of the configured fold.
 
     Args:
         cfg: validated run configuration. ``cfg.ckpt`` (a path or ``latest``) resumes that run's
             checkpoint (optimiser, scheduler and step included).
         module: an already built module to train (default: built from ``cfg``).
+        explicit: the command line's ``key=value`` overrides: resuming takes ``data.fold``, ``data.setting`` and
+            ``data.test_organs`` from the checkpoint unless given here.
     Returns:
         A :class:`TrainResult` (run folder, checkpoints, median seconds per step).
     """
@@ -155,7 +161,10 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     check_output_location(cfg)
     resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
     if resume is not None:
-        check_compatible(to_container(stored_config(load_checkpoint(resume), resume)), cfg, resume)
+        ckpt = load_checkpoint(resume)
+        check_compatible(to_container(stored_config(ckpt, resume)), cfg, resume)
+        cfg = adopt_checkpoint_data(cfg, checkpoint_trained_on(ckpt, resume, cfg), resume, explicit)
+        del ckpt
         log.info("resuming from %s", resume)
     excl = excluded_labels(cfg)
     dm = FewShotDataModule(cfg)
@@ -195,12 +204,13 @@ def train(cfg: DictConfig, module: FewShotModule | None = None) -> TrainResult:
     best = Path(ckpt_cb.best_model_path).resolve() if ckpt_cb is not None and ckpt_cb.best_model_path else None
     val = trainer.callback_metrics.get("val/dice")
     result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),
-                         float(val) if val is not None else None)
+                         float(val) if val is not None else None, cfg)
     if not trainer.is_global_zero:
         return result
     atomic.write_json(run_dir / "train_summary.json", {
         "steps": result.steps, "seconds_per_step_median": result.seconds_per_step,
         "last_ckpt": str(last), "best_ckpt": str(best) if best else None, "val_dice": result.val_dice,
         "seed": cfg.seed, "config": to_container(cfg),
+        "trained_on": module.trained_on.to_dict() if module.trained_on is not None else None,
     })
     return result

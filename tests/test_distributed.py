@@ -38,6 +38,7 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     p = _fsl("train", *common, *ddp, "trainer.max_steps=6", "trainer.val_check_interval=3", "name=ddp", cwd=tmp_path)
     assert "2 per step in all" in p.stderr  # episodes per step over both processes
+    assert p.stdout.count("trained 6 steps") == 1 and p.stdout.count("last.ckpt") == 1, p.stdout  # rank 0 only
     runs = sorted((tmp_path / "runs" / "ddp").glob("version_*"))
     assert [r.name for r in runs] == ["version_0"]  # both ranks wrote into one run folder
     last = runs[0] / "checkpoints" / "last.ckpt"
@@ -46,7 +47,13 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
 
     ev = [f"ckpt={last}", "eval.variants=[plain,cca,ttt,ttt_cca]", "ttt.steps=2"]
     _fsl("eval", *common, *ev, "name=one", cwd=tmp_path)
-    _fsl("eval", *common, *ev, *ddp, "name=two", cwd=tmp_path)
+    p2 = _fsl("eval", *common, *ev, *ddp, "name=two", cwd=tmp_path)
+    # only rank 0 prints the results table and the path, and logs below warnings
+    assert p2.stdout.count("| **Mean** |") == 1, p2.stdout
+    assert [ln for ln in p2.stdout.splitlines() if ln.endswith("results.json")] == \
+        [str(tmp_path / "runs" / "two-eval" / "version_0" / "results.json")]
+    assert p2.stderr.count("] fold 0: train") == 1, p2.stderr[-3000:]
+    assert all(ln.startswith("[rank 1]") for ln in p2.stderr.splitlines() if "[rank" in ln)
     one = json.loads((tmp_path / "runs" / "one-eval" / "version_0" / "results.json").read_text())
     two = json.loads((tmp_path / "runs" / "two-eval" / "version_0" / "results.json").read_text())
     assert [p.name for p in (tmp_path / "runs" / "two-eval").iterdir()] == ["version_0"]

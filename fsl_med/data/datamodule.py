@@ -18,6 +18,7 @@ from fsl_med.data.classmap import CLASSMAP_NAME, read_classmap
 from fsl_med.data.datasets import DatasetInfo, FoldSplit, fold_split, get_dataset_info, scan_files
 from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
 from fsl_med.data.protocol import query_plan, support_slices_per_part
+from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
 from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
 from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti, slice_input
 from fsl_med.errors import ConfigError, DataError
@@ -157,6 +158,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: EvalDataset | None = None
         self.test_set: EvalDataset | None = None
         self.skipped: dict[str, list[tuple[str, str, str]]] = {"val": [], "test": []}  # (scan, organ, reason)
+        self.scan_paths: dict[str, tuple[Path, Path]] = {}  # scan id -> (image, label) of the folder's scans
         self._cache: dict[str, Volume] = {}
         self._sp_cache: dict[str, np.ndarray] = {}
 
@@ -178,6 +180,7 @@ class FewShotDataModule(L.LightningDataModule):
             return
         listing = scan_files(self.root)
         ids = listing.scan_ids()
+        self.scan_paths = dict(listing.scans)
         note = listing.note()
         if note:
             log.warning("%s", note)
@@ -284,6 +287,23 @@ class FewShotDataModule(L.LightningDataModule):
             raise ConfigError(f"config key 'shots': {k}-shot from scans needs {k - 1} training scans besides the "
                               f"support scan, fold {self.cfg.data.fold} has {len(extra)}")
         return [self.split.support, *extra]
+
+    def fingerprint(self) -> str:
+        """:func:`~fsl_med.data.provenance.folder_fingerprint` of the data folder (its scans as listed)."""
+        self._resolve_split()
+        return folder_fingerprint(self.scan_paths)
+
+    def trained_on(self) -> TrainedOn:
+        """What training on this fold uses: dataset, folder fingerprint, fold, setting, excluded labels, test organs,
+        the training scans and the validation scans, each with its label file's digest."""
+        self._resolve_split()
+        digests = {s: label_digest(self.scan_paths[s][1]) for s in [*self.train_ids, *self.val_ids]}
+        return TrainedOn(dataset=str(self.cfg.data.dataset), fingerprint=self.fingerprint(),
+                         fold=int(self.cfg.data.fold), setting=int(self.cfg.data.setting),
+                         excluded_labels=[int(x) for x in excluded_labels(self.cfg)],
+                         test_organs=[str(o) for o in self.cfg.data.test_organs],
+                         train_scans={s: digests[s] for s in self.train_ids},
+                         val_scans={s: digests[s] for s in self.val_ids})
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:

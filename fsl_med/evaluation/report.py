@@ -110,7 +110,8 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
     atomic.write_text(run_dir / "results.csv", buf.getvalue())
 
     cols = {VARIANT_TITLES.get(v, v): summ for v, summ in variants.items()}
-    md = [
+    md = [f"**{results['in_sample']}**", ""] if results.get("in_sample") else []
+    md += [
         f"# Results: {results.get('name', '')}",
         "",
         provenance_line(results),

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fsl_med.config import VARIANTS, from_container, to_container
 from fsl_med.data.datamodule import EvalItem
+from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
@@ -89,6 +90,8 @@ class FewShotModule(L.LightningModule):
         self.ttt_stats: dict[str, dict[str, float]] = {s: {"seconds": 0.0, "slices": 0} for s in ("val", "test")}
         self.samples: list[dict[str, Any]] = []  # overlay slices of the last test run
         self._ttt: TestTimeTrainer | None = None
+        self.trained_on: TrainedOn | None = None  # the data trained on (set when training starts; in checkpoints)
+        self._restored_on: TrainedOn | None = None  # the record of a checkpoint training resumes from
 
     @classmethod
     def from_config(cls, cfg: DictConfig, weights: str | None = None) -> FewShotModule:
@@ -157,13 +160,33 @@ class FewShotModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self) -> None:
+        """Record what this training uses (:meth:`FewShotDataModule.trained_on`), continuing the record of a
+        resumed checkpoint or of an earlier training of this module (the scans seen are the union)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "trained_on"):
+            self.trained_on = dm.trained_on().after(self._restored_on or self.trained_on)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the resumed checkpoint's training record (continued by :meth:`on_train_start`)."""
+        raw = checkpoint.get(CHECKPOINT_KEY)
+        if isinstance(raw, dict):
+            try:
+                self._restored_on = TrainedOn.from_dict(raw)
+            except (KeyError, TypeError, ValueError):
+                log.warning("the checkpoint's record of its training data is malformed; it is replaced")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the training data's intensity normalisation (``checkpoint["normalizer"]``: ``{"mean", "std"}``,
-        both ``None`` for per-volume z-scoring) so that ``fsl-med segment`` can normalise a new volume alike."""
+        both ``None`` for per-volume z-scoring) so that ``fsl-med segment`` can normalise a new volume alike, and
+        what was trained on (``checkpoint["fsl_med_trained_on"]``, :class:`~fsl_med.data.provenance.TrainedOn`),
+        so that evaluation can refuse scans the model has seen."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         norm = getattr(dm, "normalize", None)
         if norm is not None:
             checkpoint["normalizer"] = {"mean": norm.mean, "std": norm.std}
+        if self.trained_on is not None:
+            checkpoint[CHECKPOINT_KEY] = self.trained_on.to_dict()
 
     # -- evaluation ---------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
