@@ -21,7 +21,7 @@ DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
 .PHONY: install test test-fast demo bench gpu-check gpu-bundle ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
-help:
+help: ## list the targets with one line each
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
 $(STAMP): pyproject.toml
@@ -77,8 +77,8 @@ gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) [DATA=.
 gpu-bundle: $(STAMP) ## wheels (Python 3.12) + a real CHAOS-T2 subset with superpixels for a GPU machine -> gpu_bundle/
 	$(FSL) gpu-bundle --out $(or $(OUT),gpu_bundle) $(if $(DATA),--data $(DATA),)
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff over fsl_med/ and tests/
 	$(VENV)/bin/ruff check fsl_med tests
 
-clean-venv:
+clean-venv: ## remove .venv
 	rm -rf $(VENV)

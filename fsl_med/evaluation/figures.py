@@ -82,3 +82,42 @@ def overlay_figure(sample: dict[str, Any], dest: str | Path, variant_titles: dic
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(dest)
+
+
+def before_after_figure(pairs: list[tuple[dict[str, Any], dict[str, Any]]], dest: str | Path,
+                        titles: tuple[str, str] = ("untrained", "trained"), variant: str = "plain",
+                        organ_titles: dict[str, str] | None = None) -> Path:
+    """One row per organ: the query slice with its ground truth, then the prediction of ``variant`` before and after
+    (e.g. training), each over the ground truth, with the slice's Dice in the title.
+
+    Args:
+        pairs: ``(before, after)`` overlay samples (:func:`overlay_figure`'s ``sample``) of the same query slice.
+        titles: the column titles of ``before`` and ``after``.
+    Raises:
+        ValueError: no pairs.
+    """
+    if not pairs:
+        raise ValueError("before_after_figure needs at least one (before, after) pair")
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.2, 2.5 * len(pairs)), dpi=100, squeeze=False)
+
+    def dice(pred: np.ndarray, label: np.ndarray) -> float:
+        inter, total = float(np.logical_and(pred, label).sum()), float(pred.sum() + label.sum())
+        return 100.0 * 2 * inter / total if total else 100.0
+
+    for row, (before, after) in zip(axes, pairs, strict=True):
+        organ = (organ_titles or {}).get(before["organ"], before["organ"])
+        _show(row[0], before["image"], f"{organ}: query {before['query']} z={before['z']}")
+        row[0].contour(before["label"], levels=[0.5], colors="lime", linewidths=0.8)
+        for ax, sample, title in ((row[1], before, titles[0]), (row[2], after, titles[1])):
+            pred = sample["preds"][variant]
+            _show(ax, sample["image"], f"{title}: slice Dice {dice(pred > 0, sample['label'] > 0):.0f}%")
+            if pred.any():
+                ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
+            ax.contour(sample["label"], levels=[0.5], colors="lime", linewidths=0.5, alpha=0.6)
+    fig.suptitle("green ground truth, red prediction", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(dest, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(dest)
