@@ -16,6 +16,8 @@ Parts (ViT-S/14 random init unless stated, 256 px, batch 1, real CHAOS data when
 * ``ttt``: seconds per slice of the paper's TTT (100 steps, per slice) and of the fast mode (per volume).
 * ``ttt_dice``: Dice of per-slice TTT vs the fast mode from one briefly trained tiny-ViT checkpoint, with
   their seconds per slice (the paper-size comparison would take hours on a CPU).
+* ``oversubscription``: seconds per training step of the demo's tiny ViT with OpenMP's default wait policy and
+  with ``OMP_WAIT_POLICY=PASSIVE`` (the CLI's default), on an idle machine and beside one CPU-bound torch process.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ from fsl_med.measure import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("matmul", "train_full", "train_lora", "eval", "ttt", "ttt_dice")
+PARTS = ("matmul", "train_full", "train_lora", "eval", "ttt", "ttt_dice", "oversubscription")
+CHILD_PARTS = PARTS[:-1]
+"""Parts measured in a child process of their own (``oversubscription`` runs ``train_full`` children itself)."""
+BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+"""The competing process of ``oversubscription``: another CPU-bound torch job (default OpenMP settings)."""
+OVERSUB = [("default", False), ("default", True), ("PASSIVE", False), ("PASSIVE", True)]
+"""``(OMP_WAIT_POLICY, beside a busy process)`` of the ``oversubscription`` runs ("default": unset)."""
 REFERENCE = {  # method.md §10: the reference code on a 2-core CPU, ViT-S/14, 256 px
     "train_full": 0.57, "train_full_as_shipped": 0.96, "eval_slice": 0.16, "ttt_slice": 51.0,
     "peak_train_mb": 2000.0, "peak_eval_mb": 1400.0,
@@ -396,6 +404,19 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
             lines += ["", f"{title}: first step {part['first_step_seconds']:.1f} s, then {part['seconds_per_step']:.3f} "
                       f"s per step against {tf['seconds_per_step']:.3f} s in float32 eager "
                       f"({tf['seconds_per_step'] / part['seconds_per_step']:.2f}x)."]
+    over = {k: v for k, v in res["parts"].items() if k.startswith("oversub_")}
+    if over:
+        enc = next(iter(over.values())).get("overrides", [""])[0].split("=")[-1]
+        lines += ["", f"CPU oversubscription: seconds per training step (median) of the demo's encoder `{enc}` "
+                  f"(batch 1, 1 data worker, {m['torch_threads']} torch threads), on an idle machine and beside one "
+                  "CPU-bound torch process (a second job). OpenMP threads that spin while they wait take the cores "
+                  "from each other and from the other process; `fsl-med` sets `OMP_WAIT_POLICY=PASSIVE` before torch "
+                  "loads unless it is set.", "", "| OMP_WAIT_POLICY | idle (s/step) | beside a busy process (s/step) |",
+                  "|---|---:|---:|"]
+        for policy in dict.fromkeys(p for p, _ in OVERSUB):
+            idle, busy = over.get(f"oversub_{policy}_idle", {}), over.get(f"oversub_{policy}_busy", {})
+            lines.append(f"| {policy if policy != 'default' else 'unset (libgomp default)'} "
+                         f"| {_fmt(idle.get('wall_seconds_per_step'))} | {_fmt(busy.get('wall_seconds_per_step'))} |")
     if td:
         lines += ["", f"TTT Dice, tiny ViT trained {td['tiny_steps']} steps, fold-0 query scan {td['query']}, organs "
                   f"{', '.join(td['organs'])}: plain {td['plain_dice']:.2f}, paper TTT {td['paper_dice']:.2f} "
@@ -418,7 +439,8 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
         gpu = torch.cuda.is_available()
         # (label, part, precision, overrides, timed steps, warm-up steps)
-        runs: list[tuple[str, str, str, list[str], int, int]] = [(p, p, "32-true", [], steps, 3) for p in parts]
+        runs: list[tuple[str, str, str, list[str], int, int]] = [(p, p, "32-true", [], steps, 3) for p in parts
+                                                                 if p in CHILD_PARTS]
         # the optional speed-ups, measured: full fine-tuning compiled, and in bf16 autocast (CPU and GPU);
         # on a GPU also LoRA training and evaluation in bf16. A CPU without bf16 units emulates it (~25x
         # slower here), so on a CPU it gets 1 warm-up and 3 timed steps.
@@ -426,6 +448,13 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
         runs += [(f"{p}_bf16", p, "bf16-mixed", [], *((steps, 3) if gpu else (3, 1))) for p in parts if p in bf16]
         if "train_full" in parts:
             runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps, 3))
+        envs: dict[str, tuple[dict[str, str], bool]] = {}
+        if "oversubscription" in parts and not gpu:
+            base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            for policy, busy in OVERSUB:
+                label = f"oversub_{policy}_{'busy' if busy else 'idle'}"
+                runs.append((label, "train_full", "32-true", ["model.encoder.name=vit_tiny_patch14"], 4 * steps, 5))
+                envs[label] = ({**base, **({"OMP_WAIT_POLICY": policy} if policy != "default" else {})}, busy)
         for label, part, precision, overrides, n_steps, warmup in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
                    "--steps", str(n_steps), "--warmup", str(warmup), "--workers", str(workers),
@@ -433,7 +462,15 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
                    "--set", *overrides]
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            env, busy = envs.get(label, (None, False))
+            rival_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # a job with default settings
+            rival = subprocess.Popen([sys.executable, "-c", BUSY], env=rival_env) if busy else None
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            finally:
+                if rival is not None:
+                    rival.kill()
+                    rival.wait()
             if p.returncode != 0:
                 tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
                 raise FslMedError(f"bench part '{label}' failed: {tail}")
@@ -445,7 +482,7 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
 def main(argv: list[str] | None = None) -> int:
     """Child entry point: ``python -m fsl_med.bench PART ...`` prints the part's JSON."""
     p = argparse.ArgumentParser(prog="fsl_med.bench")
-    p.add_argument("part", choices=PARTS)
+    p.add_argument("part", choices=CHILD_PARTS)
     p.add_argument("--data", required=True)
     p.add_argument("--encoder", default="dinov2_vits14")
     p.add_argument("--steps", type=int, default=10)

@@ -39,6 +39,21 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
         assert needle in text, needle
 
 
+@pytest.mark.slow
+def test_bench_measures_oversubscription(tmp_path, cache_dir):
+    """Four runs of the demo's tiny ViT: OpenMP's default wait policy and PASSIVE, idle and beside a busy process."""
+    root = generate_phantom(tmp_path / "ph", n_scans=6, size=64, depth=8, seed=0)
+    md = run_bench(str(root), tmp_path, parts=("matmul", "oversubscription"), steps=1, workers=0,
+                   cache_dir=str(cache_dir))
+    p = json.loads((tmp_path / "benchmarks.json").read_text())["parts"]
+    labels = [f"oversub_{pol}_{load}" for pol in ("default", "PASSIVE") for load in ("idle", "busy")]
+    assert sorted(k for k in p if k.startswith("oversub_")) == sorted(labels)
+    assert all(p[k]["wall_seconds_per_step"] > 0 and p[k]["overrides"] == ["model.encoder.name=vit_tiny_patch14"]
+               for k in labels)
+    text = md.read_text()
+    assert "| unset (libgomp default) |" in text and "| PASSIVE |" in text and "CPU oversubscription" in text
+
+
 def test_kernel_floor_replays_each_flop_kernel_once_per_signature():
     a, b, c = torch.randn(64, 32), torch.randn(32, 48), torch.randn(48, 16)
     q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))

@@ -72,19 +72,6 @@ def test_train_then_eval_on_real_chaos(chaos_subset, tmp_path, cache_dir, tiny):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    p = fsl_med("demo", str(REPO / "experiments" / "demo.yaml"), f"data.root={tmp_path}/phantom",
-                f"logging.output_dir={tmp_path}/runs", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                "data.num_workers=0", "trainer.enable_progress_bar=false", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout
-    assert "untrained" in out and "after 4 steps" in out
-    for organ in ("Liver", "Right kidney", "Left kidney", "Spleen", "Mean"):
-        assert organ in out
-    assert (tmp_path / "phantom" / "classmap_1.json").is_file()
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt,config", [("sabs-raw", "ct.yaml"), ("chaos-zip", "mri.yaml")])
 def test_prepare_raw_download_then_train_and_eval(fmt, config, tmp_path, cache_dir, tiny):
     """The CT path and the CHAOS path from an official-format download: phantom -> prepare -> train -> eval."""
