@@ -94,12 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fsl_med.evaluate import evaluate
     from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
     from fsl_med.models.module import FewShotModule
-    from fsl_med.train import train
+    from fsl_med.train import resumed_config, train
 
     cfg = _required_config(args, "CONFIG [key=value ...]")
+    explicit = _split_config_arg(args)[1]
+    cfg, _ = resumed_config(cfg, explicit)  # resuming (ckpt=...) continues the checkpoint's fold, setting, organs
     module = FewShotModule.from_config(cfg)
-    res = train(cfg, module=module, explicit=_split_config_arg(args)[1])
-    cfg = res.config or cfg  # resuming (ckpt=...) takes the data settings from the checkpoint
+    res = train(cfg, module=module, explicit=explicit)
     results, path = evaluate(cfg, module=module, global_step=res.steps)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)}": summ for v, summ in results["variants"].items()}
     if results.get("in_sample"):

@@ -608,7 +608,8 @@ def adopt_checkpoint_data(cfg: DictConfig, trained: TrainedOn | None, path: Path
 
 
 def in_sample_scans(cfg: DictConfig, trained: TrainedOn | None, dm: Any, source: str) -> str | None:
-    """Refuse to score or take supports from scans the model trained or validated on.
+    """Refuse to score, or take the fold's support from, scans the model trained or validated on. (The extra support
+    scans of k-shot evaluation from scans are the fold's first training scans by design and are not checked.)
 
     Args:
         cfg: the evaluation config (``eval.allow_train_scans`` permits it).
@@ -627,8 +628,9 @@ def in_sample_scans(cfg: DictConfig, trained: TrainedOn | None, dm: Any, source:
         return None
     fingerprint = dm.fingerprint()
     assert dm.split is not None
+    # the fold's support scan; k-shot's extra support scans are the fold's training scans by design (support_ids)
     overlap = scans_seen(trained, fingerprint, {s: p[1] for s, p in dm.scan_paths.items()}, dm.split.query,
-                         dm.support_ids())
+                         [dm.split.support])
     if overlap.uncertain:
         log.warning("%s was trained on another data folder of %s whose scans %s share ids with scans evaluated here "
                     "but have other label files (other patients, or prepared differently): not counted as seen",

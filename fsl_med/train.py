@@ -143,6 +143,23 @@ class TrainResult:
     config: DictConfig | None = None  # the config trained with (a resumed run's data settings come from its checkpoint)
 
 
+def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path | None]:
+    """The config a run trains with and the checkpoint it resumes (``resume=`` or ``ckpt=``; None: a new run).
+    Resuming continues the checkpoint's data: ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it
+    unless given in ``explicit`` (:func:`fsl_med.runs.adopt_checkpoint_data`). Build a module for ``train`` from
+    the returned config, so that its stored config says what it trained on.
+
+    Raises:
+        WeightsError, ConfigError: the checkpoint is unreadable or its model differs from the config's.
+    """
+    resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
+    if resume is None:
+        return cfg, None
+    ckpt = load_checkpoint(resume)
+    check_compatible(to_container(stored_config(ckpt, resume)), cfg, resume)
+    return adopt_checkpoint_data(cfg, checkpoint_trained_on(ckpt, resume, cfg), resume, explicit), resume
+
+
 def train(cfg: DictConfig, module: FewShotModule | None = None,
           explicit: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train on self-supervised episodes of the configured fold.
@@ -159,12 +176,8 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_trainer_settings(cfg)
     check_output_location(cfg)
-    resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
+    cfg, resume = resumed_config(cfg, explicit)
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        check_compatible(to_container(stored_config(ckpt, resume)), cfg, resume)
-        cfg = adopt_checkpoint_data(cfg, checkpoint_trained_on(ckpt, resume, cfg), resume, explicit)
-        del ckpt
         log.info("resuming from %s", resume)
     excl = excluded_labels(cfg)
     dm = FewShotDataModule(cfg)

@@ -220,13 +220,16 @@ def test_unwritable_output_folder(phantom, tmp_path, capsys):
     _one_error_line(err, str(blocker))
 
 
-def test_corrupt_query_volume_fails_or_is_skipped_and_listed(phantom, tiny_ckpt, tmp_path, capsys):
+def test_corrupt_query_volume_fails_or_is_skipped_and_listed(phantom, tmp_path, capsys):
     import json
 
     data = tmp_path / "data"
     shutil.copytree(phantom, data)
+    # a fold-2 checkpoint (a fold-0 one trained on fold 2's queries: evaluating it there is refused)
+    assert main(["train", *_common(data, tmp_path / "runs", tmp_path / "cache"), "name=f2", "data.fold=2"]) == 0
+    ckpt = tmp_path / "runs" / "f2" / "version_0" / "checkpoints" / "last.ckpt"
     (data / "image_3.nii.gz").write_bytes((data / "image_3.nii.gz").read_bytes()[:300])  # fold 2: queries 3, 4
-    common = [*_common(data, tmp_path / "runs", tmp_path / "cache"), f"ckpt={tiny_ckpt}", "data.fold=2"]
+    common = [*_common(data, tmp_path / "runs", tmp_path / "cache"), f"ckpt={ckpt}"]
     rc, err = _run(["eval", *common], capsys)
     assert rc == 2
     _one_error_line(err, "query scan 3")

@@ -33,6 +33,7 @@ def _strip(volumes: list[dict]) -> list[dict]:
 def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     root = generate_phantom(tmp_path / "ph", n_scans=6, size=64, depth=10, seed=0)
     common = [str(REPO / "experiments" / "demo.yaml"), f"data.root={root}", "data.image_size=64", "data.num_workers=0",
+              "data.batch_size=1",
               f"logging.output_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false",
               f"data.cache_dir={tmp_path / 'cache'}"]
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]

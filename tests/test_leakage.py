@@ -187,3 +187,17 @@ def test_sweep_without_wandb_login_stops_at_the_first_error(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["sweep", str(REPO / "experiments" / "sweeps" / "mri.yaml")]) == 2
     assert "need online mode" in _error_line(capsys.readouterr().err)
+
+
+def test_run_resuming_a_checkpoint_continues_its_fold(runs, phantom, tmp_path, capsys):
+    """`fsl-med run ckpt=...` (what a W&B sweep agent calls) trains and evaluates the checkpoint's fold, setting and
+    organs, and the new checkpoint's stored config says so."""
+    out = runs["out"]
+    c = _common(phantom, tmp_path / "runs", out / "cache", steps=4)
+    assert main(["run", *c, "name=cont", f"ckpt={runs['f2']}"]) == 0
+    res = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert (res["fold"], res["setting"], set(res["dice"])) == (2, 2, {"liver", "spleen"}) and res["in_sample"] is None
+    last = tmp_path / "runs" / "cont" / "version_0" / "checkpoints" / "last.ckpt"
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    assert ck["hyper_parameters"]["config"]["data"]["fold"] == 2 and ck[CHECKPOINT_KEY]["fold"] == 2
+    assert ck["global_step"] == 4
