@@ -449,12 +449,12 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
         if "train_full" in parts:
             runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps, 3))
         envs: dict[str, tuple[dict[str, str], bool]] = {}
+        default_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # a job with default settings
         if "oversubscription" in parts and not gpu:
-            base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
             for policy, busy in OVERSUB:
                 label = f"oversub_{policy}_{'busy' if busy else 'idle'}"
                 runs.append((label, "train_full", "32-true", ["model.encoder.name=vit_tiny_patch14"], 4 * steps, 5))
-                envs[label] = ({**base, **({"OMP_WAIT_POLICY": policy} if policy != "default" else {})}, busy)
+                envs[label] = ({**default_env, **({"OMP_WAIT_POLICY": policy} if policy != "default" else {})}, busy)
         for label, part, precision, overrides, n_steps, warmup in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
                    "--steps", str(n_steps), "--warmup", str(warmup), "--workers", str(workers),
@@ -463,8 +463,7 @@ def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PAR
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             env, busy = envs.get(label, (None, False))
-            rival_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # a job with default settings
-            rival = subprocess.Popen([sys.executable, "-c", BUSY], env=rival_env) if busy else None
+            rival = subprocess.Popen([sys.executable, "-c", BUSY], env=default_env) if busy else None
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             finally:

@@ -93,15 +93,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fsl_med.evaluate import evaluate
     from fsl_med.evaluation.report import VARIANT_TITLES, metric_table
-    from fsl_med.models.module import FewShotModule
-    from fsl_med.train import resumed_config, train
+    from fsl_med.train import train
 
     cfg = _required_config(args, "CONFIG [key=value ...]")
-    explicit = _split_config_arg(args)[1]
-    cfg, _ = resumed_config(cfg, explicit)  # resuming (ckpt=...) continues the checkpoint's fold, setting, organs
-    module = FewShotModule.from_config(cfg)
-    res = train(cfg, module=module, explicit=explicit)
-    results, path = evaluate(cfg, module=module, global_step=res.steps)
+    # resuming (ckpt=...) continues the checkpoint's fold, setting and organs: evaluate with the config trained with
+    res = train(cfg, explicit=_split_config_arg(args)[1])
+    assert res.config is not None and res.module is not None
+    results, path = evaluate(res.config, module=res.module, global_step=res.steps)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)}": summ for v, summ in results["variants"].items()}
     if results.get("in_sample"):
         print(results["in_sample"])
@@ -475,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except interrupts.Interrupted as e:
         detail = e.detail or _INTERRUPTED.get(verb, "")
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:  # one line per job
+        if is_rank_zero():  # one line per job
             print(f"fsl-med: {verb} interrupted by {e.name}{' ' + detail if detail else ''}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # SIGINT where the handler could not be installed (not the main thread)

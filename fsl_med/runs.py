@@ -400,14 +400,13 @@ def adopt_checkpoint_model(cfg: DictConfig, ckpt: dict[str, Any], path: Path,
     from fsl_med.config import validate
 
     stored = to_container(stored_config(ckpt, path))
-    given = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for item in explicit if "=" in item}
     new = cfg.copy()
     ours = _leaves(to_container(cfg)["model"], "model")
     differ = []
     for key, value in _leaves(stored["model"], "model").items():
         if key in RUNTIME_MODEL_KEYS or ours.get(key) == value:
             continue
-        if key in given or any(key.startswith(g + ".") for g in given):
+        if _is_explicit(key, explicit):
             raise ConfigError(f"{key}={ours.get(key)!r} on the command line contradicts the checkpoint {path}, which "
                               f"was trained with {key}={value!r}; drop the override (the checkpoint defines the model)")
         OmegaConf.update(new, key, value, merge=False)
@@ -539,6 +538,7 @@ DATA_KEYS_FROM_CHECKPOINT = ("data.fold", "data.setting", "data.test_organs")
 
 
 def _is_explicit(key: str, explicit: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``key`` (or a section holding it) is set by one of the ``key=value`` overrides in ``explicit``."""
     given = [item.split("=", 1)[0].strip().lstrip("+") for item in explicit if "=" in item]
     return any(key == g or key.startswith(g + ".") for g in given)
 
@@ -551,7 +551,7 @@ def checkpoint_trained_on(ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> 
     Raises:
         WeightsError: the record or the stored config is malformed.
     """
-    from fsl_med.data.datasets import fold_split, get_dataset_info, scan_files
+    from fsl_med.data.datasets import fold_split, get_dataset_info, scan_files, validation_split
 
     raw = ckpt.get(CHECKPOINT_KEY)
     if raw is not None:
@@ -568,9 +568,7 @@ def checkpoint_trained_on(ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> 
         split = fold_split(get_dataset_info(stored.data.dataset), ids, int(stored.data.fold))
     except FslMedError:
         return None  # the evaluation's own checks report a bad folder
-    train = list(split.train)
-    nval = int(stored.data.num_val_scans)
-    val, train = (train[-nval:], train[:-nval]) if nval and len(train) > nval else ([], train)
+    train, val = validation_split(split.train, int(stored.data.num_val_scans))
     from fsl_med.config import excluded_labels
 
     log.warning("note: %s predates training records; assuming it was trained on fold %s of this folder (its stored "

@@ -141,13 +141,14 @@ class TrainResult:
     steps: int
     val_dice: float | None
     config: DictConfig | None = None  # the config trained with (a resumed run's data settings come from its checkpoint)
+    module: FewShotModule | None = None  # the trained module (built from ``config`` unless one was given)
 
 
 def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path | None]:
     """The config a run trains with and the checkpoint it resumes (``resume=`` or ``ckpt=``; None: a new run).
     Resuming continues the checkpoint's data: ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it
-    unless given in ``explicit`` (:func:`fsl_med.runs.adopt_checkpoint_data`). Build a module for ``train`` from
-    the returned config, so that its stored config says what it trained on.
+    unless given in ``explicit`` (:func:`fsl_med.runs.adopt_checkpoint_data`). :func:`train` builds its module from
+    the returned config (so the module's stored config says what it trained on) unless one is given.
 
     Raises:
         WeightsError, ConfigError: the checkpoint is unreadable or its model differs from the config's.
@@ -217,7 +218,7 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
     best = Path(ckpt_cb.best_model_path).resolve() if ckpt_cb is not None and ckpt_cb.best_model_path else None
     val = trainer.callback_metrics.get("val/dice")
     result = TrainResult(run_dir, last, best, timer.median(), int(trainer.global_step),
-                         float(val) if val is not None else None, cfg)
+                         float(val) if val is not None else None, cfg, module)
     if not trainer.is_global_zero:
         return result
     atomic.write_json(run_dir / "train_summary.json", {

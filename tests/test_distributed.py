@@ -54,7 +54,6 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     assert [ln for ln in p2.stdout.splitlines() if ln.endswith("results.json")] == \
         [str(tmp_path / "runs" / "two-eval" / "version_0" / "results.json")]
     assert p2.stderr.count("] fold 0: train") == 1, p2.stderr[-3000:]
-    assert all(ln.startswith("[rank 1]") for ln in p2.stderr.splitlines() if "[rank" in ln)
     one = json.loads((tmp_path / "runs" / "one-eval" / "version_0" / "results.json").read_text())
     two = json.loads((tmp_path / "runs" / "two-eval" / "version_0" / "results.json").read_text())
     assert [p.name for p in (tmp_path / "runs" / "two-eval").iterdir()] == ["version_0"]

@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from fsl_med.config import excluded_labels
 from fsl_med.data.classmap import CLASSMAP_NAME, read_classmap
-from fsl_med.data.datasets import DatasetInfo, FoldSplit, fold_split, get_dataset_info, scan_files
+from fsl_med.data.datasets import (
+    DatasetInfo,
+    FoldSplit,
+    fold_split,
+    get_dataset_info,
+    scan_files,
+    validation_split,
+)
 from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
 from fsl_med.data.protocol import query_plan, support_slices_per_part
 from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
@@ -189,15 +196,11 @@ class FewShotDataModule(L.LightningDataModule):
             read_classmap(classmap)
         self.split = fold_split(self.info, ids, self.cfg.data.fold)
         nval = self.cfg.data.num_val_scans
-        train = list(self.split.train)
-        if nval and len(train) > nval:
-            self.val_ids, self.train_ids = train[-nval:], train[:-nval]
-        else:
-            if nval:
-                log.warning("data.num_val_scans=%d, but fold %d has only %d training scan(s) and one must remain for "
-                            "training: no validation (no val/dice, no best checkpoint); set data.num_val_scans=0 "
-                            "to silence this", nval, self.cfg.data.fold, len(train))
-            self.val_ids, self.train_ids = [], train
+        self.train_ids, self.val_ids = validation_split(self.split.train, nval)
+        if nval and not self.val_ids:
+            log.warning("data.num_val_scans=%d, but fold %d has only %d training scan(s) and one must remain for "
+                        "training: no validation (no val/dice, no best checkpoint); set data.num_val_scans=0 "
+                        "to silence this", nval, self.cfg.data.fold, len(self.train_ids))
         if self.info.modality == "ct":
             self.normalize = make_normalizer("ct", [self._volume(s).image for s in self.train_ids])
         else:

@@ -291,3 +291,12 @@ def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int) -> FoldSplit:
     if not train:
         raise DataError(f"fold {fold}: no training scans left out of {n}")
     return FoldSplit(train=train, query=query, support=support)
+
+
+def validation_split(train: list[str], num_val: int) -> tuple[list[str], list[str]]:
+    """``(training scans, validation scans)``: the last ``num_val`` of a fold's training scans are held out for
+    validation, as long as one scan remains for training; otherwise there is no validation (``[]``)."""
+    train = list(train)
+    if num_val > 0 and len(train) > num_val:
+        return train[:-num_val], train[-num_val:]
+    return train, []

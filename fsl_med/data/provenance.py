@@ -96,21 +96,13 @@ class TrainedOn:
         setting and organs are this one's, and a differing earlier record is kept in ``history``."""
         if earlier is None:
             return self
-        same = {k: v for k, v in earlier.to_dict().items() if k != "history"} == \
-            {k: v for k, v in self.to_dict().items() if k != "history"}
-        if same:
-            return TrainedOn(**{**self.to_dict(), "history": list(earlier.history)})
+        prev = {k: v for k, v in earlier.to_dict().items() if k != "history"}
+        if prev == {k: v for k, v in self.to_dict().items() if k != "history"}:
+            return TrainedOn(**{**prev, "history": list(earlier.history)})
         train = {**earlier.train_scans, **self.train_scans}
         val = {k: v for k, v in {**earlier.val_scans, **self.val_scans}.items() if k not in train}
-        prev = {k: v for k, v in earlier.to_dict().items() if k != "history"}
         return TrainedOn(self.dataset, self.fingerprint, self.fold, self.setting, list(self.excluded_labels),
                          list(self.test_organs), train, val, [*earlier.history, prev])
-
-    def summary(self) -> str:
-        """``dataset chaos_t2, fold 2, setting 2, test organs [...], trained on scans 1, 2, ...`` (one line)."""
-        return (f"dataset {self.dataset}, fold {self.fold}, setting {self.setting}, test organs "
-                f"{list(self.test_organs)}, trained on scans {', '.join(self.train_scans) or 'none'}"
-                + (f", validated on {', '.join(self.val_scans)}" if self.val_scans else ""))
 
 
 @dataclass(frozen=True)
