@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fsl_med import __version__, atomic, interrupts
 from fsl_med.config import apply_overrides, to_container, validate
 from fsl_med.errors import ConfigError
-from fsl_med.evaluate import evaluate, write_figures
+from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
@@ -117,7 +117,7 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
                 log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
                          ", ".join(rcfg.eval.variants))
                 # the row's own overrides are explicit: a data.fold the source did not train on is refused
-                results, path = evaluate(rcfg, explicit=list(cfg.ablation.runs[i - 1].overrides or []))
+                results, path, _ = evaluate(rcfg, explicit=list(cfg.ablation.runs[i - 1].overrides or []))
                 entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
                              train_dir=src["train_dir"], checkpoint=src["checkpoint"])
             else:
@@ -133,7 +133,7 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
                     log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
                              i, len(rows), name)
                     entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
-                results, path = evaluate(rcfg, module=module, global_step=entry["steps"])
+                results, path, _ = evaluate(rcfg, module=module, global_step=entry["steps"])
             entry.update(results_path=str(path), results=results)
             done[name] = entry
     except interrupts.Interrupted as e:
@@ -200,7 +200,7 @@ def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[st
                         f"{summ['seconds_per_volume']:.4f}"])
     bars = {r["name"]: done[r["name"]]["results"]["variants"][variants[0]] for r in runs
             if variants[0] in r["variants"]}
-    write_figures(run_dir, bars, organs, [], None, bar_name="dice_bar.png")
+    write_dice_bar(run_dir, bars, organs, None, bar_name="dice_bar.png")
     md += [f"![Dice per organ and run, {VARIANT_TITLES.get(variants[0], variants[0])}](dice_bar.png)", "",
            "## Runs", "", "| run | TTT s/slice | train folder | results |", "|---|---:|---|---|"]
     md += [f"| {r['name']} | {_cell(r['ttt_seconds_per_slice'], 3)} | `{r['train_dir'] or '–'}` | `{r['results_path']}` |"

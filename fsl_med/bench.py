@@ -198,10 +198,12 @@ def _eval_items(args: argparse.Namespace, extra: list[str], all_queries: bool = 
 
 
 def part_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """EP1 evaluation + CCA of the fold's query scans, all four organs, through the LightningModule's own
-    evaluation step: seconds per scored (organ, query slice), per query volume and organ, and per encoded
+    """EP1 evaluation + CCA of the fold's query scans, all four organs, through the module's public
+    prediction (what its test step returns), the CCA refinement and the scoring counts: seconds per scored (organ, query slice), per query volume and organ, and per encoded
     slice (each query slice is encoded once per scan and shared by the organs; the support once per organ)."""
+    from fsl_med.evaluation.metrics import confusion_counts
     from fsl_med.models.module import FewShotModule
+    from fsl_med.refine.cca import CCA
 
     cfg, items = _eval_items(args, ["eval.variants=[plain,cca]", "eval.hd95=false", "eval.overlay_slices=0"],
                              all_queries=True)
@@ -213,13 +215,18 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
         flops = count_flops(lambda: seg.encode(x))
     encoded: list[int] = []
 
+    cca = CCA(cfg.eval.cca_mode)
+
     def run() -> None:
-        module.on_test_epoch_start()  # empties the support-prototype and query-feature caches
+        module.reset_eval_caches()  # empties the support-prototype and query-feature caches
         with _autocast(args), torch.inference_mode():
             for it in items:
-                module._eval_item(it, "test")
+                record = module.predict_item(it)  # what test_step returns
+                cca.apply(record, module)  # what the CCA callback does with it
+                for v in record.variants.values():  # what the scoring callback does (eval.hd95=false)
+                    confusion_counts(v.pred, it.query_labels)
         support = {it.organ: len(it.support_z) for it in items}  # support slices, encoded once per organ
-        encoded.append(module._qcache.encoded + sum(support.values()))
+        encoded.append(module.encoded_query_slices + sum(support.values()))
 
     t = median_time(run, 3, warmup=1)
     slices = sum(len(it.z) for it in items)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from fsl_med import __version__, atomic, interrupts
 from fsl_med.config import to_container, validate
 from fsl_med.data.datasets import get_dataset_info
-from fsl_med.evaluate import evaluate, write_figures
+from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
@@ -125,7 +125,7 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         try:
             module = FewShotModule.from_config(jcfg)
             tr = train(jcfg, module=module)
-            results, path = evaluate(jcfg, module=module, global_step=tr.steps)
+            results, path, _ = evaluate(jcfg, module=module, global_step=tr.steps)
         except BaseException as e:
             if i == 1:
                 discard_run_dir(run_dir)  # a protocol stopped in its first job leaves no folder (unless a checkpoint)
@@ -188,7 +188,7 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
             w.writerow([s, v, "mean", f"{agg[v]['dice_mean']:.4f}", "", f"{agg[v]['hd95_mean']:.4f}", "",
                         f"{agg[v]['seconds_per_volume']:.4f}"])
         errors = {v: agg[v]["dice_std"] for v in variants}
-        write_figures(run_dir, agg, organs, [], errors, bar_name=f"dice_bar_setting{s}.png")
+        write_dice_bar(run_dir, agg, organs, errors, bar_name=f"dice_bar_setting{s}.png")
         first = [r for r in runs if r["job"].setting == s and r["job"].seed == report["seeds"][0]
                  and r["job"].fold == report["folds"][0]]
         for r in first:  # overlays of the first fold and seed

@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.skip_bad:
         args.rest = [*args.rest, "eval.skip_bad=true"]
     cfg = _required_config(args, "CONFIG ckpt=PATH [key=value ...]")
-    results, path = evaluate(cfg, explicit=_split_config_arg(args)[1])
+    results, path, _ = evaluate(cfg, explicit=_split_config_arg(args)[1])
     organs = list(results["config"]["data"]["test_organs"])  # the checkpoint's, unless given explicitly
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)} (fold {results['fold']})": summ
             for v, summ in (results.get("variants") or {"plain": results}).items()}
@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # resuming (ckpt=...) continues the checkpoint's fold, setting and organs: evaluate with the config trained with
     res = train(cfg, explicit=_split_config_arg(args)[1])
     assert res.config is not None and res.module is not None
-    results, path = evaluate(res.config, module=res.module, global_step=res.steps)
+    results, path, _ = evaluate(res.config, module=res.module, global_step=res.steps)
     cols = {f"Dice % {VARIANT_TITLES.get(v, v)}": summ for v, summ in results["variants"].items()}
     if results.get("in_sample"):
         print(results["in_sample"])

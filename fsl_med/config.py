@@ -174,6 +174,8 @@ class EvalConfig:
     skip_bad: bool = False
     allow_train_scans: bool = False  # score scans the checkpoint trained on (a deliberate in-sample analysis)
     shots_source: str = "scans"  # k-shot supports: k support scans, or k slices per part of the support scan
+    save_predictions: bool = False  # multi-label NIfTI per query scan and variant (prepared + source grid)
+    refinements: list[str] = field(default_factory=list)  # user refinement callbacks: "module:Class" or "file.py:Class"
 
 
 @dataclass

@@ -47,15 +47,14 @@ def run_demo(cfg_path: Path | None, overrides: list[str] | None = None) -> str:
     log.info("phantom dataset in %s", root)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the untrained model is reproducible too
     module = FewShotModule.from_config(cfg)
-    before, _ = evaluate(cfg, module=module, name_suffix="-before", global_step=0)
-    samples_before = list(module.samples)
+    before, _, samples_before = evaluate(cfg, module=module, name_suffix="-before", global_step=0)
     res = train(cfg, module=module)
-    after, path = evaluate(cfg, module=module, name_suffix="-eval", global_step=res.steps)
+    after, path, samples_after = evaluate(cfg, module=module, name_suffix="-eval", global_step=res.steps)
     organs = list(cfg.data.test_organs)
     trained = f"after {res.steps} steps"
     table = metric_table({"untrained": before, trained: after}, organs)
     figs = [dice_bar_chart({"untrained": before, trained: after}, organs, path.parent / "demo_dice.png", ORGAN_TITLES)]
-    pairs = _slice_pairs(samples_before, module.samples, organs)
+    pairs = _slice_pairs(samples_before, samples_after, organs)
     if pairs:
         figs.append(before_after_figure(pairs, path.parent / "demo_before_after.png", ("untrained", trained),
                                         organ_titles=ORGAN_TITLES))

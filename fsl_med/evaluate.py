@@ -5,19 +5,24 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 from omegaconf import DictConfig
 
 from fsl_med import __version__, interrupts
+from fsl_med.callbacks import find, test_time_callbacks
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.errors import DataError
-from fsl_med.evaluation.figures import dice_bar_chart, overlay_figure
-from fsl_med.evaluation.metrics import summarize
+from fsl_med.evaluation.figures import dice_bar_chart
+from fsl_med.evaluation.overlays import Overlays
+from fsl_med.evaluation.predictions import PredictionWriter
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, build_results, write_results
+from fsl_med.evaluation.scoring import Scoring
 from fsl_med.models.module import FewShotModule
+from fsl_med.refine.base import Refinement
+from fsl_med.refine.ttt import TestTimeTraining
 from fsl_med.runs import (
     adopt_checkpoint_data,
     adopt_checkpoint_model,
@@ -65,8 +70,17 @@ def module_from_checkpoint(path: Path, cfg: DictConfig, ckpt: dict[str, Any] | N
     return module, ckpt
 
 
+class EvalOutcome(NamedTuple):
+    """What :func:`evaluate` returns: the ``results.json`` document, its path, and the overlay samples."""
+
+    results: dict[str, Any]
+    path: Path
+    samples: list[dict[str, Any]]
+
+
 def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: str = "-eval",
-             global_step: int | None = None, explicit: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+             global_step: int | None = None, explicit: list[str] | tuple[str, ...] = (),
+             extra: list[Refinement] | tuple[Refinement, ...] = ()) -> EvalOutcome:
     """Evaluate with the EP1 protocol on the configured fold and write the results.
 
     Args:
@@ -79,8 +93,10 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
             from it (:func:`fsl_med.runs.adopt_checkpoint_model`); an explicit one that contradicts it is an error.
             ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it unless explicit
             (:func:`fsl_med.runs.adopt_checkpoint_data`).
+        extra: refinement callbacks run after those of the config (scored after ``eval.variants``).
     Returns:
-        ``(results, path of results.json)``.
+        ``(results, path of results.json, overlay samples)``; the test-time stage is the callbacks of
+        :func:`fsl_med.callbacks.test_time_callbacks`.
     Raises:
         DataError: a query or support scan was trained or validated on by the checkpoint (or by ``module``), unless
             ``eval.allow_train_scans`` (then ``results["in_sample"]`` and the report's first line say so).
@@ -115,8 +131,10 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
     if is_rank_zero():
         save_config(cfg, run_dir)
+    callbacks = test_time_callbacks(cfg, run_dir, extra)
+    scoring = find(callbacks, Scoring)[0]
     try:
-        trainer = make_trainer(cfg, run_dir, with_val=False)
+        trainer = make_trainer(cfg, run_dir, with_val=False, extra_callbacks=callbacks)
         with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current query volume
             trainer.test(module, datamodule=dm, verbose=False)
     except BaseException as exc:
@@ -124,15 +142,17 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         sig = interrupts.signal_of(exc)
         if sig is None:
             raise
-        done = module.volumes_scored("test")
+        done = scoring.volumes_scored("test")
         raise interrupts.Interrupted(sig, f"after {done} of {len(dm.test_set.items)} query volumes; nothing was "
                                      "written (rerun the same command)") from None
-    volumes = module.last_results["test"]
+    volumes = scoring.results["test"]
     organs = list(cfg.data.test_organs)
-    variants = {v: summarize(volumes, organs, variant=v) for v in module.variants["test"]}
-    summary = variants[module.variants["test"][0]]
-    stats = module.ttt_stats["test"]
-    ttt_sps = stats["seconds"] / stats["slices"] if stats["slices"] else None
+    variants = scoring.summaries(organs)
+    summary = variants[scoring.variant_order("test")[0]]
+    ttt = find(callbacks, TestTimeTraining)
+    ttt_sps = ttt[0].seconds_per_slice if ttt else None
+    overlays = find(callbacks, Overlays)[0]
+    writers = find(callbacks, PredictionWriter)
     assert dm.split is not None
     meta = {
         "name": cfg.name,
@@ -151,15 +171,16 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     }
     meta["trained_on"] = trained.to_dict() if trained is not None else None
     meta["ttt"] = to_container(cfg)["ttt"] if ttt_sps is not None else None
+    meta["predictions"] = str(writers[0].dirpath) if writers else None
     results = build_results(summary, volumes, dm.skipped["test"], meta, variants=variants,
                             ttt_seconds_per_slice=ttt_sps)
     results = {"in_sample": in_sample, **results}  # the first key of results.json
     path = run_dir / "results.json"
     if trainer.is_global_zero:  # results were gathered from every rank; one process writes them
-        figures = write_figures(run_dir, variants, organs, module.samples)
+        figures = [write_dice_bar(run_dir, variants, organs), *overlays.written]
         path = write_results(run_dir, results, organs)
         log_to_wandb(trainer.logger, variants, organs, figures, ttt_sps)
-    return results, path
+    return EvalOutcome(results, path, overlays.samples)
 
 
 def log_to_wandb(logger: Any, variants: dict[str, dict[str, Any]], organs: list[str], figures: list[Path],
@@ -178,14 +199,9 @@ def log_to_wandb(logger: Any, variants: dict[str, dict[str, Any]], organs: list[
         logger.log_metrics({"test/ttt_seconds_per_slice": ttt_seconds_per_slice})
 
 
-def write_figures(run_dir: Path, variants: dict[str, dict[str, Any]], organs: list[str],
-                  samples: list[dict[str, Any]], errors: dict[str, dict[str, float]] | None = None,
-                  bar_name: str = "dice_bar.png") -> list[Path]:
-    """``dice_bar.png`` (Dice per organ and variant, optional error bars) and ``overlays/<organ>_q<scan>_z<z>.png``."""
+def write_dice_bar(run_dir: Path, variants: dict[str, dict[str, Any]], organs: list[str],
+                   errors: dict[str, dict[str, float]] | None = None, bar_name: str = "dice_bar.png") -> Path:
+    """``<run_dir>/<bar_name>``: Dice per organ and variant (or run), with optional error bars."""
     titled = {VARIANT_TITLES.get(v, v): s for v, s in variants.items()}
     err = {VARIANT_TITLES.get(v, v): e for v, e in errors.items()} if errors else None
-    out = [dice_bar_chart(titled, organs, Path(run_dir) / bar_name, ORGAN_TITLES, err)]
-    for s in samples:
-        out.append(overlay_figure(s, Path(run_dir) / "overlays" / f"{s['organ']}_q{s['query']}_z{s['z']}.png",
-                                  VARIANT_TITLES))
-    return out
+    return dice_bar_chart(titled, organs, Path(run_dir) / bar_name, ORGAN_TITLES, err)

@@ -378,7 +378,7 @@ class GpuCheck:
 
         cfg = self._eval_config(["eval.variants=[plain,cca,ttt,ttt_cca]", "ttt.mode=volume",
                                  f"ttt.steps={self.profile.ttt_steps}"])
-        results, _ = evaluate(cfg)
+        results = evaluate(cfg).results
         plain = [v for v in results["volumes"] if v["variant"] == "plain"]
         slices = sum(v["slices"] for v in plain)
         f = row.figures
@@ -426,6 +426,8 @@ class GpuCheck:
         """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop."""
         from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
         from fsl_med.evaluate import module_from_checkpoint
+        from fsl_med.evaluation.scoring import Scoring
+        from fsl_med.refine.cca import CCA
         from fsl_med.runs import make_trainer, new_run_dir
 
         cfg = self._eval_config(["eval.variants=[plain,cca]", f"trainer.accelerator={accelerator}",
@@ -435,10 +437,11 @@ class GpuCheck:
         dm.setup("test")
         query = dm.test_set.items[0].query_id
         dm.test_set = EvalDataset([it for it in dm.test_set.items if it.query_id == query])
+        scoring = Scoring(["plain", "cca"], hd95=False)
         trainer = make_trainer(cfg, new_run_dir(self.work / "runs", f"subset-{accelerator}"), with_val=False,
-                               progress_bar=False)
+                               progress_bar=False, extra_callbacks=[CCA(cfg.eval.cca_mode), scoring])
         trainer.test(module, datamodule=dm, verbose=False)
-        return {f"{r.organ}/{r.variant}": r.counts.dice for r in module.last_results["test"]}, query
+        return {f"{r.organ}/{r.variant}": r.counts.dice for r in scoring.results["test"]}, query
 
     def row_eval_vs_cpu(self, row: Row) -> None:
         """One query scan evaluated on the device and on the CPU (fp32, plain and +CCA): Dice must agree."""
@@ -500,7 +503,7 @@ class GpuCheck:
                                "trainer.val_check_interval=2", "data.num_val_scans=1", "name=gpu-check-ddp",
                                "eval.variants=[plain,cca]", "eval.overlay_slices=0"])
             res = train(cfg)
-            results, _ = evaluate(_with(cfg, ckpt=str(res.last_ckpt)))
+            results = evaluate(_with(cfg, ckpt=str(res.last_ckpt))).results
             row.figures.update(backend="nccl" if self.cuda else "gloo", steps=res.steps, val_dice=res.val_dice,
                                dice_plain=results["variants"]["plain"]["dice_mean"],
                                volumes=len([v for v in results["volumes"] if v["variant"] == "plain"]))

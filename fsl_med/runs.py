@@ -26,6 +26,7 @@ from fsl_med import atomic
 from fsl_med.config import to_container, to_yaml
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
+from fsl_med.evaluation.scoring import Scoring
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
 from fsl_med.ranks import is_rank_zero
 
@@ -222,7 +223,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
         # last.ckpt every `every` steps (resume point after a crash), written atomically
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every),
     ]
-    if with_val:  # the best checkpoint by val/dice
+    if with_val:  # validation: the plain prediction scored (val/dice), and the best checkpoint by it
+        callbacks.append(Scoring(hd95=False))
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
                                          auto_insert_metric_name=False, monitor="val/dice", mode="max",
                                          save_last=False, save_top_k=1))

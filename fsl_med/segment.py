@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
 from fsl_med.errors import ConfigError, DataError
@@ -42,6 +41,7 @@ from fsl_med.prepare.geometry import (
     resample_image,
     resample_label,
     spacing_of,
+    to_original_grid,
 )
 from fsl_med.prepare.sabs import CtParams
 
@@ -141,22 +141,6 @@ def to_model_grid(arr: np.ndarray, affine: np.ndarray, modality: str, image_size
     out, aff = resample_image(arr_c.astype(np.float32), aff_c, target)
     pad = CT_INTENSITY_RANGE[0] if modality == "ct" else float(out.min())
     return crop_or_pad_xy(out, aff, image_size, value=pad)
-
-
-def to_original_grid(pred: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
-                     affine: np.ndarray) -> np.ndarray:
-    """Map a ``[X, Y, Z]`` label volume on the model grid onto another grid by nearest neighbour.
-
-    Each output voxel ``i`` takes the value of the model voxel nearest to its world position
-    (``round(inv(model_affine) @ affine @ i)``); outside the model grid the value is 0.
-
-    Returns:
-        uint8 array of ``shape``.
-    """
-    m = np.linalg.inv(np.asarray(model_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
-    out = ndimage.affine_transform(np.ascontiguousarray(pred, dtype=np.uint8), m, output_shape=tuple(shape),
-                                   order=0, mode="constant", cval=0, prefilter=False)
-    return out.astype(np.uint8)
 
 
 def model_z_range(z_range: tuple[int, int], shape: tuple[int, int, int], affine: np.ndarray,

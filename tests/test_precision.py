@@ -24,6 +24,6 @@ def test_bf16_mixed_training_and_evaluation(tmp_path, cache_dir):
     module = FewShotModule.from_config(cfg)
     res = train(cfg, module=module)
     assert res.steps == 3 and res.val_dice is not None and math.isfinite(res.val_dice)
-    results, _ = evaluate(cfg, module=module, global_step=res.steps)
+    results = evaluate(cfg, module=module, global_step=res.steps).results
     for summary in results["variants"].values():
         assert all(0.0 <= d <= 100.0 for d in summary["dice"].values()) and len(summary["dice"]) == 4

@@ -15,7 +15,7 @@ import yaml
 
 from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.models.module import logged_dice_metrics
+from fsl_med.evaluation.scoring import logged_dice_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))

@@ -48,6 +48,7 @@ class EvalItem:
             ``support_masks``: ``[npart * shots, H, W]`` binary; ``shots``: support slices per part.
         support_z: z indices of the support slices (in their own support scans).
         spacing: ``(z, y, x)`` voxel size of the query scan in mm.
+        query_path: the query's prepared image file (its grid and affine, for prediction files).
     """
 
     organ: str
@@ -63,6 +64,7 @@ class EvalItem:
     support_z: list[int]
     spacing: tuple[float, float, float]
     shots: int = 1
+    query_path: str = ""
 
 
 class EvalDataset(Dataset):
@@ -139,7 +141,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
                 organ=organ, label_id=lid, query_id=q.scan_id, support_id=support_id,
                 query_images=q_imgs, query_labels=(q.label[plan.z] == lid).astype(np.uint8),
                 z=plan.z, part=plan.part, support_images=s_imgs, support_masks=s_masks, support_z=sz,
-                spacing=q.spacing, shots=shots,
+                spacing=q.spacing, shots=shots, query_path=str(q.path),
             ))
     return items, skipped
 

@@ -140,13 +140,22 @@ def check_intensities(image: np.ndarray, what: str | Path) -> None:
                         f"(range {lo:.1e}..{hi:.1e}); rescale the image or fix the header's scl_slope")
 
 
-def _resize_slices(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+def _resize_slices(arr: np.ndarray, size: int | tuple[int, int], mode: str) -> np.ndarray:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[:, None]
     if mode == "nearest":
-        out = F.interpolate(t, size=(size, size), mode="nearest")
+        out = F.interpolate(t, size=hw, mode="nearest")
     else:
-        out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        out = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)
     return out[:, 0].numpy()
+
+
+def resize_label_slices(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[Z, H, W]`` label ids resized in-plane to ``shape`` (nearest; the inverse of ``load_volume``'s
+    ``image_size`` resize). Returns a new uint8 array; the input is not modified."""
+    if tuple(label.shape[1:]) == tuple(shape):
+        return np.array(label, dtype=np.uint8)
+    return _resize_slices(label, shape, "nearest").astype(np.uint8)
 
 
 def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | None = None,

@@ -1,45 +1,29 @@
-"""The LightningModule: losses, optimiser and schedule, training and EP1 validation/test steps."""
+"""The LightningModule: losses, optimiser and schedule, training, and the EP1 prediction of validation/test items.
+
+The module predicts and nothing more: its validation and test steps return an
+:class:`~fsl_med.models.prediction.ItemPrediction` with the plain variant. Refinements (CCA, TTT), scoring,
+overlays and prediction files are Lightning callbacks (:mod:`fsl_med.callbacks`).
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import zlib
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from fsl_med.config import VARIANTS, from_container, to_container
+from fsl_med.config import from_container, to_container
 from fsl_med.data.datamodule import EvalItem
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
-from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.encoders import create_encoder
+from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
-from fsl_med.refine.cca import largest_mass_component
-from fsl_med.refine.ttt import TestTimeTrainer
 
 log = logging.getLogger(__name__)
-
-
-def dice_metric_name(stage: str, variant: str, first: bool) -> str:
-    """Name of a logged mean Dice: ``<stage>/dice`` for the first variant, ``<stage>/dice_<variant>`` otherwise."""
-    return f"{stage}/dice" if first else f"{stage}/dice_{variant}"
-
-
-def logged_dice_metrics(cfg: DictConfig) -> set[str]:
-    """The mean-Dice metric names a run of ``cfg`` logs (``fsl-med run``: validation, then test)."""
-    variants = list(cfg.eval.variants)
-    return {"val/dice"} | {dice_metric_name("test", v, j == 0) for j, v in enumerate(variants)}
-
-
-def _scan_key(scan_id: str) -> tuple[int, int, str]:
-    return (0, int(scan_id), scan_id) if scan_id.isdigit() else (1, 0, scan_id)
 
 
 def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegmenter:
@@ -69,9 +53,8 @@ class FewShotModule(L.LightningModule):
         weights: override of ``model.encoder.weights`` at construction (e.g. ``"none"`` when the weights
             come from a checkpoint anyway).
 
-    Logged metrics: ``train/loss``, ``train/ce``, ``train/align``, ``val/dice``, ``val/dice_<organ>`` (plain
-    prediction), ``test/dice``, ``test/dice_<organ>`` (first of ``eval.variants``) and
-    ``test/dice_<variant>[_<organ>]`` for the other variants (``cca``, ``ttt``, ``ttt_cca``).
+    Logged metrics: ``train/loss``, ``train/ce``, ``train/align``; the evaluation metrics (``val/dice``,
+    ``test/dice_<variant>[_<organ>]``) are logged by :class:`~fsl_med.evaluation.scoring.Scoring`.
     """
 
     def __init__(self, config: dict[str, Any], weights: str | None = None) -> None:
@@ -81,15 +64,8 @@ class FewShotModule(L.LightningModule):
         self.model = build_segmenter(self.cfg, weights)
         self.register_buffer("ce_weights", torch.tensor(list(self.cfg.loss.ce_weights), dtype=torch.float32),
                              persistent=False)
-        self._results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
-        self.last_results: dict[str, list[VolumeResult]] = {"val": [], "test": []}
         self._protos: dict[tuple[str, str], list] = {}  # (support scan, organ) -> prototypes per part
         self._qcache: QueryFeatureCache | None = None  # query-slice features of the current query scan
-        # evaluation variants: validation (checkpoint selection) is plain; test runs eval.variants
-        self.variants: dict[str, list[str]] = {"val": ["plain"], "test": list(self.cfg.eval.variants)}
-        self.ttt_stats: dict[str, dict[str, float]] = {s: {"seconds": 0.0, "slices": 0} for s in ("val", "test")}
-        self.samples: list[dict[str, Any]] = []  # overlay slices of the last test run
-        self._ttt: TestTimeTrainer | None = None
         self.trained_on: TrainedOn | None = None  # the data trained on (set when training starts; in checkpoints)
         self._restored_on: TrainedOn | None = None  # the record of a checkpoint training resumes from
 
@@ -198,13 +174,23 @@ class FewShotModule(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _ttt_trainer(self) -> TestTimeTrainer:
-        if self._ttt is None:
-            self._ttt = TestTimeTrainer.from_config(self.model, self.cfg, self.ce_weights)
-        return self._ttt
+    def reset_eval_caches(self) -> None:
+        """Forget the cached support prototypes and query-slice features (each evaluation starts afresh)."""
+        self._protos = {}
+        self._qcache = None
 
-    def _eval_item(self, item: EvalItem, stage: str) -> None:
-        variants = self.variants[stage]
+    @property
+    def encoded_query_slices(self) -> int:
+        """Query slices encoded since :meth:`reset_eval_caches` (each slice once per scan, shared by its organs)."""
+        return 0 if self._qcache is None else self._qcache.encoded
+
+    def predict_item(self, item: EvalItem, stage: str = "test") -> ItemPrediction:
+        """The plain prediction of one EP1 item (query volume x organ).
+
+        The support is encoded once per (support scan, organ) and each query slice once per scan (shared by the
+        scan's organs) until :meth:`reset_eval_caches`. Returns a record with the ``plain`` variant: ``[n, H, W]``
+        prediction and foreground probability of the item's scored slices, and the seconds it took.
+        """
         t0 = time.perf_counter()
         key = (item.support_id, item.organ)
         if key not in self._protos:  # support encoded once per support scan and organ per evaluation
@@ -216,117 +202,20 @@ class FewShotModule(L.LightningModule):
         pred, prob = self.model.predict_volume(self._protos[key], item.query_images, item.part,
                                                batch_size=self.cfg.eval.batch_size, device=self.device,
                                                query_feats=feats)
-        t_plain = time.perf_counter() - t0
-        outs: dict[str, tuple[np.ndarray, float]] = {"plain": (pred, t_plain)}
-        mode = self.cfg.eval.cca_mode
-        if "cca" in variants:
-            t1 = time.perf_counter()
-            outs["cca"] = (largest_mass_component(pred, prob, mode), t_plain + time.perf_counter() - t1)
-        if "ttt" in variants or "ttt_cca" in variants:
-            t1 = time.perf_counter()
-            n = len(item.z)
-            with tqdm(total=n, desc=f"TTT {item.organ} scan {item.query_id}", unit="slice", leave=False,
-                      disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
-                tpred, tprob = self._ttt_trainer().refine(
-                    item.query_images, pred, prob, item.part, item.support_images, item.support_masks,
-                    np.random.default_rng([self.cfg.seed, zlib.crc32(f'{item.organ}/{item.query_id}'.encode())]),
-                    self.device, self.cfg.eval.batch_size, bar.update, shots=item.shots)
-            dt = time.perf_counter() - t1
-            self.ttt_stats[stage]["seconds"] += dt
-            self.ttt_stats[stage]["slices"] += n
-            log.info("TTT %s scan %s: %d slices, %.2f s per slice", item.organ, item.query_id, n, dt / max(n, 1))
-            outs["ttt"] = (tpred, t_plain + dt)
-            if "ttt_cca" in variants:
-                t2 = time.perf_counter()
-                outs["ttt_cca"] = (largest_mass_component(tpred, tprob, mode), t_plain + dt + time.perf_counter() - t2)
-        for v in variants:
-            p, secs = outs[v]
-            h = hd95(p, item.query_labels, item.spacing) if (self.cfg.eval.hd95 and stage == "test") else float("nan")
-            self._results[stage].append(VolumeResult(item.organ, item.query_id, confusion_counts(p, item.query_labels),
-                                                     len(item.z), secs, v, h))
-        if stage == "test":
-            self._collect_samples(item, {v: outs[v][0] for v in variants})
-
-    def _collect_samples(self, item: EvalItem, preds: dict[str, np.ndarray]) -> None:
-        """Keep a few slices of the first query volume of each organ for overlay figures."""
-        k = self.cfg.eval.overlay_slices
-        if k == 0 or any(s["organ"] == item.organ for s in self.samples):
-            return
-        for p in np.unique(item.part)[:k]:
-            rows = np.flatnonzero(item.part == p)
-            i = int(rows[len(rows) // 2])
-            s = int(p) * item.shots  # the part's first support slice
-
-            def mid(img: np.ndarray) -> np.ndarray:
-                return img[1] if img.ndim == 3 else img  # the centre slice of a 3-slice stack
-
-            self.samples.append({
-                "organ": item.organ, "query": item.query_id, "z": int(item.z[i]), "image": mid(item.query_images[i]),
-                "label": item.query_labels[i], "preds": {v: pr[i] for v, pr in preds.items()},
-                "support": item.support_id.split("+")[0], "support_z": int(item.support_z[s]),
-                "support_image": mid(item.support_images[s]), "support_mask": item.support_masks[s],
-            })
-
-    def _gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank (a one-element list when not distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return [obj]
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def _eval_end(self, stage: str) -> None:
-        # every rank scored a shard of the items: gather TP/FP/FN (and HD95, timings) before any ratio
-        gathered = self._gather({"results": self._results[stage], "ttt": self.ttt_stats[stage],
-                                 "samples": self.samples if stage == "test" else []})
-        results = sorted((r for g in gathered for r in g["results"]),
-                         key=lambda r: (r.organ, _scan_key(r.query_id), VARIANTS.index(r.variant)))
-        self.ttt_stats[stage] = {k: sum(g["ttt"][k] for g in gathered) for k in ("seconds", "slices")}
-        if stage == "test":  # overlays: the first query volume of each organ, as in a single process
-            samples = sorted((x for g in gathered for x in g["samples"]),
-                             key=lambda x: (x["organ"], _scan_key(x["query"]), x["z"]))
-            first = {}
-            for x in samples:
-                first.setdefault(x["organ"], x["query"])
-            self.samples = [x for x in samples if x["query"] == first[x["organ"]]]
-        self.last_results[stage] = list(results)
-        self._results[stage] = []
-        if not results:
-            return
-        organs = list(dict.fromkeys(r.organ for r in results))
-        metrics: dict[str, float] = {}
-        for j, v in enumerate(self.variants[stage]):
-            summary = summarize(results, organs, variant=v)
-            key = dice_metric_name(stage, v, first=j == 0)
-            metrics[key] = summary["dice_mean"]
-            metrics.update({f"{key}_{o}": d for o, d in summary["dice"].items()})
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
-
-    def volumes_scored(self, stage: str) -> int:
-        """(organ, query volume) pairs scored so far in the running ``stage`` on this process (an interrupted
-        evaluation reports it)."""
-        return len({(r.organ, r.query_id) for r in self._results[stage]})
+        record = ItemPrediction(item, stage)
+        record.add("plain", pred, prob, time.perf_counter() - t0)
+        return record
 
     def on_validation_epoch_start(self) -> None:
-        self._results["val"] = []
-        self._protos = {}
-        self._qcache = None
+        self.reset_eval_caches()
 
-    def validation_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
+    def validation_step(self, item: EvalItem, batch_idx: int) -> ItemPrediction:
+        """The plain prediction of one item; scored by :class:`~fsl_med.evaluation.scoring.Scoring`."""
+        return self.predict_item(item, "val")
 
     def on_test_epoch_start(self) -> None:
-        self._results["test"] = []
-        self._protos = {}
-        self._qcache = None
-        self.samples = []
-        self.ttt_stats["test"] = {"seconds": 0.0, "slices": 0}
+        self.reset_eval_caches()
 
-    def test_step(self, item: EvalItem, batch_idx: int) -> None:
-        self._eval_item(item, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
+    def test_step(self, item: EvalItem, batch_idx: int) -> ItemPrediction:
+        """The plain prediction of one item; refinement callbacks add variants, scoring callbacks score them."""
+        return self.predict_item(item, "test")

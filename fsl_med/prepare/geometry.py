@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialCrop
+from scipy import ndimage
 
 CANONICAL_ORIENTATION = "LAS"
 """Orientation of every prepared volume (nibabel axis codes): the orientation of the prepared CHAOS
@@ -125,3 +126,19 @@ def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     c = idx.mean(axis=0)
     a = np.asarray(affine, dtype=np.float64)
     return a[:3, :3] @ c + a[:3, 3]
+
+
+def to_original_grid(pred: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
+                     affine: np.ndarray) -> np.ndarray:
+    """Map a ``[X, Y, Z]`` label volume on the model grid onto another grid by nearest neighbour.
+
+    Each output voxel ``i`` takes the value of the model voxel nearest to its world position
+    (``round(inv(model_affine) @ affine @ i)``); outside the model grid the value is 0.
+
+    Returns:
+        uint8 array of ``shape``.
+    """
+    m = np.linalg.inv(np.asarray(model_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    out = ndimage.affine_transform(np.ascontiguousarray(pred, dtype=np.uint8), m, output_shape=tuple(shape),
+                                   order=0, mode="constant", cval=0, prefilter=False)
+    return out.astype(np.uint8)

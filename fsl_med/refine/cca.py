@@ -4,13 +4,18 @@
 probability is largest. ``3d`` mode: 26-connectivity over the whole volume, one component kept.
 Both are vectorised: the volume is labelled once (in 2D mode with a structure that does not connect
 slices), masses are summed per label with ``bincount``, and the winner of each slice is picked with one
-sort, never a Python loop over components.
+sort, never a Python loop over components. :class:`CCA` is the refinement callback around it.
 """
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 from scipy import ndimage
+
+from fsl_med.data.datamodule import EvalItem
+from fsl_med.errors import ConfigError
+from fsl_med.refine.base import Refinement
 
 CCA_MODES = ("2d", "3d")
 
@@ -62,3 +67,24 @@ def largest_mass_component(pred: np.ndarray, fg_prob: np.ndarray, mode: str = "2
         keep[1 + winners] = True
     out[keep[labels]] = 1
     return out[0] if squeeze else out
+
+
+class CCA(Refinement):
+    """Connected-component post-processing as a refinement callback (variant ``cca``, or ``<source>_cca``).
+
+    Args:
+        mode: ``"2d"`` (per slice, the paper's) or ``"3d"`` (one component per volume).
+        source: the variant it post-processes (``plain``; ``ttt`` gives ``ttt_cca``).
+        name: the variant's name (default ``cca`` for ``plain``, ``<source>_cca`` otherwise).
+    """
+
+    def __init__(self, mode: str = "2d", source: str = "plain", name: str | None = None) -> None:
+        if mode not in CCA_MODES:
+            raise ConfigError(f"config key 'eval.cca_mode': must be one of {list(CCA_MODES)}, got {mode!r}")
+        self.mode, self.source = mode, source
+        self.name = name or ("cca" if source == "plain" else f"{source}_cca")
+
+    def refine(self, pred: np.ndarray, prob: np.ndarray, item: EvalItem, module: L.LightningModule
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The largest-mass component of ``pred`` (per slice or per volume); ``prob`` unchanged."""
+        return largest_mass_component(pred, prob, self.mode), prob

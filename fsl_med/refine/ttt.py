@@ -6,22 +6,33 @@ as support and one as query; then the slice is predicted again with the real sup
 restored bit for bit (every parameter and buffer, ``requires_grad`` flags and train/eval mode).
 Which parameters adapt is ``ttt.params``: ``all`` trainable ones, ``lora`` or ``adapter`` only.
 A slice whose prediction is empty is not adapted (its prediction cannot change the model's view of it),
-so it keeps the plain prediction.
+so it keeps the plain prediction. :class:`TestTimeTraining` is the refinement callback around it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import time
+import zlib
 from collections.abc import Callable, Iterator
 
+import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
+from fsl_med.data.datamodule import EvalItem
 from fsl_med.data.episodes import AugmentParams, augment_pair
 from fsl_med.errors import ConfigError
 from fsl_med.interrupts import raise_pending
 from fsl_med.models.segmenter import FewShotSegmenter, tile3
+from fsl_med.ranks import gather_objects
+from fsl_med.refine.base import Refinement
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -148,3 +159,69 @@ class TestTimeTrainer:
                 if on_slice is not None:
                     on_slice(len(idx))
         return pred, prob
+
+
+class TestTimeTraining(Refinement):
+    """Test-time training as a refinement callback (variant ``ttt``).
+
+    Args:
+        steps, lr, mode, params: override the run config's ``ttt.steps``, ``ttt.lr``, ``ttt.mode``
+            (``slice``|``volume``) and ``ttt.params`` (``all``|``lora``|``adapter``); ``None`` keeps the config's.
+            The loss, augmentation, momentum and weight decay are always the run config's (``module.cfg``).
+        source: the variant adapted on (``plain``).
+        name: the variant's name (``ttt``).
+
+    The randomness of each item is keyed by (``seed``, organ, query scan), so sharding items over DDP ranks cannot
+    change it. The model is restored bit for bit after every slice (or volume). A progress bar is shown on a
+    terminal; :attr:`seconds` and :attr:`slices` (gathered over ranks after each test epoch) give the cost.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, steps: int | None = None, lr: float | None = None, mode: str | None = None,
+                 params: str | None = None, source: str = "plain", name: str = "ttt") -> None:
+        self.overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("mode", mode), ("params", params))
+                          if v is not None}
+        if "mode" in self.overrides and self.overrides["mode"] not in ("slice", "volume"):
+            raise ConfigError(f"config key 'ttt.mode': must be 'slice' or 'volume', got {mode!r}")
+        self.source, self.name = source, name
+        self._trainer_for: tuple[int, TestTimeTrainer] | None = None
+        self.seconds, self.slices = 0.0, 0
+        self._local: list[float] = [0.0, 0]  # this process's (seconds, slices) in the running test epoch
+
+    def _ttt(self, module: L.LightningModule) -> TestTimeTrainer:
+        if self._trainer_for is None or self._trainer_for[0] != id(module):
+            ttt = OmegaConf.merge(module.cfg.ttt, self.overrides)
+            self._trainer_for = (id(module), TestTimeTrainer.from_config(module.model, module.cfg, module.ce_weights,
+                                                                         ttt))
+        return self._trainer_for[1]
+
+    @property
+    def seconds_per_slice(self) -> float | None:
+        """TTT seconds per query slice of the last test epoch (all ranks), ``None`` when nothing was adapted."""
+        return self.seconds / self.slices if self.slices else None
+
+    def refine(self, pred: np.ndarray, prob: np.ndarray, item: EvalItem, module: L.LightningModule
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """TTT predictions of the item's scored slices (:meth:`TestTimeTrainer.refine`)."""
+        t0 = time.perf_counter()
+        n = len(item.z)
+        seed = int(module.cfg.seed)
+        with tqdm(total=n, desc=f"TTT {item.organ} scan {item.query_id}", unit="slice", leave=False,
+                  disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+            out = self._ttt(module).refine(
+                item.query_images, pred, prob, item.part, item.support_images, item.support_masks,
+                np.random.default_rng([seed, zlib.crc32(f"{item.organ}/{item.query_id}".encode())]),
+                module.device, module.cfg.eval.batch_size, bar.update, shots=item.shots)
+        dt = time.perf_counter() - t0
+        self._local[0] += dt
+        self._local[1] += n
+        log.info("TTT %s scan %s: %d slices, %.2f s per slice", item.organ, item.query_id, n, dt / max(n, 1))
+        return out
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._local = [0.0, 0]
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gathered = gather_objects(trainer, tuple(self._local))
+        self.seconds, self.slices = sum(g[0] for g in gathered), sum(g[1] for g in gathered)

@@ -1,0 +1,114 @@
+"""The test-time stage as Lightning callbacks, built from a run config.
+
+``eval.variants`` chooses the built-in refinements (``cca``: :class:`~fsl_med.refine.cca.CCA`; ``ttt``:
+:class:`~fsl_med.refine.ttt.TestTimeTraining`; ``ttt_cca``: CCA applied to the TTT variant); ``eval.refinements``
+adds a user's own :class:`~fsl_med.refine.base.Refinement` classes (``"package.module:Class"`` or
+``"path/to/file.py:Class"``), run after the built-ins in the listed order and scored after ``eval.variants``.
+After the refinements come :class:`~fsl_med.evaluation.scoring.Scoring`,
+:class:`~fsl_med.evaluation.overlays.Overlays` and, with ``eval.save_predictions``,
+:class:`~fsl_med.evaluation.predictions.PredictionWriter`. The same list works in a plain
+``Trainer(callbacks=...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from fsl_med.errors import ConfigError
+from fsl_med.evaluation.overlays import Overlays
+from fsl_med.evaluation.predictions import PredictionWriter
+from fsl_med.evaluation.scoring import Scoring
+from fsl_med.refine.base import Refinement
+from fsl_med.refine.cca import CCA
+from fsl_med.refine.ttt import TestTimeTraining
+
+
+def load_refinement(spec: str, key: str = "eval.refinements") -> Refinement:
+    """Instantiate a user refinement named ``"package.module:Class"`` or ``"path/to/file.py:Class"`` (no arguments).
+
+    Raises:
+        ConfigError: malformed name, module or file not found or failing to import, no such class, or a class
+            that is not a :class:`Refinement` subclass with a ``name``.
+    """
+    mod_name, sep, cls_name = str(spec).rpartition(":")
+    if not sep or not mod_name or not cls_name:
+        raise ConfigError(f"config key '{key}': '{spec}' must be 'package.module:Class' or 'path/to/file.py:Class'")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"config key '{key}': file {path} does not exist")
+            unique = f"fsl_med_user_refinement_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(unique)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(unique, path)
+                assert loader_spec is not None and loader_spec.loader is not None
+                module = importlib.util.module_from_spec(loader_spec)
+                loader_spec.loader.exec_module(module)
+                sys.modules[unique] = module
+        else:
+            module = importlib.import_module(mod_name)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any import failure of user code is reported as one line
+        raise ConfigError(f"config key '{key}': cannot import {mod_name} ({type(e).__name__}: {e})") from e
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Refinement)):
+        raise ConfigError(f"config key '{key}': {mod_name} has no Refinement subclass named {cls_name}")
+    obj = cls()
+    if not obj.name:
+        raise ConfigError(f"config key '{key}': {spec} has no 'name' (the variant it produces)")
+    return obj
+
+
+def refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement, ...] = ()) -> list[Refinement]:
+    """The refinement callbacks of ``cfg.eval.variants`` and ``cfg.eval.refinements``, then ``extra``, in run order.
+
+    Raises:
+        ConfigError: a user refinement cannot be loaded, or two refinements produce the same variant.
+    """
+    v = list(cfg.eval.variants)
+    out: list[Refinement] = []
+    if "cca" in v:
+        out.append(CCA(cfg.eval.cca_mode))
+    if "ttt" in v or "ttt_cca" in v:
+        out.append(TestTimeTraining())
+        if "ttt_cca" in v:
+            out.append(CCA(cfg.eval.cca_mode, source="ttt", name="ttt_cca"))
+    out += user_refinements(cfg, extra)
+    names = ["plain", *(r.name for r in out)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"config key 'eval.refinements': variant name(s) {dup} produced twice; give each "
+                          "refinement a distinct name")
+    return out
+
+
+def user_refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement, ...] = ()) -> list[Refinement]:
+    """The refinements of ``cfg.eval.refinements`` (loaded), then ``extra``."""
+    return [load_refinement(s) for s in cfg.eval.get("refinements") or []] + list(extra)
+
+
+def test_time_callbacks(cfg: DictConfig, run_dir: str | Path | None = None,
+                        extra: list[Refinement] | tuple[Refinement, ...] = ()) -> list[Callback]:
+    """Refinements, then scoring, overlays (into ``run_dir/overlays``) and, with ``eval.save_predictions``,
+    prediction files (``run_dir/predictions``) for a test run of ``cfg``. ``run_dir=None``: nothing is written."""
+    refs = refinements(cfg, extra)
+    builtin = len(refs) - len(extra) - len(cfg.eval.get("refinements") or [])
+    variants = list(cfg.eval.variants) + [r.name for r in refs[builtin:]]  # eval.variants, then the user's
+    out: list[Callback] = [*refs, Scoring(variants, hd95=bool(cfg.eval.hd95)),
+                           Overlays(cfg.eval.overlay_slices, Path(run_dir) / "overlays" if run_dir else None, variants)]
+    if cfg.eval.get("save_predictions") and run_dir is not None:
+        out.append(PredictionWriter(Path(run_dir) / "predictions", variants))
+    return out
+
+
+def find(callbacks: list[Callback], kind: type) -> list:
+    """The callbacks of type ``kind`` in ``callbacks`` (e.g. ``trainer.callbacks``), in order."""
+    return [c for c in callbacks if isinstance(c, kind)]
