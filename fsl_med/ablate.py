@@ -12,20 +12,18 @@ report: Dice per organ and mean, HD95, seconds per volume, the runs' folders, an
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, atomic, interrupts
+from fsl_med import __version__, interrupts
 from fsl_med.config import apply_overrides, to_container, validate
 from fsl_med.errors import ConfigError
 from fsl_med.evaluate import evaluate, write_dice_bar
-from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
+from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
+from fsl_med.evaluation.table import Column, Table, text, write_report
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_output_location,
@@ -152,15 +150,37 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
             "ttt_seconds_per_slice": e["results"].get("ttt_seconds_per_slice")} for e in done.values()],
         "config": to_container(cfg),
     }
-    _write_report(run_dir, report, done, organs)
-    return report, atomic.write_json(run_dir / "ablation.json", report)
+    return report, _write_report(run_dir, report, done, organs)
 
 
-def _cell(x: float | None, nd: int = 2) -> str:
-    return "–" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+def _runs_table(runs: list[dict[str, Any]], variants: list[str]) -> Table:
+    """One row per run: what it is, its steps, mean Dice per variant, seconds per step and per volume."""
+    rows = []
+    for r in runs:
+        rows.append({
+            "run": r["name"], "encoder": f"`{r['encoder']}`", "weights": f"`{r['weights']}`", "finetune": r["finetune"],
+            "adapter": r["adapter"], "three_slices": "yes" if r["three_slices"] else "no",
+            "shots": f"{r['shots']} ({r['shots_source']})" if r["shots"] > 1 else "1",
+            "steps": f"{r['steps']}" + (f" (= {r['reuse']})" if r["reuse"] else "") + ("" if r["trained"] else " (untrained)"),
+            **{f"dice_{v}": r["dice_mean"].get(v) for v in variants},
+            "seconds_per_step": r["seconds_per_step"], "seconds_per_volume": r["seconds_per_volume"][r["variants"][0]],
+        })
+    cols = (text("run", "run"), text("encoder", "encoder"), text("weights", "weights"), text("finetune", "fine-tuning"),
+            text("adapter", "adapter"), text("three_slices", "3-slice"), text("shots", "shots"),
+            Column("steps", "steps", digits=None), *(Column(f"dice_{v}", VARIANT_TITLES.get(v, v)) for v in variants),
+            Column("seconds_per_step", "s/step", digits=3), Column("seconds_per_volume", "s/volume"))
+    return Table(cols, tuple(rows))
 
 
-def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[str, Any]], organs: list[str]) -> None:
+def _folders_table(runs: list[dict[str, Any]]) -> Table:
+    """One row per run: TTT seconds per slice, its training folder and its results file."""
+    rows = [{"run": r["name"], "ttt": r["ttt_seconds_per_slice"], "train": f"`{r['train_dir'] or '–'}`",
+             "results": f"`{r['results_path']}`"} for r in runs]
+    return Table((text("run", "run"), Column("ttt", "TTT s/slice", digits=3), text("train", "train folder"),
+                  text("results", "results")), tuple(rows))
+
+
+def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[str, Any]], organs: list[str]) -> Path:
     variants = report["variants"]
     runs = report["runs"]
     t = report["ttt"]
@@ -169,23 +189,10 @@ def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[st
           f"TTT: {t['steps']} steps, lr {t['lr']}, params `{t['params']}`, mode `{t['mode']}`; CCA mode "
           f"`{report['config']['eval']['cca_mode']}`. fsl_med {report['fsl_med_version']}. Every row trains its own "
           "model unless it names the run whose checkpoint it evaluates.", "",
-          "## Mean Dice (%) per run and evaluation variant", "",
-          "| run | encoder | weights | fine-tuning | adapter | 3-slice | shots | steps | "
-          + " | ".join(VARIANT_TITLES.get(v, v) for v in variants) + " | s/step | s/volume |",
-          "|---|---|---|---|---|---|---|---:|" + "---:|" * (len(variants) + 2)]
-    for r in runs:
-        shots = f"{r['shots']} ({r['shots_source']})" if r["shots"] > 1 else "1"
-        steps = f"{r['steps']}" + (f" (= {r['reuse']})" if r["reuse"] else "") + ("" if r["trained"] else " (untrained)")
-        cells = [_cell(r["dice_mean"].get(v)) for v in variants]
-        first = r["variants"][0]
-        md.append(f"| {r['name']} | `{r['encoder']}` | `{r['weights']}` | {r['finetune']} | {r['adapter']} | "
-                  f"{'yes' if r['three_slices'] else 'no'} | {shots} | {steps} | " + " | ".join(cells)
-                  + f" | {_cell(r['seconds_per_step'], 3)} | {_cell(r['seconds_per_volume'][first], 2)} |")
+          "## Mean Dice (%) per run and evaluation variant", "", _runs_table(runs, variants).markdown()]
     md += ["", "`–`: variant not evaluated for that run. s/volume: seconds per query volume and organ, plain "
            "prediction (TTT adds its own time; TTT seconds per slice are listed per run below).", ""]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["run", "variant", "organ", "dice", "hd95_mm", "seconds_per_volume"])
+    rows: list[dict[str, Any]] = []
     for v in variants:
         cols = {r["name"]: done[r["name"]]["results"]["variants"][v] for r in runs if v in r["variants"]}
         if not cols:
@@ -193,18 +200,11 @@ def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[st
         md += [f"## {VARIANT_TITLES.get(v, v)}: Dice (%) per organ", "", metric_table(cols, organs, "dice"), "",
                "HD95 (mm):", "", metric_table(cols, organs, "hd95"), ""]
         for name, summ in cols.items():
-            for o in organs:
-                if o in summ["dice"]:
-                    w.writerow([name, v, o, f"{summ['dice'][o]:.4f}", f"{summ['hd95'].get(o, float('nan')):.4f}", ""])
-            w.writerow([name, v, "mean", f"{summ['dice_mean']:.4f}", f"{summ.get('hd95_mean', float('nan')):.4f}",
-                        f"{summ['seconds_per_volume']:.4f}"])
+            rows += variant_rows({v: summ}, organs, run=name)
     bars = {r["name"]: done[r["name"]]["results"]["variants"][variants[0]] for r in runs
             if variants[0] in r["variants"]}
     write_dice_bar(run_dir, bars, organs, None, bar_name="dice_bar.png")
     md += [f"![Dice per organ and run, {VARIANT_TITLES.get(variants[0], variants[0])}](dice_bar.png)", "",
-           "## Runs", "", "| run | TTT s/slice | train folder | results |", "|---|---:|---|---|"]
-    md += [f"| {r['name']} | {_cell(r['ttt_seconds_per_slice'], 3)} | `{r['train_dir'] or '–'}` | `{r['results_path']}` |"
-           for r in runs]
+           "## Runs", "", _folders_table(runs).markdown()]
     md += ["", "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
-    atomic.write_text(run_dir / "ablation.csv", buf.getvalue())
-    atomic.write_text(run_dir / "ablation.md", "\n".join(md) + "\n")
+    return write_report(run_dir, "ablation", md, long_table(rows, (text("run", "run"),)), report)

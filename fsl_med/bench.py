@@ -30,13 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fsl_med import atomic
+from fsl_med.evaluation import table as report_table
+from fsl_med.evaluation.table import Column, Table, text
 from fsl_med.measure import (
     count_flops,
     default_device,
@@ -328,16 +330,42 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _measurements_table(rows: list[tuple[Any, ...]], scaled: Callable[[float | None], float | None]) -> Table:
+    """The main benchmark table: measurement, fsl_med, reference and target (as measured and scaled to this
+    machine), the FLOP-bound fraction and the peak memory."""
+    out = []
+    for name, v, ref, tgt, fr, mem in rows:
+        own = name.startswith("TTT, fast")  # its target is 1/5 of this run's own paper TTT: nothing to scale
+        out.append({"measurement": name, "fsl_med": v, "reference": ref, "reference_scaled": scaled(ref),
+                    "target": tgt, "target_scaled": None if own else scaled(tgt), "flop_bound": fr, "peak_rss_mb": mem})
+    cols = (text("measurement", "measurement"), Column("fsl_med", "fsl_med", digits=3, csv_digits=None),
+            Column("reference", "reference"), Column("reference_scaled", "reference scaled"), Column("target", "target"),
+            Column("target_scaled", "target scaled"), Column("flop_bound", "of FLOP bound", digits=None),
+            Column("peak_rss_mb", "peak RSS (MB)", digits=0))
+    return Table(cols, tuple(out))
+
+
+def _oversubscription_table(over: dict[str, dict[str, Any]]) -> Table:
+    """Seconds per training step per OpenMP wait policy, idle and beside a busy process."""
+    rows = [{"policy": policy if policy != "default" else "unset (libgomp default)",
+             "idle": over.get(f"oversub_{policy}_idle", {}).get("wall_seconds_per_step"),
+             "busy": over.get(f"oversub_{policy}_busy", {}).get("wall_seconds_per_step")}
+            for policy in dict.fromkeys(p for p, _ in OVERSUB)]
+    return Table((text("policy", "OMP_WAIT_POLICY"), Column("idle", "idle (s/step)", digits=3),
+                  Column("busy", "beside a busy process (s/step)", digits=3)), tuple(rows))
+
+
 def write_report(res: dict[str, Any], out_dir: Path) -> Path:
     """``BENCHMARKS.md`` and ``benchmarks.json`` in ``out_dir``; returns the Markdown path."""
-    g = res["parts"]["matmul"]["gflops"]
+    mm = res["parts"].get("matmul") or {}
+    g = mm.get("gflops")  # absent when --parts leaves matmul out: no FLOP-bound fractions, no scaling
 
     def frac(gflop: float | None, secs: float | None) -> str:
-        return "–" if not gflop or not secs else f"{100 * gflop / secs / g:.0f} %"
+        return "–" if not gflop or not secs or not g else f"{100 * gflop / secs / g:.0f} %"
 
     tf, tl, ev, tt, td = (res["parts"].get(k, {}) for k in ("train_full", "train_lora", "eval", "ttt", "ttt_dice"))
     m = res["machine"]
-    scale = None if m.get("cuda") else REFERENCE_MATMUL_GFLOPS / g
+    scale = None if m.get("cuda") or not g else REFERENCE_MATMUL_GFLOPS / g
 
     def scaled(v: float | None) -> float | None:
         return None if v is None or scale is None else v * scale
@@ -372,24 +400,21 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
             v = part.get("seconds_per_step", part.get("seconds_per_slice"))
             fr = frac(part.get("gflop_per_step"), v) if key == "train_full_compile" else "–"
             rows.append((title, v, None, None, fr, part.get("peak_rss_mb")))
+    table = _measurements_table(rows, scaled)
     lines = [
         "# Benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"{'GPU ' + m['cuda'] if m['cuda'] else 'no GPU'}; torch {m['torch']}, Python {m['python']}, fsl_med {m['fsl_med']}. "
-        f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
-        f"{res['parts']['matmul']['median_gflops']:.1f}). Written by `make bench` on {res['date']}.", "",
+        (f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
+         f"{mm['median_gflops']:.1f}). " if g else "Matmul throughput not measured (part `matmul` not run). ")
+        + f"Written by `make bench` on {res['date']}.", "",
         f"Encoder `{res['encoder']}` (random init), 256 px, batch 1, data `{res['data']}`. Medians after warm-up; "
         "FLOP-bound fraction = model FLOPs / time / measured matmul throughput.", "",
         f"Reference and target are the figures of method.md §10, measured on a machine with a "
         f"{REFERENCE_MATMUL_GFLOPS:.0f} GFLOP/s matmul; 'scaled' multiplies them by {REFERENCE_MATMUL_GFLOPS:.0f} / "
-        f"{g:.1f} (an estimate for this machine, CPU only).", "",
-        "| measurement | fsl_med | reference | reference scaled | target | target scaled | of FLOP bound "
-        "| peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"{_fmt(g, 1)} (an estimate for this machine, CPU only).", "",
+        table.markdown(),
     ]
-    for name, v, ref, tgt, fr, mem in rows:
-        own = name.startswith("TTT, fast")  # its target is 1/5 of this run's own paper TTT: nothing to scale
-        lines.append(f"| {name} | {_fmt(v)} | {_fmt(ref, 2)} | {_fmt(scaled(ref), 2)} | {_fmt(tgt, 2)} "
-                     f"| {'–' if own else _fmt(scaled(tgt), 2)} | {fr} | {_fmt(mem, 0)} |")
     lines += ["",
               f"GFLOP per training step {_fmt(tf.get('gflop_per_step'), 1)} (reference count 95.1); per encoded "
               f"slice {_fmt(ev.get('gflop_per_encoded_slice'), 1)} (reference count 15.9), per scored query slice "
@@ -418,20 +443,15 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
                   f"(batch 1, 1 data worker, {m['torch_threads']} torch threads), on an idle machine and beside one "
                   "CPU-bound torch process (a second job). OpenMP threads that spin while they wait take the cores "
                   "from each other and from the other process; `fsl-med` sets `OMP_WAIT_POLICY=PASSIVE` before torch "
-                  "loads unless it is set.", "", "| OMP_WAIT_POLICY | idle (s/step) | beside a busy process (s/step) |",
-                  "|---|---:|---:|"]
-        for policy in dict.fromkeys(p for p, _ in OVERSUB):
-            idle, busy = over.get(f"oversub_{policy}_idle", {}), over.get(f"oversub_{policy}_busy", {})
-            lines.append(f"| {policy if policy != 'default' else 'unset (libgomp default)'} "
-                         f"| {_fmt(idle.get('wall_seconds_per_step'))} | {_fmt(busy.get('wall_seconds_per_step'))} |")
+                  "loads unless it is set.", "", _oversubscription_table(over).markdown()]
     if td:
         lines += ["", f"TTT Dice, tiny ViT trained {td['tiny_steps']} steps, fold-0 query scan {td['query']}, organs "
                   f"{', '.join(td['organs'])}: plain {td['plain_dice']:.2f}, paper TTT {td['paper_dice']:.2f} "
                   f"({td['paper_seconds_per_slice']:.3f} s/slice), fast TTT {td['fast_dice']:.2f} "
                   f"({td['fast_seconds_per_slice']:.3f} s/slice): difference {abs(td['paper_dice'] - td['fast_dice']):.2f} "
                   f"points, {td['paper_seconds_per_slice'] / td['fast_seconds_per_slice']:.1f}x faster."]
-    atomic.write_json(out_dir / "benchmarks.json", res)
-    return atomic.write_text(out_dir / "BENCHMARKS.md", "\n".join(lines) + "\n")
+    report_table.write_report(out_dir, "benchmarks", lines, table, res, md_name="BENCHMARKS.md")
+    return out_dir / "BENCHMARKS.md"
 
 
 def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PARTS, encoder: str = "dinov2_vits14",

@@ -96,17 +96,23 @@ def user_refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement
 
 
 def test_time_callbacks(cfg: DictConfig, run_dir: str | Path | None = None,
-                        extra: list[Refinement] | tuple[Refinement, ...] = ()) -> list[Callback]:
+                        extra: list[Refinement] | tuple[Refinement, ...] = (),
+                        refs: list[Refinement] | None = None) -> list[Callback]:
     """Refinements, then scoring, overlays (into ``run_dir/overlays``) and, with ``eval.save_predictions``,
-    prediction files (``run_dir/predictions``) for a test run of ``cfg``. ``run_dir=None``: nothing is written."""
-    refs = refinements(cfg, extra)
-    builtin = len(refs) - len(extra) - len(cfg.eval.get("refinements") or [])
-    variants = list(cfg.eval.variants) + [r.name for r in refs[builtin:]]  # eval.variants, then the user's
+    prediction files (``run_dir/predictions``) for a test run of ``cfg``. ``run_dir=None``: nothing is written.
+    ``refs``: the result of :func:`refinements` (``cfg``, ``extra``) when already built (e.g. to fail early)."""
+    refs = refinements(cfg, extra) if refs is None else refs
+    builtin = {"plain", "cca", "ttt", "ttt_cca"}
+    user = [r.name for r in refs if r.name not in builtin]
+    variants = list(cfg.eval.variants) + user  # eval.variants, then the user's
     out: list[Callback] = [*refs, Scoring(variants, hd95=bool(cfg.eval.hd95)),
                            Overlays(cfg.eval.overlay_slices, Path(run_dir) / "overlays" if run_dir else None, variants)]
     if cfg.eval.get("save_predictions") and run_dir is not None:
         out.append(PredictionWriter(Path(run_dir) / "predictions", variants))
     return out
+
+
+test_time_callbacks.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by one
 
 
 def find(callbacks: list[Callback], kind: type) -> list:

@@ -118,7 +118,7 @@ def _report_verb(args: argparse.Namespace, runner: Any, report: str) -> int:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-    from fsl_med.benchmark import run_protocol
+    from fsl_med.protocol_run import run_protocol
 
     return _report_verb(args, run_protocol, "protocol.md")
 

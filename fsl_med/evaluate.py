@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from fsl_med import __version__, interrupts
-from fsl_med.callbacks import find, test_time_callbacks
+from fsl_med.callbacks import find, refinements, test_time_callbacks
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.errors import DataError
@@ -122,6 +122,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         else:
             module = FewShotModule.from_config(cfg)
             global_step = 0
+    refs = refinements(cfg, extra)  # a bad eval.refinements entry fails before any folder is made
     dm = FewShotDataModule(cfg)
     in_sample = in_sample_scans(cfg, trained, dm, source)  # before any query volume is read
     dm.setup("test")
@@ -131,7 +132,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
     if is_rank_zero():
         save_config(cfg, run_dir)
-    callbacks = test_time_callbacks(cfg, run_dir, extra)
+    callbacks = test_time_callbacks(cfg, run_dir, refs=refs)
     scoring = find(callbacks, Scoring)[0]
     try:
         trainer = make_trainer(cfg, run_dir, with_val=False, extra_callbacks=callbacks)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from fsl_med.data.phantom import generate_phantom
@@ -46,7 +48,7 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     summary = json.loads((runs[0] / "train_summary.json").read_text())
     assert last.is_file() and summary["steps"] == 6
 
-    ev = [f"ckpt={last}", "eval.variants=[plain,cca,ttt,ttt_cca]", "ttt.steps=2"]
+    ev = [f"ckpt={last}", "eval.variants=[plain,cca,ttt,ttt_cca]", "ttt.steps=2", "eval.save_predictions=true"]
     _fsl("eval", *common, *ev, "name=one", cwd=tmp_path)
     p2 = _fsl("eval", *common, *ev, *ddp, "name=two", cwd=tmp_path)
     # only rank 0 prints the results table and the path, and logs below warnings
@@ -63,6 +65,12 @@ def test_two_process_ddp_training_and_sharded_evaluation(tmp_path):
     assert _strip(one["volumes"]) == _strip(two["volumes"]) and len(one["volumes"]) == 16
     assert sorted(p.name for p in (tmp_path / "runs" / "two-eval" / "version_0" / "overlays").iterdir()) == \
         sorted(p.name for p in (tmp_path / "runs" / "one-eval" / "version_0" / "overlays").iterdir())
+    # prediction files: the organs of a query scan were scored on different ranks, and are merged into one file
+    files1 = sorted((tmp_path / "runs" / "one-eval" / "version_0" / "predictions").rglob("*.nii.gz"))
+    files2 = sorted((tmp_path / "runs" / "two-eval" / "version_0" / "predictions").rglob("*.nii.gz"))
+    assert len(files1) == 4 and [f.name for f in files1] == [f.name for f in files2]
+    for a, b in zip(files1, files2, strict=True):
+        assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj)), a.name
 
 
 @pytest.mark.slow

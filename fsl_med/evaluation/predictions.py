@@ -30,7 +30,7 @@ from fsl_med.ranks import gather_objects
 
 
 @dataclass(frozen=True)
-class _Part:
+class OrganPrediction:
     """One organ's prediction of one query scan and variant, sparse (foreground voxels only)."""
 
     query_id: str
@@ -43,7 +43,7 @@ class _Part:
     prob: np.ndarray  # their foreground probabilities
 
 
-def assemble_label(parts: list[_Part], depth: int) -> np.ndarray:
+def assemble_label(parts: list[OrganPrediction], depth: int) -> np.ndarray:
     """``[Z, H, W]`` uint8 label volume (model grid) of one query scan and variant from its organs' parts."""
     _, h, w = parts[0].shape
     label = np.zeros((depth, h, w), dtype=np.uint8)
@@ -73,32 +73,39 @@ class PredictionWriter(L.Callback):
         self.dirpath = Path(dirpath)
         self.variants = list(variants) if variants is not None else None
         self.source_grid = source_grid
-        self._parts: list[_Part] = []
+        self.parts: list[OrganPrediction] = []  # this process's, until the end of the test epoch
         self.written: list[Path] = []
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._parts, self.written = [], []
+        self.parts, self.written = [], []
+
+    def collect(self, record: ItemPrediction) -> None:
+        """Keep the record's variants (sparse) for :meth:`write`; :attr:`parts` holds what was collected."""
+        item = record.item
+        if not item.query_path:
+            raise ValueError(f"{item.organ} scan {item.query_id}: the item names no query file (EvalItem.query_path)")
+        for v in self.variants if self.variants is not None else list(record.variants):
+            p = record.variants[v]
+            idx = np.flatnonzero(p.pred)
+            self.parts.append(OrganPrediction(item.query_id, str(item.query_path), v, int(item.label_id),
+                                              np.asarray(item.z), tuple(p.pred.shape), idx.astype(np.int64),
+                                              p.prob.reshape(-1)[idx].copy()))
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not isinstance(outputs, ItemPrediction):
-            return
-        item = outputs.item
-        for v in self.variants if self.variants is not None else list(outputs.variants):
-            p = outputs.variants[v]
-            idx = np.flatnonzero(p.pred)
-            self._parts.append(_Part(item.query_id, str(item.query_path), v, int(item.label_id), np.asarray(item.z),
-                                     tuple(p.pred.shape), idx.astype(np.int64), p.prob.reshape(-1)[idx].copy()))
+        if isinstance(outputs, ItemPrediction):
+            self.collect(outputs)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        parts = [p for g in gather_objects(trainer, self._parts) for p in g]
-        self._parts = []
+        parts = [p for g in gather_objects(trainer, self.parts) for p in g]
+        self.parts = []
         if trainer.is_global_zero:
             self.written = self.write(parts)
 
-    def write(self, parts: list[_Part]) -> list[Path]:
-        """Write the files of ``parts`` (all organs of each query scan and variant); returns their paths."""
-        groups: dict[tuple[str, str], list[_Part]] = {}
+    def write(self, parts: list[OrganPrediction]) -> list[Path]:
+        """Write the files of ``parts`` (all organs of each query scan and variant, e.g. :attr:`parts` after
+        :meth:`collect`); returns their paths."""
+        groups: dict[tuple[str, str], list[OrganPrediction]] = {}
         for p in parts:
             groups.setdefault((p.variant, p.query_id), []).append(p)
         manifests: dict[Path, dict[str, Any] | None] = {}

@@ -1,44 +1,27 @@
-"""Results tables: JSON, CSV and Markdown in the run folder, each written atomically."""
+"""The evaluation report: ``results.json``, ``results.csv`` and ``results.md`` (through :mod:`fsl_med.evaluation.table`)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from fsl_med import atomic
 from fsl_med.evaluation.metrics import VolumeResult
+from fsl_med.evaluation.table import MISSING, Column, Table, is_missing, text, write_report
 
 ORGAN_TITLES = {"liver": "Liver", "right_kidney": "Right kidney", "left_kidney": "Left kidney", "spleen": "Spleen"}
-
-
-def _fmt(v: float | None) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-
-
-def dice_table(columns: dict[str, dict[str, Any]], organs: list[str]) -> str:
-    """A Markdown table with one row per organ plus the mean, one column per result set.
-
-    Args:
-        columns: column title -> a summary (``{"dice": {organ: %}, "dice_mean": %}``).
-        organs: row order.
-    """
-    titles = list(columns)
-    lines = ["| Organ | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
-    for o in organs:
-        lines.append(f"| {ORGAN_TITLES.get(o, o)} | " + " | ".join(_fmt(columns[t]["dice"].get(o)) for t in titles) + " |")
-    lines.append("| **Mean** | " + " | ".join(f"**{_fmt(columns[t]['dice_mean'])}**" for t in titles) + " |")
-    return "\n".join(lines)
 
 
 VARIANT_TITLES = {"plain": "plain", "cca": "+CCA", "ttt": "+TTT", "ttt_cca": "+TTT+CCA"}
 
 
-def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: str = "dice",
-                 std: dict[str, dict[str, float]] | None = None) -> str:
-    """A Markdown table, one row per organ plus the mean, one column per result set.
+def _fmt(v: float | None) -> str:
+    return MISSING if is_missing(v) else f"{v:.2f}"
+
+
+def organ_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: str = "dice",
+                std: dict[str, dict[str, float]] | None = None) -> Table:
+    """One row per organ plus the (bold) mean, one column per result set.
 
     Args:
         columns: column title -> summary with ``{metric: {organ: value}, f"{metric}_mean": value}``.
@@ -46,18 +29,54 @@ def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: 
         std: optional column title -> {organ: std} shown as ``mean ± std``.
     """
     titles = list(columns)
+    keys = [f"c{i}" for i in range(len(titles))]
 
-    def cell(t: str, o: str) -> str:
-        v = columns[t][metric].get(o)
-        if std and t in std and o in std[t] and v is not None:
-            return f"{_fmt(v)} ± {_fmt(std[t][o])}"
-        return _fmt(v)
+    def cell(key: str, t: str) -> Any:
+        def show(row: dict[str, Any]) -> str:
+            v, o = row.get(key), row["_organ"]
+            if std and o is not None and t in std and o in std[t] and not is_missing(v):
+                return f"{_fmt(v)} ± {_fmt(std[t][o])}"
+            return _fmt(v)
+        return show
 
-    lines = ["| Organ | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
-    for o in organs:
-        lines.append(f"| {ORGAN_TITLES.get(o, o)} | " + " | ".join(cell(t, o) for t in titles) + " |")
-    lines.append("| **Mean** | " + " | ".join(f"**{_fmt(columns[t][f'{metric}_mean'])}**" for t in titles) + " |")
-    return "\n".join(lines)
+    cols = (text("organ", "Organ"), *(Column(k, t, fmt=cell(k, t)) for k, t in zip(keys, titles, strict=True)))
+    rows = [{"organ": ORGAN_TITLES.get(o, o), "_organ": o, **{k: columns[t][metric].get(o) for k, t in zip(keys, titles,
+                                                                                                          strict=True)}}
+            for o in organs]
+    rows.append({"organ": "Mean", "_organ": None, **{k: columns[t][f"{metric}_mean"] for k, t in zip(keys, titles,
+                                                                                                   strict=True)}})
+    return Table(cols, tuple(rows), bold=(len(rows) - 1,))
+
+
+def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: str = "dice",
+                 std: dict[str, dict[str, float]] | None = None) -> str:
+    """:func:`organ_table` as Markdown."""
+    return organ_table(columns, organs, metric, std).markdown()
+
+
+def variant_rows(variants: dict[str, dict[str, Any]], organs: list[str], **keys: Any) -> list[dict[str, Any]]:
+    """Long-format rows (one per variant and organ, then the variant's mean) of per-variant summaries, each row
+    also holding ``keys`` (e.g. ``run=...``)."""
+    rows: list[dict[str, Any]] = []
+    for v, summ in variants.items():
+        for o in organs:
+            if o in summ["dice"]:
+                rows.append({**keys, "variant": v, "organ": o, "dice": summ["dice"][o],
+                             "dice_std": summ.get("dice_std", {}).get(o), "hd95_mm": summ.get("hd95", {}).get(o),
+                             "n": (summ.get("n_volumes") or summ.get("n_runs") or {}).get(o), "seconds_per_volume": None})
+        n = summ.get("n_volumes") or summ.get("n_runs") or {}
+        rows.append({**keys, "variant": v, "organ": "mean", "dice": summ["dice_mean"], "dice_std": None,
+                     "hd95_mm": summ.get("hd95_mean"), "n": sum(n.values()) if "n_volumes" in summ else None,
+                     "seconds_per_volume": summ.get("seconds_per_volume")})
+    return rows
+
+
+def long_table(rows: list[dict[str, Any]], first: tuple[Column, ...] = (), n_title: str = "n_volumes") -> Table:
+    """The long-format results table (``first`` columns, then variant, organ, Dice, std, HD95, n, seconds)."""
+    cols = (*first, text("variant", "variant"), text("organ", "organ"), Column("dice", "Dice %"),
+            Column("dice_std", "Dice std"), Column("hd95_mm", "HD95 mm"), Column("n", n_title, digits=None),
+            Column("seconds_per_volume", "s/volume"))
+    return Table(cols, tuple(rows))
 
 
 def build_results(summary: dict[str, Any], volumes: list[VolumeResult], skipped: list[tuple[str, str, str]],
@@ -95,20 +114,7 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
     Returns:
         The path of ``results.json``.
     """
-    run_dir = Path(run_dir)
     variants = results.get("variants") or {"plain": results}
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["variant", "organ", "dice", "dice_std", "hd95_mm", "n_volumes", "seconds_per_volume"])
-    for v, summ in variants.items():
-        for o in organs:
-            if o in summ["dice"]:
-                w.writerow([v, o, f"{summ['dice'][o]:.4f}", f"{summ['dice_std'][o]:.4f}",
-                            _fmt(summ.get("hd95", {}).get(o)), summ["n_volumes"][o], ""])
-        w.writerow([v, "mean", f"{summ['dice_mean']:.4f}", "", _fmt(summ.get("hd95_mean")),
-                    sum(summ["n_volumes"].values()), _fmt(summ.get("seconds_per_volume"))])
-    atomic.write_text(run_dir / "results.csv", buf.getvalue())
-
     cols = {VARIANT_TITLES.get(v, v): summ for v, summ in variants.items()}
     md = [f"**{results['in_sample']}**", ""] if results.get("in_sample") else []
     md += [
@@ -131,5 +137,4 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
         md.append("")
         md.append("Skipped, never scored: " + "; ".join(f"scan {s['query']} / {s['organ']}: {s['reason']}"
                                                        for s in results["skipped"]))
-    atomic.write_text(run_dir / "results.md", "\n".join(md) + "\n")
-    return atomic.write_json(run_dir / "results.json", results)
+    return write_report(run_dir, "results", md, long_table(variant_rows(variants, organs)), results)

@@ -11,8 +11,6 @@ its weights, the steps and the seeds.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import shutil
 from dataclasses import dataclass
@@ -22,11 +20,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, atomic, interrupts
+from fsl_med import __version__, interrupts
 from fsl_med.config import to_container, validate
 from fsl_med.data.datasets import get_dataset_info
 from fsl_med.evaluate import evaluate, write_dice_bar
-from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, metric_table
+from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
+from fsl_med.evaluation.table import Column, Table, text, write_report
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import (
     check_output_location,
@@ -157,15 +156,12 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
                   "dice": {v: r["results"]["variants"][v]["dice"] for v in variants}} for r in runs],
         "config": to_container(cfg),
     }
-    _write_report(run_dir, report, runs, organs, variants)
-    return report, atomic.write_json(run_dir / "protocol.json", report)
+    return report, _write_report(run_dir, report, runs, organs, variants)
 
 
 def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, Any]], organs: list[str],
-                  variants: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["setting", "variant", "organ", "dice_mean", "dice_std", "hd95_mm", "n_runs", "seconds_per_volume"])
+                  variants: list[str]) -> Path:
+    rows: list[dict[str, Any]] = []
     md = [f"# Protocol report: {report['name']}", "",
           f"Dataset `{report['dataset']}`, folds {report['folds']}, seeds {report['seeds']}, "
           f"{report['steps']} training steps per run. Encoder `{report['encoder']['name']}` (weights "
@@ -180,13 +176,7 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
                metric_table(cols, organs, "dice", std), "", "HD95 (mm):", "", metric_table(cols, organs, "hd95"), "",
                "Seconds per query volume: " + ", ".join(f"{t} {c['seconds_per_volume']:.2f}" for t, c in cols.items()),
                "", f"![Dice per organ and variant](dice_bar_setting{s}.png)", ""]
-        for v in variants:
-            for o in organs:
-                if o in agg[v]["dice"]:
-                    w.writerow([s, v, o, f"{agg[v]['dice'][o]:.4f}", f"{agg[v]['dice_std'][o]:.4f}",
-                                f"{agg[v]['hd95'].get(o, float('nan')):.4f}", agg[v]["n_runs"][o], ""])
-            w.writerow([s, v, "mean", f"{agg[v]['dice_mean']:.4f}", "", f"{agg[v]['hd95_mean']:.4f}", "",
-                        f"{agg[v]['seconds_per_volume']:.4f}"])
+        rows += variant_rows({v: agg[v] for v in variants}, organs, setting=s)
         errors = {v: agg[v]["dice_std"] for v in variants}
         write_dice_bar(run_dir, agg, organs, errors, bar_name=f"dice_bar_setting{s}.png")
         first = [r for r in runs if r["job"].setting == s and r["job"].seed == report["seeds"][0]
@@ -200,9 +190,11 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
     if report["ttt_seconds_per_slice"] is not None:
         md.append(f"TTT seconds per slice: {report['ttt_seconds_per_slice']:.3f}")
     md.append(f"Training seconds per step: {report['seconds_per_step']:.3f}")
-    md += ["", "## Runs", "", "| run | train folder | results |", "|---|---|---|"]
-    md += [f"| {r['tag']} | `{r['train_dir']}` | `{r['results']}` |" for r in report["runs"]]
+    folders = Table((text("tag", "run"), text("train", "train folder"), text("results", "results")),
+                    tuple({"tag": r["tag"], "train": f"`{r['train_dir']}`", "results": f"`{r['results']}`"}
+                          for r in report["runs"]))
+    md += ["", "## Runs", "", folders.markdown()]
     md += ["", "Overlays (first fold and seed): `overlays/setting<s>/`. Organ names: "
            + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
-    atomic.write_text(run_dir / "protocol.csv", buf.getvalue())
-    atomic.write_text(run_dir / "protocol.md", "\n".join(md) + "\n")
+    table = long_table(rows, (Column("setting", "setting", digits=None),), n_title="n_runs")
+    return write_report(run_dir, "protocol", md, table, report)
