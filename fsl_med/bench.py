@@ -405,7 +405,7 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         "# Benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"{'GPU ' + m['cuda'] if m['cuda'] else 'no GPU'}; torch {m['torch']}, Python {m['python']}, fsl_med {m['fsl_med']}. "
-        (f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
+        + (f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
          f"{mm['median_gflops']:.1f}). " if g else "Matmul throughput not measured (part `matmul` not run). ")
         + f"Written by `make bench` on {res['date']}.", "",
         f"Encoder `{res['encoder']}` (random init), 256 px, batch 1, data `{res['data']}`. Medians after warm-up; "

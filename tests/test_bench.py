@@ -3,13 +3,14 @@ the tiny ViT on the phantom; the real figures come from ``make bench``, never fr
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fsl_med.bench import _kernel_floor, run_bench
+from fsl_med.bench import _kernel_floor, run_bench, write_report
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
 
@@ -76,3 +77,20 @@ def test_bench_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--data", str(tmp_path), "--parts", "train,eval"]) == 2
     assert "unknown part" in capsys.readouterr().err
     assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_bench_report_without_the_matmul_part(tmp_path):
+    """``fsl-med bench --parts eval`` writes its report (no FLOP-bound fractions, no scaling) instead of failing;
+    the main table also goes to ``benchmarks.csv``."""
+    res = {"date": "2026-12-01", "encoder": "vit_tiny_patch14", "data": "phantom",
+           "machine": {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "cuda": None, "torch": torch.__version__,
+                       "python": "3.11", "fsl_med": "0"},
+           "parts": {"eval": {"seconds_per_slice": 0.0521, "seconds_per_volume": 0.8406, "slices": 258, "volumes": 16,
+                              "query_scans": 4, "encoded_slices": 116, "peak_rss_mb": 1351.4}}}
+    md = write_report(res, tmp_path).read_text()
+    assert "Matmul throughput not measured" in md
+    assert "| evaluation, per query slice incl. CCA (s) | 0.052 |" in md
+    rows = {r["measurement"]: r for r in csv.DictReader((tmp_path / "benchmarks.csv").open())}
+    assert rows["evaluation, per query volume and organ (s)"]["fsl_med"] == "0.8406"
+    assert rows["training step, full fine-tuning (s)"]["fsl_med"] == ""  # not measured: empty, not "–"
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["parts"]["eval"]["volumes"] == 16
