@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install fsl_med with its dev tools (idempotent)
 
-test: $(STAMP) ## run the test suite (real CHAOS data from ../shared when present; required under CI=true)
+test: $(STAMP) lint ## lint + import contracts, then the test suite (real CHAOS data from ../shared when present; required under CI=true)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
@@ -77,8 +77,9 @@ gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) [DATA=.
 gpu-bundle: $(STAMP) ## wheels (Python 3.12) + a real CHAOS-T2 subset with superpixels for a GPU machine -> gpu_bundle/
 	$(FSL) gpu-bundle --out $(or $(OUT),gpu_bundle) $(if $(DATA),--data $(DATA),)
 
-lint: $(STAMP) ## ruff over fsl_med/ and tests/
+lint: $(STAMP) ## ruff over fsl_med/ and tests/, and the import contracts of pyproject.toml (layers, no cycles)
 	$(VENV)/bin/ruff check fsl_med tests
+	$(VENV)/bin/lint-imports
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__, interrupts
-from fsl_med.config import apply_overrides, to_container, validate
+from fsl_med.config import apply_overrides, to_container
 from fsl_med.errors import ConfigError
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
@@ -31,6 +31,7 @@ from fsl_med.runs import (
     discard_run_dir,
     new_run_dir,
     save_config,
+    validate_run,
 )
 from fsl_med.train import train
 
@@ -63,7 +64,7 @@ def run_configs(cfg: DictConfig, out_dir: Path) -> list[tuple[str, DictConfig, s
                            ("logging.output_dir", str(out_dir / "runs"))):
             OmegaConf.update(rcfg, key, value, merge=False)
         OmegaConf.resolve(rcfg)
-        validate(rcfg)
+        validate_run(rcfg)
         if row.reuse is not None:
             if row.reuse not in seen:
                 raise ConfigError(f"config key 'ablation.runs[{i}].reuse': '{row.reuse}' is not an earlier run "

@@ -78,9 +78,9 @@ def part_matmul(_: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
-    from fsl_med.config import load_config
+    from fsl_med.runs import load_run_config
 
-    return load_config(REPO / "experiments" / "mri.yaml", [
+    return load_run_config(REPO / "experiments" / "mri.yaml", [
         f"data.root={args.data}", f"model.encoder.name={args.encoder}", "model.encoder.weights=none",
         f"data.cache_dir={args.cache_dir}", f"logging.output_dir={args.work}", "logging.logger=none",
         "trainer.enable_progress_bar=false", f"trainer.precision={args.precision}", *extra])

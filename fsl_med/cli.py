@@ -48,12 +48,12 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def _required_config(args: argparse.Namespace, usage: str) -> Any:
     """The config named by the first positional argument with the ``key=value`` overrides applied."""
-    from fsl_med.config import load_config
+    from fsl_med.runs import load_run_config
 
     name, overrides = _split_config_arg(args)
     if name is None:
         raise ConfigError(f"{args.command} needs a config: fsl-med {args.command} {usage}")
-    return load_config(_config_path(name), overrides)
+    return load_run_config(_config_path(name), overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -205,7 +205,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
         out = generate_phantom(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
     else:
-        from fsl_med.data.phantom_raw import write_raw_chaos, write_raw_sabs
+        from fsl_med.prepare.phantom_raw import write_raw_chaos, write_raw_sabs
 
         if args.format == "sabs-raw":
             out = write_raw_sabs(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)

@@ -10,12 +10,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.evaluate import evaluate
 from fsl_med.evaluation.figures import before_after_figure, dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, metric_table
 from fsl_med.models.module import FewShotModule
+from fsl_med.runs import load_run_config
 from fsl_med.train import train
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run_demo(cfg_path: Path | None, overrides: list[str] | None = None) -> str:
         predictions) and the run folders.
     """
     t0 = time.perf_counter()
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_run_config(cfg_path, overrides)
     root = generate_phantom(cfg.data.root)
     log.info("phantom dataset in %s", root)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the untrained model is reproducible too

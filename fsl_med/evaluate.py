@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,9 +25,7 @@ from fsl_med.refine.ttt import TestTimeTraining
 from fsl_med.runs import (
     adopt_checkpoint_data,
     adopt_checkpoint_model,
-    check_compatible,
     check_output_location,
-    check_state_dict,
     check_trainer_settings,
     checkpoint_trained_on,
     discard_run_dir,
@@ -36,38 +33,13 @@ from fsl_med.runs import (
     is_rank_zero,
     load_checkpoint,
     make_trainer,
+    module_from_checkpoint,
     resolve_ckpt,
     save_config,
     shared_run_dir,
-    stored_config,
 )
 
 log = logging.getLogger(__name__)
-
-
-def module_from_checkpoint(path: Path, cfg: DictConfig, ckpt: dict[str, Any] | None = None
-                           ) -> tuple[FewShotModule, dict[str, Any]]:
-    """Build the module of ``cfg`` and load a checkpoint's weights into it (``ckpt``: the checkpoint already
-    read from ``path``, to read it once).
-
-    Raises:
-        WeightsError: unreadable checkpoint or weights of another architecture.
-        ConfigError: the checkpoint's encoder differs from the config's.
-    """
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    check_compatible(to_container(stored_config(ckpt, path)), cfg, path)
-    with warnings.catch_warnings():  # the encoder's random init is replaced by the checkpoint right away
-        warnings.simplefilter("ignore")
-        enc_logger = logging.getLogger("fsl_med.models.encoders")
-        level = enc_logger.level
-        enc_logger.setLevel(logging.ERROR)
-        try:
-            module = FewShotModule(to_container(cfg), weights="none")
-        finally:
-            enc_logger.setLevel(level)
-    check_state_dict(ckpt["state_dict"], module, path)
-    module.load_state_dict(ckpt["state_dict"])
-    return module, ckpt
 
 
 class EvalOutcome(NamedTuple):

@@ -137,9 +137,9 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
             64 MiB the device tool carries.
         FslMedError: a wheel cannot be obtained.
     """
-    from fsl_med.config import load_config
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.data.datasets import fold_split, get_dataset_info
+    from fsl_med.runs import load_run_config
 
     src = Path(data or os.environ.get("FSL_MED_DATA_MRI") or REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized")
     if not src.is_dir():
@@ -161,7 +161,7 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
         wheels = download_wheels(tmp / "wheels", wheels_from=Path(wheels_from) if wheels_from else None)
         _copy_scans(src, tmp / "chaos", ids)
         # the training scans' pseudolabels, computed as training computes them (the cache is keyed by content)
-        cfg = load_config(REPO / "experiments" / "mri.yaml", [f"data.root={tmp / 'chaos'}",
+        cfg = load_run_config(REPO / "experiments" / "mri.yaml", [f"data.root={tmp / 'chaos'}",
                                                               f"data.cache_dir={tmp / 'cache'}"])
         t0 = time.perf_counter()
         FewShotDataModule(cfg).prepare_data()

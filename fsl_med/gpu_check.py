@@ -195,9 +195,9 @@ class GpuCheck:
     # -- configuration ------------------------------------------------------------------------------
     def config(self, extra: list[str] | tuple[str, ...]) -> Any:
         """The run config of one row: ``experiments/mri.yaml`` + scratch paths + profile + user + row overrides."""
-        from fsl_med.config import load_config
+        from fsl_med.runs import load_run_config
 
-        return load_config(REPO / "experiments" / "mri.yaml", [
+        return load_run_config(REPO / "experiments" / "mri.yaml", [
             f"data.root={self.data}", f"data.cache_dir={self.cache_dir}", f"logging.output_dir={self.work / 'runs'}",
             "logging.logger=none", "trainer.enable_progress_bar=false", "model.encoder.weights=none",
             *(self.profile.phantom if self.phantom else ()), *self.overrides, *extra])
@@ -393,8 +393,8 @@ class GpuCheck:
     def row_ttt_paper(self, row: Row) -> None:
         """The paper's TTT (per slice, ``ttt_steps`` steps) on a few slices of the first query volume."""
         from fsl_med.data.datamodule import FewShotDataModule
-        from fsl_med.evaluate import module_from_checkpoint
         from fsl_med.refine.ttt import TestTimeTrainer
+        from fsl_med.runs import module_from_checkpoint
 
         cfg = self._eval_config(["ttt.mode=slice", f"ttt.steps={self.profile.ttt_steps}"])
         dm = FewShotDataModule(cfg)
@@ -425,10 +425,9 @@ class GpuCheck:
     def _subset_dice(self, accelerator: str) -> tuple[dict[str, float], str]:
         """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop."""
         from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
-        from fsl_med.evaluate import module_from_checkpoint
         from fsl_med.evaluation.scoring import Scoring
         from fsl_med.refine.cca import CCA
-        from fsl_med.runs import make_trainer, new_run_dir
+        from fsl_med.runs import make_trainer, module_from_checkpoint, new_run_dir
 
         cfg = self._eval_config(["eval.variants=[plain,cca]", f"trainer.accelerator={accelerator}",
                                  "trainer.devices=1", "trainer.strategy=auto", "eval.overlay_slices=0"])
@@ -774,10 +773,10 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     real = prof.name == "gpu" or origin != "default"  # the tiny profile generates a phantom unless given data
     if real and not _has_volumes(root):
         raise DataError(f"{root}: no prepared CHAOS-T2 volumes for the gpu profile (make gpu-bundle, or --data DIR)")
-    from fsl_med.config import load_config
+    from fsl_med.runs import load_run_config
 
     # the overrides are checked once, up front: a typo is one error line, not a failure in every row
-    load_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])
+    load_run_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])
     out_dir = atomic.ensure_writable_dir(out, "--out")
     (out_dir / "gpu-check.log").write_text("", encoding="utf-8")
     check = GpuCheck(out_dir, prof, root if real else None, cache, list(overrides or []), only, budget_s)

@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__, interrupts
-from fsl_med.config import to_container, validate
+from fsl_med.config import to_container
 from fsl_med.data.datasets import get_dataset_info
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
@@ -33,6 +33,7 @@ from fsl_med.runs import (
     discard_run_dir,
     new_run_dir,
     save_config,
+    validate_run,
 )
 from fsl_med.train import train
 
@@ -74,7 +75,7 @@ def job_config(cfg: DictConfig, job: Job, out_dir: Path) -> DictConfig:
                        ("data.test_organs", list(job.organs)), ("eval.variants", list(cfg.protocol.variants)),
                        ("name", f"{cfg.name}-{job.tag}"), ("logging.output_dir", str(out_dir / "runs"))):
         OmegaConf.update(jcfg, key, value, merge=False)
-    validate(jcfg)
+    validate_run(jcfg)
     return jcfg
 
 

@@ -23,11 +23,14 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
-from fsl_med.config import to_container, to_yaml
+from fsl_med.config import load_config, to_container, to_yaml, validate
+from fsl_med.data.datasets import check_data_settings, excluded_labels
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.evaluation.scoring import Scoring
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
+from fsl_med.models.encoders import get_encoder_spec
+from fsl_med.models.module import FewShotModule
 from fsl_med.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -207,6 +210,31 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=f"{name}-{version}",
                        save_dir=str(run_dir), offline=offline, config=to_container(cfg))
+
+
+def check_registries(cfg: DictConfig) -> None:
+    """Check the names ``cfg`` takes from registries: the dataset, its folds and organs
+    (:func:`~fsl_med.data.datasets.check_data_settings`) and the encoder
+    (:func:`~fsl_med.models.encoders.get_encoder_spec`).
+
+    Raises:
+        ConfigError: an unknown name (with the closest valid one) or a fold out of range.
+    """
+    check_data_settings(cfg)
+    get_encoder_spec(cfg.model.encoder.name)
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """:func:`fsl_med.config.validate` (schema, ranges) and :func:`check_registries` (names)."""
+    validate(cfg)
+    check_registries(cfg)
+
+
+def load_run_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """:func:`fsl_med.config.load_config`, then :func:`check_registries`: what every verb runs with."""
+    cfg = load_config(path, overrides)
+    check_registries(cfg)
+    return cfg
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callbacks: list[Callback] | None = None,
@@ -399,7 +427,6 @@ def adopt_checkpoint_model(cfg: DictConfig, ckpt: dict[str, Any], path: Path,
             (:func:`check_input_geometry`) differs.
         WeightsError: the stored config is malformed.
     """
-    from fsl_med.config import validate
 
     stored = to_container(stored_config(ckpt, path))
     new = cfg.copy()
@@ -417,7 +444,7 @@ def adopt_checkpoint_model(cfg: DictConfig, ckpt: dict[str, Any], path: Path,
         log.warning("note: the checkpoint %s defines the model; taken from it instead of the config: %s", path,
                     ", ".join(differ))
     check_input_geometry(stored, new, path)
-    validate(new)
+    validate_run(new)
     return new
 
 
@@ -571,7 +598,6 @@ def checkpoint_trained_on(ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> 
     except FslMedError:
         return None  # the evaluation's own checks report a bad folder
     train, val = validation_split(split.train, int(stored.data.num_val_scans))
-    from fsl_med.config import excluded_labels
 
     log.warning("note: %s predates training records; assuming it was trained on fold %s of this folder (its stored "
                 "config)", path, stored.data.fold)
@@ -586,7 +612,6 @@ def adopt_checkpoint_data(cfg: DictConfig, trained: TrainedOn | None, path: Path
     """``cfg`` with ``data.fold``, ``data.setting`` and ``data.test_organs`` taken from what the checkpoint was trained
     on, except those given on the command line (``explicit``); one note lists what was taken. A checkpoint of
     another dataset (cross-domain evaluation) gives nothing. Returns a new validated config (``cfg`` untouched)."""
-    from fsl_med.config import validate
 
     if trained is None or trained.dataset != cfg.data.dataset:
         return cfg
@@ -603,7 +628,7 @@ def adopt_checkpoint_data(cfg: DictConfig, trained: TrainedOn | None, path: Path
     if taken:
         log.warning("note: as the checkpoint %s was trained, taken from it: %s (give them on the command line to "
                     "override)", path, ", ".join(taken))
-        validate(new)
+        validate_run(new)
     return new
 
 
@@ -645,3 +670,28 @@ def in_sample_scans(cfg: DictConfig, trained: TrainedOn | None, dm: Any, source:
         return line
     raise DataError(f"{what}: that would be in-sample Dice; evaluate fold {trained.fold} (drop the "
                     "data.fold override) or set eval.allow_train_scans=true for a deliberate in-sample analysis")
+
+
+def module_from_checkpoint(path: Path, cfg: DictConfig, ckpt: dict[str, Any] | None = None
+                           ) -> tuple[FewShotModule, dict[str, Any]]:
+    """Build the module of ``cfg`` and load a checkpoint's weights into it (``ckpt``: the checkpoint already
+    read from ``path``, to read it once).
+
+    Raises:
+        WeightsError: unreadable checkpoint or weights of another architecture.
+        ConfigError: the checkpoint's encoder differs from the config's.
+    """
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    check_compatible(to_container(stored_config(ckpt, path)), cfg, path)
+    with warnings.catch_warnings():  # the encoder's random init is replaced by the checkpoint right away
+        warnings.simplefilter("ignore")
+        enc_logger = logging.getLogger("fsl_med.models.encoders")
+        level = enc_logger.level
+        enc_logger.setLevel(logging.ERROR)
+        try:
+            module = FewShotModule(to_container(cfg), weights="none")
+        finally:
+            enc_logger.setLevel(level)
+    check_state_dict(ckpt["state_dict"], module, path)
+    module.load_state_dict(ckpt["state_dict"])
+    return module, ckpt

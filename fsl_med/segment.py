@@ -287,9 +287,8 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
     """
     from fsl_med.data.datasets import get_dataset_info
     from fsl_med.data.volumes import Normalizer, slice_input, write_nifti
-    from fsl_med.evaluate import module_from_checkpoint
     from fsl_med.refine.cca import largest_mass_component
-    from fsl_med.runs import load_checkpoint, stored_config
+    from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
 
     ckpt, out = Path(ckpt), Path(out)
     sup_img_p, sup_mask_p, query_p = Path(support_image), Path(support_mask), Path(query)

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from fsl_med import atomic, interrupts
-from fsl_med.config import excluded_labels, to_container
+from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
+from fsl_med.data.datasets import excluded_labels
 from fsl_med.errors import TrainingDiverged
 from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule

@@ -24,12 +24,12 @@ from omegaconf import OmegaConf
 from fsl_med import callbacks as cbs
 from fsl_med.cli import main
 from fsl_med.config import load_config
-from fsl_med.data.datamodule import EvalDataset, EvalItem, FewShotDataModule
+from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.phantom_raw import write_raw_sabs
+from fsl_med.prepare.phantom_raw import write_raw_sabs
+from fsl_med.data.protocol import EvalItem
 from fsl_med.data.volumes import write_nifti
 from fsl_med.errors import ConfigError
-from fsl_med.evaluate import module_from_checkpoint
 from fsl_med.evaluation.metrics import confusion_counts, hd95
 from fsl_med.evaluation.predictions import PredictionWriter
 from fsl_med.evaluation.scoring import Scoring
@@ -40,6 +40,7 @@ from fsl_med.prepare.sabs import prepare_sabs
 from fsl_med.refine.base import Refinement
 from fsl_med.refine.cca import CCA, largest_mass_component
 from fsl_med.refine.ttt import TestTimeTrainer, TestTimeTraining
+from fsl_med.runs import module_from_checkpoint
 from fsl_med.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fsl_med.config import load_config
-from fsl_med.data.datamodule import FewShotDataModule, build_eval_items
+from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.datasets import get_dataset_info
 from fsl_med.data.episodes import AugmentParams, EpisodeDataset
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.protocol import support_slice_indices, support_slices_per_part
+from fsl_med.data.protocol import build_eval_items, support_slice_indices, support_slices_per_part
 from fsl_med.data.volumes import load_volume, make_normalizer, slice_input, slice_stack
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.models.encoders import create_encoder

@@ -14,7 +14,7 @@ import pytest
 from fsl_med.atomic import sha256_file
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom, make_phantom_scan
-from fsl_med.data.phantom_raw import (
+from fsl_med.prepare.phantom_raw import (
     CHAOS_TO_BTCV,
     CT_SPACING,
     MR_SPACING,

@@ -11,6 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fsl_med.errors import ConfigError, DataError
 
@@ -46,13 +47,6 @@ class DatasetInfo:
     def n_folds(self) -> int:
         """Number of folds (5 for both datasets)."""
         return len(self.sep) - 1
-
-    def organ_of(self, label_id: int) -> str:
-        """Organ name of a label id (``KeyError`` if it is not an evaluated organ)."""
-        for k, v in self.labels.items():
-            if v == label_id:
-                return k
-        raise KeyError(label_id)
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
@@ -300,3 +294,35 @@ def validation_split(train: list[str], num_val: int) -> tuple[list[str], list[st
     if num_val > 0 and len(train) > num_val:
         return train[:-num_val], train[-num_val:]
     return train, []
+
+
+def check_data_settings(cfg: Any) -> DatasetInfo:
+    """Check ``cfg.data``'s dataset name, fold and test organs (and ``cfg.protocol.folds``) against the registry;
+    returns the dataset.
+
+    Raises:
+        ConfigError: unknown dataset or organ (with the closest valid name), or a fold out of range.
+    """
+    info = get_dataset_info(cfg.data.dataset)
+    if not 0 <= cfg.data.fold < info.n_folds:
+        raise ConfigError(f"config key 'data.fold': must be in 0..{info.n_folds - 1}, got {cfg.data.fold}")
+    folds = list(cfg.protocol.folds) if "protocol" in cfg else []
+    if not all(0 <= f < info.n_folds for f in folds):
+        raise ConfigError(f"config key 'protocol.folds': must be a non-empty list of folds in 0..{info.n_folds - 1}, "
+                          f"got {folds}")
+    for organ in cfg.data.test_organs:
+        if organ not in info.labels:
+            close = difflib.get_close_matches(organ, list(info.labels), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"config key 'data.test_organs': unknown organ '{organ}'{hint}; valid: {', '.join(info.labels)}"
+            )
+    return info
+
+
+def excluded_labels(cfg: Any) -> list[int]:
+    """Label ids whose slices are dropped from training: the test organs in Setting 2, none in Setting 1."""
+    if cfg.data.setting == 1:
+        return []
+    info = get_dataset_info(cfg.data.dataset)
+    return sorted(info.labels[o] for o in cfg.data.test_organs)

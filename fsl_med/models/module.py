@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from fsl_med.config import from_container, to_container
-from fsl_med.data.datamodule import EvalItem
+from fsl_med.data.protocol import EvalItem
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
 from fsl_med.models.encoders import create_encoder

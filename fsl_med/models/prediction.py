@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fsl_med.data.datamodule import EvalItem
+from fsl_med.data.protocol import EvalItem
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fsl_med.errors import WeightsError
-from fsl_med.models.encoders import DenseEncoder, EncoderSpec
+from fsl_med.models.encoder_base import DenseEncoder, EncoderSpec
 
 logger = logging.getLogger(__name__)
 

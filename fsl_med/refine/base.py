@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from fsl_med.data.datamodule import EvalItem
+from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
 from fsl_med.models.prediction import ItemPrediction
 

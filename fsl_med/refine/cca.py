@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 from scipy import ndimage
 
-from fsl_med.data.datamodule import EvalItem
+from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
 from fsl_med.refine.base import Refinement
 

@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fsl_med.data.datamodule import EvalItem
 from fsl_med.data.episodes import AugmentParams, augment_pair
+from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
 from fsl_med.interrupts import raise_pending
 from fsl_med.models.segmenter import FewShotSegmenter, tile3

@@ -1,0 +1,1 @@
+"""Raw downloads -> prepared volumes (CHAOS MRI, Synapse/BTCV CT): geometry, intensities, manifest."""
