@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice
 
-from fsl_med.evaluation.metrics import Counts, VolumeResult, confusion_counts, summarize
+from fsl_med.evaluation.metrics import Counts, VolumeResult, confusion_counts, hd95, summarize
 
 
 def test_hand_computed_dice():
@@ -52,3 +52,25 @@ def test_summary_means_over_volumes_then_organs():
     assert s["dice_mean"] == pytest.approx(37.5)
     assert s["organs_without_volumes"] == ["left_kidney"]
     assert s["n_volumes"] == {"liver": 2, "spleen": 1, "left_kidney": 0}
+
+
+def test_hd95_in_mm_on_an_anisotropic_grid_matches_hand_computed_values():
+    """Spacing (z, y, x) = (5, 1, 0.5) mm. Single voxels: 4 voxels apart along x is 2 mm, 2 along z is 10 mm, 3 along
+    y is 3 mm. A line of 40 voxels against its first 20: the directed distances are 20 zeros and 0.5, 1, ..., 10 mm;
+    their 95th percentile (linear interpolation at rank 0.95 * 39 = 37.05) is 9.0 + 0.05 * 0.5 = 9.025 mm, the
+    other direction is 0, so HD95 = 9.025 mm; one far outlier among 21 surface voxels is below the 95th percentile."""
+    spacing = (5.0, 1.0, 0.5)
+
+    def vol(*points: tuple[int, int, int]) -> np.ndarray:
+        v = np.zeros((6, 12, 48), np.uint8)
+        for p in points:
+            v[p] = 1
+        return v
+
+    assert hd95(vol((2, 5, 9)), vol((2, 5, 5)), spacing) == pytest.approx(2.0)
+    assert hd95(vol((4, 5, 5)), vol((2, 5, 5)), spacing) == pytest.approx(10.0)
+    assert hd95(vol((2, 8, 5)), vol((2, 5, 5)), spacing) == pytest.approx(3.0)
+    line20, line40 = [(2, 5, x) for x in range(20)], [(2, 5, x) for x in range(40)]
+    assert hd95(vol(*line40), vol(*line20), spacing) == pytest.approx(9.025, abs=1e-5)
+    assert hd95(vol(*line20), vol(*line40), spacing) == pytest.approx(9.025, abs=1e-5)  # symmetric
+    assert hd95(vol(*line20, (2, 5, 39)), vol(*line20), spacing) == pytest.approx(0.0)

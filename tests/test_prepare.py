@@ -14,6 +14,13 @@ import pytest
 from fsl_med.atomic import sha256_file
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom, make_phantom_scan
+from fsl_med.data.volumes import load_volume, write_nifti
+from fsl_med.errors import DataError
+from fsl_med.prepare.chaos import MriParams, prepare_chaos
+from fsl_med.prepare.dicom import chaos_grey_to_label
+from fsl_med.prepare.geometry import orientation_of, reorient, world_centroid
+from fsl_med.prepare.importer import check_prepared, import_prepared
+from fsl_med.prepare.manifest import read_manifest
 from fsl_med.prepare.phantom_raw import (
     CHAOS_TO_BTCV,
     CT_SPACING,
@@ -22,13 +29,6 @@ from fsl_med.prepare.phantom_raw import (
     write_raw_chaos,
     write_raw_sabs,
 )
-from fsl_med.data.volumes import load_volume, write_nifti
-from fsl_med.errors import DataError
-from fsl_med.prepare.chaos import MriParams, prepare_chaos
-from fsl_med.prepare.dicom import chaos_grey_to_label
-from fsl_med.prepare.geometry import orientation_of, reorient, world_centroid
-from fsl_med.prepare.importer import check_prepared, import_prepared
-from fsl_med.prepare.manifest import read_manifest
 from fsl_med.prepare.pipeline import Scan
 from fsl_med.prepare.sabs import CtParams, prepare_sabs, preprocess_ct
 
