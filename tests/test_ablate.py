@@ -52,7 +52,15 @@ def test_ablation_grid_writes_one_report(phantom, tmp_path, cache_dir, capsys) -
     # the 3-shot row evaluated 3 support scans, the others one
     res3 = json.loads(Path(runs["full-3shot"]["results_path"]).read_text())
     res1 = json.loads(Path(runs["full"]["results_path"]).read_text())
-    assert res3["dice_mean"] != res1["dice_mean"] or res3["dice"] != res1["dice"]
+    # the reuse row is exactly a 3-shot evaluation of the 'full' checkpoint, the 'full' row a 1-shot one
+    for shots, res in ((3, res3), (1, res1)):
+        assert main(["eval", *_args(phantom, tmp_path / "direct", cache_dir)[1:], f"ckpt={runs['full']['checkpoint']}",
+                     f"shots={shots}", "eval.variants=[plain,cca,ttt,ttt_cca]", f"name=direct{shots}"]) == 0
+        direct = json.loads(next((tmp_path / "direct").glob(f"direct{shots}-eval/version_0/results.json")).read_text())
+        strip = [{k: v for k, v in x.items() if k != "seconds"} for x in direct["volumes"]]
+        assert strip == [{k: v for k, v in x.items() if k != "seconds"} for x in res["volumes"]], shots
+    assert [(v["tp"], v["fp"], v["fn"]) for v in res3["volumes"]] != [(v["tp"], v["fp"], v["fn"]) for v in res1["volumes"]]
+    capsys.readouterr()
     md = (report_dir / "ablation.md").read_text()
     for needle in ("| full | `vit_tiny_patch14`", "(untrained)", "2 (= full)", "3 (scans)", "lora r=4", "+TTT+CCA",
                    "HD95 (mm)", "resnet101_deeplabv3", "fold 0, Setting 1, seed 1234", "TTT: 1 steps", "| – |"):

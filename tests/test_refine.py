@@ -109,9 +109,16 @@ def test_ttt_leaves_empty_predictions_alone_and_volume_mode():
     pred, p = _ttt(seg, steps=2).refine(imgs[0], imgs[1], prob, np.zeros(2, int), img, mask,
                                         np.random.default_rng(1))
     assert not pred[1].any() and np.array_equal(p[1], prob[1])  # empty slice: kept as is
-    pred_v, _ = _ttt(seg, steps=2, mode="volume").refine(imgs[0], imgs[1], prob, np.zeros(2, int), img, mask,
-                                                         np.random.default_rng(1))
-    assert pred_v.shape == (2, 64, 64)
+    pred_v, p_v = _ttt(seg, steps=2, mode="volume").refine(imgs[0], imgs[1], prob, np.zeros(2, int), img, mask,
+                                                           np.random.default_rng(1))
+    # volume mode: one adaptation on the whole volume (its non-empty slices drawn by the same generator), then every
+    # slice re-predicted with the real support, the empty one too
+    with torch.inference_mode(False), torch.enable_grad(), restored(seg):
+        _ttt(seg, steps=2, mode="volume")._adapt(imgs[0], imgs[1], np.random.default_rng(1), torch.device("cpu"))
+        manual, manual_p = seg.predict_volume(seg.support_prototypes(img, mask, "cpu", 1), imgs[0], np.zeros(2, int),
+                                              8, "cpu")
+    assert np.array_equal(pred_v, manual) and np.allclose(p_v, manual_p)
+    assert not np.array_equal(p_v[1], prob[1])  # unlike slice mode, the empty slice is re-predicted
 
 
 def test_ttt_parameter_selection():
