@@ -47,17 +47,24 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autot
 
 @dataclass
 class SuperpixelConfig:
-    """Felzenszwalb pseudolabels (method.md §1.3)."""
+    """Felzenszwalb pseudolabels (method.md §1.3): the config section and the parameters of
+    :mod:`fsl_med.data.superpixels` (one class)."""
 
     scale: float = 1.0
     sigma: float = 1.0
     min_size: int = 400
-    body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4)
+    body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4); bare use: MRI's
+
+    @property
+    def is_reference(self) -> bool:
+        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400)."""
+        return (self.scale, self.sigma, self.min_size) == (1.0, 1.0, 400)
 
 
 @dataclass
 class AugmentConfig:
-    """'sabs_aug' of the reference (method.md §2.2)."""
+    """'sabs_aug' of the reference (method.md §2.2): the config section and the ranges
+    :func:`fsl_med.data.episodes.augment_pair` draws from (one class)."""
 
     enabled: bool = True
     rotate_deg: float = 5.0

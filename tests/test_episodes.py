@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fsl_med.config import load_config
+from fsl_med.config import AugmentConfig, SuperpixelConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.datasets import get_dataset_info
-from fsl_med.data.episodes import AugmentParams, EpisodeDataset, augment_pair, mask_at_feature_size
+from fsl_med.data.episodes import EpisodeDataset, augment_pair, mask_at_feature_size
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.superpixels import SuperpixelParams, body_mask, load_or_make_superpixels, superpixels_2d
+from fsl_med.data.superpixels import body_mask, load_or_make_superpixels, superpixels_2d
 from fsl_med.data.volumes import load_volume, make_normalizer
 
 
@@ -25,7 +25,7 @@ def vol(tmp_path_factory):
 
 def test_superpixels_inside_body_and_consecutive(vol):
     z = vol.image.shape[0] // 2
-    sp = superpixels_2d(vol.image[z], SuperpixelParams())
+    sp = superpixels_2d(vol.image[z], SuperpixelConfig())
     assert sp.shape == vol.image[z].shape
     body = body_mask(vol.image[z], 50 + 1e-4)
     assert (sp[~body] == 0).all() and (sp[body] > 0).all()  # 0 exactly outside the body
@@ -37,13 +37,13 @@ def test_superpixels_inside_body_and_consecutive(vol):
 
 def test_superpixel_cache_is_keyed_by_parameters(vol, tmp_path):
     img = vol.image[:3]
-    a = load_or_make_superpixels(img, vol.path, SuperpixelParams(), tmp_path)
+    a = load_or_make_superpixels(img, vol.path, SuperpixelConfig(), tmp_path)
     files = sorted((tmp_path / "superpixels").glob("*.npz"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    b = load_or_make_superpixels(img, vol.path, SuperpixelParams(), tmp_path)
+    b = load_or_make_superpixels(img, vol.path, SuperpixelConfig(), tmp_path)
     assert np.array_equal(a, b) and files[0].stat().st_mtime_ns == mtime  # read back, not regenerated
-    c = load_or_make_superpixels(img, vol.path, SuperpixelParams(min_size=100), tmp_path)
+    c = load_or_make_superpixels(img, vol.path, SuperpixelConfig(min_size=100), tmp_path)
     assert len(list((tmp_path / "superpixels").glob("*.npz"))) == 2
     assert c.max() >= a.max()  # smaller min_size -> at least as many superpixels
     assert not list((tmp_path / "superpixels").glob("*.tmp*"))
@@ -55,7 +55,7 @@ def test_augment_does_not_mutate_and_keeps_shapes():
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[20:40, 20:40] = 1
     img0, mask0 = img.copy(), mask.copy()
-    out_i, out_m = augment_pair(img, mask, np.random.default_rng(1), AugmentParams())
+    out_i, out_m = augment_pair(img, mask, np.random.default_rng(1), AugmentConfig())
     assert np.array_equal(img, img0) and np.array_equal(mask, mask0)
     assert out_i.shape == img.shape and out_m.shape == mask.shape and set(np.unique(out_m)) <= {0, 1}
     assert 200 < out_m.sum() < 800  # 400 px square, zoom 0.9-1.2, small deformation
@@ -64,9 +64,9 @@ def test_augment_does_not_mutate_and_keeps_shapes():
 
 def test_sampler_never_yields_background_or_empty_prototype(vol, tmp_path):
     norm = make_normalizer("mri")
-    sp = load_or_make_superpixels(vol.image, vol.path, SuperpixelParams(), tmp_path)
+    sp = load_or_make_superpixels(vol.image, vol.path, SuperpixelConfig(), tmp_path)
     slices = [(0, z) for z in range(vol.image.shape[0])]
-    ds = EpisodeDataset([norm(vol.image)], [sp], slices, length=150, seed=7, augment=AugmentParams(),
+    ds = EpisodeDataset([norm(vol.image)], [sp], slices, length=150, seed=7, augment=AugmentConfig(),
                         min_pixels=64, feature_size=32, mask_downsample="nearest")
     for i in range(150):
         ep = ds[i]

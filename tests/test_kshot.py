@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fsl_med.config import load_config
+from fsl_med.config import AugmentConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.datasets import get_dataset_info
-from fsl_med.data.episodes import AugmentParams, EpisodeDataset
+from fsl_med.data.episodes import EpisodeDataset
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.protocol import build_eval_items, support_slice_indices, support_slices_per_part
 from fsl_med.data.volumes import load_volume, make_normalizer, slice_input, slice_stack
@@ -101,7 +101,7 @@ def test_kshot_episodes_extend_the_one_shot_episode(phantom) -> None:
     img = make_normalizer("mri")(vol.image)
     sp = (vol.label > 0).astype(np.int64) + 1  # two big pseudolabels
     slices = [(0, z) for z in range(2, 10)]
-    kw = dict(length=10, seed=5, augment=AugmentParams(), min_pixels=16, feature_size=32)
+    kw = dict(length=10, seed=5, augment=AugmentConfig(), min_pixels=16, feature_size=32)
     one = EpisodeDataset([img], [sp], slices, **kw)[3]
     three = EpisodeDataset([img], [sp], slices, shots=3, **kw)[3]
     assert one["support_image"].shape == (3, 64, 64) and three["support_image"].shape == (3, 3, 64, 64)
@@ -110,7 +110,7 @@ def test_kshot_episodes_extend_the_one_shot_episode(phantom) -> None:
     assert torch.equal(three["support_image"][0], one["support_image"])
     assert torch.equal(three["support_mask"][0], one["support_mask"])
     assert not torch.equal(three["support_image"][1], three["support_image"][0])  # independently augmented
-    stacked = EpisodeDataset([img], [sp], slices, three_slices=True, **{**kw, "augment": AugmentParams(enabled=False)})
+    stacked = EpisodeDataset([img], [sp], slices, three_slices=True, **{**kw, "augment": AugmentConfig(enabled=False)})
     ep = stacked[0]
     z = ep["z"]
     assert np.allclose(ep["query_image"].numpy(), slice_stack(img, z))

@@ -7,8 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fsl_med.config import TTTConfig
-from fsl_med.data.episodes import AugmentParams
+from fsl_med.config import AugmentConfig, TTTConfig
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.metrics import confusion_counts
 from fsl_med.models.encoders import create_encoder
@@ -67,7 +66,7 @@ def _seg(finetune: str = "full") -> FewShotSegmenter:
 
 def _ttt(seg: FewShotSegmenter, **kw) -> TestTimeTrainer:
     cfg = OmegaConf.structured(TTTConfig(**{"steps": 8, "lr": 0.05, **kw}))
-    return TestTimeTrainer(seg, cfg, torch.tensor([0.05, 1.0]), 1.0, AugmentParams())
+    return TestTimeTrainer(seg, cfg, torch.tensor([0.05, 1.0]), 1.0, AugmentConfig())
 
 
 def _case() -> tuple[np.ndarray, np.ndarray]:

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import TINY
 from scipy import ndimage
 
-from fsl_med.config import load_config
+from fsl_med.config import SuperpixelConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.phantom import generate_phantom, make_phantom_scan
-from fsl_med.data.superpixels import SuperpixelParams, body_mask, superpixels_2d
+from fsl_med.data.superpixels import body_mask, superpixels_2d
 from fsl_med.models.module import FewShotModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_every_small_superpixel_is_a_fragment_cut_by_the_body_border():
     """Catches Felzenszwalb without ``min_size``: a superpixel of fewer than ``min_size`` pixels can only be the
     inside part of a segment cut by the body mask, so it touches the outside of the body. Phantom and real-sized
     (256 px) slices; the count of superpixels stays near the body area / min_size."""
-    params = SuperpixelParams()
+    params = SuperpixelConfig()
     image, _ = make_phantom_scan(1, size=256, depth=12, seed=0)  # [X, Y, Z]
     for z in (3, 6, 9):
         sl = np.ascontiguousarray(image[:, :, z].T)

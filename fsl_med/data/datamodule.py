@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from fsl_med.config import AugmentConfig, SuperpixelConfig
 from fsl_med.data.classmap import CLASSMAP_NAME, read_classmap
 from fsl_med.data.datasets import (
     FoldSplit,
@@ -20,10 +21,10 @@ from fsl_med.data.datasets import (
     scan_files,
     validation_split,
 )
-from fsl_med.data.episodes import AugmentParams, EpisodeDataset, EpisodeSampler
+from fsl_med.data.episodes import EpisodeDataset, EpisodeSampler
 from fsl_med.data.protocol import EvalItem, build_eval_items
 from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
-from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
+from fsl_med.data.superpixels import load_or_make_superpixels
 from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti
 from fsl_med.errors import ConfigError, DataError
 
@@ -114,7 +115,7 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _make_superpixels(self, vol: Volume) -> np.ndarray:
         sp_cfg = self.cfg.data.superpixel
-        params = SuperpixelParams(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
+        params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                                   body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None
                                   else self.info.body_threshold)
         shipped = self.root / f"superpix-MIDDLE_{vol.scan_id}.nii.gz"
@@ -145,7 +146,7 @@ class FewShotDataModule(L.LightningDataModule):
         a = self.cfg.data.augment
         return EpisodeDataset(
             images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
-            augment=AugmentParams(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
+            augment=AugmentConfig(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
             feature_size=self.cfg.model.feature_size, mask_downsample=self.cfg.model.mask_downsample,
             shots=self.cfg.shots, three_slices=self.cfg.data.three_slices,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,27 +23,12 @@ from monai.transforms.utils import create_rotate, create_scale, create_shear, cr
 from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
+from fsl_med.config import AugmentConfig
 from fsl_med.data.volumes import slice_stack
 from fsl_med.errors import DataError
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    """Ranges of the episode augmentation (defaults: method.md §2.2)."""
-
-    enabled: bool = True
-    rotate_deg: float = 5.0
-    translate_px: float = 5.0
-    shear_deg: float = 5.0
-    zoom_min: float = 0.9
-    zoom_max: float = 1.2
-    elastic_alpha: float = 10.0
-    elastic_sigma: float = 5.0
-    gamma_min: float = 0.5
-    gamma_max: float = 1.5
-
-
-def _sampling_grid(rng: np.random.Generator, h: int, w: int, p: AugmentParams) -> torch.Tensor:
+def _sampling_grid(rng: np.random.Generator, h: int, w: int, p: AugmentConfig) -> torch.Tensor:
     """A ``[1, H, W, 2]`` grid (normalised, ``align_corners=False``) for ``grid_sample``."""
     rot = math.radians(rng.uniform(-p.rotate_deg, p.rotate_deg))
     shear = math.tan(math.radians(rng.uniform(-p.shear_deg, p.shear_deg)))
@@ -73,7 +57,7 @@ def _sampling_grid(rng: np.random.Generator, h: int, w: int, p: AugmentParams) -
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-                 params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
+                 params: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
     """Augment an (image, binary mask) pair with one random geometric + intensity transform.
 
     Args:
@@ -136,7 +120,7 @@ class EpisodeDataset(Dataset):
     max_tries = 20
 
     def __init__(self, images: Sequence[np.ndarray], superpixels: Sequence[np.ndarray],
-                 slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentParams,
+                 slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentConfig,
                  min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest", shots: int = 1,
                  three_slices: bool = False) -> None:
         self.images = list(images)

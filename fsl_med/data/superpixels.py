@@ -12,7 +12,7 @@ import errno
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,14 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from fsl_med.atomic import atomic_path, sha256_file
+from fsl_med.config import SuperpixelConfig
 from fsl_med.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+MRI_BODY_THRESHOLD = 50 + 1e-4
+"""Body-mask threshold when ``body_threshold`` is unset (the MRI datasets'; the datamodule passes the dataset's)."""
 
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 """OS errors of a cache that is read-only: tolerated (pseudolabels computed without caching)."""
@@ -44,27 +47,13 @@ def _cache_fault(folder: Path, err: OSError) -> None:
                     "set data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE to a writable folder") from err
 
 
-@dataclass(frozen=True)
-class SuperpixelParams:
-    """Felzenszwalb parameters and the body-mask threshold."""
-
-    scale: float = 1.0
-    sigma: float = 1.0
-    min_size: int = 400
-    body_threshold: float = 50 + 1e-4
-
-    @property
-    def is_reference(self) -> bool:
-        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400)."""
-        return (self.scale, self.sigma, self.min_size) == (1.0, 1.0, 400)
-
-
-def body_mask(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
+def body_mask(slice_2d: np.ndarray, threshold: float | None) -> np.ndarray:
     """Body mask of one slice: ``slice > threshold``, largest connected component, holes filled.
 
-    Returns a bool array of the slice's shape. If thresholding finds nothing it is returned as is (empty).
+    ``threshold`` ``None`` is :data:`MRI_BODY_THRESHOLD`. Returns a bool array of the slice's shape. If
+    thresholding finds nothing it is returned as is (empty).
     """
-    mask = slice_2d > threshold
+    mask = slice_2d > (MRI_BODY_THRESHOLD if threshold is None else threshold)
     if not mask.any():
         return mask
     lab, n = ndimage.label(mask)
@@ -75,7 +64,7 @@ def body_mask(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelConfig) -> np.ndarray:
     """Superpixels of one slice: 0 outside the body, 1..N inside (consecutive).
 
     Args:
@@ -94,18 +83,18 @@ def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelParams) -> np.ndarray
     return inv + 1
 
 
-def superpixels_volume(image: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+def superpixels_volume(image: np.ndarray, params: SuperpixelConfig) -> np.ndarray:
     """Per-slice superpixels of a ``[Z, H, W]`` volume -> ``[Z, H, W]`` int32 (ids restart per slice)."""
     return np.stack([superpixels_2d(image[z], params) for z in range(image.shape[0])]).astype(np.int32)
 
 
-def cache_key(image_path: Path, params: SuperpixelParams, image_size: int) -> str:
+def cache_key(image_path: Path, params: SuperpixelConfig, image_size: int) -> str:
     """Key of a cached pseudolabel volume: content of the image file + parameters + code version."""
     payload = json.dumps({"params": asdict(params), "size": image_size, "v": CACHE_VERSION}, sort_keys=True)
     return f"{sha256_file(image_path)[:16]}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: SuperpixelParams,
+def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: SuperpixelConfig,
                              cache_dir: str | Path) -> np.ndarray:
     """Pseudolabels of a volume, read from the cache or computed and cached (atomically).
 

@@ -146,11 +146,12 @@ def write_classmap(out_dir: Path, manifest: dict[str, Any], info: DatasetInfo) -
 def cache_superpixels(out_dir: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
                       progress: bool = True) -> float:
     """Compute (or find) the training pseudolabels of every scan in the cache; returns the seconds spent."""
-    from fsl_med.data.superpixels import SuperpixelParams, load_or_make_superpixels
+    from fsl_med.config import SuperpixelConfig
+    from fsl_med.data.superpixels import load_or_make_superpixels
     from fsl_med.data.volumes import load_volume
 
     t0 = time.perf_counter()
-    params = SuperpixelParams(body_threshold=info.body_threshold)
+    params = SuperpixelConfig(body_threshold=info.body_threshold)
     for sid in tqdm(scan_ids, desc="superpixels", unit="vol", disable=not progress, file=sys.stderr):
         vol = load_volume(out_dir, sid, info.all_label_ids)
         load_or_make_superpixels(vol.image, vol.path, params, cache_dir)

@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fsl_med.data.episodes import AugmentParams, augment_pair
+from fsl_med.config import AugmentConfig
+from fsl_med.data.episodes import augment_pair
 from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
 from fsl_med.interrupts import raise_pending
@@ -81,7 +82,7 @@ class TestTimeTrainer:
     __test__ = False  # not a pytest class
 
     def __init__(self, segmenter: FewShotSegmenter, ttt: DictConfig, ce_weights: torch.Tensor, align_weight: float,
-                 augment: AugmentParams) -> None:
+                 augment: AugmentConfig) -> None:
         self.seg, self.cfg = segmenter, ttt
         self.ce_weights, self.align_weight, self.augment = ce_weights, align_weight, augment
 
@@ -92,7 +93,7 @@ class TestTimeTrainer:
         replaces the config's ``ttt`` section."""
         a = cfg.data.augment
         return cls(segmenter, cfg.ttt if ttt is None else ttt, ce_weights, cfg.loss.align_weight,
-                   AugmentParams(**{k: a[k] for k in a}))
+                   AugmentConfig(**{k: a[k] for k in a}))
 
     def _adapt(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, device: torch.device) -> None:
         params = adapted_parameters(self.seg, self.cfg.params)
