@@ -20,6 +20,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from fsl_med.config import VARIANTS
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.overlays import Overlays
 from fsl_med.evaluation.predictions import PredictionWriter
@@ -102,8 +103,7 @@ def test_time_callbacks(cfg: DictConfig, run_dir: str | Path | None = None,
     prediction files (``run_dir/predictions``) for a test run of ``cfg``. ``run_dir=None``: nothing is written.
     ``refs``: the result of :func:`refinements` (``cfg``, ``extra``) when already built (e.g. to fail early)."""
     refs = refinements(cfg, extra) if refs is None else refs
-    builtin = {"plain", "cca", "ttt", "ttt_cca"}
-    user = [r.name for r in refs if r.name not in builtin]
+    user = [r.name for r in refs if r.name not in VARIANTS]
     variants = list(cfg.eval.variants) + user  # eval.variants, then the user's
     out: list[Callback] = [*refs, Scoring(variants, hd95=bool(cfg.eval.hd95)),
                            Overlays(cfg.eval.overlay_slices, Path(run_dir) / "overlays" if run_dir else None, variants)]

@@ -110,7 +110,8 @@ _EXPECTED_PREFIXES = ("superpix-",)  # shipped pseudolabels: part of the layout,
 _LAYOUT = "image_<id>.nii.gz + label_<id>.nii.gz"
 
 
-def _sort_key(scan_id: str) -> tuple[int, str]:
+def scan_sort_key(scan_id: str) -> tuple[int, str]:
+    """Sort key of scan ids: numeric ids numerically, then the others by name."""
     return (int(scan_id), scan_id) if scan_id.isdigit() else (1 << 30, scan_id)
 
 
@@ -222,7 +223,7 @@ def scan_files(root: str | Path) -> ScanListing:
         if len(by_ext) > 1:
             ignored.append(IgnoredFile(by_ext["nii"].name, "a .nii.gz of the same scan exists", "duplicate"))
     scans: dict[str, tuple[Path, Path]] = {}
-    for sid in sorted({sid for _, sid in chosen}, key=_sort_key):
+    for sid in sorted({sid for _, sid in chosen}, key=scan_sort_key):
         img, lab = chosen.get(("image", sid)), chosen.get(("label", sid))
         if img is not None and lab is not None:
             scans[sid] = (img, lab)
@@ -266,7 +267,7 @@ def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int) -> FoldSplit:
     """
     if not 0 <= fold < info.n_folds:
         raise ConfigError(f"config key 'data.fold': must be in 0..{info.n_folds - 1}, got {fold}")
-    ids = sorted(scan_ids, key=_sort_key)
+    ids = sorted(scan_ids, key=scan_sort_key)
     n = len(ids)
     if n < 3:
         raise DataError(f"need at least 3 scans to split into train/query/support, found {n}")

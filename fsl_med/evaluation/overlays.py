@@ -9,9 +9,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from fsl_med.data.datasets import scan_sort_key
 from fsl_med.evaluation.figures import overlay_figure
 from fsl_med.evaluation.report import VARIANT_TITLES
-from fsl_med.evaluation.scoring import scan_order
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.ranks import gather_objects
 
@@ -62,7 +62,7 @@ class Overlays(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         samples = sorted((x for g in gather_objects(trainer, self.samples) for x in g),
-                         key=lambda x: (x["organ"], scan_order(x["query"]), x["z"]))
+                         key=lambda x: (x["organ"], scan_sort_key(x["query"]), x["z"]))
         first: dict[str, str] = {}
         for x in samples:
             first.setdefault(x["organ"], x["query"])

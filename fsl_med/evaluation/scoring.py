@@ -15,6 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from fsl_med.config import VARIANTS
+from fsl_med.data.datasets import scan_sort_key
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.prediction import ItemPrediction
@@ -31,11 +32,6 @@ def logged_dice_metrics(cfg: DictConfig) -> set[str]:
     """The mean-Dice metric names a run of ``cfg`` logs (``fsl-med run``: validation, then test)."""
     variants = list(cfg.eval.variants)
     return {"val/dice"} | {dice_metric_name("test", v, j == 0) for j, v in enumerate(variants)}
-
-
-def scan_order(scan_id: str) -> tuple[int, int, str]:
-    """Sort key of scan ids: numeric ids numerically, then the others by name."""
-    return (0, int(scan_id), scan_id) if scan_id.isdigit() else (1, 0, scan_id)
 
 
 class Scoring(L.Callback):
@@ -124,7 +120,7 @@ class Scoring(L.Callback):
         order = self._order[stage]
         rows = [r for g, _ in gathered for r in g]
         rank = {v: VARIANTS.index(v) if v in VARIANTS else len(VARIANTS) + i for i, v in enumerate(order)}
-        self.results[stage] = sorted(rows, key=lambda r: (r.organ, scan_order(r.query_id), rank[r.variant]))
+        self.results[stage] = sorted(rows, key=lambda r: (r.organ, scan_sort_key(r.query_id), rank[r.variant]))
         self._rows[stage] = []
         if not rows:
             return
