@@ -205,7 +205,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
         out = generate_phantom(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
     else:
-        from fsl_med.prepare.phantom_raw import write_raw_chaos, write_raw_sabs
+        from fsl_med.data.phantom_raw import write_raw_chaos, write_raw_sabs
 
         if args.format == "sabs-raw":
             out = write_raw_sabs(args.out, n_scans=args.n_scans, size=args.size, depth=args.depth, seed=args.seed)
@@ -232,29 +232,44 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.kind == "import":
         from fsl_med.prepare.importer import import_prepared
 
-        rep = import_prepared(args.src, args.dataset, check_only=args.check_only, cache_dir=_cache_dir(args),
-                              progress=progress)
+        rep = import_prepared(args.src, args.dataset, check_only=args.check_only)
         for note in rep.notes:
             print(f"note: {note}")
         for problem in rep.problems:
             print(f"problem: {problem}")
         if not rep.ok:
             raise DataError(f"{rep.folder}: {len(rep.problems)} problem(s) found (listed above); nothing was written")
+        if cache is not None and not args.check_only:
+            _cache_superpixels(rep.folder, list(rep.scans), args.dataset, cache, progress)
+            rep.written.append(f"superpixels in {cache}")
         written = f"; wrote {', '.join(rep.written)}" if rep.written else ""
         print(f"{rep.folder}: {len(rep.scans)} scans of {rep.dataset} are valid{written}")
         return 0
     if args.kind == "chaos":
-        from fsl_med.prepare.chaos import MriParams, prepare_chaos
+        from fsl_med.prepare.chaos import prepare_chaos
+        from fsl_med.prepare.plan import MriPlan
 
-        rep = prepare_chaos(args.src, args.out, MriParams(label_interp=args.label_interp), cache_dir=_cache_dir(args),
-                            force=args.force, progress=progress)
+        rep = prepare_chaos(args.src, args.out, MriPlan(label_interp=args.label_interp), force=args.force,
+                            progress=progress)
     else:
-        from fsl_med.prepare.sabs import CtParams, prepare_sabs
+        from fsl_med.prepare.plan import CtPlan
+        from fsl_med.prepare.sabs import prepare_sabs
 
-        rep = prepare_sabs(args.src, args.out, CtParams(label_interp=args.label_interp), cache_dir=_cache_dir(args),
-                           force=args.force, progress=progress)
+        rep = prepare_sabs(args.src, args.out, CtPlan(label_interp=args.label_interp), force=args.force,
+                           progress=progress)
+    if cache is not None:
+        ids = rep.prepared + rep.skipped
+        rep.superpixel_seconds = _cache_superpixels(rep.out_dir, ids, "chaos_t2" if args.kind == "chaos" else "sabs",
+                                                    cache, progress)
     print(rep.summary())
     return 0
+
+
+def _cache_superpixels(root: Path, scan_ids: list[str], dataset: str, cache: str, progress: bool) -> float:
+    from fsl_med.data.superpixels import cache_superpixels
+    from fsl_med.prepare.datasets import get_dataset_info
+
+    return cache_superpixels(root, scan_ids, get_dataset_info(dataset), cache, progress)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -281,7 +296,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     res = segment(args.ckpt, args.support_image, args.support_mask, args.query, args.out, label=args.label,
                   z_range=args.z_range, shots_per_part=args.shots_per_part, cca=args.cca,
-                  batch_size=args.batch_size, device=args.device)
+                  batch_size=args.batch_size, device=args.device, plan=args.plan)
     a, b = res.z_range
     print(f"segmented {res.voxels} voxels ({res.volume_ml:.1f} ml) in query slices {a}..{b} of {args.query}; "
           f"support slices per part {res.support_slices}")
@@ -369,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("segment", help="segment an organ in your own volume: segment --ckpt C --support-image S "
                         "--support-mask M --query Q --out P.nii.gz")
     sp.add_argument("--ckpt", required=True, help="checkpoint written by fsl-med train")
-    sp.add_argument("--support-image", required=True, help="support volume (NIfTI, any orientation/spacing)")
-    sp.add_argument("--support-mask", required=True, help="support mask of the support image's shape")
+    sp.add_argument("--support-image", required=True, action="append",
+                    help="support volume (NIfTI, any orientation/spacing); repeat with --support-mask for k supports")
+    sp.add_argument("--support-mask", required=True, action="append",
+                    help="support mask of the support image's shape (one per --support-image, in order)")
     sp.add_argument("--query", required=True, help="volume to segment (3D NIfTI)")
     sp.add_argument("--out", required=True, help="output .nii.gz: uint8 mask on the query's grid (1 = organ)")
     sp.add_argument("--label", type=int, default=None, help="organ label in a multi-label support mask")
@@ -378,10 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segment only query slices A..B (inclusive, the query's third array axis); support parts "
                     "follow the relative position in this range, so the organ's extent works best")
     sp.add_argument("--shots-per-part", type=int, default=1, metavar="K", help="support slices per part (default 1)")
-    sp.add_argument("--cca", choices=("3d", "2d", "none"), default="3d",
-                    help="keep the largest component per volume (3d, default), per slice (2d), or none")
+    sp.add_argument("--cca", choices=("2d", "3d", "none"), default="2d",
+                    help="keep the largest component per slice (2d, default, as eval), per volume (3d), or none")
     sp.add_argument("--batch-size", type=int, default=8, help="query slices per encoder call")
     sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sp.add_argument("--plan", choices=("mri", "ct"), default=None,
+                    help="preprocessing plan for a checkpoint trained on data prepared outside fsl-med prepare "
+                    "(otherwise read from the checkpoint)")
     sp.set_defaults(func=cmd_segment)
     sp = sub.add_parser("bench", help="speed/memory/FLOP-bound benchmark; writes BENCHMARKS.md and benchmarks.json")
     sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")

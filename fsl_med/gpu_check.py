@@ -460,8 +460,8 @@ class GpuCheck:
     def row_segment_vs_cpu(self, row: Row) -> None:
         """``fsl-med segment`` of one query volume (liver, the fold's support scan) on the device and on the CPU:
         the two outputs must be identical."""
-        from fsl_med.data.datasets import discover_scans, fold_split, get_dataset_info
-        from fsl_med.data.volumes import read_nifti
+        from fsl_med.prepare.datasets import discover_scans, fold_split, get_dataset_info
+        from fsl_med.prepare.nifti import read_nifti
         from fsl_med.segment import segment
 
         split = fold_split(get_dataset_info("chaos_t2"), discover_scans(self.data), 0)
@@ -473,7 +473,7 @@ class GpuCheck:
             t0 = time.perf_counter()
             res = segment(self.ckpt, root / f"image_{sup}.nii.gz", root / f"label_{sup}.nii.gz",
                           root / f"image_{query}.nii.gz", self.work / f"segment-{run}.nii.gz", label=1, batch_size=8,
-                          device=dev)
+                          device=dev, plan="mri")
             sync(self.device)
             out[run] = (read_nifti(res.path)[0], time.perf_counter() - t0)
         a, b = out["device"][0], out["cpu"][0]
@@ -555,7 +555,7 @@ class GpuCheck:
 
     # -- the report ---------------------------------------------------------------------------------
     def _split(self) -> dict[str, Any]:
-        from fsl_med.data.datasets import discover_scans, fold_split, get_dataset_info
+        from fsl_med.prepare.datasets import discover_scans, fold_split, get_dataset_info
 
         split = fold_split(get_dataset_info("chaos_t2"), discover_scans(self.data), 0)
         return {"query": split.query, "support": split.support, "train": split.train}

@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__, interrupts
 from fsl_med.config import to_container
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import Column, Table, text, write_report
 from fsl_med.models.module import FewShotModule
+from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.runs import (
     check_output_location,
     check_trainer_settings,

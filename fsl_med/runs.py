@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
 from fsl_med.config import load_config, to_container, to_yaml, validate
-from fsl_med.data.datasets import check_data_settings, excluded_labels
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.evaluation.scoring import Scoring
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
 from fsl_med.models.encoders import get_encoder_spec
 from fsl_med.models.module import FewShotModule
+from fsl_med.prepare.datasets import check_data_settings, excluded_labels
 from fsl_med.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 def check_registries(cfg: DictConfig) -> None:
     """Check the names ``cfg`` takes from registries: the dataset, its folds and organs
-    (:func:`~fsl_med.data.datasets.check_data_settings`) and the encoder
+    (:func:`~fsl_med.prepare.datasets.check_data_settings`) and the encoder
     (:func:`~fsl_med.models.encoders.get_encoder_spec`).
 
     Raises:
@@ -580,7 +580,7 @@ def checkpoint_trained_on(ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> 
     Raises:
         WeightsError: the record or the stored config is malformed.
     """
-    from fsl_med.data.datasets import fold_split, get_dataset_info, scan_files, validation_split
+    from fsl_med.prepare.datasets import fold_split, get_dataset_info, scan_files, validation_split
 
     raw = ckpt.get(CHECKPOINT_KEY)
     if raw is not None:

@@ -1,22 +1,27 @@
-"""The ``segment`` verb: segment one organ in a user's own volume with a trained checkpoint.
+"""The ``segment`` verb and its Python API: segment one organ in a user's own scans with a trained checkpoint.
 
-One support volume with its mask marks the organ; the query volume is segmented slice by slice with the
-EP1 rule (the support organ's extent is split into ``cfg.eval.npart`` parts; each query slice uses the
-part at its relative position in the query range). Inputs may have any orientation and voxel size:
+:class:`Segmenter` loads a checkpoint once; :meth:`Segmenter.segment` segments a query volume given ``k`` support
+(image, mask) pairs, from arrays with an affine or from NIfTI paths, and returns the mask and the foreground
+probability on the query's own grid. ``fsl-med segment`` (:func:`segment`) is a thin wrapper that reads the files,
+calls it and writes the mask::
 
-* Forward (to the training geometry, per volume): reorient to LAS (exact axis permutation/flips),
-  resample in-plane (MRI: to 1.25 mm; CT: the volume's own in-plane field of view, without the 32 px
-  border a raw scan loses in preparation, to ``image_size`` x ``image_size``) with the slice spacing unchanged (the model is 2D), then centre-crop or
-  pad in-plane to ``image_size``. Images are resampled linearly, the support mask per class (linear
-  membership, highest wins). Every step returns the affine that keeps each voxel at its world position.
-* Intensities, before resampling: MRI images have their top 0.5 % of intensities clipped (as prepared
-  CHAOS volumes); CT images that look like Hounsfield units (minimum below -500) are windowed to
-  [-125, 275] HU and rescaled linearly to 0..255 (as prepared SABS volumes), otherwise used as they are.
-  After resampling, images are normalised with the checkpoint's stored normaliser (``ckpt["normalizer"]``:
-  fixed training statistics for CT; per-volume z-score when absent or ``None``, as for MRI).
-* Backward: the prediction on the training grid is mapped onto the query's original voxel grid by
-  nearest neighbour through world coordinates (``inv(A_model) @ A_query``), so the output has exactly the
-  query's shape and affine; voxels that fall outside the training grid (cropped away) are 0.
+    from fsl_med.segment import Segmenter
+    seg = Segmenter.from_checkpoint("runs/mri/version_0/checkpoints/last.ckpt", device="cpu")
+    out = seg.segment("image_2.nii.gz", [("image_1.nii.gz", "label_1.nii.gz")], label=1)
+    out.mask, out.probability, out.affine      # [X, Y, Z] on the query's grid
+
+* Forward: every volume (supports and query) goes through the checkpoint's preprocessing plan
+  (:class:`fsl_med.prepare.plan.Plan`, the one ``fsl-med prepare`` used on the training data: intensity steps,
+  reorientation to LAS, resampling, crop/pad), so a raw scan reaches exactly the training grid. A checkpoint
+  trained on data prepared elsewhere does not know its plan: then ``plan="ct"|"mri"`` (``--plan``) is required.
+  When ``data.image_size`` differs from the plan's size, slices are resized like the training loader does
+  (image bilinear, mask nearest). Images are then normalised with the checkpoint's stored normaliser
+  (``ckpt["normalizer"]``: fixed training statistics for CT; per-volume z-score for MRI).
+* EP1: the support organ's extent is split into ``eval.npart`` parts; each query slice uses the part at its
+  relative position in the query range; with ``k`` supports each part merges the prototypes of the ``k`` volumes'
+  slices (and ``shots_per_part`` slices of each).
+* Backward: the plan's inverse maps the prediction by nearest neighbour through world coordinates onto the
+  query's voxel grid (exactly its shape and affine); voxels outside the training grid are 0.
 
 Model arrays are slice-first ``[Z, H, W]`` = nibabel ``[X, Y, Z]`` transposed ``(2, 1, 0)``.
 """
@@ -25,39 +30,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
 from fsl_med.errors import ConfigError, DataError
-from fsl_med.prepare.geometry import (
-    CANONICAL_ORIENTATION,
-    crop_border_xy,
-    crop_or_pad_xy,
-    reorient,
-    resample_image,
-    resample_label,
-    spacing_of,
-    to_original_grid,
-)
-from fsl_med.prepare.sabs import CtParams
+from fsl_med.prepare.geometry import nearest_on_grid, spacing_of
+from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
+from fsl_med.prepare.plan import PLAN_KINDS, Plan, Scan, default_plan, plan_from_dict
 
 log = logging.getLogger(__name__)
 
-MRI_INPLANE_SPACING = 1.25
-"""In-plane voxel size (mm) of the prepared MRI training data (CHAOS-T2)."""
-MRI_CLIP_TOP_PERCENT = 0.5
-"""Top percentage of MRI intensities clipped before normalisation (as in the MRI preparation)."""
-CT_HU_WINDOW = (-125.0, 275.0)
-"""HU window of CT images, rescaled to :data:`CT_INTENSITY_RANGE` (as in the CT preparation)."""
-CT_INTENSITY_RANGE = (0.0, 255.0)
-CT_HU_MIN_THRESHOLD = -500.0
-"""A CT image whose minimum is below this value is taken to be in Hounsfield units and windowed."""
-CCA_CHOICES = ("3d", "2d", "none")
-
+CCA_CHOICES = ("2d", "3d", "none")
+DEFAULT_CCA = "2d"  # the default of eval.cca_mode (config.EvalConfig) too
+"""Connected-component post-processing of ``segment`` and of ``eval`` (``eval.cca_mode``): per slice, as the
+paper's CCA (method.md §5), so that ``segment`` reproduces what ``eval`` scores."""
 
 @dataclass(frozen=True)
 class SegmentResult:
@@ -101,48 +93,6 @@ def parse_z_range(text: str) -> tuple[int, int]:
 
 # -- geometry ---------------------------------------------------------------------------------------
 
-def model_grid_spacing(shape: tuple[int, ...], affine: np.ndarray, modality: str, image_size: int
-                       ) -> tuple[float, float, float]:
-    """Target voxel size of a volume already in LAS orientation (``shape``/``affine`` of that volume).
-
-    MRI: 1.25 mm in-plane; CT: the in-plane field of view divided by ``image_size``. The slice spacing is
-    kept.
-    """
-    sx, sy, sz = spacing_of(affine)
-    if modality == "ct":
-        return (sx * shape[0] / image_size, sy * shape[1] / image_size, sz)
-    return (MRI_INPLANE_SPACING, MRI_INPLANE_SPACING, sz)
-
-
-def to_model_grid(arr: np.ndarray, affine: np.ndarray, modality: str, image_size: int, *,
-                  is_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Bring a ``[X, Y, Z]`` volume to the training geometry (see the module docstring).
-
-    Args:
-        arr: image intensities (after the intensity steps) or a binary mask, nibabel order.
-        affine: its voxel-to-world (RAS) affine.
-        modality: ``"mri"`` or ``"ct"``.
-        image_size: in-plane size of the training data (``cfg.data.image_size``).
-        is_label: resample per class (output uint8, padded with 0) instead of linearly.
-    Returns:
-        ``(array [image_size, image_size, Z'], affine)``; ``Z'`` is the number of slices of the LAS
-        volume (unchanged by resampling, up to MONAI's rounding of the extent).
-    """
-    arr_c, aff_c = reorient(arr, affine, CANONICAL_ORIENTATION)
-    border = CtParams().border
-    if modality == "ct" and min(arr_c.shape[:2]) > image_size + 2 * border:
-        # a raw CT scan: drop the border as `fsl-med prepare sabs` does, so both reach the same grid
-        arr_c, aff_c = crop_border_xy(arr_c, aff_c, border)
-    target = model_grid_spacing(arr_c.shape, aff_c, modality, image_size)
-    if is_label:
-        out, aff = resample_label(arr_c.astype(np.uint8), aff_c, target, "per_class")
-        out, aff = crop_or_pad_xy(out.astype(np.float32), aff, image_size, value=0.0)
-        return np.rint(out).astype(np.uint8), aff
-    out, aff = resample_image(arr_c.astype(np.float32), aff_c, target)
-    pad = CT_INTENSITY_RANGE[0] if modality == "ct" else float(out.min())
-    return crop_or_pad_xy(out, aff, image_size, value=pad)
-
-
 def model_z_range(z_range: tuple[int, int], shape: tuple[int, int, int], affine: np.ndarray,
                   model_affine: np.ndarray, model_depth: int) -> tuple[int, int]:
     """The model-grid slices (inclusive range) that cover original slices ``z_range`` (third array axis).
@@ -162,7 +112,7 @@ def model_z_range(z_range: tuple[int, int], shape: tuple[int, int, int], affine:
 # -- inputs -----------------------------------------------------------------------------------------
 
 def _read_volume(path: Path, option: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    from fsl_med.data.volumes import read_nifti
+    from fsl_med.prepare.nifti import read_nifti
 
     if not path.is_file():
         raise DataError(f"{option} {path}: file not found")
@@ -175,30 +125,12 @@ def _read_volume(path: Path, option: str) -> tuple[np.ndarray, np.ndarray, tuple
 
 
 def _check_finite(arr: np.ndarray, path: Path, option: str) -> np.ndarray:
-    from fsl_med.data.volumes import check_intensities
+    from fsl_med.prepare.nifti import check_intensities
 
     img = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(img).all():
         raise DataError(f"{option} {path}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
     check_intensities(img, f"{option} {path}")
-    return img
-
-
-def preprocess_intensities(img: np.ndarray, modality: str) -> np.ndarray:
-    """The preparation's intensity steps, applied before resampling (returns float32; input unchanged).
-
-    MRI: values above the 99.5th percentile are clipped. CT: if the minimum is below -500 the image is
-    taken to be in HU, clipped to [-125, 275] and mapped linearly to 0..255 (-125 -> 0, 275 -> 255);
-    otherwise (e.g. an already prepared 0..255 volume) it is returned as is.
-    """
-    if modality == "ct":
-        if float(img.min()) < CT_HU_MIN_THRESHOLD:
-            lo, hi = CT_HU_WINDOW
-            a, b = CT_INTENSITY_RANGE
-            return (a + (np.clip(img, lo, hi) - lo) * ((b - a) / (hi - lo))).astype(np.float32)
-        return img
-    if MRI_CLIP_TOP_PERCENT > 0:
-        return np.minimum(img, np.percentile(img, 100.0 - MRI_CLIP_TOP_PERCENT)).astype(np.float32)
     return img
 
 
@@ -247,51 +179,289 @@ def _device(name: str) -> torch.device:
     raise ConfigError(f"--device {name}: must be cpu or cuda")
 
 
+def _as_plan(plan: str | Plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if plan not in PLAN_KINDS:
+        raise ConfigError(f"--plan {plan}: must be one of {', '.join(PLAN_KINDS)}")
+    return default_plan(plan)
+
+
+def checkpoint_plan(ck: dict[str, Any], path: Path, plan: str | Plan | None = None) -> Plan:
+    """The preprocessing plan to apply to new scans for checkpoint ``ck`` (read from ``path``).
+
+    ``plan`` (``"ct"``, ``"mri"`` or a :class:`Plan`) overrides the stored one (a warning says so when they
+    differ). Raises:
+        ConfigError: the checkpoint does not know its plan (trained on data prepared elsewhere, or written before
+            plans were stored) and ``plan`` is not given; or ``plan`` is not ``ct``/``mri``.
+        WeightsError: the stored plan is malformed.
+    """
+    from fsl_med.errors import WeightsError
+
+    stored = ck.get(PLAN_KEY)
+    known: Plan | None = None
+    if stored is not None:
+        try:
+            known = plan_from_dict(stored, f"{path}: stored preprocessing plan")
+        except ConfigError as e:
+            raise WeightsError(str(e)) from e
+    if plan is None:
+        if known is None:
+            raise ConfigError(f"--ckpt {path}: the preprocessing plan of its training data is unknown (data prepared "
+                              "outside fsl-med prepare, or an older checkpoint); pass --plan ct or --plan mri")
+        return known
+    chosen = _as_plan(plan)
+    if known is not None and known != chosen:
+        log.warning("--plan %s overrides the checkpoint's stored plan %s", chosen.as_dict(), known.as_dict())
+    return chosen
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What :meth:`Segmenter.segment` returns, on the query's own grid.
+
+    Attributes:
+        mask: uint8 ``[X, Y, Z]`` of the query's shape, 1 = organ (after CCA); 0 outside ``z_range``.
+        probability: float32 ``[X, Y, Z]`` foreground probability (before CCA); 0 outside ``z_range``.
+        affine: the query's affine.
+        z_range: the query slices ``(A, B)`` (inclusive, original third array axis) that were segmented.
+        support_slices: per support volume, per part, the slices used (plan-grid z indices, LAS: inferior first).
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    affine: np.ndarray
+    z_range: tuple[int, int]
+    support_slices: list[list[list[int]]]
+
+
+class Segmenter:
+    """A trained checkpoint ready to segment new scans (load once, segment many). See the module docstring.
+
+    Build it with :meth:`from_checkpoint`; :meth:`segment` segments one query; :meth:`prepare` is the forward step
+    applied to every input (the checkpoint's plan, identical to ``fsl-med prepare``'s).
+    """
+
+    def __init__(self, module: Any, cfg: Any, plan: Plan, normalizer: Any, device: torch.device,
+                 batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+        self.module, self.cfg, self.plan, self.normalize = module, cfg, plan, normalizer
+        self.device, self.batch_size = device, int(batch_size)
+        self.image_size, self.npart = int(cfg.data.image_size), int(cfg.eval.npart)
+        self.three_slices = bool(cfg.data.three_slices)
+        module.eval().to(device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path, *, device: str = "cpu", plan: str | Plan | None = None,
+                        batch_size: int = 8) -> Segmenter:
+        """Load ``ckpt`` (written by ``fsl-med train``) on ``device`` (``"cpu"`` or ``"cuda"``).
+
+        Args:
+            plan: ``"ct"``/``"mri"``/a :class:`Plan`, required when the checkpoint does not know the plan of its
+                training data (see :func:`checkpoint_plan`).
+        Raises:
+            WeightsError: missing, corrupt or foreign checkpoint. ConfigError: plan unknown and not given, bad
+            device.
+        """
+        from fsl_med.data.volumes import Normalizer
+        from fsl_med.prepare.datasets import get_dataset_info
+        from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
+
+        path = Path(ckpt)
+        dev = _device(device)
+        if path.is_dir():
+            raise DataError(f"--ckpt {path}: is a folder, not a file")
+        ck = load_checkpoint(path)
+        cfg = stored_config(ck, path)
+        chosen = checkpoint_plan(ck, path, plan)
+        modality = get_dataset_info(cfg.data.dataset).modality
+        if chosen.modality != modality:
+            log.warning("%s was trained on %s data; new scans are prepared with the %s plan", path, modality,
+                        chosen.modality)
+        norm_d = ck.get("normalizer") or {}
+        normalizer = Normalizer(mean=norm_d.get("mean"), std=norm_d.get("std"))
+        if modality == "ct" and normalizer.mean is None:
+            log.warning("%s has no stored CT intensity statistics: normalising each volume by its own mean/std", path)
+        module, _ = module_from_checkpoint(path, cfg, ck)
+        del ck
+        return cls(module, cfg, chosen, normalizer, dev, batch_size)
+
+    def prepare(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None) -> Scan:
+        """The plan's forward step on a source volume ``[X, Y, Z]`` (and optionally its label ids): what
+        ``fsl-med prepare`` writes for the same scan, array for array."""
+        return self.plan.forward(image, affine, label)
+
+    def _model_slices(self, grid: np.ndarray, mode: str) -> np.ndarray:
+        """Plan grid ``[X, Y, Z]`` -> model slices ``[Z, H, W]`` at ``data.image_size`` (resized like the loader)."""
+        from fsl_med.data.volumes import resize_slices
+
+        zyx = np.ascontiguousarray(grid.transpose(2, 1, 0))
+        if zyx.shape[1:] == (self.image_size, self.image_size):
+            return zyx
+        return resize_slices(zyx, self.image_size, mode)
+
+    def _support(self, image: Any, mask: Any, affine: np.ndarray | None, label: int | None, shots: int,
+                 index: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """One support pair -> (normalised model slices, organ mask slices, slices per part)."""
+        img, img_aff, img_p = _volume(image, affine, "--support-image", index)
+        m, _, m_p = _volume(mask, None, "--support-mask", index)  # a mask lies on its image's grid
+        if m.shape != img.shape:
+            raise DataError(f"--support-mask {m_p}: shape {tuple(m.shape)} differs from the support image's "
+                            f"{tuple(img.shape)}")
+        organ = _binary_mask(m, m_p, label)
+        ids = np.rint(m).astype(np.int64) if m.dtype.kind == "f" else m.astype(np.int64)
+        if label is not None and ids.min() >= 0 and ids.max() <= 255:
+            lab, value = ids.astype(np.uint8), label  # as prepare does: every label resampled, then the organ taken
+        else:
+            lab, value = organ.astype(np.uint8), 1
+        prep = self.prepare(_check_finite(img, img_p, "--support-image"), img_aff, lab)
+        assert prep.label is not None
+        sup_masks = self._model_slices((prep.label == value).astype(np.uint8), "nearest") > 0
+        organ_slices = np.flatnonzero(sup_masks.reshape(sup_masks.shape[0], -1).any(axis=1))
+        if organ_slices.size == 0:
+            raise DataError(f"--support-mask {m_p}: the organ lies outside the model's field of view after "
+                            "preparation")
+        images = self.normalize(self._model_slices(prep.image, "bilinear"), f"--support-image {img_p}")
+        return images, sup_masks, _support_indices(organ_slices, self.npart, shots)
+
+    def segment(self, query: Any, supports: Sequence[tuple[Any, Any]], *, query_affine: np.ndarray | None = None,
+                support_affines: Sequence[np.ndarray] | None = None, label: int | None = None,
+                z_range: tuple[int, int] | str | None = None, shots_per_part: int = 1,
+                cca: str = DEFAULT_CCA) -> Segmentation:
+        """Segment the supports' organ in ``query``.
+
+        Args:
+            query: NIfTI path or ``[X, Y, Z]`` array (then ``query_affine`` is its 4x4 RAS affine); any orientation
+                and voxel size, intensities as from the scanner (CT in HU).
+            supports: ``k >= 1`` (image, mask) pairs, paths or arrays (then ``support_affines`` gives each image's
+                affine; a mask array lies on its image's grid). Without ``label`` each mask must be binary; with
+                it, it may hold several labels and ``label`` must be one of them.
+            z_range: ``(A, B)`` or ``"A:B"``: only query slices ``A..B`` (inclusive, the query's original third array
+                axis) are segmented. Default: all.
+            shots_per_part: slices of each support per part (the organ must span ``npart * shots_per_part``
+                slices of each support); per part, the ``k * shots_per_part`` prototypes are merged.
+            cca: ``"2d"`` (per slice, the default, as ``eval``), ``"3d"`` (largest mass component of the volume)
+                or ``"none"``.
+        Returns:
+            a :class:`Segmentation` on the query's grid.
+        Raises:
+            DataError: unreadable/non-3D input, NaN voxels, empty or non-binary mask, mask shape differing from its
+                image's, organ outside the field of view. ConfigError: bad option (label absent from a mask,
+                ``z_range`` outside the query, too few support slices, unknown ``cca``, no supports).
+        """
+        from fsl_med.data.volumes import slice_input
+        from fsl_med.refine.cca import largest_mass_component
+
+        if cca not in CCA_CHOICES:
+            raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
+        if shots_per_part < 1:
+            raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
+        if len(supports) < 1:
+            raise ConfigError("--support-image/--support-mask: at least one support pair is needed")
+        if support_affines is not None and len(support_affines) != len(supports):
+            raise ConfigError(f"support_affines: {len(support_affines)} affines for {len(supports)} supports")
+        zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
+        if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
+            raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
+        q_img, q_aff, q_p = _volume(query, query_affine, "--query", 0)
+        q_img = _check_finite(q_img, q_p, "--query")
+        q_shape = tuple(int(v) for v in q_img.shape)
+        if zr is None:
+            zr = (0, q_shape[2] - 1)
+        elif zr[1] >= q_shape[2]:
+            raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{q_shape[2] - 1} "
+                              f"(its third array axis; {q_p})")
+        sups = [self._support(img, m, None if support_affines is None else support_affines[i], label, shots_per_part, i)
+                for i, (img, m) in enumerate(supports)]
+        q_prep = self.prepare(q_img, q_aff)
+        q_norm = self.normalize(self._model_slices(q_prep.image, "bilinear"), f"--query {q_p}")
+        za, zb = model_z_range(zr, q_shape, q_aff, q_prep.affine, q_norm.shape[0])  # type: ignore[arg-type]
+        zs = np.arange(za, zb + 1)
+        part = np.minimum(self.npart - 1, (self.npart * (zs - za)) // (zb - za + 1)).astype(np.int64)
+        # part-major support slices: for each part, every support's slices of that part
+        images = [slice_input(imgs, self.three_slices)[idx[p]] for p in range(self.npart) for imgs, _, idx in sups]
+        masks = [m[idx[p]] for p in range(self.npart) for _, m, idx in sups]
+        shots = len(sups) * shots_per_part
+        seg = self.module.model
+        with torch.inference_mode():
+            protos = seg.support_prototypes(np.concatenate(images), np.concatenate(masks).astype(np.float32),
+                                            self.device, shots)
+            pred, prob = seg.predict_volume(protos, slice_input(q_norm, self.three_slices)[zs], part,
+                                            batch_size=self.batch_size, device=self.device)
+        if cca != "none":
+            pred = largest_mass_component(pred, prob, cca)
+        full = np.zeros(q_norm.shape, dtype=np.uint8)
+        full_p = np.zeros(q_norm.shape, dtype=np.float32)
+        full[zs], full_p[zs] = pred, prob
+        mask = self._to_query(full, q_prep.affine, q_shape, q_aff)  # type: ignore[arg-type]
+        probability = self._to_query(full_p, q_prep.affine, q_shape, q_aff)  # type: ignore[arg-type]
+        for arr in (mask, probability):
+            arr[:, :, :zr[0]] = 0
+            arr[:, :, zr[1] + 1:] = 0
+        return Segmentation(mask=mask, probability=probability, affine=q_aff, z_range=(int(zr[0]), int(zr[1])),
+                            support_slices=[[[int(z) for z in p] for p in idx] for _, _, idx in sups])
+
+    def _to_query(self, slices: np.ndarray, grid_affine: np.ndarray, shape: tuple[int, int, int],
+                  affine: np.ndarray) -> np.ndarray:
+        """Model slices ``[Z, h, w]`` -> the plan grid (nearest) -> the query's grid (the plan's inverse)."""
+        from fsl_med.data.volumes import resize_slices
+
+        size = self.plan.size
+        if slices.shape[1:] != (size, size):
+            slices = resize_slices(slices, size, "nearest").astype(slices.dtype)
+        grid = slices.transpose(2, 1, 0)
+        if slices.dtype == np.uint8:
+            return self.plan.inverse(grid, grid_affine, shape, affine)
+        return nearest_on_grid(grid, grid_affine, shape, affine).astype(np.float32)
+
+
+def _volume(value: Any, affine: np.ndarray | None, option: str, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(array, affine, name) of a path or an array input (an image array needs its affine; a mask's is unused)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 3 or value.size == 0:
+            raise DataError(f"{option} (array {index}): expected a non-empty 3D array, got shape {value.shape}")
+        if affine is None:
+            if option == "--support-mask":  # a mask array lies on its image's grid
+                return value, np.eye(4), f"(array {index})"
+            raise ConfigError(f"{option} (array {index}): an array input needs its 4x4 affine")
+        aff = np.asarray(affine, dtype=np.float64)
+        if aff.shape != (4, 4) or not np.isfinite(aff).all():
+            raise ConfigError(f"{option} (array {index}): affine must be a finite 4x4 matrix")
+        return value, aff, f"(array {index})"
+    path = Path(value)
+    if path.is_dir():
+        raise DataError(f"{option} {path}: is a folder, not a file")
+    arr, aff, _ = _read_volume(path, option)
+    return arr, aff, path
+
+
 # -- the verb ---------------------------------------------------------------------------------------
 
-def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Path, query: str | Path,
-            out: str | Path, *, label: int | None = None, z_range: tuple[int, int] | str | None = None,
-            shots_per_part: int = 1, cca: str = "3d", batch_size: int = 8, device: str = "cpu") -> SegmentResult:
-    """Segment the support mask's organ in a query volume and write the prediction on the query's grid.
+def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
+            support_mask: str | Path | Sequence[str | Path], query: str | Path, out: str | Path, *,
+            label: int | None = None, z_range: tuple[int, int] | str | None = None, shots_per_part: int = 1,
+            cca: str = DEFAULT_CCA, batch_size: int = 8, device: str = "cpu", plan: str | None = None) -> SegmentResult:
+    """``fsl-med segment``: read the files, :meth:`Segmenter.segment`, write the mask on the query's grid.
 
     Args:
-        ckpt: a checkpoint written by ``fsl-med train`` (its stored config gives the model, the dataset's
-            modality, ``data.image_size`` and ``eval.npart``; ``ckpt["normalizer"]`` the normalisation).
-        support_image: 3D NIfTI ``[X, Y, Z]``, any orientation and voxel size.
-        support_mask: 3D NIfTI of the support image's shape (its geometry is taken to be the image's).
-            Without ``label`` it must be binary (0 and one other value); with ``label`` it may hold several
-            labels and ``label`` must be one of them.
-        query: 3D NIfTI ``[X, Y, Z]`` to segment, any orientation and voxel size.
-        out: output ``.nii`` / ``.nii.gz``: uint8 ``[X, Y, Z]`` of the query's shape with the query's affine,
-            1 = organ. Written atomically, only when everything succeeded.
-        label: label id of the organ in a multi-label support mask.
-        z_range: ``(A, B)`` or ``"A:B"``: only query slices ``A..B`` (inclusive) along the query's *original*
-            third array axis are segmented; voxels outside are 0. Default: the whole volume. Support parts
-            are assigned by relative position in the range on the model grid (LAS, inferior to superior):
-            ``part = min(npart - 1, floor(npart * (z - A') / (B' - A' + 1)))`` with ``A'..B'`` the model
-            slices covering ``A..B``.
-        shots_per_part: support slices per part (k-shot); with ``k > 1`` the organ must span at least
-            ``npart * k`` support slices on the model grid; the k slices' prototypes are merged.
-        cca: connected-component post-processing on the model grid: ``"3d"`` (keep the largest
-            foreground-mass component of the volume), ``"2d"`` (per slice), or ``"none"``.
-        batch_size: query slices per encoder call.
-        device: ``"cpu"`` or ``"cuda"``.
+        ckpt: a checkpoint written by ``fsl-med train``.
+        support_image, support_mask: one path each, or ``k`` paths each (pairs in order).
+        query: 3D NIfTI to segment. out: ``.nii`` / ``.nii.gz``: uint8 of the query's shape and affine, 1 = organ,
+            written atomically only when everything succeeded.
+        plan: ``"ct"``/``"mri"``, required for a checkpoint that does not know its preprocessing plan.
+        Other arguments: see :meth:`Segmenter.segment` and :meth:`Segmenter.from_checkpoint`.
     Returns:
-        A :class:`SegmentResult`.
+        A :class:`SegmentResult` (``support_slices``: the first support's slices per part).
     Raises:
-        DataError: missing/unreadable/non-3D file, NaN voxels, empty or non-binary support mask, support
-            mask shape differing from the support image's, organ outside the model grid's field of view.
-        ConfigError: bad option (``label`` absent from the mask, ``z_range`` outside the query, too few
-            support slices for ``shots_per_part``, unknown ``cca``/``device``, bad output suffix).
-        WeightsError: missing or corrupt checkpoint.
+        DataError, ConfigError, WeightsError: one line each, before anything is written (inputs and options are
+        checked before the checkpoint is read).
     """
-    from fsl_med.data.datasets import get_dataset_info
-    from fsl_med.data.volumes import Normalizer, slice_input, write_nifti
-    from fsl_med.refine.cca import largest_mass_component
-    from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
+    from fsl_med.prepare.nifti import write_nifti
 
-    ckpt, out = Path(ckpt), Path(out)
-    sup_img_p, sup_mask_p, query_p = Path(support_image), Path(support_mask), Path(query)
+    ckpt, out, query_p = Path(ckpt), Path(out), Path(query)
+    sup_imgs = [Path(p) for p in ([support_image] if isinstance(support_image, (str, Path)) else support_image)]
+    sup_masks = [Path(p) for p in ([support_mask] if isinstance(support_mask, (str, Path)) else support_mask)]
     # -- options (cheap checks first)
     if cca not in CCA_CHOICES:
         raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
@@ -299,92 +469,57 @@ def segment(ckpt: str | Path, support_image: str | Path, support_mask: str | Pat
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
     if shots_per_part < 1:
         raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
+    if len(sup_imgs) != len(sup_masks) or not sup_imgs:
+        raise ConfigError(f"--support-image/--support-mask: {len(sup_imgs)} images and {len(sup_masks)} masks; "
+                          "give one mask per image")
+    if plan is not None:
+        _as_plan(plan)
     if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
         raise ConfigError(f"--out {out}: must end with .nii.gz or .nii")
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out}: is a folder")
-    refuse_overwriting_inputs(out, {"--query": query_p, "--support-image": sup_img_p, "--support-mask": sup_mask_p,
-                                    "--ckpt": ckpt})
+    inputs = {"--query": query_p, "--ckpt": ckpt, **{f"--support-image {p}": p for p in sup_imgs},
+              **{f"--support-mask {p}": p for p in sup_masks}}
+    refuse_overwriting_inputs(out, inputs)
     check_output_file(out, "--out")  # before the work: a bad location fails now, not after inference
     zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
     if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
         raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
-    dev = _device(device)
-    for p, opt in ((ckpt, "--ckpt"), (sup_img_p, "--support-image"), (sup_mask_p, "--support-mask"),
-                   (query_p, "--query")):
+    _device(device)
+    checks = [(ckpt, "--ckpt"), *[(p, "--support-image") for p in sup_imgs], *[(p, "--support-mask") for p in sup_masks],
+              (query_p, "--query")]
+    for p, opt in checks:
         if p.is_dir():
             raise DataError(f"{opt} {p}: is a folder, not a file")
         if not p.is_file():
             raise DataError(f"{opt} {p}: file not found")
 
     # -- inputs (read and checked before the checkpoint)
-    s_img, s_aff, _ = _read_volume(sup_img_p, "--support-image")
-    s_img = _check_finite(s_img, sup_img_p, "--support-image")
-    s_mask, m_aff, _ = _read_volume(sup_mask_p, "--support-mask")
-    if s_mask.shape != s_img.shape:
-        raise DataError(f"--support-mask {sup_mask_p}: shape {tuple(s_mask.shape)} differs from the support "
-                        f"image's {tuple(s_img.shape)}")
-    if not np.allclose(m_aff, s_aff, atol=1e-3):
-        log.warning("%s: affine differs from the support image's; the mask is taken on the image's grid", sup_mask_p)
-    organ = _binary_mask(s_mask, sup_mask_p, label)
+    pairs, affines = [], []
+    for img_p, mask_p in zip(sup_imgs, sup_masks, strict=True):
+        s_img, s_aff, _ = _read_volume(img_p, "--support-image")
+        s_img = _check_finite(s_img, img_p, "--support-image")
+        s_mask, m_aff, _ = _read_volume(mask_p, "--support-mask")
+        if s_mask.shape != s_img.shape:
+            raise DataError(f"--support-mask {mask_p}: shape {tuple(s_mask.shape)} differs from the support "
+                            f"image's {tuple(s_img.shape)}")
+        if not np.allclose(m_aff, s_aff, atol=1e-3):
+            log.warning("%s: affine differs from the support image's; the mask is taken on the image's grid", mask_p)
+        _binary_mask(s_mask, mask_p, label)
+        pairs.append((s_img, s_mask))
+        affines.append(s_aff)
     q_img, q_aff, _ = _read_volume(query_p, "--query")
     q_img = _check_finite(q_img, query_p, "--query")
-    q_shape = tuple(int(v) for v in q_img.shape)
-    if zr is None:
-        zr = (0, q_shape[2] - 1)
-    elif zr[1] >= q_shape[2]:
-        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{q_shape[2] - 1} "
+    if zr is not None and zr[1] >= q_img.shape[2]:
+        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{q_img.shape[2] - 1} "
                           f"(its third array axis; {query_p})")
 
-    # -- checkpoint config (inputs were checked first: their errors come without loading it)
-    ck = load_checkpoint(ckpt)
-    cfg = stored_config(ck, ckpt)
-    norm_d = ck.get("normalizer") or {}
-    modality = get_dataset_info(cfg.data.dataset).modality
-    size, npart = int(cfg.data.image_size), int(cfg.eval.npart)
-    normalize = Normalizer(mean=norm_d.get("mean"), std=norm_d.get("std"))
-    if modality == "ct" and normalize.mean is None:
-        log.warning("%s has no stored CT intensity statistics: normalising each volume by its own mean/std", ckpt)
-
-    # -- to the training geometry; model arrays [Z, H, W]
-    s_grid, _ = to_model_grid(preprocess_intensities(s_img, modality), s_aff, modality, size)
-    m_grid, _ = to_model_grid(organ.astype(np.uint8), s_aff, modality, size, is_label=True)
-    q_grid, q_model_aff = to_model_grid(preprocess_intensities(q_img, modality), q_aff, modality, size)
-    sup_images = normalize(s_grid.transpose(2, 1, 0), f"--support-image {sup_img_p}")
-    sup_masks = np.ascontiguousarray(m_grid.transpose(2, 1, 0) > 0)
-    organ_slices = np.flatnonzero(sup_masks.reshape(sup_masks.shape[0], -1).any(axis=1))
-    if organ_slices.size == 0:
-        raise DataError(f"--support-mask {sup_mask_p}: the organ lies outside the model's {size}x{size} field "
-                        "of view after resampling")
-    parts = _support_indices(organ_slices, npart, shots_per_part)
-    q_norm = normalize(q_grid.transpose(2, 1, 0), f"--query {query_p}")
-    za, zb = model_z_range(zr, q_shape, q_aff, q_model_aff, q_norm.shape[0])  # type: ignore[arg-type]
-    zs = np.arange(za, zb + 1)
-    part = np.minimum(npart - 1, (npart * (zs - za)) // (zb - za + 1)).astype(np.int64)
-
-    # -- model
-    module, _ = module_from_checkpoint(ckpt, cfg, ck)
-    del ck
-    module.eval().to(dev)
-    seg = module.model
-    flat = [z for zs_p in parts for z in zs_p]
-    three = bool(cfg.data.three_slices)  # the model's input: slice tiled x3, or z-1, z, z+1 stacks
-    with torch.inference_mode():
-        protos = seg.support_prototypes(slice_input(sup_images, three)[flat], sup_masks[flat].astype(np.float32),
-                                        dev, shots_per_part)
-        pred, prob = seg.predict_volume(protos, slice_input(q_norm, three)[zs], part, batch_size=batch_size,
-                                        device=dev)
-    if cca != "none":
-        pred = largest_mass_component(pred, prob, cca)
-    full = np.zeros(q_norm.shape, dtype=np.uint8)
-    full[zs] = pred
-
-    # -- back to the query's grid
-    result = to_original_grid(full.transpose(2, 1, 0), q_model_aff, q_shape, q_aff)  # type: ignore[arg-type]
-    result[:, :, :zr[0]] = 0
-    result[:, :, zr[1] + 1:] = 0
-    write_nifti(out, result, q_aff)
-    voxels = int(result.sum())
+    # -- checkpoint, segmentation, output
+    segmenter = Segmenter.from_checkpoint(ckpt, device=device, plan=plan, batch_size=batch_size)
+    res = segmenter.segment(q_img, pairs, query_affine=q_aff, support_affines=affines, label=label, z_range=zr,
+                            shots_per_part=shots_per_part, cca=cca)
+    write_nifti(out, res.mask, q_aff)
+    voxels = int(res.mask.sum())
     voxel_ml = float(np.prod(spacing_of(q_aff))) / 1000.0  # mm^3 -> ml
-    return SegmentResult(path=out, voxels=voxels, volume_ml=voxels * voxel_ml, z_range=(int(zr[0]), int(zr[1])),
-                         support_slices=[[int(z) for z in p] for p in parts], shape=q_shape)  # type: ignore[arg-type]
+    return SegmentResult(path=out, voxels=voxels, volume_ml=voxels * voxel_ml, z_range=res.z_range,
+                         support_slices=res.support_slices[0], shape=tuple(q_img.shape))  # type: ignore[arg-type]

@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from fsl_med import atomic, interrupts
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.data.datasets import excluded_labels
 from fsl_med.errors import TrainingDiverged
 from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule
+from fsl_med.prepare.datasets import excluded_labels
 from fsl_med.runs import (
     adopt_checkpoint_data,
     check_compatible,

@@ -16,7 +16,7 @@ import torch
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.volumes import write_nifti
+from fsl_med.prepare.nifti import write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "experiments" / "demo.yaml")
@@ -266,7 +266,7 @@ def test_prepare_killed_midway_then_rerun_completes(tmp_path):
     import sys
     import time
 
-    from fsl_med.prepare.phantom_raw import write_raw_chaos
+    from fsl_med.data.phantom_raw import write_raw_chaos
 
     src = write_raw_chaos(tmp_path / "raw", n_patients=6, size=128, depth=16, seed=0, as_zip=True)
     out = tmp_path / "prepared"

@@ -26,8 +26,8 @@ from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
 from fsl_med.data.phantom import generate_phantom
+from fsl_med.data.phantom_raw import write_raw_sabs
 from fsl_med.data.protocol import EvalItem
-from fsl_med.data.volumes import write_nifti
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.metrics import confusion_counts, hd95
 from fsl_med.evaluation.predictions import PredictionWriter
@@ -35,7 +35,7 @@ from fsl_med.evaluation.scoring import Scoring
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import QueryFeatureCache
 from fsl_med.prepare.geometry import to_original_grid
-from fsl_med.prepare.phantom_raw import write_raw_sabs
+from fsl_med.prepare.nifti import write_nifti
 from fsl_med.prepare.sabs import prepare_sabs
 from fsl_med.refine.base import Refinement
 from fsl_med.refine.cca import CCA, largest_mass_component

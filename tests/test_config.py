@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fsl_med.config import load_config, to_yaml
-from fsl_med.data.datasets import excluded_labels
 from fsl_med.errors import ConfigError
+from fsl_med.prepare.datasets import excluded_labels
 from fsl_med.runs import load_run_config
 
 ROOT = "data.root=/nonexistent"

@@ -18,8 +18,9 @@ import pytest
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.volumes import Normalizer, write_nifti
+from fsl_med.data.volumes import Normalizer
 from fsl_med.errors import DataError
+from fsl_med.prepare.nifti import write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "experiments" / "demo.yaml")

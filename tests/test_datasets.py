@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsl_med.data.datasets import discover_scans, fold_split, get_dataset_info
 from fsl_med.errors import ConfigError, DataError
+from fsl_med.prepare.datasets import discover_scans, fold_split, get_dataset_info
 
 CHAOS_IDS = ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34", "36", "37",
              "38", "39"]

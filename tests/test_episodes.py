@@ -9,11 +9,11 @@ import torch
 
 from fsl_med.config import AugmentConfig, SuperpixelConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.data.episodes import EpisodeDataset, augment_pair, mask_at_feature_size
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.superpixels import body_mask, load_or_make_superpixels, superpixels_2d
 from fsl_med.data.volumes import load_volume, make_normalizer
+from fsl_med.prepare.datasets import get_dataset_info
 
 
 @pytest.fixture(scope="module")

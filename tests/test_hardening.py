@@ -91,7 +91,7 @@ def test_segment_checks_the_output_location_before_inference(phantom, tmp_path, 
 
 
 def test_prepare_refuses_nested_or_identical_folders(tmp_path, capsys):
-    from fsl_med.prepare.phantom_raw import write_raw_chaos
+    from fsl_med.data.phantom_raw import write_raw_chaos
 
     raw = write_raw_chaos(tmp_path / "raw", n_patients=2, size=32, depth=8, seed=0)
     src = raw / "Train_Sets" if (raw / "Train_Sets").is_dir() else raw
@@ -185,7 +185,7 @@ def test_sigterm_during_eval_exits_143_and_leaves_no_run_folder(phantom, lora_ck
 
 
 def test_sigint_during_prepare_keeps_finished_scans_and_reruns(tmp_path):
-    from fsl_med.prepare.phantom_raw import write_raw_chaos
+    from fsl_med.data.phantom_raw import write_raw_chaos
 
     raw = write_raw_chaos(tmp_path / "raw", n_patients=8, size=256, depth=24, seed=0)
     out = tmp_path / "prep"

@@ -8,7 +8,6 @@ import torch
 
 from fsl_med.config import AugmentConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.data.episodes import EpisodeDataset
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.protocol import build_eval_items, support_slice_indices, support_slices_per_part
@@ -16,6 +15,7 @@ from fsl_med.data.volumes import load_volume, make_normalizer, slice_input, slic
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.models.encoders import create_encoder
 from fsl_med.models.segmenter import FewShotSegmenter
+from fsl_med.prepare.datasets import get_dataset_info
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, folder_fingerprint, scans_seen
-from fsl_med.data.volumes import read_nifti, write_nifti
+from fsl_med.prepare.nifti import read_nifti, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "experiments" / "demo.yaml")

@@ -14,14 +14,7 @@ import pytest
 from fsl_med.atomic import sha256_file
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom, make_phantom_scan
-from fsl_med.data.volumes import load_volume, write_nifti
-from fsl_med.errors import DataError
-from fsl_med.prepare.chaos import MriParams, prepare_chaos
-from fsl_med.prepare.dicom import chaos_grey_to_label
-from fsl_med.prepare.geometry import orientation_of, reorient, world_centroid
-from fsl_med.prepare.importer import check_prepared, import_prepared
-from fsl_med.prepare.manifest import read_manifest
-from fsl_med.prepare.phantom_raw import (
+from fsl_med.data.phantom_raw import (
     CHAOS_TO_BTCV,
     CT_SPACING,
     MR_SPACING,
@@ -29,8 +22,16 @@ from fsl_med.prepare.phantom_raw import (
     write_raw_chaos,
     write_raw_sabs,
 )
-from fsl_med.prepare.pipeline import Scan
-from fsl_med.prepare.sabs import CtParams, prepare_sabs, preprocess_ct
+from fsl_med.data.volumes import load_volume
+from fsl_med.errors import DataError
+from fsl_med.prepare.chaos import prepare_chaos
+from fsl_med.prepare.dicom import chaos_grey_to_label
+from fsl_med.prepare.geometry import orientation_of, reorient, world_centroid
+from fsl_med.prepare.importer import check_prepared, import_prepared
+from fsl_med.prepare.manifest import read_manifest
+from fsl_med.prepare.nifti import write_nifti
+from fsl_med.prepare.plan import CtPlan, MriPlan, folder_plan
+from fsl_med.prepare.sabs import prepare_sabs
 
 MR_SIZE, MR_DEPTH = 96, 12
 CT_SIZE, CT_DEPTH = 192, 8
@@ -141,7 +142,7 @@ def test_rerun_skips_up_to_date_and_redoes_what_changed(raw_chaos, tmp_path):
     (out / "label_2.nii.gz").unlink()
     rep = prepare_chaos(src, out, progress=False)
     assert rep.prepared == ["2"] and (out / "label_2.nii.gz").is_file()
-    rep = prepare_chaos(src, out, MriParams(label_interp="nearest"), progress=False)
+    rep = prepare_chaos(src, out, MriPlan(label_interp="nearest"), progress=False)
     assert rep.prepared == ["1", "2", "3"]
     assert read_manifest(out)["params"]["label_interp"] == "nearest"
     assert _tree_digest(src) == zip_digest
@@ -200,12 +201,12 @@ def test_ct_preprocessing_is_orientation_invariant():
     lab = np.zeros(hu.shape, dtype=np.uint8)
     lab[40:60, 30:50, 2:4] = 6
     aff = np.diag([-0.7, 0.7, 3.0, 1.0])
-    ref = preprocess_ct(Scan(hu, lab, aff), CtParams())
+    ref = CtPlan().forward(hu, aff, lab)
     assert ref.image.shape == (256, 256, 6)
     for codes in ("RPI", "LPS", "RAS"):
         h2, a2 = reorient(hu, aff, codes)
         l2, _ = reorient(lab, aff, codes)
-        got = preprocess_ct(Scan(h2, l2, a2), CtParams())
+        got = CtPlan().forward(h2, a2, l2)
         assert np.allclose(got.image, ref.image, atol=1e-3) and np.array_equal(got.label, ref.label)
         assert np.allclose(got.affine, ref.affine)
     assert hu.min() == -1000  # input untouched
@@ -288,7 +289,7 @@ def test_import_flags_broken_folders(small_prepared, case, capsys):
     expected = _break(small_prepared, case)
     (small_prepared / "classmap_1.json").unlink()
     before = sorted(p.name for p in small_prepared.iterdir())
-    rep = import_prepared(small_prepared, "chaos", cache_dir=None)
+    rep = import_prepared(small_prepared, "chaos")
     assert not rep.ok and any(expected in p for p in rep.problems), rep.problems
     assert main(["prepare", "import", "--src", str(small_prepared), "--dataset", "chaos", "--no-superpixels"]) == 2
     cap = capsys.readouterr()
@@ -317,6 +318,23 @@ def test_ct_normalisation_uses_training_scans_only(prepared_sabs, tmp_path):
     assert dm.normalize.std == pytest.approx(float(train.std()), rel=1e-4)
     everything = np.concatenate([load_volume(prepared_sabs, s).image.ravel() for s in ("0", "1", "2")])
     assert abs(dm.normalize.mean - float(everything.mean())) > 1e-3  # the query/support scans are not used
+    assert dm.preprocessing_plan() == CtPlan()  # what a checkpoint trained on this folder stores for segment
+
+
+def test_prepared_folders_record_their_plan(prepared_chaos, prepared_sabs, small_prepared, tmp_path):
+    """The manifest's params are the plan (as the checkpoint stores it); imported or foreign folders have none."""
+    from fsl_med.errors import ConfigError
+    from fsl_med.prepare.plan import plan_from_dict
+
+    assert folder_plan(prepared_chaos) == MriPlan() and folder_plan(prepared_sabs) == CtPlan()
+    assert read_manifest(prepared_chaos)["params"] == MriPlan().as_dict()
+    assert plan_from_dict(CtPlan(border=16).as_dict()) == CtPlan(border=16)
+    assert folder_plan(tmp_path) is None
+    assert import_prepared(small_prepared, "chaos").ok and folder_plan(small_prepared) is None
+    for bad, needle in (({"modality": "pet"}, "not a preprocessing plan"), ({**MriPlan().as_dict(), "zoom": 2},
+                        "unknown plan field"), ({**MriPlan().as_dict(), "label_interp": "cubic"}, "label_interp")):
+        with pytest.raises(ConfigError, match=needle):
+            plan_from_dict(bad)
 
 
 def test_sabs_from_zip_equals_folder(raw_sabs, prepared_sabs, tmp_path):

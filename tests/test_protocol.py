@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.data.protocol import query_plan, support_slice_indices
 from fsl_med.data.volumes import load_volume
 from fsl_med.errors import DataError
+from fsl_med.prepare.datasets import get_dataset_info
 
 
 def test_support_slices_at_one_sixth_half_five_sixths():

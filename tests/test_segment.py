@@ -17,18 +17,12 @@ from conftest import TINY
 from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
-from fsl_med.data.volumes import read_nifti, write_nifti
 from fsl_med.errors import ConfigError
 from fsl_med.models.alp import ClassPrototypes, EpisodePrototypes, merge_episode_prototypes
 from fsl_med.prepare.geometry import orientation_of, reorient, resample_image, resample_label, spacing_of
-from fsl_med.segment import (
-    model_z_range,
-    parse_z_range,
-    preprocess_intensities,
-    segment,
-    to_model_grid,
-    to_original_grid,
-)
+from fsl_med.prepare.nifti import read_nifti, write_nifti
+from fsl_med.prepare.plan import CtPlan, MriPlan
+from fsl_med.segment import model_z_range, parse_z_range, segment
 from fsl_med.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +33,7 @@ LIVER = 1
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``last.ckpt`` of a tiny model trained for 2 steps through :func:`fsl_med.train.train` (MRI config)."""
     base = tmp_path_factory.mktemp("segment_ckpt")
-    root = generate_phantom(base / "phantom", n_scans=4, size=64, depth=8)
+    root = generate_phantom(base / "phantom", n_scans=4, size=256, depth=8)  # the plan of CHAOS-T2: 256 px
     cfg = load_config(REPO / "experiments" / "mri.yaml", [
         *TINY, f"data.root={root}", f"data.cache_dir={tmp_path_factory.getbasetemp() / 'sp_cache'}",
         "trainer.max_steps=2", "data.episodes_per_epoch=2", "trainer.val_check_interval=2", "data.num_val_scans=0",
@@ -82,10 +76,12 @@ def test_geometry_round_trip_keeps_world_positions():
     m2, a2 = reorient(mask, aff, "ARI")
     mq, aq = resample_label(m2, a2, (1.5, 1.1, 7.7), "nearest")
     assert orientation_of(aq) == "ARI"
-    grid, grid_aff = to_model_grid(mq, aq, "mri", 256, is_label=True)
+    plan = MriPlan(size=256)
+    prep = plan.forward(mq.astype(np.float32), aq, mq)
+    grid, grid_aff = prep.label, prep.affine
     assert grid.shape == (256, 256, mq.shape[2]) and orientation_of(grid_aff) == "LAS"
-    assert np.allclose(spacing_of(grid_aff)[:2], (1.25, 1.25))
-    back = to_original_grid(grid, grid_aff, mq.shape, aq)
+    assert np.allclose(spacing_of(grid_aff), (1.25, 1.25, 7.7))
+    back = plan.inverse(grid, grid_aff, mq.shape, aq)
     assert back.shape == mq.shape and back.dtype == np.uint8
     assert dice(back, mq) > 0.97
     # the query's z axis is reversed: original slices 2..5 are model slices Z-1-5..Z-1-2
@@ -93,20 +89,20 @@ def test_geometry_round_trip_keeps_world_positions():
     assert model_z_range((2, 5), mq.shape, aq, grid_aff, grid.shape[2]) == (z - 1 - 5, z - 1 - 2)
 
 
-def test_ct_geometry_and_hu_window():
-    """CT: in-plane field of view scaled to 256 x 256, z unchanged; HU windowed to [-125, 275] -> 0..255."""
+def test_ct_plan_geometry_and_hu_window():
+    """CT plan: HU clipped to [-125, 275], the volume's min..max to 0..255; 32 px border dropped, the rest of the
+    in-plane field of view resampled to 256 x 256, z unchanged."""
     img = np.full((300, 200, 5), -1000.0, dtype=np.float32)
     img[0, 0, 0], img[1, 0, 0], img[2, 0, 0], img[3, 0, 0] = -125.0, 275.0, 75.0, 1500.0
-    w = preprocess_intensities(img, "ct")
+    plan = CtPlan()
+    w = plan.intensities(img)
     assert w[0, 0, 0] == 0.0 and w[1, 0, 0] == 255.0 and w[2, 0, 0] == pytest.approx(127.5)
-    assert w[3, 0, 0] == 255.0 and w.min() == 0.0
-    prepared = np.full((8, 8, 2), 100.0, dtype=np.float32)  # not HU (min >= -500): unchanged
-    assert np.array_equal(preprocess_intensities(prepared, "ct"), prepared)
+    assert w[3, 0, 0] == 255.0 and w.min() == 0.0 and img[3, 0, 0] == 1500.0  # input unchanged
     aff = np.diag([-0.8, 0.9, 3.0, 1.0])
-    out, out_aff = to_model_grid(w, aff, "ct", 256)
-    assert out.shape == (256, 256, 5)
-    sx, sy, sz = spacing_of(out_aff)
-    assert sx == pytest.approx(0.8 * 300 / 256, rel=1e-3) and sy == pytest.approx(0.9 * 200 / 256, rel=1e-3)
+    out = plan.forward(img, aff)
+    assert out.image.shape == (256, 256, 5) and out.label is None
+    sx, sy, sz = spacing_of(out.affine)
+    assert sx == pytest.approx(0.8 * 236 / 256, rel=1e-3) and sy == pytest.approx(0.9 * 136 / 256, rel=1e-3)
     assert sz == pytest.approx(3.0)
 
 
@@ -178,7 +174,8 @@ def test_bad_inputs_are_one_line_errors(case, needle, small, ckpt, tmp_path, cap
     if case == "binary":
         assert "[1, 3]" in lines[0] and "--label" in lines[0]
     if case == "shots":
-        assert "spans only 4 slice" in lines[0]
+        # 4 slices of 5 mm: 2 slices on the MRI plan's 7.7 mm grid
+        assert "spans only 2 slice" in lines[0]
     assert not out.exists() and stdout == ""
     assert not list(tmp_path.glob(".pred.nii.gz.*"))  # no temporary file left
 
@@ -261,16 +258,103 @@ def test_z_range_restricts_prediction(chaos, ckpt, tmp_path):
     assert per_slice[a:b + 1].sum() > 0 and res.voxels == int(pred.sum())
 
 
-def test_ct_model_grid_matches_prepare_sabs_geometry():
-    """A raw HU scan reaches the same grid as `fsl-med prepare sabs` gives (32 px border dropped, then 256²)."""
-    from fsl_med.prepare.pipeline import Scan
-    from fsl_med.prepare.sabs import CtParams, preprocess_ct
+# -- one preprocessing plan: prepare and segment agree array for array ------------------------------
 
-    rng = np.random.default_rng(0)
-    hu = rng.integers(-1000, 400, size=(400, 380, 3)).astype(np.float32)
-    aff = np.diag([-0.7, 0.75, 2.5, 1.0])
-    prep = preprocess_ct(Scan(hu, np.zeros(hu.shape, np.uint8), aff), CtParams())
-    out, out_aff = to_model_grid(preprocess_intensities(hu, "ct"), aff, "ct", 256)
-    assert out.shape == prep.image.shape == (256, 256, 3)
-    assert np.allclose(out_aff, prep.affine, atol=1e-3)
-    assert np.allclose(out[4:-4, 4:-4], prep.image[4:-4, 4:-4], atol=0.05)
+def _raw_cases(kind: str, tmp: Path) -> list:
+    """The raw scans ``fsl-med prepare`` reads (phantom downloads), as (scan id, Scan) and the prepared folder."""
+    from fsl_med.data.phantom_raw import write_raw_chaos, write_raw_sabs
+    from fsl_med.prepare.chaos import find_chaos_cases, prepare_chaos
+    from fsl_med.prepare.sabs import find_sabs_cases, prepare_sabs
+    from fsl_med.prepare.sources import Source
+
+    if kind == "mri":
+        src = write_raw_chaos(tmp / "raw", n_patients=2, size=96, depth=12, seed=3)
+        prepare_chaos(src, tmp / "prep", progress=False)
+        find = find_chaos_cases
+    else:
+        src = write_raw_sabs(tmp / "raw", n_scans=2, size=160, depth=10, seed=3)
+        prepare_sabs(src, tmp / "prep", progress=False)
+        find = find_sabs_cases
+    with Source(src) as source:
+        return [(c.scan_id, c.load()) for c in find(source)]
+
+
+@pytest.mark.parametrize("kind", ["mri", "ct"])
+def test_prepare_and_segment_give_identical_arrays(kind, ckpt, tmp_path):
+    """A raw MRI (DICOM series) and a raw CT (HU NIfTI) scan, written as NIfTI in LPS, RAS and LAS: the segment
+    path (read the file, :meth:`Segmenter.prepare`, the checkpoint's or ``--plan``'s plan) gives exactly the image,
+    labels and affine ``fsl-med prepare`` wrote (``array_equal``)."""
+    from fsl_med.prepare.plan import CtPlan, MriPlan
+    from fsl_med.segment import Segmenter, _read_volume
+
+    seg = Segmenter.from_checkpoint(ckpt, plan=MriPlan() if kind == "mri" else CtPlan())
+    for sid, raw in _raw_cases(kind, tmp_path):
+        want_img, want_aff, _ = read_nifti(tmp_path / "prep" / f"image_{sid}.nii.gz")
+        want_lab, _, _ = read_nifti(tmp_path / "prep" / f"label_{sid}.nii.gz")
+        assert want_lab.max() > 0
+        for codes in ("LPS", "RAS", "LAS"):
+            img, aff = reorient(np.asarray(raw.image), raw.affine, codes)
+            lab, _ = reorient(np.asarray(raw.label, dtype=np.uint8), raw.affine, codes)
+            assert orientation_of(aff) == codes
+            ip = write_nifti(tmp_path / codes / f"img_{sid}.nii.gz", img, aff)
+            lp = write_nifti(tmp_path / codes / f"lab_{sid}.nii.gz", lab, aff)
+            got = seg.prepare(_read_volume(ip, "--query")[0], _read_volume(ip, "--query")[1],
+                              _read_volume(lp, "--support-mask")[0])
+            assert np.array_equal(got.image, want_img), (kind, sid, codes)
+            assert np.array_equal(got.label, want_lab), (kind, sid, codes)
+            assert np.allclose(got.affine, want_aff, rtol=0, atol=1e-5), (kind, sid, codes)
+
+
+def test_checkpoint_stores_its_plan_and_segment_needs_one_when_unknown(chaos, ckpt, tmp_path, capsys):
+    """Trained on a phantom (an MRI-plan grid at 256 px) the checkpoint records that plan; one whose plan is unknown
+    (data prepared elsewhere) makes ``segment`` fail in one line unless ``--plan`` is given, which then gives the
+    same output as the stored plan."""
+    from fsl_med.prepare.plan import CHECKPOINT_KEY, MriPlan
+
+    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert ck[CHECKPOINT_KEY] == MriPlan(size=256).as_dict()
+    ck[CHECKPOINT_KEY] = None
+    unknown = tmp_path / "unknown.ckpt"
+    torch.save(ck, unknown)
+    args = ["--support-image", str(chaos / "image_2.nii.gz"), "--support-mask", str(chaos / "label_2.nii.gz"),
+            "--label", "1", "--query", str(chaos / "image_1.nii.gz")]
+    rc, _, err = run_cli(capsys, "--ckpt", str(unknown), *args, "--out", str(tmp_path / "a.nii.gz"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--plan ct or --plan mri" in err, err
+    assert not (tmp_path / "a.nii.gz").exists()
+    rc, _, err = run_cli(capsys, "--ckpt", str(unknown), *args, "--plan", "mri", "--out", str(tmp_path / "b.nii.gz"))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "--ckpt", str(ckpt), *args, "--out", str(tmp_path / "c.nii.gz"))
+    assert rc == 0, err
+    assert np.array_equal(read_nifti(tmp_path / "b.nii.gz")[0], read_nifti(tmp_path / "c.nii.gz")[0])
+
+
+def test_readme_python_api_example_equals_the_cli(chaos, ckpt, tmp_path, capsys):
+    """The README's ``Segmenter`` example runs as written on real CHAOS volumes; its 1-support and 3-support masks are
+    the CLI's outputs for the same inputs, voxel for voxel, and its probabilities lie on the query's grid."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- segmenter-example -->\n```python\n(.*?)```", text, re.S)
+    assert block is not None, "README lost its Segmenter example"
+    ns: dict = {"CKPT": str(ckpt), "DATA": str(chaos)}
+    exec(compile(block.group(1), "README.md", "exec"), ns)  # noqa: S102 - the documented example, as written
+    one, three = ns["one"], ns["three"]
+    q_img, q_aff, _ = read_nifti(chaos / "image_1.nii.gz")
+    for res, ids in ((one, (2,)), (three, (2, 3, 5))):
+        assert res.mask.shape == res.probability.shape == q_img.shape and np.allclose(res.affine, q_aff)
+        assert res.mask.dtype == np.uint8 and res.probability.dtype == np.float32 and res.mask.sum() > 0
+        assert len(res.support_slices) == len(ids)
+        out = tmp_path / f"cli_{len(ids)}.nii.gz"
+        sup = [a for i in ids for a in ("--support-image", str(chaos / f"image_{i}.nii.gz"),
+                                        "--support-mask", str(chaos / f"label_{i}.nii.gz"))]
+        rc, _, err = run_cli(capsys, "--ckpt", str(ckpt), *sup, "--label", "1", "--query", str(chaos / "image_1.nii.gz"),
+                             "--out", str(out))
+        assert rc == 0, err
+        assert np.array_equal(read_nifti(out)[0], res.mask)
+    assert not np.array_equal(one.probability, three.probability)  # the two extra supports change the prototypes
+    # arrays with affines give the same as paths
+    sup_img, sup_aff, _ = read_nifti(chaos / "image_2.nii.gz")
+    sup_lab, _, _ = read_nifti(chaos / "label_2.nii.gz")
+    seg = ns["seg"]
+    arr = seg.segment(q_img, [(sup_img, sup_lab)], query_affine=q_aff, support_affines=[sup_aff], label=1)
+    assert np.array_equal(arr.mask, one.mask) and np.array_equal(arr.probability, one.probability)

@@ -12,8 +12,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from fsl_med.config import AugmentConfig, SuperpixelConfig
-from fsl_med.data.classmap import CLASSMAP_NAME, read_classmap
-from fsl_med.data.datasets import (
+from fsl_med.data.episodes import EpisodeDataset, EpisodeSampler
+from fsl_med.data.phantom import phantom_plan
+from fsl_med.data.protocol import EvalItem, build_eval_items
+from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
+from fsl_med.data.superpixels import load_or_make_superpixels
+from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer
+from fsl_med.errors import ConfigError, DataError
+from fsl_med.prepare.classmap import CLASSMAP_NAME, read_classmap
+from fsl_med.prepare.datasets import (
     FoldSplit,
     excluded_labels,
     fold_split,
@@ -21,12 +28,8 @@ from fsl_med.data.datasets import (
     scan_files,
     validation_split,
 )
-from fsl_med.data.episodes import EpisodeDataset, EpisodeSampler
-from fsl_med.data.protocol import EvalItem, build_eval_items
-from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
-from fsl_med.data.superpixels import load_or_make_superpixels
-from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, read_nifti
-from fsl_med.errors import ConfigError, DataError
+from fsl_med.prepare.nifti import read_nifti
+from fsl_med.prepare.plan import Plan, folder_plan
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,11 @@ class FewShotDataModule(L.LightningDataModule):
                          test_organs=[str(o) for o in self.cfg.data.test_organs],
                          train_scans={s: digests[s] for s in self.train_ids},
                          val_scans={s: digests[s] for s in self.val_ids})
+
+    def preprocessing_plan(self) -> Plan | None:
+        """The plan the data folder was prepared with (its ``manifest.json``, or a phantom's), or ``None`` when it
+        is unknown (data prepared elsewhere); stored in checkpoints for ``segment``."""
+        return folder_plan(self.root) or phantom_plan(self.root)
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:

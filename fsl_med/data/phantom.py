@@ -34,8 +34,10 @@ import numpy as np
 from scipy import ndimage
 
 from fsl_med.atomic import write_json, write_text
-from fsl_med.data.volumes import classmap_from_labels, write_nifti
 from fsl_med.errors import ConfigError, DataError
+from fsl_med.prepare.classmap import build_classmap, label_slices
+from fsl_med.prepare.nifti import write_nifti
+from fsl_med.prepare.plan import MriPlan
 
 __all__ = [
     "CLASS_NAMES",
@@ -394,6 +396,14 @@ def _read_meta(out_dir: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("generator") == _GENERATOR else None
 
 
+def phantom_plan(out_dir: str | Path) -> MriPlan | None:
+    """The preprocessing plan a phantom folder stands for (its volumes are drawn directly on the MRI plan's grid,
+    at the phantom's in-plane size), or ``None`` when ``out_dir`` is not a phantom."""
+    meta = _read_meta(Path(out_dir))
+    size = meta.get("params", {}).get("size") if meta is not None else None
+    return MriPlan(size=size) if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def _expected_files(n_scans: int) -> list[str]:
     names = [f"{kind}_{i}.nii.gz" for i in range(1, n_scans + 1) for kind in ("image", "label")]
     return [*names, _CLASSMAP_NAME]
@@ -484,12 +494,12 @@ def generate_phantom(
     _prepare_dir(out_dir, n_scans, overwrite)
     write_json(out_dir / _META_NAME, _meta(params, complete=False))
     affine = phantom_affine(size, depth)
-    labels: dict[str, np.ndarray] = {}
+    slices: dict[str, dict[str, list[int]]] = {}
     for i in range(1, n_scans + 1):
         image, label = make_phantom_scan(i, size=size, depth=depth, seed=seed)
         write_nifti(out_dir / f"image_{i}.nii.gz", image, affine)
         write_nifti(out_dir / f"label_{i}.nii.gz", label, affine)
-        labels[str(i)] = label.astype(np.uint8)
-    write_text(out_dir / _CLASSMAP_NAME, json.dumps(classmap_from_labels(labels, CLASS_NAMES)))
+        slices[str(i)] = label_slices(label.astype(np.uint8))
+    write_text(out_dir / _CLASSMAP_NAME, json.dumps(build_classmap(dict(enumerate(CLASS_NAMES)), slices)))
     write_json(out_dir / _META_NAME, _meta(params, complete=True))
     return out_dir

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsl_med.data.datasets import DatasetInfo
 from fsl_med.data.volumes import Normalizer, Volume, slice_input
 from fsl_med.errors import DataError
+from fsl_med.prepare.datasets import DatasetInfo
 
 
 def support_slice_indices(organ_slices: np.ndarray, npart: int = 3) -> list[int]:

@@ -22,6 +22,7 @@ from skimage.segmentation import felzenszwalb
 from fsl_med.atomic import atomic_path, sha256_file
 from fsl_med.config import SuperpixelConfig
 from fsl_med.errors import DataError
+from fsl_med.prepare.datasets import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,22 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
         except OSError as e:
             _cache_fault(cache_dir, e)
     return sp
+
+
+def cache_superpixels(root: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
+                      progress: bool = True) -> float:
+    """Compute (or find) the training pseudolabels of every listed scan of a prepared folder in the cache
+    (``fsl-med prepare``'s last step); returns the seconds spent."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from fsl_med.data.volumes import load_volume
+
+    t0 = time.perf_counter()
+    params = SuperpixelConfig(body_threshold=info.body_threshold)
+    for sid in tqdm(scan_ids, desc="superpixels", unit="vol", disable=not progress, file=sys.stderr):
+        vol = load_volume(root, sid, info.all_label_ids)
+        load_or_make_superpixels(vol.image, vol.path, params, cache_dir)
+    return time.perf_counter() - t0

@@ -6,20 +6,17 @@ the order SimpleITK gives and the reference code uses; nibabel's ``[x, y, z]`` i
 
 from __future__ import annotations
 
-import gzip
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsl_med.atomic import atomic_path
-from fsl_med.data.datasets import scan_files
 from fsl_med.errors import DataError
+from fsl_med.prepare.datasets import scan_files
+from fsl_med.prepare.nifti import affine_mismatch, check_intensities, read_nifti
 
 log = logging.getLogger(__name__)
 
@@ -49,98 +46,9 @@ class Volume:
         return np.flatnonzero((self.label == label_id).reshape(self.label.shape[0], -1).any(axis=1))
 
 
-def _check_affine(path: Path, affine: np.ndarray) -> None:
-    """Raise :class:`DataError` for an affine whose voxel axes have zero length, are parallel, or are not finite."""
-    if not np.isfinite(affine).all():
-        raise DataError(f"{path}: affine has NaN/inf entries; fix the header's qform/sform")
-    axes = affine[:3, :3]
-    norms = np.linalg.norm(axes, axis=0)
-    # |det| is the voxel volume; relative to the product of the axis lengths it is |sin| of the axes' skew
-    if norms.min() == 0 or abs(float(np.linalg.det(axes))) <= 1e-6 * float(np.prod(norms)):
-        raise DataError(f"{path}: singular affine (voxel axes have zero length or are parallel); "
-                        "fix the header's qform/sform")
-
-
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI file fully and check that its geometry can be used.
-
-    Returns:
-        ``(array in nibabel order, affine, zooms)``.
-
-    Raises:
-        DataError: one line naming the file: a filesystem fault, reported as such with the OS's reason
-            (``cannot read (Permission denied)``, ``(Is a directory)``, ``(No such file or directory)``);
-            truncated or not gzip; not NIfTI; or a singular (or NaN) affine.
-    """
-    try:  # filesystem faults first, so that they are never mistaken for a corrupt file
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from e
-    try:
-        img = nib.load(str(path))
-        arr = np.asarray(img.dataobj)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip file ({e.__class__.__name__})") from e
-    except nib.filebasedimages.ImageFileError as e:
-        if str(path).endswith(".gz"):  # a cut-off gzip stream can look like a bad header: say which it is
-            try:
-                with gzip.open(path, "rb") as f:
-                    while f.read(1 << 20):
-                        pass
-            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as ge:
-                raise DataError(f"{path}: truncated or corrupt gzip file ({ge.__class__.__name__})") from e
-        raise DataError(f"{path}: not a NIfTI file") from e
-    except OSError as e:
-        if e.errno is not None:  # an I/O fault while reading (EIO, ...), not a format problem
-            raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from e
-        raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    except ValueError as e:
-        raise DataError(f"{path}: cannot read NIfTI ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(Path(path), affine)
-    if np.iscomplexobj(arr):
-        raise DataError(f"{path}: complex-valued voxels ({arr.dtype}); store the magnitude image as real values")
-    return arr, affine, tuple(float(z) for z in img.header.get_zooms())
-
-
-AFFINE_ATOL_MM = 1e-3
-"""Largest difference (mm, any affine entry) between an image's and its label's affine that goes unremarked."""
-
-
-def affine_mismatch(image_path: Path, image_affine: np.ndarray, label_path: Path,
-                    label_affine: np.ndarray) -> str | None:
-    """A one-line warning when a label's affine differs from its image's by more than ``AFFINE_ATOL_MM``
-    in any entry (None when they agree). The label is still used voxel for voxel with the image."""
-    if np.allclose(image_affine, label_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
-        return None
-    diff = float(np.max(np.abs(np.asarray(image_affine) - np.asarray(label_affine))))
-    return (f"{label_path}: affine differs from that of {image_path} by up to {diff:.3g} mm; the label is used "
-            "voxel for voxel with the image (check that it belongs to this image)")
-
-
-MAX_INTENSITY = float(np.sqrt(np.finfo(np.float32).max))
-"""Largest intensity magnitude accepted (~1.8e19): beyond it a value's square is not finite in float32."""
-
-
-def check_intensities(image: np.ndarray, what: str | Path) -> None:
-    """Reject intensities too large for float32 arithmetic (their squares overflow).
-
-    Such values (e.g. near 3e38) are finite but come from a broken export (a garbage ``scl_slope``, a wrong
-    data type); statistics, augmentation and the model work in float32 and would turn them into inf/NaN.
-
-    Raises:
-        DataError: ``what`` (the file) and the intensity range in one line.
-    """
-    if image.size == 0:
-        return
-    lo, hi = float(np.min(image)), float(np.max(image))
-    if max(abs(lo), abs(hi)) > MAX_INTENSITY:
-        raise DataError(f"{what}: intensities are too large: their squares are not finite in float32 "
-                        f"(range {lo:.1e}..{hi:.1e}); rescale the image or fix the header's scl_slope")
-
-
-def _resize_slices(arr: np.ndarray, size: int | tuple[int, int], mode: str) -> np.ndarray:
+def resize_slices(arr: np.ndarray, size: int | tuple[int, int], mode: str) -> np.ndarray:
+    """``[Z, H, W]`` slices resized in-plane to ``size`` (``"bilinear"``, as the reference loader resizes images,
+    or ``"nearest"``, for labels); returns a new float32 array."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[:, None]
     if mode == "nearest":
@@ -155,7 +63,7 @@ def resize_label_slices(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     ``image_size`` resize). Returns a new uint8 array; the input is not modified."""
     if tuple(label.shape[1:]) == tuple(shape):
         return np.array(label, dtype=np.uint8)
-    return _resize_slices(label, shape, "nearest").astype(np.uint8)
+    return resize_slices(label, shape, "nearest").astype(np.uint8)
 
 
 def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | None = None,
@@ -169,7 +77,7 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
         image_size: if given and different from the stored in-plane size, slices are resized to
             ``image_size``² (image bilinear, label nearest), as the reference loader does.
 
-    The files are found by :func:`~fsl_med.data.datasets.scan_files` (``.nii.gz`` or ``.nii``). A label whose
+    The files are found by :func:`~fsl_med.prepare.datasets.scan_files` (``.nii.gz`` or ``.nii``). A label whose
     affine differs from the image's (:func:`affine_mismatch`) is logged as a warning and used as is.
 
     Raises:
@@ -211,42 +119,10 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
     spacing = (zooms[2], zooms[1], zooms[0]) if len(zooms) >= 3 else (1.0, 1.0, 1.0)
     if image_size is not None and image.shape[1:] != (image_size, image_size):
         sy, sx = image.shape[1] / image_size, image.shape[2] / image_size
-        image = _resize_slices(image, image_size, "bilinear")
-        label = _resize_slices(label, image_size, "nearest").astype(np.uint8)
+        image = resize_slices(image, image_size, "bilinear")
+        label = resize_slices(label, image_size, "nearest").astype(np.uint8)
         spacing = (spacing[0], spacing[1] * sy, spacing[2] * sx)
     return Volume(scan_id=str(scan_id), image=image, label=label, spacing=spacing, affine=affine, path=ipath)
-
-
-def write_nifti(dest: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Atomically write ``data`` (nibabel order ``[X, Y, Z]``) with ``affine`` (qform = sform, scanner, mm)."""
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    with atomic_path(dest) as tmp:
-        nib.save(img, str(tmp))
-    return Path(dest)
-
-
-def classmap_from_labels(labels: dict[str, np.ndarray], class_names: tuple[str, ...] | dict[int, str]
-                         ) -> dict[str, dict[str, list[int]]]:
-    """Build the ``classmap_1.json`` object from {scan id: ``[X, Y, Z]`` label volume}.
-
-    Args:
-        class_names: names by label id (a tuple indexed by id, or {id: name}); id 0 is the background.
-
-    Returns:
-        {class name: {scan id: [z, ...]}}: class ``c`` lists the z indices with >= 1 voxel of ``c``;
-        the background class (as in the reference file) lists the z indices with >= 1 foreground voxel.
-    """
-    names = dict(enumerate(class_names)) if not isinstance(class_names, dict) else dict(class_names)
-    out: dict[str, dict[str, list[int]]] = {name: {} for name in names.values()}
-    for sid, lab in labels.items():
-        lab_i = np.asarray(lab).astype(np.int64)
-        for c, name in names.items():
-            hit = (lab_i > 0) if c == 0 else (lab_i == c)
-            out[name][sid] = [int(z) for z in np.flatnonzero(hit.any(axis=(0, 1)))]
-    return out
 
 
 @dataclass(frozen=True)

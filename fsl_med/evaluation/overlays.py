@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from fsl_med.data.datasets import scan_sort_key
 from fsl_med.evaluation.figures import overlay_figure
 from fsl_med.evaluation.report import VARIANT_TITLES
 from fsl_med.models.prediction import ItemPrediction
+from fsl_med.prepare.datasets import scan_sort_key
 from fsl_med.ranks import gather_objects
 
 

@@ -22,10 +22,11 @@ import lightning as L
 import nibabel as nib
 import numpy as np
 
-from fsl_med.data.volumes import resize_label_slices, write_nifti
+from fsl_med.data.volumes import resize_label_slices
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.prepare.geometry import to_original_grid
 from fsl_med.prepare.manifest import read_manifest
+from fsl_med.prepare.nifti import write_nifti
 from fsl_med.ranks import gather_objects
 
 

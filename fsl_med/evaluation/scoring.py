@@ -15,10 +15,10 @@ import lightning as L
 from omegaconf import DictConfig
 
 from fsl_med.config import VARIANTS
-from fsl_med.data.datasets import scan_sort_key
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.metrics import VolumeResult, confusion_counts, hd95, summarize
 from fsl_med.models.prediction import ItemPrediction
+from fsl_med.prepare.datasets import scan_sort_key
 from fsl_med.ranks import gather_objects
 from fsl_med.refine.base import Refinement
 

@@ -22,6 +22,7 @@ from fsl_med.errors import TrainingDiverged
 from fsl_med.models.encoders import create_encoder
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
+from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,17 @@ class FewShotModule(L.LightningModule):
         """Store the training data's intensity normalisation (``checkpoint["normalizer"]``: ``{"mean", "std"}``,
         both ``None`` for per-volume z-scoring) so that ``fsl-med segment`` can normalise a new volume alike, and
         what was trained on (``checkpoint["fsl_med_trained_on"]``, :class:`~fsl_med.data.provenance.TrainedOn`),
-        so that evaluation can refuse scans the model has seen."""
+        so that evaluation can refuse scans the model has seen, and the folder's preprocessing plan
+        (``checkpoint["preprocessing_plan"]``, ``None`` when unknown) so that ``segment`` prepares new scans alike."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         norm = getattr(dm, "normalize", None)
         if norm is not None:
             checkpoint["normalizer"] = {"mean": norm.mean, "std": norm.std}
         if self.trained_on is not None:
             checkpoint[CHECKPOINT_KEY] = self.trained_on.to_dict()
+        if dm is not None and hasattr(dm, "preprocessing_plan"):
+            plan = dm.preprocessing_plan()
+            checkpoint[PLAN_KEY] = plan.as_dict() if plan is not None else None
 
     # -- evaluation ---------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

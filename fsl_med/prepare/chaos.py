@@ -10,62 +10,17 @@ image, per class for labels), centre-crop or pad in-plane to 256 x 256 with the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.errors import DataError
+from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.prepare.dicom import read_masks, read_series
-from fsl_med.prepare.geometry import (
-    CANONICAL_ORIENTATION,
-    crop_or_pad_xy,
-    reorient,
-    resample_image,
-    resample_label,
-)
-from fsl_med.prepare.pipeline import Case, PrepareReport, Scan, run_preparation
+from fsl_med.prepare.pipeline import Case, PrepareReport, run_preparation
+from fsl_med.prepare.plan import MriPlan, Scan
 from fsl_med.prepare.sources import Source
 
 _DICOM_RE = re.compile(r"(?:^|/)MR/(\d+)/T2SPIR/DICOM_anon/([^/]+)$")
 _GROUND_RE = re.compile(r"(?:^|/)MR/(\d+)/T2SPIR/Ground/([^/]+\.png)$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class MriParams:
-    """MRI preparation parameters (method.md §1.2)."""
-
-    clip_top_percent: float = 0.5
-    spacing: tuple[float, float, float] = (1.25, 1.25, 7.7)
-    size: int = 256
-    label_interp: str = "per_class"
-    orientation: str = CANONICAL_ORIENTATION
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able parameters (recorded in the manifest)."""
-        return {"modality": "mri", "clip_top_percent": self.clip_top_percent, "spacing": list(self.spacing),
-                "size": self.size, "label_interp": self.label_interp, "orientation": self.orientation}
-
-
-def preprocess_mri(scan: Scan, p: MriParams) -> Scan:
-    """Clip, reorient, resample and crop/pad one MRI scan (inputs are not modified).
-
-    Returns:
-        a scan of shape ``(p.size, p.size, Z')`` with spacing ``p.spacing`` in ``p.orientation``.
-    """
-    image = scan.image.astype(np.float32, copy=True)
-    if p.clip_top_percent > 0:
-        image = np.minimum(image, np.percentile(image, 100.0 - p.clip_top_percent)).astype(np.float32)
-    image, affine = reorient(image, scan.affine, p.orientation)
-    label, _ = reorient(np.asarray(scan.label, dtype=np.uint8), scan.affine, p.orientation)
-    image, new_aff = resample_image(image, affine, p.spacing)
-    label, _ = resample_label(label, affine, p.spacing, p.label_interp)
-    lo = float(image.min())
-    image, out_aff = crop_or_pad_xy(image, new_aff, p.size, value=lo)
-    label, _ = crop_or_pad_xy(label.astype(np.float32), new_aff, p.size, value=0.0)
-    return Scan(image=image, label=np.rint(label).astype(np.uint8), affine=out_aff)
 
 
 def find_chaos_cases(source: Source) -> list[Case]:
@@ -106,15 +61,16 @@ def find_chaos_cases(source: Source) -> list[Case]:
     return cases
 
 
-def prepare_chaos(src: str | Path, out: str | Path, params: MriParams | None = None, *,
-                  cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> PrepareReport:
-    """Prepare the official CHAOS download ``src`` (zip or folder) into ``out`` (prepared layout).
+def prepare_chaos(src: str | Path, out: str | Path, plan: MriPlan | None = None, *, force: bool = False,
+                  progress: bool = True) -> PrepareReport:
+    """Prepare the official CHAOS download ``src`` (zip or folder) into ``out`` (prepared layout) with ``plan``
+    (default :class:`~fsl_med.prepare.plan.MriPlan`); its parameters are recorded in the manifest.
 
     Returns:
         a :class:`~fsl_med.prepare.pipeline.PrepareReport`.
     """
-    p = params or MriParams()
+    p = plan or MriPlan()
     with Source(src) as source:
         cases = find_chaos_cases(source)
         return run_preparation(get_dataset_info("chaos_t2"), source, cases, out, p.as_dict(),
-                               lambda s: preprocess_mri(s, p), cache_dir=cache_dir, force=force, progress=progress)
+                               lambda s: p.forward(s.image, s.affine, s.label), force=force, progress=progress)

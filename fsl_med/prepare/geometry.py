@@ -128,17 +128,24 @@ def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return a[:3, :3] @ c + a[:3, 3]
 
 
-def to_original_grid(pred: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
-                     affine: np.ndarray) -> np.ndarray:
-    """Map a ``[X, Y, Z]`` label volume on the model grid onto another grid by nearest neighbour.
+def nearest_on_grid(values: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
+                    affine: np.ndarray) -> np.ndarray:
+    """Map a ``[X, Y, Z]`` volume (labels or probabilities) on the model grid onto another grid by nearest neighbour.
 
     Each output voxel ``i`` takes the value of the model voxel nearest to its world position
     (``round(inv(model_affine) @ affine @ i)``); outside the model grid the value is 0.
 
     Returns:
-        uint8 array of ``shape``.
+        array of ``shape`` and of ``values``'s dtype (uint8 for booleans).
     """
+    v = np.asarray(values)
+    v = v.astype(np.uint8) if v.dtype == bool else v
     m = np.linalg.inv(np.asarray(model_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
-    out = ndimage.affine_transform(np.ascontiguousarray(pred, dtype=np.uint8), m, output_shape=tuple(shape),
-                                   order=0, mode="constant", cval=0, prefilter=False)
-    return out.astype(np.uint8)
+    return ndimage.affine_transform(np.ascontiguousarray(v), m, output_shape=tuple(shape), order=0, mode="constant",
+                                    cval=0, prefilter=False)
+
+
+def to_original_grid(pred: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
+                     affine: np.ndarray) -> np.ndarray:
+    """:func:`nearest_on_grid` of a label volume; returns a uint8 array of ``shape``."""
+    return nearest_on_grid(np.asarray(pred, dtype=np.uint8), model_affine, shape, affine).astype(np.uint8)

@@ -2,7 +2,7 @@
 
 Other projects distribute the prepared layout (``image_ID.nii.gz``, ``label_ID.nii.gz``,
 ``classmap_1.json``); ``.nii`` files are accepted too (the folder is listed by
-:func:`fsl_med.data.datasets.scan_files`, as training lists it). :func:`check_prepared` lists every problem
+:func:`fsl_med.prepare.datasets.scan_files`, as training lists it). :func:`check_prepared` lists every problem
 (one line each: missing label or image, unreadable file, singular affine, not 3D, image/label shape mismatch,
 NaN/inf voxels, intensities too large for float32, non-integer labels, label values outside the dataset's
 label map, a malformed classmap or one that disagrees with the labels) and notes what is merely odd (files
@@ -22,17 +22,15 @@ from typing import Any
 import numpy as np
 
 from fsl_med import __version__
-from fsl_med.data.classmap import read_classmap
-from fsl_med.data.datasets import DatasetInfo, get_dataset_info, scan_files
-from fsl_med.data.volumes import affine_mismatch, check_intensities, read_nifti
 from fsl_med.errors import DataError
+from fsl_med.prepare.classmap import label_slices, read_classmap
+from fsl_med.prepare.datasets import DatasetInfo, get_dataset_info, scan_files
 from fsl_med.prepare.geometry import CANONICAL_ORIENTATION
 from fsl_med.prepare.manifest import FORMAT, FORMAT_VERSION, file_record, read_manifest, write_manifest
+from fsl_med.prepare.nifti import affine_mismatch, check_intensities, read_nifti
 from fsl_med.prepare.pipeline import (
     CLASSMAP_NAME,
-    cache_superpixels,
     geometry_record,
-    label_slices,
     write_classmap,
 )
 
@@ -128,7 +126,7 @@ def _check_classmap(folder: Path, info: DatasetInfo, report: ImportReport) -> bo
 def check_prepared(folder: str | Path, dataset: str) -> ImportReport:
     """Check every image/label pair of a prepared folder against ``dataset``'s label map.
 
-    The folder is listed by :func:`~fsl_med.data.datasets.scan_files`, the rule training uses: an image
+    The folder is listed by :func:`~fsl_med.prepare.datasets.scan_files`, the rule training uses: an image
     without a label (or a label without an image) is a problem; the other files it ignores (non-numeric ids,
     a ``.nii`` beside the ``.nii.gz`` of the same scan, other NIfTI names) are listed in one note.
 
@@ -163,13 +161,12 @@ def check_prepared(folder: str | Path, dataset: str) -> ImportReport:
     return report
 
 
-def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = False,
-                    cache_dir: str | Path | None = None, progress: bool = True) -> ImportReport:
+def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = False) -> ImportReport:
     """Check a prepared folder and, when it is sound and ``check_only`` is false, complete it in place.
 
-    Writes (atomically) ``classmap_1.json`` if missing and ``manifest.json`` if missing or stale, and
-    caches the superpixel pseudolabels under ``cache_dir`` (``None``: skipped). Nothing is written when
-    problems were found or the folder is read-only (a note says so).
+    Writes (atomically) ``classmap_1.json`` if missing and ``manifest.json`` if missing or stale (the
+    superpixel cache is the ``prepare`` verb's next step: :func:`fsl_med.data.superpixels.cache_superpixels`).
+    Nothing is written when problems were found or the folder is read-only (a note says so).
     """
     report = check_prepared(folder, dataset)
     if check_only or not report.ok:
@@ -196,7 +193,4 @@ def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = Fals
                 {k: v["files"] for k, v in manifest["scans"].items()}:
             write_manifest(root, manifest)
             report.written.append("manifest.json")
-    if cache_dir is not None:
-        cache_superpixels(root, list(report.scans), info, cache_dir, progress)
-        report.written.append(f"superpixels in {cache_dir}")
     return report

@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 from fsl_med import __version__
 from fsl_med.atomic import ensure_writable_dir, refuse_nested, refuse_overwriting_inputs, write_text
-from fsl_med.data.classmap import CLASSMAP_NAME
-from fsl_med.data.datasets import DatasetInfo
-from fsl_med.data.volumes import write_nifti
 from fsl_med.errors import DataError
+from fsl_med.prepare.classmap import CLASSMAP_NAME, build_classmap, label_slices
+from fsl_med.prepare.datasets import DatasetInfo
 from fsl_med.prepare.geometry import orientation_of, spacing_of
 from fsl_med.prepare.manifest import (
     FORMAT,
@@ -40,19 +39,11 @@ from fsl_med.prepare.manifest import (
     scan_is_current,
     write_manifest,
 )
+from fsl_med.prepare.nifti import write_nifti
+from fsl_med.prepare.plan import Scan
 from fsl_med.prepare.sources import Source
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Scan:
-    """A volume with labels in nibabel order: ``image`` ``[X, Y, Z]`` float32, ``label`` ``[X, Y, Z]``
-    integer, ``affine`` 4x4 RAS."""
-
-    image: np.ndarray
-    label: np.ndarray
-    affine: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -110,17 +101,6 @@ def remove_stale_temporaries(out_dir: Path) -> None:
             p.unlink()
 
 
-def label_slices(label: np.ndarray) -> dict[str, list[int]]:
-    """{label id: z indices with >= 1 voxel of it} of an ``[X, Y, Z]`` label volume (background omitted)."""
-    per_z = label.reshape(-1, label.shape[2]) if label.ndim == 3 else label
-    out = {}
-    for c in np.unique(per_z):
-        if c == 0:
-            continue
-        out[str(int(c))] = [int(z) for z in np.flatnonzero((per_z == c).any(axis=0))]
-    return out
-
-
 def _matrix(a: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in np.asarray(a)]
 
@@ -133,34 +113,13 @@ def geometry_record(arr: np.ndarray, affine: np.ndarray, prefix: str = "") -> di
 
 def write_classmap(out_dir: Path, manifest: dict[str, Any], info: DatasetInfo) -> Path:
     """Write ``classmap_1.json`` (reference format) from the manifest's per-scan label slices."""
-    names = info.classmap_names
-    cm: dict[str, dict[str, list[int]]] = {name: {} for name in names.values()}
-    for sid, entry in manifest["scans"].items():
-        ls = entry["label_slices"]
-        fg = sorted({z for zs in ls.values() for z in zs})
-        for c, name in names.items():
-            cm[name][sid] = fg if c == 0 else list(ls.get(str(c), []))
+    cm = build_classmap(info.classmap_names, {sid: e["label_slices"] for sid, e in manifest["scans"].items()})
     return write_text(out_dir / CLASSMAP_NAME, json.dumps(cm))  # compact, as the reference file
 
 
-def cache_superpixels(out_dir: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
-                      progress: bool = True) -> float:
-    """Compute (or find) the training pseudolabels of every scan in the cache; returns the seconds spent."""
-    from fsl_med.config import SuperpixelConfig
-    from fsl_med.data.superpixels import load_or_make_superpixels
-    from fsl_med.data.volumes import load_volume
-
-    t0 = time.perf_counter()
-    params = SuperpixelConfig(body_threshold=info.body_threshold)
-    for sid in tqdm(scan_ids, desc="superpixels", unit="vol", disable=not progress, file=sys.stderr):
-        vol = load_volume(out_dir, sid, info.all_label_ids)
-        load_or_make_superpixels(vol.image, vol.path, params, cache_dir)
-    return time.perf_counter() - t0
-
-
 def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_dir: str | Path,
-                    params: dict[str, Any], process: Callable[[Scan], Scan], *, cache_dir: str | Path | None = None,
-                    force: bool = False, progress: bool = True) -> PrepareReport:
+                    params: dict[str, Any], process: Callable[[Scan], Scan], *, force: bool = False,
+                    progress: bool = True) -> PrepareReport:
     """Prepare every case of a raw download into ``out_dir`` (the prepared layout).
 
     Args:
@@ -170,7 +129,6 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
         out_dir: output folder (created; must not lie inside a source folder).
         params: the preparation parameters (recorded; a change re-prepares every scan).
         process: raw scan -> prepared scan (canonical orientation, resampled, ...).
-        cache_dir: where to cache superpixel pseudolabels; ``None`` skips them.
         force: re-prepare scans that are up to date.
         progress: show progress bars (stderr).
 
@@ -239,8 +197,6 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
         write_manifest(out, manifest)
     write_classmap(out, manifest, info)
     manifest["files"][CLASSMAP_NAME] = file_record(out / CLASSMAP_NAME)
-    if cache_dir is not None:
-        report.superpixel_seconds = cache_superpixels(out, [c.scan_id for c in cases], info, cache_dir, progress)
     manifest["complete"] = True
     manifest["seconds_per_volume"] = round(report.seconds_per_volume, 3) if report.seconds else None
     write_manifest(out, manifest)

@@ -12,78 +12,18 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from fsl_med.data.datasets import get_dataset_info
 from fsl_med.errors import DataError
-from fsl_med.prepare.geometry import (
-    CANONICAL_ORIENTATION,
-    crop_border_xy,
-    crop_or_pad_xy,
-    reorient,
-    resample_image,
-    resample_label,
-    spacing_of,
-)
-from fsl_med.prepare.pipeline import Case, PrepareReport, Scan, run_preparation
+from fsl_med.prepare.datasets import get_dataset_info
+from fsl_med.prepare.pipeline import Case, PrepareReport, run_preparation
+from fsl_med.prepare.plan import CtPlan, Scan
 from fsl_med.prepare.sources import Source
 
 _IMG_RE = re.compile(r"(?:^|/)img/img(\d+)\.nii(\.gz)?$")
-
-
-@dataclass(frozen=True)
-class CtParams:
-    """CT preparation parameters (method.md §1.2)."""
-
-    hu_window: tuple[float, float] = (-125.0, 275.0)
-    intensity_range: tuple[float, float] = (0.0, 255.0)
-    border: int = 32
-    size: int = 256
-    label_interp: str = "per_class"
-    orientation: str = CANONICAL_ORIENTATION
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able parameters (recorded in the manifest)."""
-        return {"modality": "ct", "hu_window": list(self.hu_window), "intensity_range": list(self.intensity_range),
-                "border": self.border, "size": self.size, "label_interp": self.label_interp,
-                "orientation": self.orientation}
-
-
-def preprocess_ct(scan: Scan, p: CtParams) -> Scan:
-    """Window, rescale, reorient, crop and resample one CT scan (inputs are not modified).
-
-    Returns:
-        a scan of shape ``(p.size, p.size, Z)`` (Z unchanged) in ``p.orientation``, intensities in
-        ``p.intensity_range``.
-
-    Raises:
-        DataError: the in-plane size is not larger than twice the border.
-    """
-    lo, hi = p.hu_window
-    image = np.clip(scan.image.astype(np.float32), lo, hi)
-    vmin, vmax = float(image.min()), float(image.max())
-    a, b = p.intensity_range
-    image = (a + (image - vmin) * ((b - a) / (vmax - vmin)) if vmax > vmin else np.full_like(image, a)).astype(np.float32)
-    image, affine = reorient(image, scan.affine, p.orientation)
-    label, _ = reorient(np.asarray(scan.label, dtype=np.uint8), scan.affine, p.orientation)
-    try:
-        image, cropped_aff = crop_border_xy(image, affine, p.border)
-        label, _ = crop_border_xy(label.astype(np.float32), affine, p.border)
-    except ValueError as e:
-        raise DataError(f"CT volume of in-plane size {image.shape[:2]}: {e}") from e
-    sx, sy, sz = spacing_of(cropped_aff)
-    target = (sx * image.shape[0] / p.size, sy * image.shape[1] / p.size, sz)
-    image, new_aff = resample_image(image, cropped_aff, target)
-    label, _ = resample_label(np.rint(label).astype(np.uint8), cropped_aff, target, p.label_interp)
-    # guard against an off-by-one extent from floating point: exactly size x size
-    image, out_aff = crop_or_pad_xy(image, new_aff, p.size, value=a)
-    label, _ = crop_or_pad_xy(label.astype(np.float32), new_aff, p.size, value=0.0)
-    return Scan(image=np.clip(image, a, b), label=np.rint(label).astype(np.uint8), affine=out_aff)
 
 
 def read_nifti_bytes(source: Source, rel: str) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +83,12 @@ def find_sabs_cases(source: Source) -> list[Case]:
     return cases
 
 
-def prepare_sabs(src: str | Path, out: str | Path, params: CtParams | None = None, *,
-                 cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> PrepareReport:
-    """Prepare the official Synapse/BTCV ``RawData/Training`` folder (or zip) ``src`` into ``out``."""
-    p = params or CtParams()
+def prepare_sabs(src: str | Path, out: str | Path, plan: CtPlan | None = None, *, force: bool = False,
+                 progress: bool = True) -> PrepareReport:
+    """Prepare the official Synapse/BTCV ``RawData/Training`` folder (or zip) ``src`` into ``out`` with ``plan``
+    (default :class:`~fsl_med.prepare.plan.CtPlan`); its parameters are recorded in the manifest."""
+    p = plan or CtPlan()
     with Source(src) as source:
         cases = find_sabs_cases(source)
         return run_preparation(get_dataset_info("sabs"), source, cases, out, p.as_dict(),
-                               lambda s: preprocess_ct(s, p), cache_dir=cache_dir, force=force, progress=progress)
+                               lambda s: p.forward(s.image, s.affine, s.label), force=force, progress=progress)

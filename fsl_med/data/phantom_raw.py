@@ -28,7 +28,7 @@ import numpy as np
 
 from fsl_med.atomic import atomic_path
 from fsl_med.data.phantom import make_phantom_scan
-from fsl_med.data.volumes import write_nifti
+from fsl_med.prepare.nifti import write_nifti
 
 CHAOS_IDS: tuple[int, ...] = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
 """The CHAOS MR patient ids, in order (the first ``n`` are used)."""

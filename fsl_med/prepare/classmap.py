@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fsl_med.errors import DataError
 
 CLASSMAP_NAME = "classmap_1.json"
@@ -84,3 +86,32 @@ def read_classmap(path: str | Path) -> Classmap:
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from e
     return validate_classmap(obj, path)
+
+
+def label_slices(label: np.ndarray) -> dict[str, list[int]]:
+    """{label id: z indices with >= 1 voxel of it} of an ``[X, Y, Z]`` label volume (background omitted)."""
+    per_z = label.reshape(-1, label.shape[2]) if label.ndim == 3 else label
+    out = {}
+    for c in np.unique(per_z):
+        if c == 0:
+            continue
+        out[str(int(c))] = [int(z) for z in np.flatnonzero((per_z == c).any(axis=0))]
+    return out
+
+
+def build_classmap(names: dict[int, str], slices: dict[str, dict[str, list[int]]]) -> Classmap:
+    """The ``classmap_1.json`` object (reference format) from each scan's :func:`label_slices`.
+
+    Args:
+        names: class name by label id; id 0 is the background.
+        slices: {scan id: {label id as str: z indices}}.
+    Returns:
+        {class name: {scan id: [z, ...]}}: class ``c`` lists the z indices with >= 1 voxel of ``c`` (empty when
+        absent); the background class (as in the reference file) lists the z indices with >= 1 foreground voxel.
+    """
+    out: Classmap = {name: {} for name in names.values()}
+    for sid, ls in slices.items():
+        fg = sorted({z for zs in ls.values() for z in zs})
+        for c, name in names.items():
+            out[name][sid] = fg if c == 0 else list(ls.get(str(c), []))
+    return out

@@ -1,0 +1,221 @@
+"""Preprocessing plans: one per dataset kind (MRI, CT), the only statement of how a source volume reaches the
+prepared grid (method.md §1.2), the way nnU-Net keeps its plans.
+
+A plan is data (its parameters, :meth:`Plan.as_dict`, recorded in ``manifest.json`` and in every checkpoint
+trained on the folder) plus two functions:
+
+* :meth:`Plan.forward`: source volume ``[X, Y, Z]`` with its RAS affine (and optionally its label volume) →
+  prepared grid. ``fsl-med prepare chaos|sabs`` and ``fsl-med segment`` / :class:`fsl_med.segmenter.Segmenter`
+  both call it, so a raw scan given to ``segment`` is prepared exactly as the training data was.
+* :meth:`Plan.inverse`: a label/prediction volume on the prepared grid → any source grid (nearest neighbour
+  through world coordinates; outside the prepared grid 0).
+
+Neither modifies its inputs. Arrays are in nibabel order ``[X, Y, Z]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fsl_med.errors import ConfigError, DataError
+from fsl_med.prepare.geometry import (
+    CANONICAL_ORIENTATION,
+    crop_border_xy,
+    crop_or_pad_xy,
+    reorient,
+    resample_image,
+    resample_label,
+    spacing_of,
+    to_original_grid,
+)
+
+LABEL_INTERPOLATIONS = ("per_class", "nearest")
+PLAN_KINDS = ("mri", "ct")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One volume: ``image`` ``[X, Y, Z]`` float, ``label`` ``[X, Y, Z]`` integer ids (or ``None``), RAS ``affine``."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Common fields of a preprocessing plan (see the module docstring); use :class:`MriPlan` or :class:`CtPlan`."""
+
+    modality: ClassVar[str] = ""
+    size: int = 256
+    label_interp: str = "per_class"
+    orientation: str = CANONICAL_ORIENTATION
+
+    def __post_init__(self) -> None:
+        if self.label_interp not in LABEL_INTERPOLATIONS:
+            raise ConfigError(f"plan label_interp {self.label_interp!r}: must be one of {', '.join(LABEL_INTERPOLATIONS)}")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 8:
+            raise ConfigError(f"plan size {self.size!r}: must be an integer >= 8")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able parameters, ``modality`` first (recorded in the manifest and in checkpoints)."""
+        raise NotImplementedError
+
+    def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
+        raise NotImplementedError
+
+    def intensities(self, image: np.ndarray) -> np.ndarray:
+        """The plan's intensity steps on a source image (before any geometry); returns a new float32 array."""
+        raise NotImplementedError
+
+    def forward(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None) -> Scan:
+        """Source volume → prepared grid.
+
+        Args:
+            image: ``[X, Y, Z]`` intensities as they come from the scanner (MRI signal, CT in HU).
+            affine: its 4x4 voxel-to-world (RAS) affine; any orientation without obliquity.
+            label: optional ``[X, Y, Z]`` integer label ids (0..255) on the image's grid.
+        Returns:
+            a :class:`Scan` of in-plane size ``size`` x ``size`` in ``orientation``; its label is uint8 (or None).
+        Raises:
+            DataError: a CT volume not larger in-plane than twice the border.
+        """
+        img = self.intensities(np.asarray(image))
+        img, aff = reorient(img, affine, self.orientation)
+        lab = None
+        if label is not None:
+            lab, _ = reorient(np.asarray(label, dtype=np.uint8), affine, self.orientation)
+        return self._grid(img, lab, aff)
+
+    def inverse(self, labels: np.ndarray, grid_affine: np.ndarray, shape: tuple[int, int, int],
+                affine: np.ndarray) -> np.ndarray:
+        """Prepared-grid labels ``[X, Y, Z]`` (affine ``grid_affine``) → uint8 array of ``shape`` on the grid
+        ``affine`` (nearest neighbour by world position; voxels outside the prepared grid are 0)."""
+        return to_original_grid(labels, grid_affine, shape, affine)
+
+    def _labels_to(self, lab: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        out, aff = resample_label(lab, affine, spacing, self.label_interp)
+        out, _ = crop_or_pad_xy(out.astype(np.float32), aff, self.size, value=0.0)
+        return np.rint(out).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class MriPlan(Plan):
+    """MRI (method.md §1.2): clip the top ``clip_top_percent`` % of intensities, reorient, resample to
+    ``spacing`` (image linear, labels ``label_interp``), centre-crop or pad in-plane to ``size`` with the image
+    minimum (labels with 0)."""
+
+    modality: ClassVar[str] = "mri"
+    clip_top_percent: float = 0.5
+    spacing: tuple[float, float, float] = (1.25, 1.25, 7.7)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"modality": "mri", "clip_top_percent": self.clip_top_percent, "spacing": list(self.spacing),
+                "size": self.size, "label_interp": self.label_interp, "orientation": self.orientation}
+
+    def intensities(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image).astype(np.float32, copy=True)
+        if self.clip_top_percent > 0:
+            img = np.minimum(img, np.percentile(img, 100.0 - self.clip_top_percent)).astype(np.float32)
+        return img
+
+    def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
+        img, new_aff = resample_image(image, affine, self.spacing)
+        img, out_aff = crop_or_pad_xy(img, new_aff, self.size, value=float(img.min()))
+        lab = None if label is None else self._labels_to(label, affine, self.spacing)
+        return Scan(image=img, label=lab, affine=out_aff)
+
+
+@dataclass(frozen=True)
+class CtPlan(Plan):
+    """CT (method.md §1.2): clip HU to ``hu_window`` and rescale the volume's min..max to ``intensity_range``,
+    reorient, crop ``border`` px from every in-plane border, resample in-plane to exactly ``size`` x ``size``
+    (z unchanged; image linear, labels ``label_interp``)."""
+
+    modality: ClassVar[str] = "ct"
+    hu_window: tuple[float, float] = (-125.0, 275.0)
+    intensity_range: tuple[float, float] = (0.0, 255.0)
+    border: int = 32
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"modality": "ct", "hu_window": list(self.hu_window), "intensity_range": list(self.intensity_range),
+                "border": self.border, "size": self.size, "label_interp": self.label_interp,
+                "orientation": self.orientation}
+
+    def intensities(self, image: np.ndarray) -> np.ndarray:
+        lo, hi = self.hu_window
+        img = np.clip(np.asarray(image).astype(np.float32), lo, hi)
+        vmin, vmax = float(img.min()), float(img.max())
+        a, b = self.intensity_range
+        out = a + (img - vmin) * ((b - a) / (vmax - vmin)) if vmax > vmin else np.full_like(img, a)
+        return out.astype(np.float32)
+
+    def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
+        a, b = self.intensity_range
+        try:
+            img, cropped_aff = crop_border_xy(image, affine, self.border)
+            lab = None if label is None else crop_border_xy(label.astype(np.float32), affine, self.border)[0]
+        except ValueError as e:
+            raise DataError(f"CT volume of in-plane size {image.shape[:2]}: {e}") from e
+        sx, sy, sz = spacing_of(cropped_aff)
+        target = (sx * img.shape[0] / self.size, sy * img.shape[1] / self.size, sz)
+        img, new_aff = resample_image(img, cropped_aff, target)
+        # guard against an off-by-one extent from floating point: exactly size x size
+        img, out_aff = crop_or_pad_xy(img, new_aff, self.size, value=a)
+        if lab is not None:
+            lab = self._labels_to(np.rint(lab).astype(np.uint8), cropped_aff, target)
+        return Scan(image=np.clip(img, a, b), label=lab, affine=out_aff)
+
+
+_PLANS: dict[str, type[Plan]] = {"mri": MriPlan, "ct": CtPlan}
+
+
+def default_plan(kind: str) -> Plan:
+    """The default plan of ``kind`` (``"mri"`` or ``"ct"``), as ``fsl-med prepare chaos|sabs`` use it.
+
+    Raises:
+        ConfigError: unknown kind.
+    """
+    if kind not in _PLANS:
+        raise ConfigError(f"--plan {kind}: must be one of {', '.join(PLAN_KINDS)}")
+    return _PLANS[kind]()
+
+
+def plan_from_dict(d: Any, where: str = "plan") -> Plan:
+    """A plan from :meth:`Plan.as_dict`'s output (a manifest's ``params`` or a checkpoint's record).
+
+    Raises:
+        ConfigError: not a plan record (unknown modality, unknown or malformed field), naming ``where``.
+    """
+    if not isinstance(d, dict) or d.get("modality") not in _PLANS:
+        raise ConfigError(f"{where}: not a preprocessing plan (modality must be one of {', '.join(PLAN_KINDS)})")
+    cls = _PLANS[d["modality"]]
+    known = {f for f in cls.__dataclass_fields__ if f != "modality"}
+    unknown = sorted(set(d) - known - {"modality"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown plan field(s) {', '.join(unknown)}")
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k != "modality"}
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: malformed plan ({e})") from e
+
+
+CHECKPOINT_KEY = "preprocessing_plan"
+"""Checkpoint entry holding the training folder's plan (:meth:`Plan.as_dict`), or ``None`` when it is unknown."""
+
+
+def folder_plan(root: str | Path) -> Plan | None:
+    """The plan a folder written by ``fsl-med prepare chaos|sabs`` was made with (its ``manifest.json`` ``params``),
+    or ``None`` when it is unknown (no manifest: data prepared elsewhere; or imported with ``prepare import``)."""
+    from fsl_med.prepare.manifest import read_manifest
+
+    manifest = read_manifest(root)
+    params = manifest.get("params") if manifest is not None else None
+    if isinstance(params, dict) and params.get("modality") in _PLANS:
+        return plan_from_dict(params, f"{Path(root) / 'manifest.json'} params")
+    return None
