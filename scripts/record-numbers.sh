@@ -4,7 +4,7 @@
 #   - trains a tiny ViT 40 steps on a 6-scan phantom (OUT/runs/tr; or evaluates CKPT, e.g. the "before" checkpoint)
 #   - fsl-med eval, all four variants (TTT 2 steps), on the phantom and on real CHAOS-T2 fold 0, 1 process and
 #     2 DDP processes (OUT/runs/{ph1,ph2,ch1,ch2}-eval)
-#   - fsl-med segment of two CHAOS scans (3D and 2D CCA) and one phantom scan (OUT/seg_*.nii.gz)
+#   - fsl-med segment of two CHAOS scans (3D and 2D CCA) and one phantom scan (3D CCA) (OUT/seg_*.nii.gz)
 # Run it from the checkout whose code is measured (its .venv), on an idle machine. DATA_MRI: prepared CHAOS-T2.
 set -euo pipefail
 OUT=$(realpath -m "$1"); CKPT=${2:-}
@@ -25,5 +25,5 @@ $PY -m fsl_med eval "${COMMON[@]}" "data.root=$PH" "ckpt=$CKPT" "${EV[@]}" "${DD
 $PY -m fsl_med eval "${COMMON[@]}" "data.root=$CH" "ckpt=$CKPT" "${EV[@]}" "${DDP[@]}" name=ch2 > ch2.out 2>&1
 seg() { $PY -m fsl_med segment --ckpt "$CKPT" --support-image "$1/image_$2.nii.gz" --support-mask "$1/label_$2.nii.gz" \
           --label "$3" --query "$1/image_$4.nii.gz" --out "$OUT/$5.nii.gz" "${@:6}" >> seg.out 2>&1; }
-seg "$CH" 1 1 2 seg_liver; seg "$CH" 1 1 3 seg_liver2d --cca 2d; seg "$PH" 1 2 2 seg_ph_rk
+seg "$CH" 1 1 2 seg_liver --cca 3d; seg "$CH" 1 1 3 seg_liver2d --cca 2d; seg "$PH" 1 2 2 seg_ph_rk --cca 3d
 echo "recorded in $OUT"
