@@ -96,19 +96,22 @@ def user_refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement
     return [load_refinement(s) for s in cfg.eval.get("refinements") or []] + list(extra)
 
 
-def test_time_callbacks(cfg: DictConfig, run_dir: str | Path | None = None,
+def test_time_callbacks(cfg: DictConfig, run_dir: str | Path | bool | None = None,
                         extra: list[Refinement] | tuple[Refinement, ...] = (),
                         refs: list[Refinement] | None = None) -> list[Callback]:
-    """Refinements, then scoring, overlays (into ``run_dir/overlays``) and, with ``eval.save_predictions``,
-    prediction files (``run_dir/predictions``) for a test run of ``cfg``. ``run_dir=None``: nothing is written.
+    """Refinements, then scoring, overlays (into ``<run>/overlays``) and, with ``eval.save_predictions``,
+    prediction files (``<run>/predictions``) for a test run of ``cfg``. ``run_dir``: a folder; ``True``: the run
+    folder :class:`fsl_med.runs.RunFolder` binds at setup; ``None``: nothing is written.
     ``refs``: the result of :func:`refinements` (``cfg``, ``extra``) when already built (e.g. to fail early)."""
     refs = refinements(cfg, extra) if refs is None else refs
     user = [r.name for r in refs if r.name not in VARIANTS]
     variants = list(cfg.eval.variants) + user  # eval.variants, then the user's
-    out: list[Callback] = [*refs, Scoring(variants, hd95=bool(cfg.eval.hd95)),
-                           Overlays(cfg.eval.overlay_slices, Path(run_dir) / "overlays" if run_dir else None, variants)]
-    if cfg.eval.get("save_predictions") and run_dir is not None:
-        out.append(PredictionWriter(Path(run_dir) / "predictions", variants))
+    fixed = Path(run_dir) if run_dir not in (None, True, False) else None  # type: ignore[arg-type]
+    overlays = Overlays(cfg.eval.overlay_slices, fixed / "overlays" if fixed else None, variants,
+                        bind=run_dir is True)
+    out: list[Callback] = [*refs, Scoring(variants, hd95=bool(cfg.eval.hd95)), overlays]
+    if cfg.eval.get("save_predictions") and run_dir not in (None, False):
+        out.append(PredictionWriter(fixed / "predictions" if fixed else None, variants))
     return out
 
 

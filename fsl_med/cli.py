@@ -281,7 +281,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
-    from fsl_med.models.encoders import get_encoder_spec, list_encoders
+    from fsl_med.models.encoder_registry import get_encoder_spec, list_encoders
 
     for n in list_encoders():
         s = get_encoder_spec(n)
@@ -316,6 +316,8 @@ _INTERRUPTED = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
+
     """The argument parser of ``fsl-med``."""
     p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
     p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segment only query slices A..B (inclusive, the query's third array axis); support parts "
                     "follow the relative position in this range, so the organ's extent works best")
     sp.add_argument("--shots-per-part", type=int, default=1, metavar="K", help="support slices per part (default 1)")
-    sp.add_argument("--cca", choices=("2d", "3d", "none"), default="2d",
+    sp.add_argument("--cca", choices=(*CCA_MODES, "none"), default=DEFAULT_CCA_MODE,
                     help="keep the largest component per slice (2d, default, as eval), per volume (3d), or none")
     sp.add_argument("--batch-size", type=int, default=8, help="query slices per encoder call")
     sp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -33,16 +33,51 @@ ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 
 
-VARIANTS = ("plain", "cca", "ttt", "ttt_cca")
+# -- choice fields: each set of valid values is defined once, here, as a Literal; the modules that implement the
+# behaviour import it (and type their arguments with it), and validate() checks every field in CHOICES with one rule.
+Variant = Literal["plain", "cca", "ttt", "ttt_cca"]
 """Evaluation variants: the prediction as is, + CCA, + TTT, + TTT then CCA (method.md §6-7)."""
+Optimizer = Literal["sgd", "adamw"]
+Finetune = Literal["full", "frozen", "lora"]
+"""``full``; ``frozen`` (encoder frozen, adapter trainable); ``lora`` (encoder frozen, LoRA and adapter trainable)."""
+Adapter = Literal["none", "conv1", "conv3"]
+LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
+MaskDownsample = Literal["nearest", "bilinear"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+"""``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
+CcaMode = Literal["2d", "3d"]
+DEFAULT_CCA_MODE: CcaMode = "2d"
+"""CCA of ``eval`` (``eval.cca_mode``) and of ``segment``: per slice, the paper's CCA (method.md §5)."""
+ShotsSource = Literal["scans", "slices"]
+TttMode = Literal["slice", "volume"]
+TttParams = Literal["all", "lora", "adapter"]
+LoggerName = Literal["csv", "tensorboard", "wandb", "none"]
+
+VARIANTS: tuple[str, ...] = get_args(Variant)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+FINETUNE_MODES: tuple[str, ...] = get_args(Finetune)
+ADAPTERS: tuple[str, ...] = get_args(Adapter)
+LORA_TARGETS: tuple[str, ...] = get_args(LoraTarget)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+CCA_MODES: tuple[str, ...] = get_args(CcaMode)
+TTT_MODES: tuple[str, ...] = get_args(TttMode)
+TTT_PARAMS: tuple[str, ...] = get_args(TttParams)
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
+
+CHOICES: dict[str, Any] = {
+    "optim.name": Optimizer, "model.encoder.finetune": Finetune, "model.encoder.adapter": Adapter,
+    "model.mask_downsample": MaskDownsample, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
+    "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
+}
+"""Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
+VERB_SECTIONS = ("protocol", "ablation")
+"""Config sections that only their verbs read (``fsl-med protocol``, ``fsl-med ablate``): not stored in checkpoints."""
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 """A run ``name``: one folder name (no separator, not ``.``/``..``), so runs stay under ``logging.output_dir``."""
 MAX_IMAGE_SIZE = 2048
 """``data.image_size`` bound: (2048/14)^2 = 21k ViT tokens per slice, far beyond any abdominal protocol."""
 MAX_NPART = 100
 """``eval.npart`` bound: support parts per organ (3 in the protocol); more than an organ has slices is useless."""
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-"""``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
 
 
 @dataclass
@@ -107,7 +142,7 @@ class EncoderConfig:
     weights: str = "lvd142m"
     finetune: str = "lora"
     lora_rank: int = 4
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     adapter: str = "none"
     imagenet_norm: bool = False
 
@@ -175,7 +210,7 @@ class EvalConfig:
     z_margin: int = 0
     skip_no_organ_slices: bool = False
     variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
-    cca_mode: str = "2d"
+    cca_mode: str = DEFAULT_CCA_MODE
     hd95: bool = True
     overlay_slices: int = 3
     skip_bad: bool = False
@@ -416,19 +451,16 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.num_val_scans >= 0, "data.num_val_scans", "must be >= 0")
     _check(cfg.data.min_superpixel_pixels >= 1, "data.min_superpixel_pixels", "must be >= 1")
     _check(cfg.shots >= 1, "shots", f"must be >= 1, got {cfg.shots}")
-    _check(cfg.eval.shots_source in ("scans", "slices"), "eval.shots_source",
-           f"must be scans or slices, got '{cfg.eval.shots_source}'")
     aug = cfg.data.augment
     _check(0 < aug.zoom_min <= aug.zoom_max, "data.augment.zoom_min", "need 0 < zoom_min <= zoom_max")
     _check(0 < aug.gamma_min <= aug.gamma_max, "data.augment.gamma_min", "need 0 < gamma_min <= gamma_max")
     _check(aug.elastic_sigma > 0, "data.augment.elastic_sigma", "must be > 0")
 
     enc = cfg.model.encoder
-    _check(enc.finetune in ("full", "lora", "frozen"), "model.encoder.finetune",
-           f"must be full, lora or frozen, got '{enc.finetune}'")
     _check(enc.lora_rank > 0, "model.encoder.lora_rank", f"must be > 0, got {enc.lora_rank}")
-    _check(enc.adapter in ("none", "conv1", "conv3"), "model.encoder.adapter",
-           f"must be none, conv1 or conv3, got '{enc.adapter}'")
+    targets = list(enc.lora_targets)
+    _check(len(targets) > 0 and all(t in LORA_TARGETS for t in targets), "model.encoder.lora_targets",
+           f"must be a non-empty subset of {list(LORA_TARGETS)}, got {targets}")
     _check(bool(enc.weights), "model.encoder.weights", "must be 'none', a hub tag or a file path")
     m = cfg.model
     _check(m.feature_size > 0 and m.proto_grid > 0 and m.feature_size % m.proto_grid == 0, "model.proto_grid",
@@ -437,13 +469,10 @@ def validate(cfg: DictConfig) -> None:
            f"must divide feature_size ({m.feature_size})")
     _check(0 < m.fg_thresh <= 1 and 0 < m.bg_thresh <= 1, "model.fg_thresh", "thresholds must be in (0, 1]")
     _check(m.scale > 0, "model.scale", "must be > 0")
-    _check(m.mask_downsample in ("nearest", "bilinear"), "model.mask_downsample", "must be nearest or bilinear")
-    _check(m.compile in COMPILE_MODES, "model.compile", f"must be one of {', '.join(COMPILE_MODES)}, got '{m.compile}'")
     _check(len(cfg.loss.ce_weights) == 2 and min(cfg.loss.ce_weights) >= 0, "loss.ce_weights",
            "must be two non-negative weights [background, foreground]")
     _check(cfg.loss.align_weight >= 0, "loss.align_weight", "must be >= 0")
     o = cfg.optim
-    _check(o.name in ("sgd", "adamw"), "optim.name", f"must be sgd or adamw, got '{o.name}'")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.lr_step > 0, "optim.lr_step", "must be > 0")
@@ -464,14 +493,11 @@ def validate(cfg: DictConfig) -> None:
     for key, variants in lists:
         bad = [v for v in variants if v not in VARIANTS]
         _check(not bad and len(variants) > 0, key, f"must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
-    _check(cfg.eval.cca_mode in ("2d", "3d"), "eval.cca_mode", f"must be 2d or 3d, got '{cfg.eval.cca_mode}'")
     _check(cfg.eval.overlay_slices >= 0, "eval.overlay_slices", "must be >= 0")
     t = cfg.ttt
     _check(t.steps >= 0, "ttt.steps", f"must be >= 0, got {t.steps}")
     _check(t.lr > 0 and math.isfinite(t.lr), "ttt.lr", f"must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "ttt.weight_decay", "must be >= 0")
-    _check(t.params in ("all", "lora", "adapter"), "ttt.params", f"must be all, lora or adapter, got '{t.params}'")
-    _check(t.mode in ("slice", "volume"), "ttt.mode", f"must be slice or volume, got '{t.mode}'")
     pr = cfg.protocol
     _check(len(pr.folds) > 0 and all(f >= 0 for f in pr.folds), "protocol.folds",
            f"must be a non-empty list of folds >= 0, got {list(pr.folds)}")
@@ -479,13 +505,22 @@ def validate(cfg: DictConfig) -> None:
            f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
     _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
     _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
-    _check(cfg.logging.logger in ("csv", "tensorboard", "wandb", "none"), "logging.logger",
-           "must be csv, tensorboard, wandb or none")
+    for key, choice in CHOICES.items():
+        valid = get_args(choice)
+        value = OmegaConf.select(cfg, key)
+        _check(value in valid, key, f"must be one of {', '.join(valid)}, got '{value}'")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python containers (for checkpoints, reports and loggers)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def model_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """:func:`to_container` without the verb-only sections (:data:`VERB_SECTIONS`): what a checkpoint stores.
+    :func:`from_container` fills those sections with their defaults again."""
+    data = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: v for k, v in data.items() if k not in VERB_SECTIONS}
 
 
 def from_container(data: dict[str, Any]) -> DictConfig:

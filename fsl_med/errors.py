@@ -43,3 +43,10 @@ def os_reason(exc: BaseException) -> OSError | None:
         e = e.__cause__ or e.__context__
         seen += 1
     return None
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``str(exc)``, cut to ``limit`` characters (for one-line error messages)."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -13,7 +13,6 @@ from fsl_med import __version__, interrupts
 from fsl_med.callbacks import find, refinements, test_time_callbacks
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.errors import DataError
 from fsl_med.evaluation.figures import dice_bar_chart
 from fsl_med.evaluation.overlays import Overlays
 from fsl_med.evaluation.predictions import PredictionWriter
@@ -23,6 +22,7 @@ from fsl_med.models.module import FewShotModule
 from fsl_med.refine.base import Refinement
 from fsl_med.refine.ttt import TestTimeTraining
 from fsl_med.runs import (
+    RunFolder,
     adopt_checkpoint_data,
     adopt_checkpoint_model,
     check_output_location,
@@ -30,13 +30,10 @@ from fsl_med.runs import (
     checkpoint_trained_on,
     discard_run_dir,
     in_sample_scans,
-    is_rank_zero,
     load_checkpoint,
     make_trainer,
     module_from_checkpoint,
     resolve_ckpt,
-    save_config,
-    shared_run_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -97,27 +94,27 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     refs = refinements(cfg, extra)  # a bad eval.refinements entry fails before any folder is made
     dm = FewShotDataModule(cfg)
     in_sample = in_sample_scans(cfg, trained, dm, source)  # before any query volume is read
-    dm.setup("test")
-    if not dm.test_set.items:
-        reasons = "; ".join(f"scan {q}/{o}: {r}" for q, o, r in dm.skipped["test"])
-        raise DataError(f"no query volume could be scored ({reasons or 'no query scans'})")
-    run_dir = shared_run_dir(cfg.logging.output_dir, f"{cfg.name}{name_suffix}")  # same folder on every rank
-    if is_rank_zero():
-        save_config(cfg, run_dir)
-    callbacks = test_time_callbacks(cfg, run_dir, refs=refs)
+    # Lightning calls dm.setup("test") (no scorable query volume: a DataError before any folder exists), then
+    # RunFolder creates the run folder on rank 0 and broadcasts it; the callbacks write into it
+    folder = RunFolder(cfg, f"{cfg.name}{name_suffix}")
+    callbacks = test_time_callbacks(cfg, True, refs=refs)
     scoring = find(callbacks, Scoring)[0]
     try:
-        trainer = make_trainer(cfg, run_dir, with_val=False, extra_callbacks=callbacks)
+        trainer = make_trainer(cfg, folder, with_val=False, extra_callbacks=callbacks)
         with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current query volume
             trainer.test(module, datamodule=dm, verbose=False)
     except BaseException as exc:
-        discard_run_dir(run_dir)  # no results: no run folder left behind
+        if folder.path is not None:
+            discard_run_dir(folder.path)  # no results: no run folder left behind
         sig = interrupts.signal_of(exc)
         if sig is None:
             raise
         done = scoring.volumes_scored("test")
-        raise interrupts.Interrupted(sig, f"after {done} of {len(dm.test_set.items)} query volumes; nothing was "
+        total = len(dm.test_set.items) if dm.test_set is not None else 0
+        raise interrupts.Interrupted(sig, f"after {done} of {total} query volumes; nothing was "
                                      "written (rerun the same command)") from None
+    run_dir = folder.path
+    assert run_dir is not None
     volumes = scoring.results["test"]
     organs = list(cfg.data.test_organs)
     variants = scoring.summaries(organs)

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.evaluation.scoring import Scoring
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
-from fsl_med.models.encoders import get_encoder_spec
+from fsl_med.models.encoder_registry import get_encoder_spec
 from fsl_med.models.module import FewShotModule
 from fsl_med.prepare.datasets import check_data_settings, excluded_labels
 from fsl_med.ranks import is_rank_zero
@@ -70,39 +69,40 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
     raise FslMedError(f"could not allocate a run folder under {base}")
 
 
-def _job_id() -> str | None:
-    env = os.environ
-    job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID")
-    return f"{job}-{env.get('SLURM_STEP_ID', '')}-{env.get('MASTER_PORT', '')}" if job else None
+class RunFolder(Callback):
+    """The run folder of a fit or test, created by global rank 0 when Lightning sets up and sent to every other
+    rank with ``trainer.strategy.broadcast`` (so each process of a DDP, torchrun or SLURM job uses the same folder).
 
+    In ``setup`` (after the data module's ``setup``, so bad data fails before a folder exists) rank 0 allocates
+    ``<output_dir>/<name>/version_N`` (:func:`new_run_dir`) and writes ``config.yaml``; then every rank points the
+    checkpoint callbacks without a folder at ``<run>/checkpoints``, attaches the configured logger, and binds each
+    callback that has a ``bind_run_dir(path)`` method. ``path`` is ``None`` until then.
 
-def shared_run_dir(output_dir: str | Path, name: str, timeout_s: float = 600.0) -> Path:
-    """The run folder of this run on every process of a distributed job.
-
-    Rank 0 creates a new ``version_N`` (:func:`new_run_dir`) and publishes it: in the environment (the
-    processes Lightning's launcher starts inherit it) and, under torchrun or SLURM, in a marker file named
-    by the job id. Other ranks read it from there (waiting up to ``timeout_s`` for the marker).
-
-    Raises:
-        FslMedError: a non-zero rank cannot learn rank 0's folder.
+    Args:
+        fixed: an existing folder to use instead of allocating one (single-process tools: bench, gpu-check).
     """
-    key = "FSL_MED_RUN_DIR_" + re.sub(r"\W", "_", name)
-    marker = Path(output_dir) / name / f".job-{_job_id()}" if _job_id() else None
-    if is_rank_zero():
-        run = new_run_dir(output_dir, name)
-        os.environ[key] = str(run)
-        if marker is not None:
-            atomic.write_text(marker, str(run))
-        return run
-    if key in os.environ:
-        return Path(os.environ[key])
-    deadline = time.time() + timeout_s
-    while marker is not None and time.time() < deadline:
-        if marker.is_file():
-            return Path(marker.read_text(encoding="utf-8").strip())
-        time.sleep(0.5)
-    raise FslMedError(f"rank > 0 cannot find the run folder of rank 0 for '{name}' (set {key}, or launch with "
-                      "torchrun/SLURM so the job id is known)")
+
+    def __init__(self, cfg: DictConfig, name: str | None = None, fixed: Path | None = None) -> None:
+        self.cfg, self.name = cfg, name or str(cfg.name)
+        self.path: Path | None = Path(fixed) if fixed is not None else None
+        self._fixed = fixed is not None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.path is None or not self._fixed:
+            made = None
+            if trainer.is_global_zero:
+                made = new_run_dir(self.cfg.logging.output_dir, self.name)
+                save_config(self.cfg, made)
+                log.info("run folder %s", made)
+            self.path = Path(trainer.strategy.broadcast(str(made) if made is not None else None, src=0))
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = str(self.path / "checkpoints")
+            bind = getattr(cb, "bind_run_dir", None)
+            if callable(bind):
+                bind(self.path)
+        logger = make_logger(self.cfg, self.path)
+        trainer.loggers = [logger] if logger else []
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -215,7 +215,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
 def check_registries(cfg: DictConfig) -> None:
     """Check the names ``cfg`` takes from registries: the dataset, its folds and organs
     (:func:`~fsl_med.prepare.datasets.check_data_settings`) and the encoder
-    (:func:`~fsl_med.models.encoders.get_encoder_spec`).
+    (:func:`~fsl_med.models.encoder_registry.get_encoder_spec`).
 
     Raises:
         ConfigError: an unknown name (with the closest valid one) or a fold out of range.
@@ -237,9 +237,11 @@ def load_run_config(path: str | os.PathLike[str] | None = None, overrides: list[
     return cfg
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callbacks: list[Callback] | None = None,
-                 max_steps: int | None = None, progress_bar: bool | None = None) -> L.Trainer:
-    """A ``Trainer`` from ``cfg.trainer`` writing logs and checkpoints into ``run_dir``.
+def make_trainer(cfg: DictConfig, folder: RunFolder | Path, *, with_val: bool,
+                 extra_callbacks: list[Callback] | None = None, max_steps: int | None = None,
+                 progress_bar: bool | None = None) -> L.Trainer:
+    """A ``Trainer`` from ``cfg.trainer`` writing logs and checkpoints into the run folder (a :class:`RunFolder`,
+    created when Lightning sets up, or an existing folder).
 
     Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.ckpt_every_n_steps`` (default: every
     ``val_check_interval``) steps; with validation also the best by ``val/dice``.
@@ -247,22 +249,23 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
     """
     t = cfg.trainer
     every = t.ckpt_every_n_steps or t.val_check_interval
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(cfg, fixed=folder)
     callbacks: list[Callback] = [
-        # last.ckpt every `every` steps (resume point after a crash), written atomically
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every),
+        folder,  # first: the folder exists before any other callback's setup
+        # last.ckpt every `every` steps (resume point after a crash), written atomically; folder set by RunFolder
+        ModelCheckpoint(dirpath=None, save_last=True, save_top_k=0, every_n_train_steps=every),
     ]
     if with_val:  # validation: the plain prediction scored (val/dice), and the best checkpoint by it
         callbacks.append(Scoring(hd95=False))
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
+        callbacks.append(ModelCheckpoint(dirpath=None, filename="best-step{step}",
                                          auto_insert_metric_name=False, monitor="val/dice", mode="max",
                                          save_last=False, save_top_k=1))
-    logger = make_logger(cfg, run_dir)
-    if logger:
+    if cfg.logging.logger != "none":
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.extend(extra_callbacks or [])
     callbacks.append(StopOnSignal())  # SIGINT/SIGTERM stop at a batch boundary
     return L.Trainer(
-        default_root_dir=str(run_dir),
+        default_root_dir=str(folder.path) if folder.path is not None else str(cfg.logging.output_dir),
         max_steps=max_steps if max_steps is not None else t.max_steps,
         max_epochs=-1,
         accelerator=t.accelerator,
@@ -280,7 +283,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, with_val: bool, extra_callba
         enable_progress_bar=(t.enable_progress_bar and sys.stderr.isatty()) if progress_bar is None else progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        logger=logger,
+        logger=False,  # attached by RunFolder once the folder exists
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
@@ -329,7 +332,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _patch_grid(cfg_like: Any, size: int) -> str:
     """``"4x4 = 16"`` patch tokens of a ViT encoder of ``cfg_like`` at ``size`` pixels ("" for other encoders)."""
-    from fsl_med.models.encoders import get_encoder_spec
+    from fsl_med.models.encoder_registry import get_encoder_spec
 
     try:
         spec = get_encoder_spec(str(cfg_like["model"]["encoder"]["name"]))

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
+from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.geometry import nearest_on_grid, spacing_of
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
@@ -46,10 +47,10 @@ from fsl_med.prepare.plan import PLAN_KINDS, Plan, Scan, default_plan, plan_from
 
 log = logging.getLogger(__name__)
 
-CCA_CHOICES = ("2d", "3d", "none")
-DEFAULT_CCA = "2d"  # the default of eval.cca_mode (config.EvalConfig) too
-"""Connected-component post-processing of ``segment`` and of ``eval`` (``eval.cca_mode``): per slice, as the
-paper's CCA (method.md §5), so that ``segment`` reproduces what ``eval`` scores."""
+CCA_CHOICES = (*CCA_MODES, "none")
+DEFAULT_CCA = DEFAULT_CCA_MODE
+"""Connected-component post-processing of ``segment``: that of ``eval`` (``eval.cca_mode``), per slice as the paper's
+CCA (method.md §5), so that ``segment`` reproduces what ``eval`` scores."""
 
 @dataclass(frozen=True)
 class SegmentResult:

@@ -22,18 +22,16 @@ from fsl_med.measure import sync
 from fsl_med.models.module import FewShotModule
 from fsl_med.prepare.datasets import excluded_labels
 from fsl_med.runs import (
+    RunFolder,
     adopt_checkpoint_data,
     check_compatible,
     check_output_location,
     check_trainer_settings,
     checkpoint_trained_on,
     discard_run_dir,
-    is_rank_zero,
     load_checkpoint,
     make_trainer,
     resolve_ckpt,
-    save_config,
-    shared_run_dir,
     stored_config,
 )
 
@@ -87,14 +85,16 @@ class StepTimer(Callback):
         return statistics.median(t) if t else None
 
 
-def _stopped_by_signal(trainer: L.Trainer | None, run_dir: Path, cfg: DictConfig, sig: int) -> interrupts.Interrupted:
+def _stopped_by_signal(trainer: L.Trainer | None, run_dir: Path | None, cfg: DictConfig,
+                       sig: int) -> interrupts.Interrupted:
     """Save ``last.ckpt`` at the step reached (atomically), mark a W&B run failed (and preempted for SIGTERM),
     and return the :class:`Interrupted` whose message says what was saved and how to resume."""
     step = int(trainer.global_step) if trainer is not None else 0
     if trainer is not None:
         mark_logger_interrupted(trainer, sig)
-    if step == 0:
-        discard_run_dir(run_dir)
+    if step == 0 or run_dir is None:
+        if run_dir is not None:
+            discard_run_dir(run_dir)
         return interrupts.Interrupted(sig, "before the first training step; nothing was saved")
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
@@ -183,36 +183,37 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
         log.info("resuming from %s", resume)
     excl = excluded_labels(cfg)
     dm = FewShotDataModule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")  # bad data fails here, before a run folder exists
+    with_val = bool(dm.resolve_split().val_ids)  # data.num_val_scans > 0 and enough training scans to hold them out
     if module is None:
         module = FewShotModule.from_config(cfg)
-    run_dir = shared_run_dir(cfg.logging.output_dir, cfg.name)  # the same folder on every rank
-    if is_rank_zero():
-        save_config(cfg, run_dir)
-    log.info("run folder %s; setting %d, test organs %s, excluded training labels %s", run_dir, cfg.data.setting,
-             list(cfg.data.test_organs), excl or "none")
-    with_val = bool(dm.val_ids)  # data.num_val_scans > 0 and enough training scans to hold them out
+    # Lightning calls dm.prepare_data (superpixel files) and dm.setup (datasets; bad data fails there, before a run
+    # folder exists); RunFolder then creates the folder on rank 0 and broadcasts it to every rank
+    folder = RunFolder(cfg)
+    log.info("setting %d, test organs %s, excluded training labels %s", cfg.data.setting, list(cfg.data.test_organs),
+             excl or "none")
     interactive = sys.stderr.isatty()
     timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
     trainer: L.Trainer | None = None
     try:
-        trainer = make_trainer(cfg, run_dir, with_val=with_val, extra_callbacks=[timer])
+        trainer = make_trainer(cfg, folder, with_val=with_val, extra_callbacks=[timer])
         with interrupts.deferred():  # SIGINT/SIGTERM: stop after the current step
             trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     except BaseException as exc:
         sig = interrupts.signal_of(exc)
+        run_dir = folder.path
         if sig is None:
-            removed = discard_run_dir(run_dir)  # a failed start leaves no empty run folder behind
+            removed = run_dir is not None and discard_run_dir(run_dir)  # a failed start leaves no empty folder
             if removed:
                 log.info("removed %s (the run stopped before its first checkpoint)", run_dir)
             if isinstance(exc, TrainingDiverged):
-                last = run_dir / "checkpoints" / "last.ckpt"
-                kept = f"the last good checkpoint is {last} (untouched)" if last.is_file() else \
+                last = run_dir / "checkpoints" / "last.ckpt" if run_dir is not None else None
+                kept = f"the last good checkpoint is {last} (untouched)" if last is not None and last.is_file() else \
                     "no checkpoint had been written" + (f"; {run_dir} was removed" if removed else "")
                 raise TrainingDiverged(f"{exc}; {kept}") from None
             raise
         raise _stopped_by_signal(trainer, run_dir, cfg, sig) from None
+    run_dir = folder.path
+    assert run_dir is not None
     ckpt_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/dice"), None)
     last = (run_dir / "checkpoints" / "last.ckpt").resolve()
     trainer.save_checkpoint(last)  # the final state, whatever step the last validation ran at

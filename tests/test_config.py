@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fsl_med.config import load_config, to_yaml
 from fsl_med.errors import ConfigError
@@ -40,6 +41,10 @@ def test_experiment_files_load_and_inherit_defaults():
         ("model.encoder.finetune=half", r"model.encoder.finetune"),
         ("optim.name=adam", r"optim.name"),
         ("model.compile=fast", r"'model.compile': must be one of off, default, reduce-overhead"),
+        ("ttt.mode=batch", r"'ttt.mode': must be one of slice, volume, got 'batch'"),
+        ("eval.cca_mode=4d", r"'eval.cca_mode': must be one of 2d, 3d"),
+        ("logging.logger=mlflow", r"'logging.logger': must be one of csv, tensorboard, wandb, none"),
+        ("model.encoder.lora_targets=[qkv,ffn]", r"'model.encoder.lora_targets': must be a non-empty subset"),
         ("nonsense", r"not of the form key=value"),
     ],
 )
@@ -82,3 +87,19 @@ def test_compile_off_survives_yaml_booleans(tmp_path):
     f.write_text(f"defaults: [{Path('experiments/mri.yaml').resolve()}]\nmodel:\n  compile: off\n")
     assert load_config(f, [ROOT]).model.compile == "off"
     assert load_config("experiments/mri.yaml", [ROOT, "model.compile=default"]).model.compile == "default"
+
+
+def test_choice_fields_are_defined_once_and_used_by_their_behaviour():
+    """Each choice field's values are one Literal in config; the modules implementing them use that definition."""
+    from typing import get_args
+
+    from fsl_med import config
+    from fsl_med.models import encoders, lora, vit_encoder
+    from fsl_med.refine import cca
+    from fsl_med.segment import CCA_CHOICES
+
+    assert encoders.FINETUNE_MODES is config.FINETUNE_MODES == get_args(config.Finetune)
+    assert vit_encoder.ADAPTERS is config.ADAPTERS and lora.LORA_TARGETS is config.LORA_TARGETS
+    assert cca.CCA_MODES is config.CCA_MODES and CCA_CHOICES == (*config.CCA_MODES, "none")
+    for key, choice in config.CHOICES.items():  # every default is one of its choices
+        assert OmegaConf.select(OmegaConf.structured(config.Config), key) in get_args(choice), key

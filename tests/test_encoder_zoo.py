@@ -17,7 +17,8 @@ import timm
 import torch
 
 from fsl_med.errors import ConfigError, WeightsError
-from fsl_med.models.encoders import create_encoder, get_encoder_spec, list_encoders
+from fsl_med.models.encoder_registry import get_encoder_spec, list_encoders
+from fsl_med.models.encoders import create_encoder
 
 ALL = list_encoders()
 VITS = [n for n in ALL if get_encoder_spec(n).family == "vit"]

@@ -1,4 +1,4 @@
-"""Tests of fsl_med.models.encoders (CPU, tiny models, no network)."""
+"""Tests of the encoder registry, factory, weights and LoRA (CPU, tiny models, no network)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from fsl_med.errors import ConfigError, WeightsError
-from fsl_med.models.encoders import (
-    EncoderSpec,
-    ViTPatchEncoder,
-    create_encoder,
-    get_encoder_spec,
-    list_encoders,
-    register_encoder,
-)
+from fsl_med.models.encoder_base import EncoderSpec
+from fsl_med.models.encoder_registry import get_encoder_spec, list_encoders, register_encoder
+from fsl_med.models.encoders import create_encoder
+from fsl_med.models.vit_encoder import ViTPatchEncoder
 
 TINY = "vit_tiny_patch14"
 TINY_REG = "vit_tiny_patch14_reg"

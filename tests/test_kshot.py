@@ -170,15 +170,15 @@ def test_kshot_eval_items_from_scans_and_slices(phantom) -> None:
 def test_datamodule_support_scans_are_deterministic(phantom, cache_dir) -> None:
     base = [f"data.root={phantom}", "data.image_size=64", f"data.cache_dir={cache_dir}", "data.num_workers=0"]
     dm = FewShotDataModule(load_config(None, [*base, "shots=3"]))
-    dm._resolve_split()
+    dm.resolve_split()
     ids = dm.support_ids()
     assert ids[0] == dm.split.support and ids[1:] == dm.train_ids[:2] and len(set(ids)) == 3
     assert not set(ids) & set(dm.split.query) and not set(ids) & set(dm.val_ids)
     dm1 = FewShotDataModule(load_config(None, [*base, "shots=5", "eval.shots_source=slices"]))
-    dm1._resolve_split()
+    dm1.resolve_split()
     assert dm1.support_ids() == [dm1.split.support]
     big = FewShotDataModule(load_config(None, [*base, "shots=8"]))
-    big._resolve_split()
+    big.resolve_split()
     with pytest.raises(ConfigError, match="'shots': 8-shot from scans needs 7 training scans"):
         big.support_ids()
     with pytest.raises(ConfigError, match="'shots'"):

@@ -311,7 +311,7 @@ def test_ct_normalisation_uses_training_scans_only(prepared_sabs, tmp_path):
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "ct.yaml",
                       [f"data.root={prepared_sabs}", f"data.cache_dir={tmp_path}"])
     dm = FewShotDataModule(cfg)
-    dm._resolve_split()
+    dm.resolve_split()
     assert dm.split.query == ["0"] and dm.split.support == "1" and dm.train_ids == ["2"]
     train = load_volume(prepared_sabs, "2").image
     assert dm.normalize.mean == pytest.approx(float(train.mean()), rel=1e-5)

@@ -313,6 +313,8 @@ def test_checkpoint_stores_its_plan_and_segment_needs_one_when_unknown(chaos, ck
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert ck[CHECKPOINT_KEY] == MriPlan(size=256).as_dict()
+    stored = ck["hyper_parameters"]["config"]
+    assert "model" in stored and "protocol" not in stored and "ablation" not in stored  # verb-only sections
     ck[CHECKPOINT_KEY] = None
     unknown = tmp_path / "unknown.ckpt"
     torch.save(ck, unknown)

@@ -78,16 +78,16 @@ class FewShotDataModule(L.LightningDataModule):
             self._cache[scan_id] = load_volume(self.root, scan_id, self.info.all_label_ids, self.cfg.data.image_size)
         return self._cache[scan_id]
 
-    def _resolve_split(self) -> None:
+    def resolve_split(self) -> FewShotDataModule:
         """Check the data folder and fix the fold's scans: list the scans (files the layout does not recognise
         are logged once, as one warning line), check an existing ``classmap_1.json`` against its schema, split
-        the scans and build the normaliser.
+        the scans and build the normaliser. Cheap (no slice is built); ``setup`` calls it. Returns ``self``.
 
         Raises:
             DataError: no scans, a malformed classmap, too few scans for a fold, or (CT) a bad training scan.
         """
         if self.split is not None:
-            return
+            return self
         listing = scan_files(self.root)
         ids = listing.scan_ids()
         self.scan_paths = dict(listing.scans)
@@ -110,6 +110,7 @@ class FewShotDataModule(L.LightningDataModule):
             self.normalize = make_normalizer("mri")
         log.info("fold %d: train %s, val %s, query %s, support %s", self.cfg.data.fold, self.train_ids,
                  self.val_ids, self.split.query, self.split.support)
+        return self
 
     def _superpixels(self, vol: Volume) -> np.ndarray:
         if vol.scan_id not in self._sp_cache:
@@ -196,13 +197,13 @@ class FewShotDataModule(L.LightningDataModule):
 
     def fingerprint(self) -> str:
         """:func:`~fsl_med.data.provenance.folder_fingerprint` of the data folder (its scans as listed)."""
-        self._resolve_split()
+        self.resolve_split()
         return folder_fingerprint(self.scan_paths)
 
     def trained_on(self) -> TrainedOn:
         """What training on this fold uses: dataset, folder fingerprint, fold, setting, excluded labels, test organs,
         the training scans and the validation scans, each with its label file's digest."""
-        self._resolve_split()
+        self.resolve_split()
         digests = {s: label_digest(self.scan_paths[s][1]) for s in [*self.train_ids, *self.val_ids]}
         return TrainedOn(dataset=str(self.cfg.data.dataset), fingerprint=self.fingerprint(),
                          fold=int(self.cfg.data.fold), setting=int(self.cfg.data.setting),
@@ -218,23 +219,18 @@ class FewShotDataModule(L.LightningDataModule):
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """One-process work: generate and cache the training scans' superpixels.
-
-        It builds no datasets (other ranks do not see its work, only the on-disk cache); the volumes and
-        pseudolabels it reads are memoised so that ``setup`` in the same process does not read them again.
-        """
+        """Lightning calls it in one process per node before ``setup``: write the fold's training scans' superpixel
+        pseudolabels into the cache (``data.cache_dir``). It only writes files and keeps no state; ``setup`` (every
+        rank) reads them back. Evaluation needs none (and must not read the training scans)."""
         if self.trainer is not None and self.trainer.state.fn != "fit":
-            return  # evaluation needs no pseudolabels (and must not read the training scans)
-        if self.train_set is not None:
-            return  # set up in this process already (train() calls setup before fit): its pseudolabels exist
-        self._resolve_split()  # the folder's checks (classmap, ignored files) come before any pseudolabel work
-        assert self.split is not None
-        for sid in self.split.train:
-            self._superpixels(self._volume(sid))
+            return
+        listing = scan_files(self.root)
+        for sid in fold_split(self.info, listing.scan_ids(), self.cfg.data.fold).train:
+            self._make_superpixels(load_volume(self.root, sid, self.info.all_label_ids, self.cfg.data.image_size))
 
     def setup(self, stage: str | None = None) -> None:
         """Load volumes and build the datasets needed by ``stage`` (fit, validate, test)."""
-        self._resolve_split()
+        self.resolve_split()
         assert self.split is not None
         if stage in ("fit", None) and self.train_set is None:
             self.train_set = self._build_train()
@@ -244,6 +240,9 @@ class FewShotDataModule(L.LightningDataModule):
             self.val_set, self.skipped["val"] = self._build_eval(self.val_ids)
         if stage in ("test", None) and self.test_set is None:
             self.test_set, self.skipped["test"] = self._build_eval(self.split.query)
+            if not self.test_set.items:
+                reasons = "; ".join(f"scan {q}/{o}: {r}" for q, o, r in self.skipped["test"])
+                raise DataError(f"no query volume could be scored ({reasons or 'no query scans'})")
 
     def train_dataloader(self) -> DataLoader:
         return self.episode_loader()

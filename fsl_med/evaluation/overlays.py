@@ -21,18 +21,27 @@ class Overlays(L.Callback):
 
     Args:
         slices: slices per organ (one per support part, at the part's middle query slice); 0 draws nothing.
-        dirpath: folder of the figures, ``<organ>_q<scan>_z<z>.png`` (written by global rank 0); ``None`` only
+        dirpath: folder of the figures, ``<organ>_q<scan>_z<z>.png`` (written by global rank 0; with ``bind``: set
+            to ``<run>/overlays`` by the run folder); ``None`` only
             collects (:attr:`samples`).
         variants: the variants drawn (``None``: every variant of the record).
 
     The samples are of the first query scan of each organ over all ranks, as in a single process.
     """
 
-    def __init__(self, slices: int = 3, dirpath: str | Path | None = None, variants: list[str] | None = None) -> None:
+    def __init__(self, slices: int = 3, dirpath: str | Path | None = None, variants: list[str] | None = None,
+                 bind: bool = False) -> None:
         self.slices, self.dirpath = int(slices), Path(dirpath) if dirpath is not None else None
         self.variants = list(variants) if variants is not None else None
+        self._bind = bind
         self.samples: list[dict[str, Any]] = []
         self.written: list[Path] = []
+
+    def bind_run_dir(self, run_dir: Path) -> None:
+        """Called by :class:`fsl_med.runs.RunFolder` once the run folder exists: with ``bind=True`` the figures go to
+        ``<run>/overlays``."""
+        if self._bind:
+            self.dirpath = Path(run_dir) / "overlays"
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.samples, self.written = [], []

@@ -62,7 +62,7 @@ class PredictionWriter(L.Callback):
     """Writes every query scan's prediction per variant as a multi-label NIfTI (see the module docstring).
 
     Args:
-        dirpath: the ``predictions`` folder.
+        dirpath: the ``predictions`` folder; ``None``: ``<run>/predictions``, set by :class:`fsl_med.runs.RunFolder`.
         variants: the variants written (``None``: every variant of the record).
         source_grid: also write the copy on the source grid when the manifest records it.
 
@@ -70,12 +70,17 @@ class PredictionWriter(L.Callback):
     :attr:`written` lists the files of the last test epoch.
     """
 
-    def __init__(self, dirpath: str | Path, variants: list[str] | None = None, source_grid: bool = True) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | Path | None, variants: list[str] | None = None, source_grid: bool = True) -> None:
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.variants = list(variants) if variants is not None else None
         self.source_grid = source_grid
         self.parts: list[OrganPrediction] = []  # this process's, until the end of the test epoch
         self.written: list[Path] = []
+
+    def bind_run_dir(self, run_dir: Path) -> None:
+        """Called by :class:`fsl_med.runs.RunFolder` once the run folder exists (when no folder was given)."""
+        if self.dirpath is None:
+            self.dirpath = Path(run_dir) / "predictions"
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.parts, self.written = [], []
@@ -106,6 +111,8 @@ class PredictionWriter(L.Callback):
     def write(self, parts: list[OrganPrediction]) -> list[Path]:
         """Write the files of ``parts`` (all organs of each query scan and variant, e.g. :attr:`parts` after
         :meth:`collect`); returns their paths."""
+        if self.dirpath is None:
+            raise ValueError("PredictionWriter has no folder: pass dirpath or run it under fsl_med.runs.RunFolder")
         groups: dict[tuple[str, str], list[OrganPrediction]] = {}
         for p in parts:
             groups.setdefault((p.variant, p.query_id), []).append(p)

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from fsl_med.config import from_container, to_container
+from fsl_med.config import from_container, model_container, to_container
 from fsl_med.data.protocol import EvalItem
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
@@ -60,7 +60,7 @@ class FewShotModule(L.LightningModule):
 
     def __init__(self, config: dict[str, Any], weights: str | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config})
+        self.save_hyperparameters({"config": model_container(config)})  # verb-only sections are not stored
         self.cfg = from_container(config)
         self.model = build_segmenter(self.cfg, weights)
         self.register_buffer("ce_weights", torch.tensor(list(self.cfg.loss.ce_weights), dtype=torch.float32),

@@ -13,11 +13,10 @@ import lightning as L
 import numpy as np
 from scipy import ndimage
 
+from fsl_med.config import CCA_MODES
 from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
 from fsl_med.refine.base import Refinement
-
-CCA_MODES = ("2d", "3d")
 
 _STRUCT_2D = np.zeros((3, 3, 3), dtype=bool)
 _STRUCT_2D[1] = True  # 8-connected within a slice, no link between slices

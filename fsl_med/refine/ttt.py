@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fsl_med.config import AugmentConfig
+from fsl_med.config import TTT_MODES, AugmentConfig
 from fsl_med.data.episodes import augment_pair
 from fsl_med.data.protocol import EvalItem
 from fsl_med.errors import ConfigError
@@ -183,8 +183,8 @@ class TestTimeTraining(Refinement):
                  params: str | None = None, source: str = "plain", name: str = "ttt") -> None:
         self.overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("mode", mode), ("params", params))
                           if v is not None}
-        if "mode" in self.overrides and self.overrides["mode"] not in ("slice", "volume"):
-            raise ConfigError(f"config key 'ttt.mode': must be 'slice' or 'volume', got {mode!r}")
+        if "mode" in self.overrides and self.overrides["mode"] not in TTT_MODES:
+            raise ConfigError(f"config key 'ttt.mode': must be one of {', '.join(TTT_MODES)}, got {mode!r}")
         self.source, self.name = source, name
         self._trainer_for: tuple[int, TestTimeTrainer] | None = None
         self.seconds, self.slices = 0.0, 0
