@@ -226,7 +226,8 @@ class FewShotDataModule(L.LightningDataModule):
             return
         listing = scan_files(self.root)
         for sid in fold_split(self.info, listing.scan_ids(), self.cfg.data.fold).train:
-            self._make_superpixels(load_volume(self.root, sid, self.info.all_label_ids, self.cfg.data.image_size))
+            vol = load_volume(self.root, sid, self.info.all_label_ids, self.cfg.data.image_size, warn=False)  # setup warns
+            self._make_superpixels(vol)
 
     def setup(self, stage: str | None = None) -> None:
         """Load volumes and build the datasets needed by ``stage`` (fit, validate, test)."""

@@ -67,7 +67,7 @@ def resize_label_slices(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray
 
 
 def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | None = None,
-                image_size: int | None = None) -> Volume:
+                image_size: int | None = None, warn: bool = True) -> Volume:
     """Load ``image_{scan_id}`` and ``label_{scan_id}`` from a prepared folder and check them.
 
     Args:
@@ -78,7 +78,8 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
             ``image_size``² (image bilinear, label nearest), as the reference loader does.
 
     The files are found by :func:`~fsl_med.prepare.datasets.scan_files` (``.nii.gz`` or ``.nii``). A label whose
-    affine differs from the image's (:func:`affine_mismatch`) is logged as a warning and used as is.
+    affine differs from the image's (:func:`affine_mismatch`) is logged as a warning (unless ``warn`` is false: a
+    second read of the same files in one run) and used as is.
 
     Raises:
         DataError: missing/unreadable/corrupt file, singular affine, not 3D, shape mismatch, NaN/inf voxels,
@@ -89,7 +90,7 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
     img, affine, zooms = read_nifti(ipath)
     lab, laffine, _ = read_nifti(lpath)
     warning = affine_mismatch(ipath, affine, lpath, laffine)
-    if warning:
+    if warning and warn:
         log.warning("%s", warning)
     if img.ndim != 3:
         raise DataError(f"{ipath}: expected a 3D volume, got {img.ndim}D shape {tuple(img.shape)}")
