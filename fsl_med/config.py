@@ -52,6 +52,10 @@ ShotsSource = Literal["scans", "slices"]
 TttMode = Literal["slice", "volume"]
 TttParams = Literal["all", "lora", "adapter"]
 LoggerName = Literal["csv", "tensorboard", "wandb", "none"]
+Compat = Literal["fsl_med", "reference"]
+"""``compat``: fsl_med's corrected behaviour, or the reference code's exactly (README "Deviations from the reference
+code"); each behaviour is also its own field, and a field left unset (null) follows ``compat`` (:data:`COMPAT`)."""
+BodyConnectivity = Literal[4, 8]
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -63,11 +67,19 @@ CCA_MODES: tuple[str, ...] = get_args(CcaMode)
 TTT_MODES: tuple[str, ...] = get_args(TttMode)
 TTT_PARAMS: tuple[str, ...] = get_args(TttParams)
 LOGGERS: tuple[str, ...] = get_args(LoggerName)
+COMPATS: tuple[str, ...] = get_args(Compat)
+
+COMPAT: dict[str, dict[str, Any]] = {
+    "fsl_med": {"eval.score_last_slice": True},
+    "reference": {"eval.score_last_slice": False},
+}
+"""The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
 CHOICES: dict[str, Any] = {
     "optim.name": Optimizer, "model.encoder.finetune": Finetune, "model.encoder.adapter": Adapter,
     "model.mask_downsample": MaskDownsample, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
     "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
+    "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
 VERB_SECTIONS = ("protocol", "ablation")
@@ -89,11 +101,12 @@ class SuperpixelConfig:
     sigma: float = 1.0
     min_size: int = 400
     body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4); bare use: MRI's
+    body_connectivity: int = 8  # largest body component: 8 as the reference notebook (skimage's default), or 4
 
     @property
     def is_reference(self) -> bool:
-        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400)."""
-        return (self.scale, self.sigma, self.min_size) == (1.0, 1.0, 400)
+        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400, 8-connected body)."""
+        return (self.scale, self.sigma, self.min_size, self.body_connectivity) == (1.0, 1.0, 400, 8)
 
 
 @dataclass
@@ -209,6 +222,7 @@ class EvalConfig:
     batch_size: int = 4  # query slices per encoder call; 4 on a 2-core CPU: as fast as 8, 86 MB less peak memory
     z_margin: int = 0
     skip_no_organ_slices: bool = False
+    score_last_slice: bool | None = None  # null: follows compat (fsl_med true; reference false: never scores it)
     variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
     cca_mode: str = DEFAULT_CCA_MODE
     hd95: bool = True
@@ -281,6 +295,7 @@ class Config:
     """The full run configuration."""
 
     name: str = "run"
+    compat: str = "fsl_med"  # fsl_med (corrected behaviour) or reference (the reference code's, bugs included)
     seed: int = 1234
     shots: int = 1  # k-shot: k augmented supports per training episode, k supports per part in evaluation
     ckpt: str | None = None
@@ -395,6 +410,9 @@ def _normalise(cfg: DictConfig) -> None:
         cfg.model.compile = "off"
     if cfg.data.cache_dir == "":  # FSL_MED_CACHE set but empty: the default, not the current folder
         cfg.data.cache_dir = ".cache/fsl_med"
+    for key, value in COMPAT.get(str(cfg.compat), {}).items():  # unset compat-dependent fields follow compat
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, value)
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "override") -> DictConfig:
@@ -508,7 +526,7 @@ def validate(cfg: DictConfig) -> None:
     for key, choice in CHOICES.items():
         valid = get_args(choice)
         value = OmegaConf.select(cfg, key)
-        _check(value in valid, key, f"must be one of {', '.join(valid)}, got '{value}'")
+        _check(value in valid, key, f"must be one of {', '.join(map(str, valid))}, got '{value}'")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class FewShotDataModule(L.LightningDataModule):
         sp_cfg = self.cfg.data.superpixel
         params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                                   body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None
-                                  else self.info.body_threshold)
+                                  else self.info.body_threshold, body_connectivity=sp_cfg.body_connectivity)
         shipped = self.root / f"superpix-MIDDLE_{vol.scan_id}.nii.gz"
         if params.is_reference and shipped.is_file():
             arr, _, _ = read_nifti(shipped)
@@ -171,7 +171,7 @@ class FewShotDataModule(L.LightningDataModule):
         items, skipped = build_eval_items(
             [self._volume(s) for s in self.support_ids()], queries, list(self.cfg.data.test_organs),
             self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices, self.cfg.shots,
-            e.shots_source, self.cfg.data.three_slices,
+            e.shots_source, self.cfg.data.three_slices, bool(e.score_last_slice),
         )
         for q, organ in skipped:
             log.warning("organ '%s' absent from query scan %s: skipped (listed in the report)", organ, q)

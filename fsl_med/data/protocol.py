@@ -70,7 +70,7 @@ class QueryPlan:
 
 
 def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int = 0,
-               skip_no_organ_slices: bool = False) -> QueryPlan:
+               skip_no_organ_slices: bool = False, score_last_slice: bool = True) -> QueryPlan:
     """Slices of a query scan scored for one organ.
 
     Args:
@@ -78,6 +78,8 @@ def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int =
         npart: number of support parts.
         z_margin: extra slices scored beyond the organ extent on each side (0 in the protocol).
         skip_no_organ_slices: skip slices inside the extent without the organ ([D]'s variant).
+        score_last_slice: false drops the scan's last slice after the parts are assigned, as the reference's
+            validation loop does (it skips ``is_end``; ``compat=reference``); the other slices keep their parts.
     Returns:
         A :class:`QueryPlan`; empty (``len(z) == 0``) when the organ is absent from the scan.
     """
@@ -96,6 +98,9 @@ def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int =
     else:
         part = np.zeros_like(z)
     part = np.clip(part, 0, npart - 1)
+    if not score_last_slice:
+        keep = z != len(organ_mask_per_slice) - 1
+        z, part = z[keep], part[keep]
     return QueryPlan(z=z.astype(np.int64), part=part)
 
 
@@ -136,7 +141,8 @@ class EvalItem:
 def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], organs: list[str],
                      info: DatasetInfo, normalize: Normalizer, npart: int = 3, z_margin: int = 0,
                      skip_no_organ_slices: bool = False, shots: int = 1, shots_source: str = "scans",
-                     three_slices: bool = False) -> tuple[list[EvalItem], list[tuple[str, str]]]:
+                     three_slices: bool = False, score_last_slice: bool = True
+                     ) -> tuple[list[EvalItem], list[tuple[str, str]]]:
     """EP1 items for every (organ, query scan), 1-shot or k-shot.
 
     Args:
@@ -145,6 +151,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
             the ``shots`` support scans, ``slices`` takes ``shots`` slices per part from the first support scan
             (:func:`support_slices_per_part`). ``shots == 1`` is the 1-shot protocol exactly.
         three_slices: slices become ``[3, H, W]`` stacks (z-1, z, z+1; zeros beyond the volume).
+        score_last_slice: see :func:`query_plan`.
     Returns:
         ``(items, skipped)`` where ``skipped`` lists ``(query_id, organ)`` pairs whose organ is absent
         from the query scan (they are reported, never scored). Items come query-major.
@@ -184,7 +191,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
         for organ in organs:
             lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
-            plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices)
+            plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices, score_last_slice)
             if plan.z.size == 0:
                 skipped.append((q.scan_id, organ))
                 continue

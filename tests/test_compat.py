@@ -1,0 +1,64 @@
+"""``compat``: fsl_med's corrected behaviour by default, the reference code's under ``compat=reference``; each
+deviation is its own field too (issue 19). One constructed case per deviation where the two behaviours differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fsl_med.config import COMPAT, load_config
+from fsl_med.data.protocol import query_plan
+from fsl_med.data.superpixels import body_mask
+from fsl_med.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = "data.root=/nonexistent"
+
+
+def _cfg(*overrides: str):
+    return load_config(REPO / "experiments" / "mri.yaml", [ROOT, *overrides])
+
+
+def test_compat_sets_every_unset_field_and_explicit_fields_win():
+    ours, ref = _cfg(), _cfg("compat=reference")
+    for key, value in COMPAT["reference"].items():
+        from omegaconf import OmegaConf
+
+        assert OmegaConf.select(ref, key) == value and OmegaConf.select(ours, key) == COMPAT["fsl_med"][key], key
+    assert ours.eval.score_last_slice is True and ref.eval.score_last_slice is False
+    mixed = _cfg("compat=reference", "eval.score_last_slice=true")  # one field back to ours, the rest reference
+    assert mixed.eval.score_last_slice is True and mixed.compat == "reference"
+    with pytest.raises(ConfigError, match="'compat': must be one of fsl_med, reference"):
+        _cfg("compat=paper")
+
+
+def test_last_slice_is_scored_by_default_and_not_under_reference():
+    """An organ reaching the scan's last slice: fsl_med scores it; the reference's loop skips ``is_end``. The other
+    slices keep their support parts."""
+    per_slice = np.zeros(10, dtype=bool)
+    per_slice[6:] = True  # slices 6..9, 9 is the last
+    ours = query_plan(per_slice, npart=3)
+    ref = query_plan(per_slice, npart=3, score_last_slice=False)
+    assert ours.z.tolist() == [6, 7, 8, 9] and ours.part.tolist() == [0, 1, 2, 2]
+    assert ref.z.tolist() == [6, 7, 8] and ref.part.tolist() == [0, 1, 2]
+    inner = np.zeros(10, dtype=bool)
+    inner[2:5] = True  # not reaching the end: no difference
+    assert query_plan(inner, 3).z.tolist() == query_plan(inner, 3, score_last_slice=False).z.tolist() == [2, 3, 4]
+
+
+def test_body_mask_keeps_the_largest_8_connected_component_as_the_reference_notebook():
+    """A diagonal staircase of 12 pixels is one component with 8-connectivity (skimage's default, the notebook's)
+    but 12 single pixels with 4-connectivity, where a separate 3 x 3 block (9 px) is the largest."""
+    img = np.zeros((20, 20), dtype=np.float32)
+    for i in range(12):
+        img[i, i] = 100.0
+    img[15:18, 2:5] = 100.0
+    eight = body_mask(img, 50.0)  # default: 8
+    four = body_mask(img, 50.0, connectivity=4)
+    assert eight.sum() == 12 and all(eight[i, i] for i in range(12)) and not eight[15:18, 2:5].any()
+    assert four.sum() == 9 and four[15:18, 2:5].all()
+    assert _cfg().data.superpixel.body_connectivity == 8 == _cfg("compat=reference").data.superpixel.body_connectivity
+    with pytest.raises(ConfigError, match="body_connectivity"):
+        _cfg("data.superpixel.body_connectivity=6")
