@@ -70,8 +70,10 @@ LOGGERS: tuple[str, ...] = get_args(LoggerName)
 COMPATS: tuple[str, ...] = get_args(Compat)
 
 COMPAT: dict[str, dict[str, Any]] = {
-    "fsl_med": {"eval.score_last_slice": True},
-    "reference": {"eval.score_last_slice": False},
+    "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
+                "data.min_superpixel_pixels": 64},
+    "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
+                  "data.min_superpixel_pixels": 1},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
@@ -102,11 +104,15 @@ class SuperpixelConfig:
     min_size: int = 400
     body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4); bare use: MRI's
     body_connectivity: int = 8  # largest body component: 8 as the reference notebook (skimage's default), or 4
+    zero_as_background: bool | None = None  # null: compat. true: Felzenszwalb segment 0 inside the body joins the
+    # background id 0 and episodes may draw id 0, as the reference notebook's off-by-one (compat=reference)
 
     @property
     def is_reference(self) -> bool:
-        """True for the reference 'MIDDLE' parameters (scale 1, sigma 1, min_size 400, 8-connected body)."""
-        return (self.scale, self.sigma, self.min_size, self.body_connectivity) == (1.0, 1.0, 400, 8)
+        """True for the reference notebook's 'MIDDLE' pseudolabels (scale 1, sigma 1, min_size 400, 8-connected body,
+        segment 0 as background): then shipped ``superpix-MIDDLE_<id>.nii.gz`` files are used as they are."""
+        return (self.scale, self.sigma, self.min_size, self.body_connectivity, bool(self.zero_as_background)) == \
+            (1.0, 1.0, 400, 8, True)
 
 
 @dataclass
@@ -141,7 +147,7 @@ class DataConfig:
     batch_size: int = 1
     num_workers: int = 1
     num_val_scans: int = 1
-    min_superpixel_pixels: int = 64
+    min_superpixel_pixels: int | None = None  # null: compat (fsl_med 64; reference 1: any superpixel is drawn)
     three_slices: bool = False  # input = slices z-1, z, z+1 (zeros at the ends) instead of z tiled x3
     superpixel: SuperpixelConfig = field(default_factory=SuperpixelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -446,6 +452,10 @@ def validate(cfg: DictConfig) -> None:
     :func:`fsl_med.runs.check_registries`, which the verbs call, and again where the objects are built."""
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ConfigError("config key 'data.root' is not set: pass data.root=PATH (or DATA=PATH to make)")
+    for key, choice in CHOICES.items():  # first: compat decides other fields
+        valid = get_args(choice)
+        value = OmegaConf.select(cfg, key)
+        _check(value in valid, key, f"must be one of {', '.join(map(str, valid))}, got '{value}'")
     _check(cfg.data.fold >= 0, "data.fold", f"must be >= 0, got {cfg.data.fold}")
     _check(cfg.data.setting in (1, 2), "data.setting", f"must be 1 or 2, got {cfg.data.setting}")
     _check(len(cfg.data.test_organs) > 0, "data.test_organs", "must name at least one organ")
@@ -523,10 +533,6 @@ def validate(cfg: DictConfig) -> None:
            f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
     _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
     _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
-    for key, choice in CHOICES.items():
-        valid = get_args(choice)
-        value = OmegaConf.select(cfg, key)
-        _check(value in valid, key, f"must be one of {', '.join(map(str, valid))}, got '{value}'")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -62,3 +62,30 @@ def test_body_mask_keeps_the_largest_8_connected_component_as_the_reference_note
     assert _cfg().data.superpixel.body_connectivity == 8 == _cfg("compat=reference").data.superpixel.body_connectivity
     with pytest.raises(ConfigError, match="body_connectivity"):
         _cfg("data.superpixel.body_connectivity=6")
+
+
+def test_felzenszwalb_segment_zero_inside_the_body_is_a_superpixel_unless_reference():
+    """A slice that is all body: Felzenszwalb's segment 0 lies inside it. fsl_med keeps it as its own superpixel (no
+    id 0 anywhere, nothing drawable is background); the reference notebook merges it into the background id 0 and
+    its dataset may draw id 0."""
+    from skimage.segmentation import felzenszwalb
+
+    from fsl_med.config import AugmentConfig, SuperpixelConfig
+    from fsl_med.data.episodes import EpisodeDataset
+    from fsl_med.data.superpixels import superpixels_2d
+
+    img = np.full((64, 64), 100.0, dtype=np.float32)
+    img[:, 32:] = 200.0  # two flat halves: Felzenszwalb segments 0 (left) and 1 (right)
+    fz = felzenszwalb(img.astype(np.float64), scale=1.0, sigma=1.0, min_size=400)
+    assert set(np.unique(fz).tolist()) == {0, 1}
+    ours = superpixels_2d(img, SuperpixelConfig(body_threshold=50.0))
+    ref = superpixels_2d(img, SuperpixelConfig(body_threshold=50.0, zero_as_background=True))
+    assert sorted(np.unique(ours).tolist()) == [1, 2] and np.array_equal(ours == 1, fz == 0)
+    assert sorted(np.unique(ref).tolist()) == [0, 1] and np.array_equal(ref == 0, fz == 0)
+    vol, sp_ours, sp_ref = img[None], ours[None], ref[None]
+    kw = dict(slices=[(0, 0)], length=4, seed=0, augment=AugmentConfig(enabled=False), feature_size=8)
+    assert EpisodeDataset([vol], [sp_ours], min_pixels=64, **kw).candidates[0][2].tolist() == [1, 2]
+    assert EpisodeDataset([vol], [sp_ref], min_pixels=1, draw_background=True, **kw).candidates[0][2].tolist() == [0, 1]
+    ours_cfg, ref_cfg = _cfg(), _cfg("compat=reference")
+    assert ours_cfg.data.superpixel.zero_as_background is False and ours_cfg.data.min_superpixel_pixels == 64
+    assert ref_cfg.data.superpixel.zero_as_background is True and ref_cfg.data.min_superpixel_pixels == 1

@@ -121,7 +121,8 @@ class FewShotDataModule(L.LightningDataModule):
         sp_cfg = self.cfg.data.superpixel
         params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                                   body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None
-                                  else self.info.body_threshold, body_connectivity=sp_cfg.body_connectivity)
+                                  else self.info.body_threshold, body_connectivity=sp_cfg.body_connectivity,
+                                  zero_as_background=bool(sp_cfg.zero_as_background))
         shipped = self.root / f"superpix-MIDDLE_{vol.scan_id}.nii.gz"
         if params.is_reference and shipped.is_file():
             arr, _, _ = read_nifti(shipped)
@@ -153,6 +154,7 @@ class FewShotDataModule(L.LightningDataModule):
             augment=AugmentConfig(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
             feature_size=self.cfg.model.feature_size, mask_downsample=self.cfg.model.mask_downsample,
             shots=self.cfg.shots, three_slices=self.cfg.data.three_slices,
+            draw_background=bool(self.cfg.data.superpixel.zero_as_background),
         )
 
     def _build_eval(self, query_ids: list[str]) -> tuple[EvalDataset, list[tuple[str, str]]]:

@@ -108,6 +108,8 @@ class EpisodeDataset(Dataset):
         feature_size, mask_downsample: the support mask must stay non-empty at the feature resolution.
         shots: augmented supports per episode (k); ``1`` draws exactly the 1-shot episodes.
         three_slices: images are z-1, z, z+1 stacks (zeros beyond the volume) instead of the slice tiled ×3.
+        draw_background: superpixel id 0 (the background) may be drawn as a pseudolabel, as the reference does
+            (``data.superpixel.zero_as_background``, ``compat=reference``).
 
     Items are dicts: ``support_image [3,H,W]`` (``[k,3,H,W]`` when k > 1), ``support_mask [H,W]`` float
     (1 = fg; ``[k,H,W]``), ``query_image [3,H,W]``, ``query_label [H,W]`` int64, ``scan`` (volume index),
@@ -122,7 +124,7 @@ class EpisodeDataset(Dataset):
     def __init__(self, images: Sequence[np.ndarray], superpixels: Sequence[np.ndarray],
                  slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentConfig,
                  min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest", shots: int = 1,
-                 three_slices: bool = False) -> None:
+                 three_slices: bool = False, draw_background: bool = False) -> None:
         self.images = list(images)
         self.superpixels = list(superpixels)
         self.length = int(length)
@@ -136,7 +138,8 @@ class EpisodeDataset(Dataset):
             sp = self.superpixels[v][z]
             counts = np.bincount(sp.ravel())
             ids = np.flatnonzero(counts >= min_pixels)
-            ids = ids[ids != 0]
+            if not draw_background:  # the reference draws from np.unique(superpix), 0 (background) included
+                ids = ids[ids != 0]
             if ids.size:
                 self.candidates.append((v, z, ids))
         if not self.candidates:

@@ -69,7 +69,8 @@ def body_mask(slice_2d: np.ndarray, threshold: float | None, connectivity: int =
 
 
 def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelConfig) -> np.ndarray:
-    """Superpixels of one slice: 0 outside the body, 1..N inside (consecutive).
+    """Superpixels of one slice: 0 outside the body, 1..N inside (consecutive); with ``params.zero_as_background``
+    also 0 where Felzenszwalb's segment 0 lies inside the body (the reference notebook).
 
     Args:
         slice_2d: ``[H, W]`` intensities before loader normalisation.
@@ -79,10 +80,12 @@ def superpixels_2d(slice_2d: np.ndarray, params: SuperpixelConfig) -> np.ndarray
     seg = felzenszwalb(slice_2d.astype(np.float64), scale=params.scale, sigma=params.sigma,
                        min_size=params.min_size)
     mask = body_mask(slice_2d, params.body_threshold, params.body_connectivity)
-    seg = np.where(mask, seg + 1, 0)
+    # ours: Felzenszwalb segment 0 is a superpixel like the others (ids shift by one inside the body); the reference
+    # notebook's off-by-one (zero_as_background) merges its pixels inside the body into the background id 0
+    seg = np.where(mask, seg if params.zero_as_background else seg + 1, 0)
     _, inv = np.unique(seg, return_inverse=True)
     inv = inv.reshape(seg.shape).astype(np.int32)
-    if not mask.all():  # 0 is present and maps to 0 already; else shift so ids start at 1
+    if (seg == 0).any():  # 0 is present and maps to 0 already; else shift so ids start at 1
         return inv
     return inv + 1
 
@@ -94,7 +97,8 @@ def superpixels_volume(image: np.ndarray, params: SuperpixelConfig) -> np.ndarra
 
 def cache_key(image_path: Path, params: SuperpixelConfig, image_size: int) -> str:
     """Key of a cached pseudolabel volume: content of the image file + parameters + code version."""
-    payload = json.dumps({"params": asdict(params), "size": image_size, "v": CACHE_VERSION}, sort_keys=True)
+    fields = {**asdict(params), "zero_as_background": bool(params.zero_as_background)}  # unset (null) is false
+    payload = json.dumps({"params": fields, "size": image_size, "v": CACHE_VERSION}, sort_keys=True)
     return f"{sha256_file(image_path)[:16]}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
