@@ -71,9 +71,9 @@ COMPATS: tuple[str, ...] = get_args(Compat)
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
-                "data.min_superpixel_pixels": 64},
+                "data.min_superpixel_pixels": 64, "ttt.restore": True},
     "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
-                  "data.min_superpixel_pixels": 1},
+                  "data.min_superpixel_pixels": 1, "ttt.restore": False},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
@@ -251,6 +251,8 @@ class TTTConfig:
     params: str = "all"
     mode: str = "slice"
     transpose: bool = True
+    restore: bool | None = None  # null: compat. false: the model keeps each adaptation (the reference's reset keeps
+    # references to the live weights, so later slices, organs and scans start from the adapted model)
 
 
 @dataclass

@@ -89,3 +89,37 @@ def test_felzenszwalb_segment_zero_inside_the_body_is_a_superpixel_unless_refere
     ours_cfg, ref_cfg = _cfg(), _cfg("compat=reference")
     assert ours_cfg.data.superpixel.zero_as_background is False and ours_cfg.data.min_superpixel_pixels == 64
     assert ref_cfg.data.superpixel.zero_as_background is True and ref_cfg.data.min_superpixel_pixels == 1
+
+
+def test_ttt_restores_by_default_and_keeps_adapting_under_reference():
+    """Two adapted slices: by default the model is bit-identical afterwards and slice 2 starts from the trained
+    weights; with ``ttt.restore=false`` (the reference's reset that keeps references to the live weights) the model
+    keeps the adaptations, so slice 2 starts from slice 1's weights and its prediction differs."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from fsl_med.config import AugmentConfig, TTTConfig
+    from fsl_med.models.encoders import create_encoder
+    from fsl_med.models.segmenter import FewShotSegmenter
+    from fsl_med.refine.ttt import TestTimeTrainer
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = ((yy - 30) ** 2 + (xx - 26) ** 2 < 12 ** 2).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    q = np.stack([(disc * 2.0 + rng.normal(0, 0.3, disc.shape)) for _ in range(2)]).astype(np.float32)
+    masks = np.stack([disc, disc])
+    prob = np.full(q.shape, 0.5, np.float32)
+    part = np.zeros(2, int)
+    out = {}
+    for restore in (True, False):
+        torch.manual_seed(0)
+        seg = FewShotSegmenter(create_encoder("vit_tiny_patch14", weights="none", input_size=64)).eval()
+        before = {k: v.clone() for k, v in seg.state_dict().items()}
+        ttt = TestTimeTrainer(seg, OmegaConf.structured(TTTConfig(steps=4, lr=0.05, restore=restore)),
+                              torch.tensor([0.05, 1.0]), 1.0, AugmentConfig())
+        out[restore] = ttt.refine(q, masks, prob, part, q[:1], masks[:1], np.random.default_rng(1))[1]
+        same = all(torch.equal(before[k], v) for k, v in seg.state_dict().items())
+        assert same is restore, restore
+    assert np.array_equal(out[True][0], out[False][0])  # slice 1: same start, same adaptation
+    assert not np.array_equal(out[True][1], out[False][1])  # slice 2: from the adapted weights under reference
+    assert _cfg().ttt.restore is True and _cfg("compat=reference").ttt.restore is False

@@ -2,7 +2,8 @@
 
 Per query slice (``ttt.mode=slice``, the paper's) or once per query volume (``ttt.mode=volume``):
 ``ttt.steps`` SGD steps of the training loss on two random augmentations of (slice, predicted mask), one
-as support and one as query; then the slice is predicted again with the real support, and the model is
+as support and one as query; then the slice is predicted again with the real support, and the model is (unless
+``ttt.restore`` is false, the reference's behaviour under ``compat=reference``)
 restored bit for bit (every parameter and buffer, ``requires_grad`` flags and train/eval mode).
 Which parameters adapt is ``ttt.params``: ``all`` trainable ones, ``lora`` or ``adapter`` only.
 A slice whose prediction is empty is not adapted (its prediction cannot change the model's view of it),
@@ -136,7 +137,8 @@ class TestTimeTrainer:
             rng: randomness of the augmentations.
             on_slice: called after each slice (progress).
         Returns:
-            ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``. The model is unchanged afterwards.
+            ``(pred [n, H, W] uint8, fg_prob [n, H, W] float32)``. The model is unchanged afterwards, unless
+            ``ttt.restore`` is false (``compat=reference``): then it keeps every adaptation, slice after slice.
         """
         device = torch.device(device)
         n = query_images.shape[0]
@@ -149,7 +151,8 @@ class TestTimeTrainer:
                 groups = [np.array([i]) for i in range(n)]
             for idx in groups:
                 if plain_pred[idx].any() and self.cfg.steps > 0:
-                    with restored(self.seg):
+                    keep = self.cfg.get("restore") is False  # ttt.restore=false: the reference's reset that is none
+                    with contextlib.nullcontext() if keep else restored(self.seg):
                         self._adapt(query_images[idx], plain_pred[idx], rng, device)
                         need, local_part = np.unique(part[idx], return_inverse=True)  # encode only used parts
                         rows = (need[:, None] * shots + np.arange(shots)).ravel()
@@ -218,6 +221,8 @@ class TestTimeTraining(Refinement):
         self._local[0] += dt
         self._local[1] += n
         log.info("TTT %s scan %s: %d slices, %.2f s per slice", item.organ, item.query_id, n, dt / max(n, 1))
+        if self._ttt(module).cfg.get("restore") is False:  # the model changed: cached features are stale
+            module.reset_eval_caches()
         return out
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
