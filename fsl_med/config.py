@@ -56,6 +56,9 @@ Compat = Literal["fsl_med", "reference"]
 """``compat``: fsl_med's corrected behaviour, or the reference code's exactly (README "Deviations from the reference
 code"); each behaviour is also its own field, and a field left unset (null) follows ``compat`` (:data:`COMPAT`)."""
 BodyConnectivity = Literal[4, 8]
+EmptyWindow = Literal["fallback", "skip"]
+"""A training episode whose background finds no ALP window above the threshold: use the global prototype
+(``fallback``, fsl_med) or skip the episode as the reference's training loop does (``skip``)."""
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -71,9 +74,9 @@ COMPATS: tuple[str, ...] = get_args(Compat)
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
-                "data.min_superpixel_pixels": 64, "ttt.restore": True},
+                "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.empty_window": "fallback"},
     "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
-                  "data.min_superpixel_pixels": 1, "ttt.restore": False},
+                  "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.empty_window": "skip"},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
@@ -81,7 +84,7 @@ CHOICES: dict[str, Any] = {
     "optim.name": Optimizer, "model.encoder.finetune": Finetune, "model.encoder.adapter": Adapter,
     "model.mask_downsample": MaskDownsample, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
     "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
-    "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity,
+    "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity, "model.empty_window": EmptyWindow,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
 VERB_SECTIONS = ("protocol", "ablation")
@@ -178,6 +181,7 @@ class ModelConfig:
     bg_thresh: float = 0.95
     scale: float = 20.0
     mask_downsample: str = "nearest"
+    empty_window: str | None = None  # null: compat (fsl_med fallback; reference skip), see config.EmptyWindow
     compile: str = "off"  # off, or a torch.compile mode for the encoder (default, max-autotune, ...)
 
 

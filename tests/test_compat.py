@@ -123,3 +123,72 @@ def test_ttt_restores_by_default_and_keeps_adapting_under_reference():
     assert np.array_equal(out[True][0], out[False][0])  # slice 1: same start, same adaptation
     assert not np.array_equal(out[True][1], out[False][1])  # slice 2: from the adapted weights under reference
     assert _cfg().ttt.restore is True and _cfg("compat=reference").ttt.restore is False
+
+
+def test_an_episode_without_a_background_window_falls_back_by_default_and_is_skipped_under_reference():
+    """Episode 1's support mask covers the whole slice, so its background has no ALP window above the threshold:
+    fsl_med uses the global prototype; the reference's head raises and its loop skips the episode. In a batch of
+    two, the skipping loss is the other episode's loss alone; a batch of only such episodes gives no loss."""
+    import torch
+
+    from fsl_med.models.encoders import create_encoder
+    from fsl_med.models.segmenter import FewShotSegmenter
+
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny_patch14", weights="none", input_size=64)
+    rng = np.random.default_rng(0)
+    img = torch.as_tensor(rng.normal(0, 1, (2, 3, 64, 64)), dtype=torch.float32)
+    fg = torch.zeros(2, 64, 64)
+    fg[0, 16:40, 16:40] = 1.0  # an ordinary episode
+    fg[1] = 1.0  # all foreground: no background window
+    lab = fg.long()
+    w = torch.tensor([0.05, 1.0])
+    ours = FewShotSegmenter(enc, feature_size=32)
+    ref = FewShotSegmenter(enc, feature_size=32, empty_window="skip")
+    both, _, _ = ours.episode_loss(img, fg, img, lab, w, 1.0)
+    assert both is not None and torch.isfinite(both)  # the global prototype stands in
+    skipped, _, _ = ref.episode_loss(img, fg, img, lab, w, 1.0)
+    alone, _, _ = ours.episode_loss(img[:1], fg[:1], img[:1], lab[:1], w, 1.0)
+    assert ref.skipped_episodes == 1 and torch.allclose(skipped, alone, rtol=0, atol=1e-6)
+    none, _, _ = ref.episode_loss(img[1:], fg[1:], img[1:], lab[1:], w, 1.0)
+    assert none is None and ref.skipped_episodes == 2
+    assert _cfg().model.empty_window == "fallback" and _cfg("compat=reference").model.empty_window == "skip"
+
+
+def test_training_under_compat_reference_logs_its_skipped_episodes(tmp_path):
+    """``compat=reference`` end to end on a phantom: the run trains, stores compat=reference and the resolved fields
+    in its checkpoint, and logs ``train/skipped_episodes`` (the reference's skips, counted)."""
+    import csv
+    import warnings
+
+    import torch
+    from conftest import TINY
+
+    from fsl_med.data.phantom import generate_phantom
+    from fsl_med.train import train
+
+    root = generate_phantom(tmp_path / "ph", n_scans=4, size=64, depth=8)
+    cfg = load_config(REPO / "experiments" / "mri.yaml", [
+        *TINY, f"data.root={root}", f"data.cache_dir={tmp_path / 'sp'}", "data.image_size=64", "compat=reference",
+        "trainer.max_steps=4", "data.episodes_per_epoch=4", "trainer.val_check_interval=4", "data.num_val_scans=0",
+        "trainer.log_every_n_steps=1", f"logging.output_dir={tmp_path / 'runs'}", "name=ref",
+    ])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = train(cfg)
+    stored = torch.load(res.last_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
+    assert stored["compat"] == "reference" and stored["model"]["empty_window"] == "skip"
+    assert stored["data"]["superpixel"]["zero_as_background"] is True and stored["ttt"]["restore"] is False
+    rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
+    counts = [float(r["train/skipped_episodes"]) for r in rows if r.get("train/skipped_episodes")]
+    assert counts and counts == sorted(counts) and all(c >= 0 for c in counts)  # cumulative, logged every step
+
+
+@pytest.mark.parametrize("name,dataset", [("reference", "chaos_t2"), ("reference_ct", "sabs")])
+def test_reference_recipe_files_set_every_reference_behaviour(name, dataset):
+    from omegaconf import OmegaConf
+
+    cfg = load_config(REPO / "experiments" / f"{name}.yaml", [ROOT])
+    assert cfg.compat == "reference" and cfg.data.dataset == dataset and cfg.trainer.max_steps == 100100
+    for key, value in COMPAT["reference"].items():
+        assert OmegaConf.select(cfg, key) == value, key

@@ -101,5 +101,7 @@ def test_choice_fields_are_defined_once_and_used_by_their_behaviour():
     assert encoders.FINETUNE_MODES is config.FINETUNE_MODES == get_args(config.Finetune)
     assert vit_encoder.ADAPTERS is config.ADAPTERS and lora.LORA_TARGETS is config.LORA_TARGETS
     assert cca.CCA_MODES is config.CCA_MODES and CCA_CHOICES == (*config.CCA_MODES, "none")
-    for key, choice in config.CHOICES.items():  # every default is one of its choices
-        assert OmegaConf.select(OmegaConf.structured(config.Config), key) in get_args(choice), key
+    for key, choice in config.CHOICES.items():  # every default (or its compat value when unset) is one of its choices
+        value = OmegaConf.select(OmegaConf.structured(config.Config), key)
+        value = config.COMPAT["fsl_med"][key] if value is None else value
+        assert value in get_args(choice), key

@@ -42,7 +42,7 @@ def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegme
         # in place (nn.Module.compile): parameter names and checkpoints are those of the eager model
         encoder.compile(mode=m.compile)
     return FewShotSegmenter(encoder, m.feature_size, m.proto_grid, m.test_window, m.fg_thresh, m.bg_thresh,
-                            m.scale, m.mask_downsample)
+                            m.scale, m.mask_downsample, m.get("empty_window") or "fallback")
 
 
 class FewShotModule(L.LightningModule):
@@ -81,6 +81,11 @@ class FewShotModule(L.LightningModule):
         b = batch["support_image"].shape[0]
         loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
                                                   batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
+        if self.model.empty_window == "skip":  # compat=reference: episodes skipped as the reference does, counted
+            self.log("train/skipped_episodes", float(self.model.skipped_episodes), batch_size=b)
+        if loss is None:  # every episode of the batch skipped: no optimiser step (Lightning skips it)
+            log.info("step %d: every episode skipped (no ALP window above threshold)", self.global_step + 1)
+            return None  # type: ignore[return-value]
         if not bool(torch.isfinite(loss)):  # one host sync per step; Lightning's detect_anomaly is far slower
             raise TrainingDiverged(self._diverged(f"loss ({float(loss.detach())})", batch))
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/align": align}, prog_bar=True, batch_size=b)

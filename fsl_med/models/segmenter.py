@@ -33,8 +33,12 @@ class FewShotSegmenter(nn.Module):
 
     def __init__(self, encoder: nn.Module, feature_size: int = 32, proto_grid: int = 8, test_window: int = 2,
                  fg_thresh: float = 0.95, bg_thresh: float = 0.95, scale: float = 20.0,
-                 mask_downsample: str = "nearest") -> None:
+                 mask_downsample: str = "nearest", empty_window: str = "fallback") -> None:
         super().__init__()
+        if empty_window not in ("fallback", "skip"):
+            raise ValueError(f"empty_window must be 'fallback' or 'skip', got {empty_window!r}")
+        self.empty_window = empty_window  # a training episode whose background finds no ALP window: see episode_loss
+        self.skipped_episodes = 0
         self.encoder = encoder
         self.feature_size = feature_size
         self.train_window = feature_size // proto_grid
@@ -92,7 +96,7 @@ class FewShotSegmenter(nn.Module):
         return self.upsample(self.scores(feats[s:], protos), query_images.shape[-2:])
 
     def align_loss(self, query_feats: torch.Tensor, query_scores: torch.Tensor, support_feats: torch.Tensor,
-                   support_fg: torch.Tensor) -> torch.Tensor:
+                   support_fg: torch.Tensor, protos: EpisodePrototypes | None = None) -> torch.Tensor:
         """PANet-style prototype alignment loss of one episode (method.md §2.3).
 
         The query's own argmax prediction (at feature resolution) gives query prototypes, which
@@ -102,15 +106,20 @@ class FewShotSegmenter(nn.Module):
         Args:
             query_feats: ``[1, C, f, f]``; query_scores: ``[1, 2, f, f]``;
             support_feats: ``[k, C, f, f]``; support_fg: ``[k, H, W]`` binary.
+            protos: :meth:`align_prototypes` of ``query_feats``/``query_scores`` when already computed.
         """
-        pred_fg = query_scores.argmax(dim=1, keepdim=True).float()  # [1, 1, f, f]
-        protos = self.prototypes(query_feats, pred_fg, self.train_window)
+        protos = self.align_prototypes(query_feats, query_scores) if protos is None else protos
         sup_pred = self.upsample(self.scores(support_feats, protos), support_fg.shape[-2:])
         return F.cross_entropy(sup_pred, support_fg.long())
 
+    def align_prototypes(self, query_feats: torch.Tensor, query_scores: torch.Tensor) -> EpisodePrototypes:
+        """The query prototypes of the alignment loss: from the query's own argmax prediction."""
+        pred_fg = query_scores.argmax(dim=1, keepdim=True).float()  # [1, 1, f, f]
+        return self.prototypes(query_feats, pred_fg, self.train_window)
+
     def episode_loss(self, support_images: torch.Tensor, support_fg: torch.Tensor, query_images: torch.Tensor,
                      query_labels: torch.Tensor, ce_weights: torch.Tensor, align_weight: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Training loss of B independent 1-way k-shot episodes (all B(k+1) images encoded in one call).
 
         Args:
@@ -119,6 +128,11 @@ class FewShotSegmenter(nn.Module):
                 (255 = ignore); ce_weights: ``[2]`` (background, foreground).
         Returns:
             ``(loss, ce, align)``, each averaged over the B episodes; ``loss = ce + align_weight * align``.
+            With ``empty_window="skip"`` (``compat=reference``) an episode whose background prototypes (of the
+            support, or of the query in the alignment loss) find no ALP window above the threshold is skipped, as
+            the reference's training loop skips the episode its ALP head raises on (:attr:`skipped_episodes`
+            counts them); the averages are then over the other episodes, and ``loss`` is ``None`` when none is
+            left. With ``"fallback"`` (the default) such a class uses its global prototype.
         """
         if support_images.ndim == 4:  # 1-shot batch
             support_images, support_fg = support_images[:, None], support_fg[:, None]
@@ -129,16 +143,30 @@ class FewShotSegmenter(nn.Module):
         s_low = self.downsample_mask(fg)
         ce_total = feats.new_zeros(())
         align_total = feats.new_zeros(())
+        skip = self.empty_window == "skip"
+        used = 0
         for i in range(b):
             shots = slice(i * k, (i + 1) * k)
             protos = self.shot_prototypes(s_feats[shots], s_low[shots], self.train_window)
+            if skip and protos.bg.mode == "mask":  # no background window: the reference raises here
+                self.skipped_episodes += 1
+                continue
             low = self.scores(q_feats[i:i + 1], protos)
+            a_protos = self.align_prototypes(q_feats[i:i + 1], low) if align_weight > 0 else None
+            if skip and a_protos is not None and a_protos.bg.mode == "mask":
+                self.skipped_episodes += 1
+                continue
             logits = self.upsample(low, query_images.shape[-2:])
             ce_total = ce_total + F.cross_entropy(logits.float(), query_labels[i:i + 1], weight=ce_weights,
                                                   ignore_index=255)
             if align_weight > 0:
-                align_total = align_total + self.align_loss(q_feats[i:i + 1], low, s_feats[shots], fg[shots])
-        ce, align = ce_total / b, align_total / b
+                align_total = align_total + self.align_loss(q_feats[i:i + 1], low, s_feats[shots], fg[shots],
+                                                            protos=a_protos)
+            used += 1
+        if used == 0:
+            return None, ce_total, align_total
+        n = b if not skip else used
+        ce, align = ce_total / n, align_total / n
         return ce + align_weight * align, ce, align
 
     @torch.inference_mode()
