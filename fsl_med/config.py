@@ -71,6 +71,7 @@ TTT_MODES: tuple[str, ...] = get_args(TttMode)
 TTT_PARAMS: tuple[str, ...] = get_args(TttParams)
 LOGGERS: tuple[str, ...] = get_args(LoggerName)
 COMPATS: tuple[str, ...] = get_args(Compat)
+EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,

@@ -85,10 +85,9 @@ class RunFolder(Callback):
     def __init__(self, cfg: DictConfig, name: str | None = None, fixed: Path | None = None) -> None:
         self.cfg, self.name = cfg, name or str(cfg.name)
         self.path: Path | None = Path(fixed) if fixed is not None else None
-        self._fixed = fixed is not None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.path is None or not self._fixed:
+        if self.path is None:  # once: a later stage of the same trainer keeps the folder
             made = None
             if trainer.is_global_zero:
                 made = new_run_dir(self.cfg.logging.output_dir, self.name)

@@ -43,7 +43,7 @@ from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.geometry import nearest_on_grid, spacing_of
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
-from fsl_med.prepare.plan import PLAN_KINDS, Plan, Scan, default_plan, plan_from_dict
+from fsl_med.prepare.plan import Plan, Scan, default_plan, plan_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,30 @@ def _device(name: str) -> torch.device:
 
 
 def _as_plan(plan: str | Plan) -> Plan:
-    if isinstance(plan, Plan):
-        return plan
-    if plan not in PLAN_KINDS:
-        raise ConfigError(f"--plan {plan}: must be one of {', '.join(PLAN_KINDS)}")
-    return default_plan(plan)
+    return plan if isinstance(plan, Plan) else default_plan(plan)  # an unknown kind: one-line --plan error
+
+
+def _check_options(cca: str, shots_per_part: int, z_range: tuple[int, int] | str | None) -> tuple[int, int] | None:
+    """The options both :func:`segment` (before the checkpoint is read) and :meth:`Segmenter.segment` check;
+    returns the parsed ``z_range``."""
+    if cca not in CCA_CHOICES:
+        raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
+    if shots_per_part < 1:
+        raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
+    zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
+    if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
+        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
+    return zr
+
+
+def _query_range(zr: tuple[int, int] | None, n_slices: int, where: Any) -> tuple[int, int]:
+    """``zr`` (default: every slice) checked against the query's third array axis of ``n_slices`` slices."""
+    if zr is None:
+        return 0, n_slices - 1
+    if zr[1] >= n_slices:
+        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{n_slices - 1} "
+                          f"(its third array axis; {where})")
+    return zr
 
 
 def checkpoint_plan(ck: dict[str, Any], path: Path, plan: str | Plan | None = None) -> Plan:
@@ -354,25 +373,15 @@ class Segmenter:
         from fsl_med.data.volumes import slice_input
         from fsl_med.refine.cca import largest_mass_component
 
-        if cca not in CCA_CHOICES:
-            raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
-        if shots_per_part < 1:
-            raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
+        zr = _check_options(cca, shots_per_part, z_range)
         if len(supports) < 1:
             raise ConfigError("--support-image/--support-mask: at least one support pair is needed")
         if support_affines is not None and len(support_affines) != len(supports):
             raise ConfigError(f"support_affines: {len(support_affines)} affines for {len(supports)} supports")
-        zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
-        if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
-            raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
         q_img, q_aff, q_p = _volume(query, query_affine, "--query", 0)
         q_img = _check_finite(q_img, q_p, "--query")
         q_shape = tuple(int(v) for v in q_img.shape)
-        if zr is None:
-            zr = (0, q_shape[2] - 1)
-        elif zr[1] >= q_shape[2]:
-            raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{q_shape[2] - 1} "
-                              f"(its third array axis; {q_p})")
+        zr = _query_range(zr, q_shape[2], q_p)
         sups = [self._support(img, m, None if support_affines is None else support_affines[i], label, shots_per_part, i)
                 for i, (img, m) in enumerate(supports)]
         q_prep = self.prepare(q_img, q_aff)
@@ -464,12 +473,9 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
     sup_imgs = [Path(p) for p in ([support_image] if isinstance(support_image, (str, Path)) else support_image)]
     sup_masks = [Path(p) for p in ([support_mask] if isinstance(support_mask, (str, Path)) else support_mask)]
     # -- options (cheap checks first)
-    if cca not in CCA_CHOICES:
-        raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
+    zr = _check_options(cca, shots_per_part, z_range)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
-    if shots_per_part < 1:
-        raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
     if len(sup_imgs) != len(sup_masks) or not sup_imgs:
         raise ConfigError(f"--support-image/--support-mask: {len(sup_imgs)} images and {len(sup_masks)} masks; "
                           "give one mask per image")
@@ -483,9 +489,6 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
               **{f"--support-mask {p}": p for p in sup_masks}}
     refuse_overwriting_inputs(out, inputs)
     check_output_file(out, "--out")  # before the work: a bad location fails now, not after inference
-    zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
-    if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
-        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
     _device(device)
     checks = [(ckpt, "--ckpt"), *[(p, "--support-image") for p in sup_imgs], *[(p, "--support-mask") for p in sup_masks],
               (query_p, "--query")]
@@ -511,9 +514,7 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
         affines.append(s_aff)
     q_img, q_aff, _ = _read_volume(query_p, "--query")
     q_img = _check_finite(q_img, query_p, "--query")
-    if zr is not None and zr[1] >= q_img.shape[2]:
-        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{q_img.shape[2] - 1} "
-                          f"(its third array axis; {query_p})")
+    zr = _query_range(zr, q_img.shape[2], query_p)
 
     # -- checkpoint, segmentation, output
     segmenter = Segmenter.from_checkpoint(ckpt, device=device, plan=plan, batch_size=batch_size)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsl_med.config import EMPTY_WINDOWS
 from fsl_med.models.alp import EpisodePrototypes, episode_prototypes, episode_scores, merge_episode_prototypes
 
 
@@ -35,8 +36,8 @@ class FewShotSegmenter(nn.Module):
                  fg_thresh: float = 0.95, bg_thresh: float = 0.95, scale: float = 20.0,
                  mask_downsample: str = "nearest", empty_window: str = "fallback") -> None:
         super().__init__()
-        if empty_window not in ("fallback", "skip"):
-            raise ValueError(f"empty_window must be 'fallback' or 'skip', got {empty_window!r}")
+        if empty_window not in EMPTY_WINDOWS:
+            raise ValueError(f"empty_window must be one of {', '.join(EMPTY_WINDOWS)}, got {empty_window!r}")
         self.empty_window = empty_window  # a training episode whose background finds no ALP window: see episode_loss
         self.skipped_episodes = 0
         self.encoder = encoder
@@ -165,8 +166,7 @@ class FewShotSegmenter(nn.Module):
             used += 1
         if used == 0:
             return None, ce_total, align_total
-        n = b if not skip else used
-        ce, align = ce_total / n, align_total / n
+        ce, align = ce_total / used, align_total / used  # used == b unless episodes were skipped
         return ce + align_weight * align, ce, align
 
     @torch.inference_mode()

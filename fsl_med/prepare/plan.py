@@ -34,7 +34,6 @@ from fsl_med.prepare.geometry import (
 )
 
 LABEL_INTERPOLATIONS = ("per_class", "nearest")
-PLAN_KINDS = ("mri", "ct")
 
 
 @dataclass(frozen=True)
@@ -172,6 +171,7 @@ class CtPlan(Plan):
 
 
 _PLANS: dict[str, type[Plan]] = {"mri": MriPlan, "ct": CtPlan}
+PLAN_KINDS: tuple[str, ...] = tuple(_PLANS)
 
 
 def default_plan(kind: str) -> Plan:

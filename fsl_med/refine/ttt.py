@@ -149,9 +149,9 @@ class TestTimeTrainer:
                 groups = [np.arange(n)]
             else:
                 groups = [np.array([i]) for i in range(n)]
+            keep = self.cfg.get("restore") is False  # ttt.restore=false: the reference's reset that is none
             for idx in groups:
                 if plain_pred[idx].any() and self.cfg.steps > 0:
-                    keep = self.cfg.get("restore") is False  # ttt.restore=false: the reference's reset that is none
                     with contextlib.nullcontext() if keep else restored(self.seg):
                         self._adapt(query_images[idx], plain_pred[idx], rng, device)
                         need, local_part = np.unique(part[idx], return_inverse=True)  # encode only used parts
