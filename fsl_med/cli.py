@@ -245,18 +245,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         written = f"; wrote {', '.join(rep.written)}" if rep.written else ""
         print(f"{rep.folder}: {len(rep.scans)} scans of {rep.dataset} are valid{written}")
         return 0
+    from fsl_med.prepare.plan import default_plan
+
     if args.kind == "chaos":
         from fsl_med.prepare.chaos import prepare_chaos
-        from fsl_med.prepare.plan import MriPlan
 
-        rep = prepare_chaos(args.src, args.out, MriPlan(label_interp=args.label_interp), force=args.force,
-                            progress=progress)
+        rep = prepare_chaos(args.src, args.out, default_plan("mri", args.compat, label_interp=args.label_interp),
+                            force=args.force, progress=progress)
     else:
-        from fsl_med.prepare.plan import CtPlan
         from fsl_med.prepare.sabs import prepare_sabs
 
-        rep = prepare_sabs(args.src, args.out, CtPlan(label_interp=args.label_interp), force=args.force,
-                           progress=progress)
+        plan = default_plan("ct", args.compat, label_interp=args.label_interp, grid=args.grid)
+        rep = prepare_sabs(args.src, args.out, plan, force=args.force, progress=progress)
     if cache is not None:
         ids = rep.prepared + rep.skipped
         rep.superpixel_seconds = _cache_superpixels(rep.out_dir, ids, "chaos_t2" if args.kind == "chaos" else "sabs",
@@ -316,9 +316,10 @@ _INTERRUPTED = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
-
     """The argument parser of ``fsl-med``."""
+    from fsl_med.config import CCA_MODES, COMPATS, DEFAULT_CCA_MODE
+    from fsl_med.prepare.plan import CT_GRIDS, LABEL_INTERPOLATIONS
+
     p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
     p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -376,8 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
             pp.add_argument("--check-only", action="store_true", help="only report problems; write nothing")
         else:
             pp.add_argument("--out", required=True, help="output folder (prepared layout + manifest.json)")
-            pp.add_argument("--label-interp", choices=("per_class", "nearest"), default="per_class",
-                            help="label resampling (default per_class: linear per class, highest membership wins)")
+            pp.add_argument("--compat", choices=COMPATS, default="fsl_med",
+                            help="reference: prepare as the reference notebooks do (labels per_class_rint"
+                            + ("; CT grid reference: 257 x 257" if kind == "sabs" else "") + "); README 'Deviations'")
+            pp.add_argument("--label-interp", choices=LABEL_INTERPOLATIONS, default=None,
+                            help="label resampling: per_class (fsl_med: linear per class, highest membership wins), "
+                            "per_class_rint (reference: rounded per class, higher ids overwrite) or nearest "
+                            "(default: --compat's)")
+            if kind == "sabs":
+                pp.add_argument("--grid", choices=CT_GRIDS, default=None,
+                                help="in-plane grid: exact (fsl_med: 256 x 256) or reference (the notebook's spacing "
+                                "rule, 257 x 257 for 512 px scans; the loader resizes; default: --compat's)")
             pp.add_argument("--force", action="store_true", help="re-prepare scans that are up to date")
         pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
         pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")

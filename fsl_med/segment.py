@@ -404,26 +404,27 @@ class Segmenter:
         full = np.zeros(q_norm.shape, dtype=np.uint8)
         full_p = np.zeros(q_norm.shape, dtype=np.float32)
         full[zs], full_p[zs] = pred, prob
-        mask = self._to_query(full, q_prep.affine, q_shape, q_aff)  # type: ignore[arg-type]
-        probability = self._to_query(full_p, q_prep.affine, q_shape, q_aff)  # type: ignore[arg-type]
+        mask = self._to_query(full, q_prep, q_shape, q_aff)  # type: ignore[arg-type]
+        probability = self._to_query(full_p, q_prep, q_shape, q_aff)  # type: ignore[arg-type]
         for arr in (mask, probability):
             arr[:, :, :zr[0]] = 0
             arr[:, :, zr[1] + 1:] = 0
         return Segmentation(mask=mask, probability=probability, affine=q_aff, z_range=(int(zr[0]), int(zr[1])),
                             support_slices=[[[int(z) for z in p] for p in idx] for _, _, idx in sups])
 
-    def _to_query(self, slices: np.ndarray, grid_affine: np.ndarray, shape: tuple[int, int, int],
+    def _to_query(self, slices: np.ndarray, prepared: Scan, shape: tuple[int, int, int],
                   affine: np.ndarray) -> np.ndarray:
-        """Model slices ``[Z, h, w]`` -> the plan grid (nearest) -> the query's grid (the plan's inverse)."""
+        """Model slices ``[Z, h, w]`` -> the plan's grid (``prepared``, nearest) -> the query's grid (the plan's
+        inverse)."""
         from fsl_med.data.volumes import resize_slices
 
-        size = self.plan.size
-        if slices.shape[1:] != (size, size):
-            slices = resize_slices(slices, size, "nearest").astype(slices.dtype)
+        hw = (prepared.image.shape[1], prepared.image.shape[0])
+        if slices.shape[1:] != hw:
+            slices = resize_slices(slices, hw, "nearest").astype(slices.dtype)
         grid = slices.transpose(2, 1, 0)
         if slices.dtype == np.uint8:
-            return self.plan.inverse(grid, grid_affine, shape, affine)
-        return nearest_on_grid(grid, grid_affine, shape, affine).astype(np.float32)
+            return self.plan.inverse(grid, prepared.affine, shape, affine)
+        return nearest_on_grid(grid, prepared.affine, shape, affine).astype(np.float32)
 
 
 def _volume(value: Any, affine: np.ndarray | None, option: str, index: int) -> tuple[np.ndarray, np.ndarray, Any]:

@@ -192,3 +192,128 @@ def test_reference_recipe_files_set_every_reference_behaviour(name, dataset):
     assert cfg.compat == "reference" and cfg.data.dataset == dataset and cfg.trainer.max_steps == 100100
     for key, value in COMPAT["reference"].items():
         assert OmegaConf.select(cfg, key) == value, key
+
+
+# -- CT grid: the reference notebook's 257 x 257 --------------------------------------------------------------------
+
+def reference_ct_case(storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A raw Synapse-like CT (512 x 512 x 2, HU int16, spacing 0.7753909826278687 mm as one of Synapse's scans,
+    5 mm slices) stored in ``storage`` (``"LAS"`` or ``"RAS"``) with labels 0, 1, 2, 6, 13: overlapping ellipses,
+    a 2-voxel stripe and isolated voxels, so that the label rules and the one-sided grid matter. Analytic (no RNG):
+    the expectations below were computed by running the reference notebooks on exactly these arrays."""
+    x, y, z = np.meshgrid(np.arange(512.0), np.arange(512.0), np.arange(2.0), indexing="ij")
+    body = ((x - 250) / 200) ** 2 + ((y - 270) / 170) ** 2 < 1
+    hu = np.where(body, 40 + 180 * np.sin(x / 13.0) * np.cos(y / 29.0) + 25 * z + (x * 7 + y * 3) % 11, -1000.0)
+    hu[470:490, :, :] = 1200  # a bright band beyond the window, partly inside the cropped border
+    lab = np.zeros(x.shape, dtype=np.uint8)
+    lab[((x - 200) / 60) ** 2 + ((y - 260) / 45) ** 2 < 1] = 6
+    lab[((x - 250) / 30) ** 2 + ((y - 250) / 70) ** 2 < 1] = 1
+    lab[((x - 330) / 25) ** 2 + ((y - 300) / 25) ** 2 < 1 + z[...] * 0.3] = 2
+    lab[(np.abs(x - 120) < 1) & (y > 200) & (y < 380)] = 13  # a 1-voxel stripe
+    lab[100:470:37, 90:470:41, :] = 13  # isolated voxels
+    lab[476:480, 200:260, :] = 2  # at the far edge of the cropped extent (cropped x 444..447)
+    aff = np.diag([0.7753909826278687, 0.7753909826278687, 5.0, 1.0])
+    if storage == "LAS":
+        aff[0, 0] = -aff[0, 0]
+    aff[:3, 3] = (180.0, -200.0, -40.0)
+    return hu.astype(np.int16), lab, aff
+
+
+# Computed by running the reference notebooks' cells (Self-supervised-Fewshot-Medical-Image-Segmentation @ a3029d8,
+# data/SABS/intensity_normalization.ipynb then resampling_and_roi.ipynb, SimpleITK 2.5.7) on reference_ct_case(storage)
+# written as NIfTI; their output read back with nibabel and reoriented to LAS. 257 x 257 in-plane and one slice more,
+# whose last row, column and slice lie outside the scan (0).
+REFERENCE_CT = {
+    "LAS": {"label_sha256": "49a8105779f4c097b307c58e199240f6fd6e24bfb9c0ed852259365a08b19055",
+            "voxels": {(128, 128, 0): 39.525, (100, 140, 1): 147.2625, (255, 200, 1): 255.0, (256, 200, 1): 0.0}},
+    "RAS": {"label_sha256": "8979da24cb1d21b16fe6cee57865683bb9affbb0d96eaab27e797ad28f5ab319",
+            "voxels": {(128, 128, 0): 39.525, (100, 140, 1): 238.425, (255, 200, 1): 0.0, (1, 200, 1): 255.0}},
+}
+REFERENCE_CT_LABEL_COUNTS = {0: 188185, 1: 4294, 2: 1596, 6: 4012, 13: 60}
+REFERENCE_CT_IMAGE_SUM, REFERENCE_CT_IMAGE_SQ = 8820872.862, 1337595140.1
+
+
+def _sha(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("storage", ["LAS", "RAS"])
+def test_ct_reference_plan_reproduces_the_reference_notebooks(storage):
+    """``prepare sabs --compat reference`` (grid ``reference``, labels ``per_class_rint``) gives the reference
+    notebooks' output on the same raw scan: labels identical, image within float32 rounding; in both storage
+    orders (its grid is one-sided in the stored order). fsl_med's plan gives 256 x 256 and the same slices."""
+    from fsl_med.prepare.plan import default_plan
+
+    hu, lab, aff = reference_ct_case(storage)
+    want = REFERENCE_CT[storage]
+    got = default_plan("ct", "reference").forward(hu, aff, lab)
+    assert got.image.shape == got.label.shape == (257, 257, 3)
+    assert _sha(got.label) == want["label_sha256"]
+    assert {int(c): int((got.label == c).sum()) for c in np.unique(got.label)} == REFERENCE_CT_LABEL_COUNTS
+    img = got.image.astype(np.float64)
+    assert img.sum() == pytest.approx(REFERENCE_CT_IMAGE_SUM, rel=1e-7)
+    assert (img ** 2).sum() == pytest.approx(REFERENCE_CT_IMAGE_SQ, rel=1e-7)
+    for p, v in want["voxels"].items():
+        assert img[p] == pytest.approx(v, abs=1e-3), p
+    assert not got.image[:, :, 2].any() and not got.label[:, :, 2].any()  # the extra slice
+    assert np.allclose(np.linalg.norm(got.affine[:3, :3], axis=0), (0.7753909826278687 * 1.75,) * 2 + (5.0,))
+    # each field alone: fsl_med's label rule differs on this case; fsl_med's grid is 256 x 256 with the same slices
+    per_class = default_plan("ct", "reference", label_interp="per_class").forward(hu, aff, lab)
+    assert np.array_equal(per_class.image, got.image) and 0 < int((per_class.label != got.label).sum()) < 20
+    ours = default_plan("ct").forward(hu, aff, lab)
+    assert ours.image.shape == ours.label.shape == (256, 256, 2)
+
+
+def test_prepare_compat_reference_records_its_plan_and_training_resizes_as_the_reference_loader(tmp_path, caplog):
+    """``prepare sabs --compat reference`` writes the reference grid (a 192 px phantom download: border 32, then
+    int(128 / 1.75 + 1) = 74 px) and records the plan; an explicit ``--grid`` wins over ``--compat``. The loader
+    resizes slices to ``data.image_size`` and the pseudolabels are computed on the stored slices and resized
+    (nearest) with them, as the reference's loader resizes its superpixel files. Training with
+    ``compat=reference`` on a folder prepared otherwise says so in one warning."""
+    import logging
+
+    from fsl_med.cli import main
+    from fsl_med.config import SuperpixelConfig
+    from fsl_med.data.datamodule import FewShotDataModule
+    from fsl_med.data.phantom_raw import write_raw_sabs
+    from fsl_med.data.superpixels import superpixels_volume
+    from fsl_med.data.volumes import load_volume, resize_slices
+    from fsl_med.prepare.plan import default_plan, folder_plan
+
+    src = write_raw_sabs(tmp_path / "raw", n_scans=3, size=192, depth=8, seed=0)
+    ref, mixed = tmp_path / "ref", tmp_path / "mixed"
+    assert main(["prepare", "sabs", "--src", str(src), "--out", str(ref), "--compat", "reference",
+                 "--no-superpixels", "--no-progress"]) == 0
+    assert main(["prepare", "sabs", "--src", str(src), "--out", str(mixed), "--compat", "reference", "--grid", "exact",
+                 "--no-superpixels", "--no-progress"]) == 0
+    assert folder_plan(ref) == default_plan("ct", "reference")
+    assert folder_plan(mixed) == default_plan("ct", "reference", grid="exact")
+    stored = load_volume(ref, "2")
+    assert stored.image.shape == (9, 74, 74) and stored.stored_shape == (74, 74)
+    assert load_volume(mixed, "2").image.shape == (8, 256, 256)
+
+    def datamodule(root: Path) -> FewShotDataModule:
+        cfg = load_config(REPO / "experiments" / "ct.yaml", [f"data.root={root}", f"data.cache_dir={tmp_path}/c",
+                                                              "data.image_size=64", "compat=reference"])
+        return FewShotDataModule(cfg).resolve_split()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fsl_med"):
+        dm = datamodule(ref)
+    assert not [r for r in caplog.records if "not as compat=reference prepares" in r.getMessage()]
+    vol = dm._volume("2")
+    assert vol.image.shape == (9, 64, 64) and vol.stored_shape == (74, 74)
+    sp_cfg = dm.cfg.data.superpixel
+    params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
+                              body_threshold=dm.info.body_threshold, body_connectivity=sp_cfg.body_connectivity,
+                              zero_as_background=True)
+    at_stored = superpixels_volume(stored.image, params)
+    assert at_stored.max() > 1
+    assert np.array_equal(dm._superpixels(vol), resize_slices(at_stored, 64, "nearest").astype(np.int32))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fsl_med"):
+        datamodule(mixed)
+    warned = [r.getMessage() for r in caplog.records if "not as compat=reference prepares" in r.getMessage()]
+    assert len(warned) == 1 and "grid=exact (reference: reference)" in warned[0], warned

@@ -264,6 +264,7 @@ def _raw_cases(kind: str, tmp: Path) -> list:
     """The raw scans ``fsl-med prepare`` reads (phantom downloads), as (scan id, Scan) and the prepared folder."""
     from fsl_med.data.phantom_raw import write_raw_chaos, write_raw_sabs
     from fsl_med.prepare.chaos import find_chaos_cases, prepare_chaos
+    from fsl_med.prepare.plan import default_plan
     from fsl_med.prepare.sabs import find_sabs_cases, prepare_sabs
     from fsl_med.prepare.sources import Source
 
@@ -273,26 +274,32 @@ def _raw_cases(kind: str, tmp: Path) -> list:
         find = find_chaos_cases
     else:
         src = write_raw_sabs(tmp / "raw", n_scans=2, size=160, depth=10, seed=3)
-        prepare_sabs(src, tmp / "prep", progress=False)
+        prepare_sabs(src, tmp / "prep", default_plan("ct", "reference" if kind == "ct-reference" else "fsl_med"),
+                     progress=False)
         find = find_sabs_cases
     with Source(src) as source:
         return [(c.scan_id, c.load()) for c in find(source)]
 
 
-@pytest.mark.parametrize("kind", ["mri", "ct"])
+@pytest.mark.parametrize("kind", ["mri", "ct", "ct-reference"])
 def test_prepare_and_segment_give_identical_arrays(kind, ckpt, tmp_path):
     """A raw MRI (DICOM series) and a raw CT (HU NIfTI) scan, written as NIfTI in LPS, RAS and LAS: the segment
     path (read the file, :meth:`Segmenter.prepare`, the checkpoint's or ``--plan``'s plan) gives exactly the image,
-    labels and affine ``fsl-med prepare`` wrote (``array_equal``)."""
-    from fsl_med.prepare.plan import CtPlan, MriPlan
+    labels and affine ``fsl-med prepare`` wrote (``array_equal``). The reference CT plan (``--compat reference``)
+    resamples one-sidedly in the stored order, as the reference notebook, so it is compared in the raw's own order."""
+    from fsl_med.prepare.plan import default_plan
     from fsl_med.segment import Segmenter, _read_volume
 
-    seg = Segmenter.from_checkpoint(ckpt, plan=MriPlan() if kind == "mri" else CtPlan())
-    for sid, raw in _raw_cases(kind, tmp_path):
+    plan = default_plan("mri" if kind == "mri" else "ct", "reference" if kind == "ct-reference" else "fsl_med")
+    seg = Segmenter.from_checkpoint(ckpt, plan=plan)
+    cases = _raw_cases(kind, tmp_path)
+    for sid, raw in cases:
         want_img, want_aff, _ = read_nifti(tmp_path / "prep" / f"image_{sid}.nii.gz")
         want_lab, _, _ = read_nifti(tmp_path / "prep" / f"label_{sid}.nii.gz")
         assert want_lab.max() > 0
-        for codes in ("LPS", "RAS", "LAS"):
+        if kind == "ct-reference":
+            assert want_img.shape == (int(96 / 1.75 + 1),) * 2 + (11,)
+        for codes in ("LPS", "RAS", "LAS") if kind != "ct-reference" else (orientation_of(raw.affine),):
             img, aff = reorient(np.asarray(raw.image), raw.affine, codes)
             lab, _ = reorient(np.asarray(raw.label, dtype=np.uint8), raw.affine, codes)
             assert orientation_of(aff) == codes
@@ -303,6 +310,12 @@ def test_prepare_and_segment_give_identical_arrays(kind, ckpt, tmp_path):
             assert np.array_equal(got.image, want_img), (kind, sid, codes)
             assert np.array_equal(got.label, want_lab), (kind, sid, codes)
             assert np.allclose(got.affine, want_aff, rtol=0, atol=1e-5), (kind, sid, codes)
+    (_, query), (_, support) = cases
+    organ = int(support.label.max())
+    res = seg.segment(np.asarray(query.image), [(np.asarray(support.image), np.asarray(support.label))],
+                      query_affine=query.affine, support_affines=[support.affine], label=organ)
+    assert res.mask.shape == res.probability.shape == np.asarray(query.image).shape  # back through the plan's grid
+    assert res.mask.any() and np.isin(res.mask, (0, 1)).all()
 
 
 def test_checkpoint_stores_its_plan_and_segment_needs_one_when_unknown(chaos, ckpt, tmp_path, capsys):

@@ -17,7 +17,7 @@ from fsl_med.data.phantom import phantom_plan
 from fsl_med.data.protocol import EvalItem, build_eval_items
 from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
 from fsl_med.data.superpixels import load_or_make_superpixels
-from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer
+from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, resize_slices
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.classmap import CLASSMAP_NAME, read_classmap
 from fsl_med.prepare.datasets import (
@@ -29,7 +29,7 @@ from fsl_med.prepare.datasets import (
     validation_split,
 )
 from fsl_med.prepare.nifti import read_nifti
-from fsl_med.prepare.plan import Plan, folder_plan
+from fsl_med.prepare.plan import Plan, compat_mismatch, folder_plan
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,11 @@ class FewShotDataModule(L.LightningDataModule):
             log.warning("data.num_val_scans=%d, but fold %d has only %d training scan(s) and one must remain for "
                         "training: no validation (no val/dice, no best checkpoint); set data.num_val_scans=0 "
                         "to silence this", nval, self.cfg.data.fold, len(self.train_ids))
+        plan = folder_plan(self.root) if self.cfg.compat == "reference" else None  # a folder `prepare` wrote
+        differ = [] if plan is None else compat_mismatch(plan, "reference")
+        if differ:
+            log.warning("%s was prepared with %s, not as compat=%s prepares (fsl-med prepare --compat %s)",
+                        self.root, ", ".join(differ), self.cfg.compat, self.cfg.compat)
         if self.info.modality == "ct":
             self.normalize = make_normalizer("ct", [self._volume(s).image for s in self.train_ids])
         else:
@@ -118,6 +123,12 @@ class FewShotDataModule(L.LightningDataModule):
         return self._sp_cache[vol.scan_id]
 
     def _make_superpixels(self, vol: Volume) -> np.ndarray:
+        """Pseudolabels ``[Z, H, W]`` of a training volume. As the reference, they are computed at the stored size
+        (shipped, cached or computed) and resized (nearest) with the slices when the loader resizes them."""
+        if vol.stored_shape != vol.image.shape[1:]:
+            stored = load_volume(self.root, vol.scan_id, self.info.all_label_ids, warn=False)
+            sp = self._make_superpixels(stored)
+            return resize_slices(sp, vol.image.shape[1:], "nearest").astype(np.int32)
         sp_cfg = self.cfg.data.superpixel
         params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                                   body_threshold=sp_cfg.body_threshold if sp_cfg.body_threshold is not None

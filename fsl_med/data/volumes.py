@@ -27,11 +27,12 @@ class Volume:
 
     Attributes:
         scan_id: id from the file name (``image_{id}.nii.gz``).
-        image: ``[Z, H, W]`` float32 intensities as stored (not normalised).
+        image: ``[Z, H, W]`` float32 intensities as stored (not normalised), resized to the loader size if asked.
         label: ``[Z, H, W]`` uint8 label ids.
         spacing: voxel size in mm as ``(z, y, x)``.
         affine: the image's 4x4 affine (nibabel convention).
         path: the image file.
+        stored_shape: ``(H, W)`` in-plane size in the file (differs from ``image``'s when resized on loading).
     """
 
     scan_id: str
@@ -40,6 +41,7 @@ class Volume:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     path: Path
+    stored_shape: tuple[int, int] = (0, 0)
 
     def slices_with(self, label_id: int) -> np.ndarray:
         """Sorted z indices where ``label_id`` has at least one voxel (the classmap entry)."""
@@ -118,12 +120,14 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
     image = np.ascontiguousarray(img.transpose(2, 1, 0))
     label = np.ascontiguousarray(label.transpose(2, 1, 0))
     spacing = (zooms[2], zooms[1], zooms[0]) if len(zooms) >= 3 else (1.0, 1.0, 1.0)
+    stored = (int(image.shape[1]), int(image.shape[2]))
     if image_size is not None and image.shape[1:] != (image_size, image_size):
         sy, sx = image.shape[1] / image_size, image.shape[2] / image_size
         image = resize_slices(image, image_size, "bilinear")
         label = resize_slices(label, image_size, "nearest").astype(np.uint8)
         spacing = (spacing[0], spacing[1] * sy, spacing[2] * sx)
-    return Volume(scan_id=str(scan_id), image=image, label=label, spacing=spacing, affine=affine, path=ipath)
+    return Volume(scan_id=str(scan_id), image=image, label=label, spacing=spacing, affine=affine, path=ipath,
+                  stored_shape=stored)
 
 
 @dataclass(frozen=True)

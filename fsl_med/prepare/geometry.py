@@ -8,6 +8,8 @@ survive preparation (tested by round trips). Resampling and cropping use MONAI's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import nibabel as nib
 import numpy as np
 import torch
@@ -66,13 +68,73 @@ def resample_image(arr: np.ndarray, affine: np.ndarray, spacing: tuple[float, fl
     return _unmeta(out)
 
 
+def resample_index_grid(arr: np.ndarray, affine: np.ndarray, factors: tuple[float, float, float],
+                        shape: tuple[int, int, int], order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Resampling (``order`` 1: linear, 0: nearest) as SimpleITK's ``ResampleImageFilter`` does it with the input's
+    origin and direction (the reference notebooks): output voxel ``i`` samples the input at continuous index
+    ``i * factors``; samples outside the input's extent ``[-0.5, n - 0.5]`` are 0 (SimpleITK's default pixel value), samples inside it
+    interpolate with the edge voxels repeated.
+
+    Args:
+        arr: ``[X, Y, Z]`` values; affine: its voxel-to-world affine.
+        factors: output spacing / input spacing per axis. shape: output shape.
+    Returns:
+        ``(float32 array of shape, affine)``; voxel 0 keeps its world position.
+    """
+    a = np.asarray(arr, dtype=np.float32)
+    fac = np.asarray(factors, dtype=np.float64)
+    out = ndimage.affine_transform(a, np.diag(fac), output_shape=tuple(shape), order=order, mode="nearest")
+    for axis, (n, f, m) in enumerate(zip(a.shape, fac, shape, strict=True)):
+        outside = np.arange(m) * f > n - 0.5
+        if outside.any():
+            idx = [slice(None)] * 3
+            idx[axis] = outside  # type: ignore[call-overload]
+            out[tuple(idx)] = 0.0
+    new_aff = np.asarray(affine, dtype=np.float64).copy()
+    new_aff[:3, :3] = new_aff[:3, :3] * fac[None, :]
+    return out.astype(np.float32, copy=False), new_aff
+
+
+LABEL_RULES = ("per_class", "nearest", "per_class_rint")
+"""Label resampling rules: ``per_class`` (each class's mask resampled linearly, the class of highest membership
+wins), ``nearest``, ``per_class_rint`` (the reference notebooks: each class's mask resampled linearly and rounded,
+classes in ascending order, a higher id overwrites; a voxel no class rounds to 1 is background)."""
+
+
+def labels_per_class(arr: np.ndarray, resample: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                     rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a label volume one class at a time with ``resample`` (a float mask -> ``(array, affine)``),
+    combined by ``rule`` (``"per_class"`` or ``"per_class_rint"``, :data:`LABEL_RULES`).
+
+    Returns:
+        ``(uint8 labels, affine)``.
+    """
+    best: np.ndarray | None = None
+    winner: np.ndarray | None = None
+    aff = np.eye(4)
+    for c in np.unique(arr):  # ascending
+        prob, aff = resample((arr == c).astype(np.float32))
+        if winner is None:
+            winner = np.full(prob.shape, c if rule == "per_class" else 0, dtype=np.uint8)
+            best = prob
+            if rule == "per_class" or c == 0:
+                continue
+        if rule == "per_class":
+            take = prob > best
+            best = np.where(take, prob, best)
+        else:
+            take = np.rint(prob) == 1
+        winner[take] = c
+    assert winner is not None
+    return winner, aff
+
+
 def resample_label(arr: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],
                    mode: str = "per_class") -> tuple[np.ndarray, np.ndarray]:
     """Resample a label volume to ``spacing``.
 
     Args:
-        mode: ``"per_class"`` (each class's mask is resampled linearly and a voxel takes the class of
-            highest membership: method.md §1.2) or ``"nearest"``.
+        mode: a rule of :data:`LABEL_RULES` (``"per_class"``: method.md §1.2 with the highest membership winning).
 
     Returns:
         ``(uint8 labels, affine)``; the affine equals :func:`resample_image`'s for the same input.
@@ -81,22 +143,9 @@ def resample_label(arr: np.ndarray, affine: np.ndarray, spacing: tuple[float, fl
         out = Spacing(pixdim=spacing, mode="nearest", padding_mode="border", dtype=torch.float32)(_meta(arr, affine))
         lab, aff = _unmeta(out)
         return np.rint(lab).astype(np.uint8), aff
-    if mode != "per_class":
-        raise ValueError(f"label resampling mode must be 'per_class' or 'nearest', got {mode!r}")
-    classes = np.unique(arr)
-    best: np.ndarray | None = None
-    winner: np.ndarray | None = None
-    aff = np.asarray(affine)
-    for c in classes:
-        prob, aff = resample_image((arr == c).astype(np.float32), affine, spacing)
-        if best is None:
-            best, winner = prob, np.full(prob.shape, c, dtype=np.uint8)
-        else:
-            take = prob > best
-            best = np.where(take, prob, best)
-            winner[take] = c  # type: ignore[index]
-    assert winner is not None
-    return winner, aff
+    if mode not in LABEL_RULES:
+        raise ValueError(f"label resampling mode must be one of {', '.join(LABEL_RULES)}, got {mode!r}")
+    return labels_per_class(arr, lambda m: resample_image(m, affine, spacing), mode)
 
 
 def crop_or_pad_xy(arr: np.ndarray, affine: np.ndarray, size: int, value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

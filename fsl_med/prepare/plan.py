@@ -24,16 +24,22 @@ import numpy as np
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.geometry import (
     CANONICAL_ORIENTATION,
+    LABEL_RULES,
     crop_border_xy,
     crop_or_pad_xy,
+    labels_per_class,
     reorient,
     resample_image,
+    resample_index_grid,
     resample_label,
     spacing_of,
     to_original_grid,
 )
 
-LABEL_INTERPOLATIONS = ("per_class", "nearest")
+LABEL_INTERPOLATIONS = LABEL_RULES
+CT_GRIDS = ("exact", "reference")
+"""CT in-plane grids: ``exact`` (``size`` x ``size``) or ``reference`` (the notebook's spacing rule: 257 x 257 for
+Synapse's 512 px scans, resized to ``data.image_size`` by the loader), :class:`CtPlan`."""
 
 
 @dataclass(frozen=True)
@@ -132,18 +138,37 @@ class MriPlan(Plan):
 @dataclass(frozen=True)
 class CtPlan(Plan):
     """CT (method.md §1.2): clip HU to ``hu_window`` and rescale the volume's min..max to ``intensity_range``,
-    reorient, crop ``border`` px from every in-plane border, resample in-plane to exactly ``size`` x ``size``
-    (z unchanged; image linear, labels ``label_interp``)."""
+    crop ``border`` px from every in-plane border, resample in-plane (z unchanged; image linear, labels
+    ``label_interp``), in ``orientation``.
+
+    ``grid`` chooses the in-plane resampling:
+
+    * ``"exact"`` (default): to exactly ``size`` x ``size`` over the cropped extent.
+    * ``"reference"`` (``prepare sabs --compat reference``): the reference notebook's rule, bugs included: spacing
+      times ``(512 - 2 * border) / size`` (512 hard-coded), ``int(n * old / new spacing + 1)`` voxels per axis
+      sampled from voxel 0 in the source's storage order (SimpleITK; outside the scan 0), i.e. **257 x 257** for
+      Synapse's 512 px scans, whose last row and column lie outside the scan. The loader then resizes slices to
+      ``data.image_size`` (as the reference's loader does), and superpixels are computed at 257 and resized.
+    """
 
     modality: ClassVar[str] = "ct"
     hu_window: tuple[float, float] = (-125.0, 275.0)
     intensity_range: tuple[float, float] = (0.0, 255.0)
     border: int = 32
+    grid: str = "exact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid not in CT_GRIDS:
+            raise ConfigError(f"plan grid {self.grid!r}: must be one of {', '.join(CT_GRIDS)}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"modality": "ct", "hu_window": list(self.hu_window), "intensity_range": list(self.intensity_range),
-                "border": self.border, "size": self.size, "label_interp": self.label_interp,
-                "orientation": self.orientation}
+        d = {"modality": "ct", "hu_window": list(self.hu_window), "intensity_range": list(self.intensity_range),
+             "border": self.border, "size": self.size, "label_interp": self.label_interp,
+             "orientation": self.orientation}
+        if self.grid != "exact":  # recorded only when set: folders prepared before the field existed stay current
+            d["grid"] = self.grid
+        return d
 
     def intensities(self, image: np.ndarray) -> np.ndarray:
         lo, hi = self.hu_window
@@ -153,13 +178,28 @@ class CtPlan(Plan):
         out = a + (img - vmin) * ((b - a) / (vmax - vmin)) if vmax > vmin else np.full_like(img, a)
         return out.astype(np.float32)
 
-    def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
-        a, b = self.intensity_range
+    def forward(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None) -> Scan:
+        if self.grid == "exact":
+            return super().forward(image, affine, label)
+        # the reference resamples in the source's storage order (its sampling is one-sided), then we reorient
+        scan = self._reference_grid(self.intensities(np.asarray(image)), None if label is None else
+                                    np.asarray(label, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+        img, aff = reorient(scan.image, scan.affine, self.orientation)
+        lab = None if scan.label is None else reorient(scan.label, scan.affine, self.orientation)[0]
+        return Scan(image=img, label=lab, affine=aff)
+
+    def _cropped(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         try:
             img, cropped_aff = crop_border_xy(image, affine, self.border)
             lab = None if label is None else crop_border_xy(label.astype(np.float32), affine, self.border)[0]
         except ValueError as e:
             raise DataError(f"CT volume of in-plane size {image.shape[:2]}: {e}") from e
+        return img, lab, cropped_aff
+
+    def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
+        a, b = self.intensity_range
+        img, lab, cropped_aff = self._cropped(image, label, affine)
         sx, sy, sz = spacing_of(cropped_aff)
         target = (sx * img.shape[0] / self.size, sy * img.shape[1] / self.size, sz)
         img, new_aff = resample_image(img, cropped_aff, target)
@@ -169,20 +209,61 @@ class CtPlan(Plan):
             lab = self._labels_to(np.rint(lab).astype(np.uint8), cropped_aff, target)
         return Scan(image=np.clip(img, a, b), label=lab, affine=out_aff)
 
+    def _reference_grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
+        img, lab, cropped_aff = self._cropped(image, label, affine)
+        factor = (512 - 2 * self.border) / self.size  # the notebook's SPA_FAC
+        old = spacing_of(affine)
+        new = (old[0] * factor, old[1] * factor, old[2])
+        shape = tuple(int(n * (o / w) + 1) for n, o, w in zip(img.shape, old, new, strict=True))  # z too: one empty slice more
+        ratios = tuple(w / o for o, w in zip(old, new, strict=True))
+        out, out_aff = resample_index_grid(img, cropped_aff, ratios, shape)  # type: ignore[arg-type]
+        labels = None
+        if lab is not None:
+            lab_ids = np.rint(lab).astype(np.uint8)
+
+            def resample(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return resample_index_grid(m, cropped_aff, ratios, shape)  # type: ignore[arg-type]
+
+            if self.label_interp == "nearest":
+                labels = np.rint(resample_index_grid(lab_ids, cropped_aff, ratios, shape, order=0)[0]).astype(np.uint8)
+            else:
+                labels = labels_per_class(lab_ids, resample, self.label_interp)[0]
+        return Scan(image=out, label=labels, affine=out_aff)
+
 
 _PLANS: dict[str, type[Plan]] = {"mri": MriPlan, "ct": CtPlan}
 PLAN_KINDS: tuple[str, ...] = tuple(_PLANS)
 
 
-def default_plan(kind: str) -> Plan:
-    """The default plan of ``kind`` (``"mri"`` or ``"ct"``), as ``fsl-med prepare chaos|sabs`` use it.
+PLAN_COMPAT: dict[str, dict[str, dict[str, Any]]] = {
+    "fsl_med": {"mri": {}, "ct": {}},
+    "reference": {"mri": {"label_interp": "per_class_rint"},
+                  "ct": {"label_interp": "per_class_rint", "grid": "reference"}},
+}
+"""Plan fields that ``prepare --compat`` sets (the preparation side of ``compat``; README "Deviations")."""
+
+
+def default_plan(kind: str, compat: str = "fsl_med", **fields: Any) -> Plan:
+    """The plan of ``kind`` (``"mri"`` or ``"ct"``) that ``fsl-med prepare chaos|sabs --compat COMPAT`` uses:
+    the defaults, then :data:`PLAN_COMPAT` [``compat``], then the ``fields`` given (``None`` values ignored).
 
     Raises:
-        ConfigError: unknown kind.
+        ConfigError: unknown kind, compat or field value.
     """
     if kind not in _PLANS:
         raise ConfigError(f"--plan {kind}: must be one of {', '.join(PLAN_KINDS)}")
-    return _PLANS[kind]()
+    if compat not in PLAN_COMPAT:
+        raise ConfigError(f"--compat {compat}: must be one of {', '.join(PLAN_COMPAT)}")
+    kw = {**PLAN_COMPAT[compat][kind], **{k: v for k, v in fields.items() if v is not None}}
+    return _PLANS[kind](**kw)
+
+
+def compat_mismatch(plan: Plan, compat: str) -> list[str]:
+    """The fields of ``plan`` that differ from what ``prepare --compat COMPAT`` sets (:data:`PLAN_COMPAT`), as
+    ``"field=value (compat: wanted)"``; empty when the folder was prepared as ``compat`` prepares."""
+    fields = {f for modes in PLAN_COMPAT.values() for f in modes[plan.modality]}
+    want = {**{f: getattr(type(plan)(), f) for f in sorted(fields)}, **PLAN_COMPAT[compat][plan.modality]}
+    return [f"{f}={getattr(plan, f)} ({compat}: {v})" for f, v in want.items() if getattr(plan, f) != v]
 
 
 def plan_from_dict(d: Any, where: str = "plan") -> Plan:
