@@ -58,7 +58,8 @@ code"); each behaviour is also its own field, and a field left unset (null) foll
 BodyConnectivity = Literal[4, 8]
 EmptyWindow = Literal["fallback", "skip"]
 """A training episode whose background finds no ALP window above the threshold: use the global prototype
-(``fallback``, fsl_med) or skip the episode as the reference's training loop does (``skip``)."""
+(``fallback``, fsl_med) or skip the episode as the reference's training loop does (``skip``; a batch with nothing
+left makes no optimiser step in one process, and zero gradients from its rank under DDP)."""
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)

@@ -90,3 +90,56 @@ def test_torchrun_processes_share_one_run_folder(tmp_path):
     runs = sorted(d.name for d in (tmp_path / "runs" / "tr").iterdir() if d.is_dir())
     assert runs == ["version_0"]
     assert json.loads((tmp_path / "runs" / "tr" / "version_0" / "train_summary.json").read_text())["steps"] == 4
+
+
+_SKIP_SCRIPT = r'''
+import json, os, sys
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from fsl_med.config import load_config
+from fsl_med.models.module import FewShotModule
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(0)
+img = torch.randn(2, 3, 64, 64, generator=g)
+fg = torch.zeros(2, 64, 64)
+fg[0, 16:40, 16:40] = 1.0  # rank 0: an ordinary episode
+fg[1] = 1.0  # rank 1: all foreground, so no background window: the reference skips it
+rank = int(os.environ.get("LOCAL_RANK", 0))  # Lightning re-runs this script for rank 1 with LOCAL_RANK=1
+episodes = [{"support_image": img[rank], "support_mask": fg[rank], "query_image": img[rank],
+             "query_label": fg[rank].long()}] * 2
+module = FewShotModule.from_config(cfg)
+before = [p.detach().clone() for p in module.parameters()]
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    use_distributed_sampler=False)
+trainer.fit(module, DataLoader(episodes, batch_size=1))
+if trainer.global_rank == 0:
+    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))
+    json.dump({"step": trainer.global_step, "skipped": float(trainer.callback_metrics["train/skipped_episodes"]),
+               "own": module.model.skipped_episodes, "changed": changed}, open(sys.argv[2], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_with_skipped_episodes_on_one_rank_keeps_stepping(tmp_path):
+    """``compat=reference`` under two-process DDP, where rank 1's only episode has no background window (skipped,
+    as the reference skips it) and rank 0's is ordinary: no hang (rank 1 adds zero gradients instead of leaving the
+    backward), both steps are taken, and ``train/skipped_episodes`` is the sum over ranks. (No alignment loss, whose
+    query-side skips would depend on the random model.)"""
+    from conftest import TINY
+
+    script = tmp_path / "skip_ddp.py"
+    script.write_text(_SKIP_SCRIPT)
+    out = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE"))}
+    p = subprocess.run([sys.executable, str(script), str(REPO / "experiments" / "mri.yaml"), str(out), *TINY,
+                        "data.root=/nonexistent", "data.image_size=64", "compat=reference", "trainer.max_steps=2",
+                        "data.batch_size=1", "loss.align_weight=0"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**env, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["step"] == 2 and res["changed"] and res["own"] == 0  # rank 0 skipped none
+    assert res["skipped"] == 2.0  # rank 1's two skips, summed over ranks

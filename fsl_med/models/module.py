@@ -82,10 +82,16 @@ class FewShotModule(L.LightningModule):
         loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
                                                   batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
         if self.model.empty_window == "skip":  # compat=reference: episodes skipped as the reference does, counted
-            self.log("train/skipped_episodes", float(self.model.skipped_episodes), batch_size=b)
-        if loss is None:  # every episode of the batch skipped: no optimiser step (Lightning skips it)
+            # summed over ranks (one all-reduce per step, only in this mode)
+            self.log("train/skipped_episodes", float(self.model.skipped_episodes), batch_size=b, sync_dist=True,
+                     reduce_fx="sum")
+        if loss is None:  # every episode of the batch skipped
             log.info("step %d: every episode skipped (no ALP window above threshold)", self.global_step + 1)
-            return None  # type: ignore[return-value]
+            if self.trainer.world_size == 1:
+                return None  # type: ignore[return-value]  # no optimiser step (Lightning skips it), as the reference
+            # DDP needs every rank in every backward: a zero loss reaching every trainable weight, so this rank adds
+            # zero gradients and the step averages the other ranks' gradients over all ranks
+            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
         if not bool(torch.isfinite(loss)):  # one host sync per step; Lightning's detect_anomaly is far slower
             raise TrainingDiverged(self._diverged(f"loss ({float(loss.detach())})", batch))
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/align": align}, prog_bar=True, batch_size=b)
