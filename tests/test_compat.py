@@ -194,6 +194,40 @@ def test_reference_recipe_files_set_every_reference_behaviour(name, dataset):
         assert OmegaConf.select(cfg, key) == value, key
 
 
+# Computed by running the reference's pseudolabel notebook (data/pseudolabel_gen.ipynb @ a3029d8, CHAOST2 settings:
+# Felzenszwalb min_size 400, sigma 1, body threshold 50 + 1e-4) on real CHAOS-T2 scans 1-3. Its ids leave gaps (an
+# off-by-one), so each slice's ids are replaced by their rank (the order episodes draw them in): per scan the SHA-256
+# of that int32 [Z, H, W] array, the superpixels summed over slices, and the background voxels.
+REFERENCE_SUPERPIXELS = {
+    "1": ("aaf6064c31ed09158310fb91eb6798ede0dd4b92b074173add7a95c672104b83", 782, 1288140),
+    "2": ("d4f1a552eeeefa8a5dcd32bd774e3562a5fc0f0739496a32a2f4fde8bd34292f", 712, 736389),
+    "3": ("d19763e8447dafc662727c4b825653f65827b7081e2180805806560a7592334d", 681, 1390921),
+}
+
+
+def _ranks(sp: np.ndarray) -> np.ndarray:
+    return np.stack([np.unique(s, return_inverse=True)[1].reshape(s.shape) for s in sp]).astype(np.int32)
+
+
+def test_reference_pseudolabels_equal_the_notebooks_on_real_chaos(chaos):
+    """Under ``compat=reference`` (8-connected body, segment 0 as background) fsl_med's pseudolabels of real
+    CHAOS-T2 scans partition every slice exactly as the reference notebook does, in the same order; the fsl_med
+    default (segment 0 its own superpixel) does not."""
+    from fsl_med.config import SuperpixelConfig
+    from fsl_med.data.superpixels import superpixels_volume
+    from fsl_med.data.volumes import load_volume
+    from fsl_med.prepare.datasets import get_dataset_info
+
+    threshold = get_dataset_info("chaos_t2").body_threshold
+    for sid, (sha, count, background) in REFERENCE_SUPERPIXELS.items():
+        image = load_volume(chaos, sid).image
+        ref = superpixels_volume(image, SuperpixelConfig(body_threshold=threshold, zero_as_background=True))
+        assert _sha(_ranks(ref)) == sha, sid
+        assert sum(len(np.unique(s)) - 1 for s in ref) == count and int((ref == 0).sum()) == background, sid
+        ours = superpixels_volume(image, SuperpixelConfig(body_threshold=threshold, zero_as_background=False))
+        assert int((ours == 0).sum()) < background and _sha(_ranks(ours)) != sha, sid
+
+
 # -- CT grid: the reference notebook's 257 x 257 --------------------------------------------------------------------
 
 def reference_ct_case(storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
