@@ -76,9 +76,11 @@ EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
-                "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.empty_window": "fallback"},
+                "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.empty_window": "fallback",
+                "data.resize_last": False},
     "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
-                  "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.empty_window": "skip"},
+                  "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.empty_window": "skip",
+                  "data.resize_last": True},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
@@ -153,6 +155,8 @@ class DataConfig:
     num_workers: int = 1
     num_val_scans: int = 1
     min_superpixel_pixels: int | None = None  # null: compat (fsl_med 64; reference 1: any superpixel is drawn)
+    resize_last: bool | None = None  # null: compat. true: the reference loader's order, z-score statistics and
+    # pseudolabels of the slices as stored, then the resize to image_size (only matters when the sizes differ)
     three_slices: bool = False  # input = slices z-1, z, z+1 (zeros at the ends) instead of z tiled x3
     superpixel: SuperpixelConfig = field(default_factory=SuperpixelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -300,7 +300,8 @@ class Segmenter:
             log.warning("%s was trained on %s data; new scans are prepared with the %s plan", path, modality,
                         chosen.modality)
         norm_d = ck.get("normalizer") or {}
-        normalizer = Normalizer(mean=norm_d.get("mean"), std=norm_d.get("std"))
+        normalizer = Normalizer(mean=norm_d.get("mean"), std=norm_d.get("std"),
+                                before_resize=bool(cfg.data.resize_last))
         if modality == "ct" and normalizer.mean is None:
             log.warning("%s has no stored CT intensity statistics: normalising each volume by its own mean/std", path)
         module, _ = module_from_checkpoint(path, cfg, ck)
@@ -311,6 +312,16 @@ class Segmenter:
         """The plan's forward step on a source volume ``[X, Y, Z]`` (and optionally its label ids): what
         ``fsl-med prepare`` writes for the same scan, array for array."""
         return self.plan.forward(image, affine, label)
+
+    def _normalised(self, grid: np.ndarray, what: str) -> np.ndarray:
+        """Plan grid image ``[X, Y, Z]`` -> normalised model slices ``[Z, H, W]``, as the data module normalises a
+        loaded volume (with ``data.resize_last`` the statistics of the grid, before the resize)."""
+        from fsl_med.data.volumes import image_stats
+
+        slices = self._model_slices(grid, "bilinear")
+        resized = slices.shape[1:] != (grid.shape[1], grid.shape[0])
+        stats = image_stats(np.ascontiguousarray(grid.transpose(2, 1, 0), dtype=np.float32)) if resized else None
+        return self.normalize(slices, what, stats)
 
     def _model_slices(self, grid: np.ndarray, mode: str) -> np.ndarray:
         """Plan grid ``[X, Y, Z]`` -> model slices ``[Z, H, W]`` at ``data.image_size`` (resized like the loader)."""
@@ -342,7 +353,7 @@ class Segmenter:
         if organ_slices.size == 0:
             raise DataError(f"--support-mask {m_p}: the organ lies outside the model's field of view after "
                             "preparation")
-        images = self.normalize(self._model_slices(prep.image, "bilinear"), f"--support-image {img_p}")
+        images = self._normalised(prep.image, f"--support-image {img_p}")
         return images, sup_masks, _support_indices(organ_slices, self.npart, shots)
 
     def segment(self, query: Any, supports: Sequence[tuple[Any, Any]], *, query_affine: np.ndarray | None = None,
@@ -385,7 +396,7 @@ class Segmenter:
         sups = [self._support(img, m, None if support_affines is None else support_affines[i], label, shots_per_part, i)
                 for i, (img, m) in enumerate(supports)]
         q_prep = self.prepare(q_img, q_aff)
-        q_norm = self.normalize(self._model_slices(q_prep.image, "bilinear"), f"--query {q_p}")
+        q_norm = self._normalised(q_prep.image, f"--query {q_p}")
         za, zb = model_z_range(zr, q_shape, q_aff, q_prep.affine, q_norm.shape[0])  # type: ignore[arg-type]
         zs = np.arange(za, zb + 1)
         part = np.minimum(self.npart - 1, (self.npart * (zs - za)) // (zb - za + 1)).astype(np.int64)

@@ -339,6 +339,12 @@ def test_prepare_compat_reference_records_its_plan_and_training_resizes_as_the_r
     assert not [r for r in caplog.records if "not as compat=reference prepares" in r.getMessage()]
     vol = dm._volume("2")
     assert vol.image.shape == (9, 64, 64) and vol.stored_shape == (74, 74)
+    # CT statistics of the training scans as stored (the reference computes them from the files, before resizing)
+    as_stored = np.concatenate([load_volume(ref, s).image.ravel() for s in dm.train_ids]).astype(np.float64)
+    resized = np.concatenate([dm._volume(s).image.ravel() for s in dm.train_ids]).astype(np.float64)
+    assert dm.normalize.before_resize and dm.normalize.mean == pytest.approx(as_stored.mean(), rel=1e-7)
+    assert dm.normalize.std == pytest.approx(as_stored.std(), rel=1e-7)
+    assert abs(resized.std() - as_stored.std()) > 1e-3 * as_stored.std()  # the order matters
     sp_cfg = dm.cfg.data.superpixel
     params = SuperpixelConfig(scale=sp_cfg.scale, sigma=sp_cfg.sigma, min_size=sp_cfg.min_size,
                               body_threshold=dm.info.body_threshold, body_connectivity=sp_cfg.body_connectivity,
@@ -351,3 +357,54 @@ def test_prepare_compat_reference_records_its_plan_and_training_resizes_as_the_r
         datamodule(mixed)
     warned = [r.getMessage() for r in caplog.records if "not as compat=reference prepares" in r.getMessage()]
     assert len(warned) == 1 and "grid=exact (reference: reference)" in warned[0], warned
+
+
+def test_normalisation_before_the_loader_resize_under_reference(tmp_path):
+    """The reference z-scores a volume as stored and then resizes its slices; fsl_med z-scores the resized slices.
+    With ``data.image_size`` 48 on a 64 px phantom: under ``compat=reference`` the query slices of an evaluation item
+    equal the stored volume z-scored with its own statistics, then resized; by default, the resized volume z-scored
+    with its own. The two differ (resizing smooths, the std shrinks). Same size: nothing to choose, both equal."""
+    from fsl_med.data.datamodule import FewShotDataModule
+    from fsl_med.data.phantom import generate_phantom
+    from fsl_med.data.volumes import load_volume, resize_slices
+
+    root = generate_phantom(tmp_path / "ph", n_scans=6, size=64, depth=8, seed=0)
+
+    def query_slices(*overrides: str) -> tuple[np.ndarray, np.ndarray, str]:
+        cfg = load_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", f"data.cache_dir={tmp_path}/c",
+                                                              *overrides])
+        dm = FewShotDataModule(cfg)
+        dm.setup("test")
+        item = dm.test_set.items[0]
+        return item.query_images, item.z, item.query_id
+
+    ref, z, qid = query_slices("data.image_size=48", "compat=reference")
+    ours, z2, _ = query_slices("data.image_size=48")
+    stored = load_volume(root, qid).image
+    want_ref = resize_slices((stored - stored.mean()) / stored.std(), 48, "bilinear")[z]
+    resized = resize_slices(stored, 48, "bilinear")
+    z_scored = (resized - resized.mean()) / resized.std()
+    assert np.allclose(ref, want_ref, rtol=0, atol=1e-5) and np.allclose(ours, z_scored[z2], rtol=0, atol=1e-5)
+    assert np.abs(ref - z_scored[z]).max() > 1e-3  # the orders differ (z: reference skips the last slice)
+    same_ref, _, _ = query_slices("data.image_size=64", "compat=reference")
+    same_ours, _, _ = query_slices("data.image_size=64")
+    assert np.array_equal(same_ref, same_ours)
+    # segment normalises a new scan as evaluation does: a checkpoint trained under compat=reference at 48 px
+    import warnings
+
+    from conftest import TINY
+
+    from fsl_med.prepare.nifti import read_nifti
+    from fsl_med.segment import Segmenter
+    from fsl_med.train import train
+
+    cfg = load_config(REPO / "experiments" / "mri.yaml", [
+        *TINY, f"data.root={root}", f"data.cache_dir={tmp_path}/c", "data.image_size=48", "compat=reference",
+        "trainer.max_steps=1", "data.episodes_per_epoch=1", "trainer.val_check_interval=1", "data.num_val_scans=0",
+        f"logging.output_dir={tmp_path / 'runs'}", "name=norm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt = train(cfg).last_ckpt
+    seg = Segmenter.from_checkpoint(ckpt)
+    grid = read_nifti(root / f"image_{qid}.nii.gz")[0]  # the prepared query, as segment's plan step gives it
+    assert np.allclose(seg._normalised(grid, "query")[z], ref, rtol=0, atol=1e-5)

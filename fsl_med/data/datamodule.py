@@ -109,13 +109,22 @@ class FewShotDataModule(L.LightningDataModule):
         if differ:
             log.warning("%s was prepared with %s, not as compat=%s prepares (fsl-med prepare --compat %s)",
                         self.root, ", ".join(differ), self.cfg.compat, self.cfg.compat)
+        before = bool(self.cfg.data.resize_last)  # statistics of the stored slices
         if self.info.modality == "ct":
-            self.normalize = make_normalizer("ct", [self._volume(s).image for s in self.train_ids])
+            self.normalize = make_normalizer("ct", [self._stored_image(s) if before else self._volume(s).image
+                                                    for s in self.train_ids], before)
         else:
-            self.normalize = make_normalizer("mri")
+            self.normalize = make_normalizer("mri", before_resize=before)
         log.info("fold %d: train %s, val %s, query %s, support %s", self.cfg.data.fold, self.train_ids,
                  self.val_ids, self.split.query, self.split.support)
         return self
+
+    def _stored_image(self, scan_id: str) -> np.ndarray:
+        """The image as stored (``[Z, H, W]``, not resized): the loaded one, or read again when the loader resized it."""
+        vol = self._volume(scan_id)
+        if vol.stored_shape == vol.image.shape[1:]:
+            return vol.image
+        return load_volume(self.root, scan_id, self.info.all_label_ids, warn=False).image
 
     def _superpixels(self, vol: Volume) -> np.ndarray:
         if vol.scan_id not in self._sp_cache:
@@ -123,9 +132,10 @@ class FewShotDataModule(L.LightningDataModule):
         return self._sp_cache[vol.scan_id]
 
     def _make_superpixels(self, vol: Volume) -> np.ndarray:
-        """Pseudolabels ``[Z, H, W]`` of a training volume. As the reference, they are computed at the stored size
-        (shipped, cached or computed) and resized (nearest) with the slices when the loader resizes them."""
-        if vol.stored_shape != vol.image.shape[1:]:
+        """Pseudolabels ``[Z, H, W]`` of a training volume (shipped, cached or computed). With ``data.resize_last``
+        (the reference) they are those of the stored slices, resized (nearest) when the loader resizes the slices;
+        otherwise those of the loaded slices."""
+        if self.cfg.data.resize_last and vol.stored_shape != vol.image.shape[1:]:
             stored = load_volume(self.root, vol.scan_id, self.info.all_label_ids, warn=False)
             sp = self._make_superpixels(stored)
             return resize_slices(sp, vol.image.shape[1:], "nearest").astype(np.int32)
@@ -151,7 +161,7 @@ class FewShotDataModule(L.LightningDataModule):
         for v, sid in enumerate(self.train_ids):
             vol = self._volume(sid)
             assert self.normalize is not None
-            images.append(self.normalize(vol.image, vol.path))
+            images.append(self.normalize(vol.image, vol.path, vol.stored_stats))
             sps.append(self._superpixels(vol))
             has_excl = np.isin(vol.label, excl).reshape(vol.label.shape[0], -1).any(axis=1) if excl else None
             for z in range(vol.image.shape[0]):

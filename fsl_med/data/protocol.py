@@ -165,7 +165,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
     sups = sups if shots_source == "scans" else sups[:1]
     items: list[EvalItem] = []
     skipped: list[tuple[str, str]] = []
-    sup_norm = [slice_input(normalize(v.image, v.path), three_slices) for v in sups]
+    sup_norm = [slice_input(normalize(v.image, v.path, v.stored_stats), three_slices) for v in sups]
     support_id = "+".join(v.scan_id for v in sups)
     supports = {}
     for organ in organs:
@@ -187,7 +187,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
         supports[organ] = (lid, [z for _, z in flat], s_imgs, s_masks)
     # query-major order: the organs of one query scan follow each other, so its slice features are shared
     for q in queries:
-        q_norm = slice_input(normalize(q.image, q.path), three_slices)
+        q_norm = slice_input(normalize(q.image, q.path, q.stored_stats), three_slices)
         for organ in organs:
             lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)

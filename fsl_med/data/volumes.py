@@ -33,6 +33,8 @@ class Volume:
         affine: the image's 4x4 affine (nibabel convention).
         path: the image file.
         stored_shape: ``(H, W)`` in-plane size in the file (differs from ``image``'s when resized on loading).
+        stored_stats: ``(mean, std)`` of the stored image (:func:`image_stats`) when it was resized on loading, else
+            ``None`` (then they are ``image``'s own).
     """
 
     scan_id: str
@@ -42,6 +44,7 @@ class Volume:
     affine: np.ndarray
     path: Path
     stored_shape: tuple[int, int] = (0, 0)
+    stored_stats: tuple[float, float] | None = None
 
     def slices_with(self, label_id: int) -> np.ndarray:
         """Sorted z indices where ``label_id`` has at least one voxel (the classmap entry)."""
@@ -121,38 +124,52 @@ def load_volume(root: str | Path, scan_id: str, label_ids: tuple[int, ...] | Non
     label = np.ascontiguousarray(label.transpose(2, 1, 0))
     spacing = (zooms[2], zooms[1], zooms[0]) if len(zooms) >= 3 else (1.0, 1.0, 1.0)
     stored = (int(image.shape[1]), int(image.shape[2]))
+    stats = None
     if image_size is not None and image.shape[1:] != (image_size, image_size):
+        stats = image_stats(image)
         sy, sx = image.shape[1] / image_size, image.shape[2] / image_size
         image = resize_slices(image, image_size, "bilinear")
         label = resize_slices(label, image_size, "nearest").astype(np.uint8)
         spacing = (spacing[0], spacing[1] * sy, spacing[2] * sx)
     return Volume(scan_id=str(scan_id), image=image, label=label, spacing=spacing, affine=affine, path=ipath,
-                  stored_shape=stored)
+                  stored_shape=stored, stored_stats=stats)
+
+
+def image_stats(image: np.ndarray) -> tuple[float, float]:
+    """``(mean, std)`` of a volume as the reference's per-volume z-score computes them (numpy on the float32
+    volume); only where they overflow (huge intensities) are they recomputed in float64."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        m, s = float(image.mean()), float(image.std())
+        if not (np.isfinite(m) and np.isfinite(s)):
+            m, s = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
+    return m, s
 
 
 @dataclass(frozen=True)
 class Normalizer:
-    """Intensity z-scoring: per volume (MRI) or with fixed statistics (CT, from training scans)."""
+    """Intensity z-scoring: per volume (MRI) or with fixed statistics (CT, from training scans).
+
+    ``before_resize`` (``data.resize_last``, the reference loader's order): a per-volume z-score uses the
+    statistics of the stored image when the loader resized it (``stored_stats``), as if it normalised before
+    resizing (the z-score is linear, so the two orders then agree)."""
 
     mean: float | None = None
     std: float | None = None
+    before_resize: bool = False
 
-    def __call__(self, image: np.ndarray, what: str | Path | None = None) -> np.ndarray:
+    def __call__(self, image: np.ndarray, what: str | Path | None = None,
+                 stored_stats: tuple[float, float] | None = None) -> np.ndarray:
         """Return a normalised float32 copy of ``image`` (any shape); the input is not modified.
-
-        Per-volume statistics are those of the reference (numpy on the float32 volume); only where they overflow
-        (huge intensities) are they recomputed in float64, so normal volumes give bit-identical results.
 
         Args:
             what: the image's file, named in the error.
+            stored_stats: :attr:`Volume.stored_stats` (used with ``before_resize``; ``None``: not resized).
         Raises:
             DataError: the normalised intensities are not all finite (the message gives the input range).
         """
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are reported below
             if self.mean is None:
-                m, s = float(image.mean()), float(image.std())
-                if not (np.isfinite(m) and np.isfinite(s)):
-                    m, s = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
+                m, s = stored_stats if self.before_resize and stored_stats is not None else image_stats(image)
             else:
                 m, s = self.mean, float(self.std or 1.0)
             out = ((image - m) / max(s, 1e-8)).astype(np.float32)
@@ -163,17 +180,20 @@ class Normalizer:
         return out
 
 
-def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None) -> Normalizer:
+def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None,
+                    before_resize: bool = False) -> Normalizer:
     """The normaliser of method.md §1.2.
 
     Args:
         modality: ``"mri"`` (per-volume z-score) or ``"ct"`` (global statistics).
-        train_images: for CT, the fold's training volumes; their voxels give mean and std (in float64).
+        train_images: for CT, the fold's training volumes (as stored, for ``before_resize``); their voxels give
+            mean and std (in float64).
+        before_resize: see :class:`Normalizer`.
     Raises:
         DataError: CT without training scans, or statistics that are not finite.
     """
     if modality == "mri":
-        return Normalizer()
+        return Normalizer(before_resize=before_resize)
     if not train_images:
         raise DataError("CT normalisation needs the training scans' statistics, but no training scans were given")
     n = sum(im.size for im in train_images)
@@ -184,7 +204,7 @@ def make_normalizer(modality: str, train_images: list[np.ndarray] | None = None)
     if not (np.isfinite(mean) and np.isfinite(std)):
         raise DataError(f"CT normalisation: the training scans' intensity statistics are not finite (mean {mean:.3g}, "
                         f"std {std:.3g}); rescale the images")
-    return Normalizer(mean=mean, std=std)
+    return Normalizer(mean=mean, std=std, before_resize=before_resize)
 
 
 def slice_input(volume: np.ndarray, three_slices: bool = False) -> np.ndarray:

@@ -85,7 +85,8 @@ class Plan:
             affine: its 4x4 voxel-to-world (RAS) affine; any orientation without obliquity.
             label: optional ``[X, Y, Z]`` integer label ids (0..255) on the image's grid.
         Returns:
-            a :class:`Scan` of in-plane size ``size`` x ``size`` in ``orientation``; its label is uint8 (or None).
+            a :class:`Scan` in ``orientation`` of in-plane size ``size`` x ``size`` (a :class:`CtPlan` with ``grid``
+            ``"reference"``: the notebook's size, 257 x 257 for 512 px scans); its label is uint8 (or None).
         Raises:
             DataError: a CT volume not larger in-plane than twice the border.
         """
@@ -148,7 +149,7 @@ class CtPlan(Plan):
       times ``(512 - 2 * border) / size`` (512 hard-coded), ``int(n * old / new spacing + 1)`` voxels per axis
       sampled from voxel 0 in the source's storage order (SimpleITK; outside the scan 0), i.e. **257 x 257** for
       Synapse's 512 px scans, whose last row and column lie outside the scan. The loader then resizes slices to
-      ``data.image_size`` (as the reference's loader does), and superpixels are computed at 257 and resized.
+      ``data.image_size`` (as the reference's loader does; ``data.resize_last`` for its order).
     """
 
     modality: ClassVar[str] = "ct"
