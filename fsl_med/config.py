@@ -60,6 +60,10 @@ EmptyWindow = Literal["fallback", "skip"]
 """A training episode whose background finds no ALP window above the threshold: use the global prototype
 (``fallback``, fsl_med) or skip the episode as the reference's training loop does (``skip``; a batch with nothing
 left makes no optimiser step in one process, and zero gradients from its rank under DDP)."""
+CtStats = Literal["train", "eval"]
+"""Scans whose voxels give the CT normalisation of evaluated scans: the fold's training scans (``train``, fsl_med and
+SSL-ALPNet) or the evaluated scans themselves, the fold's query and support scans (``eval``, the DINOv2 reference's
+validation builds its dataset in ``mode='val'``)."""
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -77,10 +81,10 @@ EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
                 "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.empty_window": "fallback",
-                "data.resize_last": False},
+                "data.resize_last": False, "eval.skip_no_organ_slices": False, "eval.ct_stats": "train"},
     "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
                   "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.empty_window": "skip",
-                  "data.resize_last": True},
+                  "data.resize_last": True, "eval.skip_no_organ_slices": True, "eval.ct_stats": "eval"},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
@@ -89,6 +93,7 @@ CHOICES: dict[str, Any] = {
     "model.mask_downsample": MaskDownsample, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
     "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
     "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity, "model.empty_window": EmptyWindow,
+    "eval.ct_stats": CtStats,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
 VERB_SECTIONS = ("protocol", "ablation")
@@ -237,8 +242,10 @@ class EvalConfig:
     npart: int = 3
     batch_size: int = 4  # query slices per encoder call; 4 on a 2-core CPU: as fast as 8, 86 MB less peak memory
     z_margin: int = 0
-    skip_no_organ_slices: bool = False
+    skip_no_organ_slices: bool | None = None  # null: compat (fsl_med false: [A] scores every slice of the extent;
+    # reference true: [D] skips slices inside the extent without the organ)
     score_last_slice: bool | None = None  # null: follows compat (fsl_med true; reference false: never scores it)
+    ct_stats: str | None = None  # null: compat (fsl_med train; reference eval), see config.CtStats
     variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
     cca_mode: str = DEFAULT_CCA_MODE
     hd95: bool = True

@@ -305,7 +305,8 @@ def test_prepare_compat_reference_records_its_plan_and_training_resizes_as_the_r
     int(128 / 1.75 + 1) = 74 px) and records the plan; an explicit ``--grid`` wins over ``--compat``. The loader
     resizes slices to ``data.image_size`` and the pseudolabels are computed on the stored slices and resized
     (nearest) with them, as the reference's loader resizes its superpixel files. Training with
-    ``compat=reference`` on a folder prepared otherwise says so in one warning."""
+    ``compat=reference`` on a folder prepared otherwise says so in one warning. Evaluation normalises CT with the
+    evaluated scans' statistics, as the reference's validation does."""
     import logging
 
     from fsl_med.cli import main
@@ -352,6 +353,16 @@ def test_prepare_compat_reference_records_its_plan_and_training_resizes_as_the_r
     at_stored = superpixels_volume(stored.image, params)
     assert at_stored.max() > 1
     assert np.array_equal(dm._superpixels(vol), resize_slices(at_stored, 64, "nearest").astype(np.int32))
+    # evaluation: the reference's validation normalises CT with the statistics of the fold's query and support
+    # scans (its dataset in mode 'val'); fsl_med keeps the training scans'
+    dm.setup("test")
+    item = dm.test_set.items[0]
+    assert dm.split.query == ["0"] and dm.support_ids() == ["1"] and dm.train_ids == ["2"]
+    evaluated = np.concatenate([load_volume(ref, s).image.ravel() for s in ("0", "1")]).astype(np.float64)
+    m, sd = evaluated.mean(), evaluated.std()
+    query = dm._volume("0").image[item.z]
+    assert np.allclose(item.query_images, (query - m) / sd, rtol=0, atol=1e-4)
+    assert not np.allclose(item.query_images, dm.normalize(query), rtol=0, atol=1e-2)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fsl_med"):
         datamodule(mixed)

@@ -178,7 +178,25 @@ class FewShotDataModule(L.LightningDataModule):
             draw_background=bool(self.cfg.data.superpixel.zero_as_background),
         )
 
-    def _build_eval(self, query_ids: list[str]) -> tuple[EvalDataset, list[tuple[str, str]]]:
+    def _test_normalizer(self) -> Normalizer:
+        """The normaliser of the test (query and support) scans: the training one, or with CT and
+        ``eval.ct_stats=eval`` (the reference's validation) statistics of the fold's query and support scans."""
+        assert self.split is not None and self.normalize is not None
+        if self.info.modality != "ct" or self.cfg.eval.ct_stats != "eval":
+            return self.normalize
+        before = bool(self.cfg.data.resize_last)
+        images = []
+        for sid in [*self.split.query, *self.support_ids()]:
+            try:
+                images.append(self._stored_image(sid) if before else self._volume(sid).image)
+            except DataError:
+                if sid not in self.split.query:
+                    raise
+                continue  # an unreadable query scan: _build_eval reports it (or skips it with eval.skip_bad)
+        return make_normalizer("ct", images, before)
+
+    def _build_eval(self, query_ids: list[str], normalize: Normalizer | None = None
+                    ) -> tuple[EvalDataset, list[tuple[str, str]]]:
         assert self.split is not None and self.normalize is not None
         e = self.cfg.eval
         queries, bad = [], []
@@ -193,7 +211,7 @@ class FewShotDataModule(L.LightningDataModule):
                 bad.append((q, "*", f"unreadable: {err}"))
         items, skipped = build_eval_items(
             [self._volume(s) for s in self.support_ids()], queries, list(self.cfg.data.test_organs),
-            self.info, self.normalize, e.npart, e.z_margin, e.skip_no_organ_slices, self.cfg.shots,
+            self.info, normalize or self.normalize, e.npart, e.z_margin, bool(e.skip_no_organ_slices), self.cfg.shots,
             e.shots_source, self.cfg.data.three_slices, bool(e.score_last_slice),
         )
         for q, organ in skipped:
@@ -263,7 +281,7 @@ class FewShotDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and self.val_set is None and self.val_ids:
             self.val_set, self.skipped["val"] = self._build_eval(self.val_ids)
         if stage in ("test", None) and self.test_set is None:
-            self.test_set, self.skipped["test"] = self._build_eval(self.split.query)
+            self.test_set, self.skipped["test"] = self._build_eval(self.split.query, self._test_normalizer())
             if not self.test_set.items:
                 reasons = "; ".join(f"scan {q}/{o}: {r}" for q, o, r in self.skipped["test"])
                 raise DataError(f"no query volume could be scored ({reasons or 'no query scans'})")
