@@ -154,6 +154,8 @@ class DataConfig:
     fold: int = 0
     setting: int = 1
     test_organs: list[str] = field(default_factory=lambda: list(ORGANS))
+    exclude_labels: list[int] | None = None  # setting 2's excluded label ids; null: the test organs' (method.md §2.1).
+    # Set it to reproduce a recipe, e.g. [2, 3] as [D]'s main.sh for CT with liver/spleen as test organs (its bug)
     image_size: int = 256
     episodes_per_epoch: int = 1000
     batch_size: int = 1

@@ -419,3 +419,21 @@ def test_normalisation_before_the_loader_resize_under_reference(tmp_path):
     seg = Segmenter.from_checkpoint(ckpt)
     grid = read_nifti(root / f"image_{qid}.nii.gz")[0]  # the prepared query, as segment's plan step gives it
     assert np.allclose(seg._normalised(grid, "query")[z], ref, rtol=0, atol=1e-5)
+
+
+def test_setting_2_exclusion_is_derived_unless_given_as_the_reference_recipe_does():
+    """Setting 2 drops the test organs' slices (CT liver/spleen: labels 1 and 6); ``data.exclude_labels`` reproduces
+    [D]'s main.sh, which keeps the kidney exclusion [2, 3] for those runs (its bug); a bad id is a one-line error."""
+    from fsl_med.prepare.datasets import check_data_settings, excluded_labels
+
+    def ct(*overrides: str):
+        return load_config(REPO / "experiments" / "ct.yaml", [ROOT, "data.setting=2",
+                                                             "data.test_organs=[liver,spleen]", *overrides])
+
+    assert excluded_labels(ct()) == [1, 6]
+    recipe = ct("data.exclude_labels=[2,3]")
+    check_data_settings(recipe)
+    assert excluded_labels(recipe) == [2, 3]
+    assert excluded_labels(ct("data.setting=1", "data.exclude_labels=[2,3]")) == []
+    with pytest.raises(ConfigError, match=r"'data.exclude_labels': must be label ids of sabs"):
+        check_data_settings(ct("data.exclude_labels=[2,99]"))

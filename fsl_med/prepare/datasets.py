@@ -318,12 +318,20 @@ def check_data_settings(cfg: Any) -> DatasetInfo:
             raise ConfigError(
                 f"config key 'data.test_organs': unknown organ '{organ}'{hint}; valid: {', '.join(info.labels)}"
             )
+    explicit = cfg.data.get("exclude_labels")
+    valid = [x for x in info.all_label_ids if x != 0]
+    if explicit is not None and not all(isinstance(x, int) and x in valid for x in explicit):
+        raise ConfigError(f"config key 'data.exclude_labels': must be label ids of {info.name} ({valid}), "
+                          f"got {list(explicit)}")
     return info
 
 
 def excluded_labels(cfg: Any) -> list[int]:
-    """Label ids whose slices are dropped from training: the test organs in Setting 2, none in Setting 1."""
+    """Label ids whose slices are dropped from training: in Setting 2 ``data.exclude_labels`` when set, else the
+    test organs'; none in Setting 1."""
     if cfg.data.setting == 1:
         return []
+    if cfg.data.get("exclude_labels") is not None:
+        return sorted(int(x) for x in cfg.data.exclude_labels)
     info = get_dataset_info(cfg.data.dataset)
     return sorted(info.labels[o] for o in cfg.data.test_organs)
