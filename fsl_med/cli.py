@@ -318,7 +318,8 @@ _INTERRUPTED = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fsl-med``."""
     from fsl_med.config import CCA_MODES, COMPATS, DEFAULT_CCA_MODE
-    from fsl_med.prepare.plan import CT_GRIDS, LABEL_INTERPOLATIONS
+    from fsl_med.prepare.geometry import LABEL_RULES
+    from fsl_med.prepare.plan import CT_GRIDS
 
     p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
     p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
             pp.add_argument("--compat", choices=COMPATS, default="fsl_med",
                             help="reference: prepare as the reference notebooks do (labels per_class_rint"
                             + ("; CT grid reference: 257 x 257" if kind == "sabs" else "") + "); README 'Deviations'")
-            pp.add_argument("--label-interp", choices=LABEL_INTERPOLATIONS, default=None,
+            pp.add_argument("--label-interp", choices=LABEL_RULES, default=None,
                             help="label resampling: per_class (fsl_med: linear per class, highest membership wins), "
                             "per_class_rint (reference: rounded per class, higher ids overwrite) or nearest "
                             "(default: --compat's)")

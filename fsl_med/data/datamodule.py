@@ -107,8 +107,8 @@ class FewShotDataModule(L.LightningDataModule):
         plan = folder_plan(self.root) if self.cfg.compat == "reference" else None  # a folder `prepare` wrote
         differ = [] if plan is None else compat_mismatch(plan, "reference")
         if differ:
-            log.warning("%s was prepared with %s, not as compat=%s prepares (fsl-med prepare --compat %s)",
-                        self.root, ", ".join(differ), self.cfg.compat, self.cfg.compat)
+            log.warning("%s was prepared with %s, not as compat=reference prepares (fsl-med prepare --compat "
+                        "reference)", self.root, ", ".join(differ))
         before = bool(self.cfg.data.resize_last)  # statistics of the stored slices
         if self.info.modality == "ct":
             self.normalize = make_normalizer("ct", [self._stored_image(s) if before else self._volume(s).image

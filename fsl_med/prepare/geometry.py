@@ -109,22 +109,26 @@ def labels_per_class(arr: np.ndarray, resample: Callable[[np.ndarray], tuple[np.
     Returns:
         ``(uint8 labels, affine)``.
     """
-    best: np.ndarray | None = None
-    winner: np.ndarray | None = None
-    aff = np.eye(4)
-    for c in np.unique(arr):  # ascending
+    classes = np.unique(arr)  # ascending
+    if rule == "per_class_rint":  # background adds nothing (a voxel no class rounds to 1 stays 0): not resampled
+        out: np.ndarray | None = None
+        for c in [c for c in classes if c != 0] or list(classes[:1]):
+            prob, aff = resample((arr == c).astype(np.float32))
+            if out is None:
+                out = np.zeros(prob.shape, dtype=np.uint8)
+            if c != 0:
+                out[np.rint(prob) == 1] = c
+        assert out is not None
+        return out, aff
+    best, winner = None, None
+    for c in classes:
         prob, aff = resample((arr == c).astype(np.float32))
-        if winner is None:
-            winner = np.full(prob.shape, c if rule == "per_class" else 0, dtype=np.uint8)
-            best = prob
-            if rule == "per_class" or c == 0:
-                continue
-        if rule == "per_class":
+        if best is None or winner is None:
+            best, winner = prob, np.full(prob.shape, c, dtype=np.uint8)
+        else:
             take = prob > best
             best = np.where(take, prob, best)
-        else:
-            take = np.rint(prob) == 1
-        winner[take] = c
+            winner[take] = c
     assert winner is not None
     return winner, aff
 

@@ -36,7 +36,6 @@ from fsl_med.prepare.geometry import (
     to_original_grid,
 )
 
-LABEL_INTERPOLATIONS = LABEL_RULES
 CT_GRIDS = ("exact", "reference")
 """CT in-plane grids: ``exact`` (``size`` x ``size``) or ``reference`` (the notebook's spacing rule: 257 x 257 for
 Synapse's 512 px scans, resized to ``data.image_size`` by the loader), :class:`CtPlan`."""
@@ -61,8 +60,8 @@ class Plan:
     orientation: str = CANONICAL_ORIENTATION
 
     def __post_init__(self) -> None:
-        if self.label_interp not in LABEL_INTERPOLATIONS:
-            raise ConfigError(f"plan label_interp {self.label_interp!r}: must be one of {', '.join(LABEL_INTERPOLATIONS)}")
+        if self.label_interp not in LABEL_RULES:
+            raise ConfigError(f"plan label_interp {self.label_interp!r}: must be one of {', '.join(LABEL_RULES)}")
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 8:
             raise ConfigError(f"plan size {self.size!r}: must be an integer >= 8")
 
