@@ -24,24 +24,36 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
         suffix: suffix of the temporary file (defaults to ``dest``'s full suffix, e.g. ``.nii.gz``,
             so that libraries choosing a format by extension still work).
 
-    On an exception the temporary file is removed and ``dest`` is left untouched.
+    On an exception the temporary file is removed and ``dest`` is left untouched; an OS error while writing
+    (no space left, a file-size limit, permission denied) becomes a one-line
+    :class:`~fsl_med.errors.WriteError` naming ``dest`` (still an ``OSError`` with its errno).
     """
+    from fsl_med.errors import FslMedError, write_error
+
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(dest.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
+    except OSError as e:
+        raise write_error(dest, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         yield tmp_path
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        # an OS error writing the temporary file (or renaming it) is a write fault of `dest`: name it. An OS error
+        # about another file (the body read something) passes through as it is.
+        if isinstance(exc, OSError) and not isinstance(exc, FslMedError) \
+                and (exc.filename is None or Path(exc.filename) in (tmp_path, dest)):
+            raise write_error(dest, exc) from exc
         raise
 
 

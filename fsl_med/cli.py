@@ -7,6 +7,7 @@ other failures print one line and exit 1. ``--debug`` shows the traceback instea
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -251,12 +252,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from fsl_med.prepare.chaos import prepare_chaos
 
         rep = prepare_chaos(args.src, args.out, default_plan("mri", args.compat, label_interp=args.label_interp),
-                            force=args.force, progress=progress)
+                            force=args.force, overwrite=args.overwrite, progress=progress)
     else:
         from fsl_med.prepare.sabs import prepare_sabs
 
         plan = default_plan("ct", args.compat, label_interp=args.label_interp, grid=args.grid)
-        rep = prepare_sabs(args.src, args.out, plan, force=args.force, progress=progress)
+        rep = prepare_sabs(args.src, args.out, plan, force=args.force, overwrite=args.overwrite, progress=progress)
     if cache is not None:
         ids = rep.prepared + rep.skipped
         rep.superpixel_seconds = _cache_superpixels(rep.out_dir, ids, "chaos_t2" if args.kind == "chaos" else "sabs",
@@ -393,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
         pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
         pp.add_argument("--no-progress", action="store_true", help="no progress bars")
+            pp.add_argument("--overwrite", action="store_true",
+                            help="replace the prepared data --out holds (another dataset, source or plan); the old "
+                            "content stays intact until the new preparation is complete")
         pp.set_defaults(func=cmd_prepare)
     sp = sub.add_parser("segment", help="segment an organ in your own volume: segment --ckpt C --support-image S "
                         "--support-mask M --query Q --out P.nii.gz")
@@ -523,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"fsl-med: error: {where}{e.strerror or e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+        if e.errno == errno.ENOENT and "No usable temporary directory" in str(e):  # tempfile: every candidate failed
+            import tempfile
+
+            print(f"fsl-med: error: no usable temporary folder: TMPDIR={os.environ.get('TMPDIR', '(unset)')}, /tmp, "
+                  f"/var/tmp, /usr/tmp and {os.getcwd()} are full or not writable ({tempfile.__name__} could not "
+                  "create a file in any); set TMPDIR to a writable folder with free space", file=sys.stderr)
+            return 2
     except Exception as e:  # noqa: BLE001 - one line without --debug
         if debug:
             raise

@@ -327,6 +327,7 @@ class Config:
     shots: int = 1  # k-shot: k augmented supports per training episode, k supports per part in evaluation
     ckpt: str | None = None
     resume: str | None = None
+    resume_allow_other_data: bool = False  # resume (or ckpt=) on a data.root holding other scans than the run's
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

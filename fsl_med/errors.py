@@ -33,6 +33,22 @@ class FilesystemError(FslMedError):
     message names the path and the operating system's reason."""
 
 
+class WriteError(FilesystemError, OSError):
+    """A file could not be written (no space left, a file-size limit, permission denied, a read-only file system).
+    Also an :class:`OSError` carrying the original ``errno``/``strerror``, so handlers of OS errors still see it;
+    its message is one line naming the file and the operating system's reason."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "cannot write a file"
+
+
+def write_error(dest: object, exc: OSError) -> WriteError:
+    """``WriteError("cannot write DEST: <OS reason>")`` with ``exc``'s errno and strerror."""
+    err = WriteError(f"cannot write {dest}: {exc.strerror or exc}")
+    err.errno, err.strerror = exc.errno, exc.strerror
+    return err
+
+
 def os_reason(exc: BaseException) -> OSError | None:
     """The ``OSError`` behind ``exc`` (itself, or in its ``__cause__``/``__context__`` chain), or ``None``."""
     seen = 0

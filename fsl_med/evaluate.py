@@ -147,8 +147,12 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     results = {"in_sample": in_sample, **results}  # the first key of results.json
     path = run_dir / "results.json"
     if trainer.is_global_zero:  # results were gathered from every rank; one process writes them
-        figures = [write_dice_bar(run_dir, variants, organs), *overlays.written]
-        path = write_results(run_dir, results, organs)
+        try:
+            figures = [write_dice_bar(run_dir, variants, organs), *overlays.written]
+            path = write_results(run_dir, results, organs)
+        except BaseException:
+            discard_run_dir(run_dir)  # a write fault (full disk): no half-written run folder
+            raise
         log_to_wandb(trainer.logger, variants, organs, figures, ttt_sps)
     return EvalOutcome(results, path, overlays.samples)
 

@@ -634,6 +634,46 @@ def adopt_checkpoint_data(cfg: DictConfig, trained: TrainedOn | None, path: Path
     return new
 
 
+def check_resume_data(cfg: DictConfig, trained: TrainedOn | None, trained_root: str, path: Path) -> None:
+    """Refuse to resume a run on a data folder holding other scans than the one it trained on (a copy of the folder
+    elsewhere is the same data), unless ``resume_allow_other_data=true`` (then one warning says so).
+
+    Args:
+        cfg: the new run's config (``data.root``, ``resume_allow_other_data``).
+        trained: the checkpoint's record of its data (None or without a fingerprint: nothing to compare).
+        trained_root: the checkpoint's ``data.root``, for the message.
+        path: the checkpoint.
+    Raises:
+        DataError: one line naming both folders and what differs.
+    """
+    from fsl_med.data.provenance import folder_fingerprint, label_digest
+    from fsl_med.errors import DataError
+    from fsl_med.prepare.datasets import scan_files
+
+    if trained is None or not trained.fingerprint:
+        return
+    if trained.dataset != cfg.data.dataset:
+        what = f"dataset {trained.dataset}, this run's data.dataset is {cfg.data.dataset}"
+    else:
+        scans = scan_files(cfg.data.root).scans
+        if folder_fingerprint(scans) == trained.fingerprint:
+            return
+        seen = {**trained.val_scans, **trained.train_scans}
+        missing = [s for s in seen if s not in scans]
+        other = [s for s, d in seen.items() if s in scans and d is not None and label_digest(scans[s][1]) != d]
+        bits = [f"scan(s) {', '.join(missing)} it trained on are missing"] if missing else []
+        bits += [f"scan(s) {', '.join(other)} have other label files"] if other else []
+        what = "; ".join(bits) or f"{len(scans)} scans whose ids or file sizes differ from the run's folder"
+    same = Path(trained_root).expanduser().resolve() == Path(cfg.data.root).expanduser().resolve()
+    now = f"now holds other data ({what})" if same else f"holds other data ({what})"
+    line = f"resume={path}: the run trained on data.root {trained_root}, and data.root {cfg.data.root} {now}"
+    if cfg.resume_allow_other_data:
+        log.warning("%s; continuing on it (resume_allow_other_data=true): the checkpoint records both", line)
+        return
+    raise DataError(f"{line}; resuming would mix two datasets in one model: give the run's data.root, start a new "
+                    "run, or set resume_allow_other_data=true")
+
+
 def in_sample_scans(cfg: DictConfig, trained: TrainedOn | None, dm: Any, source: str) -> str | None:
     """Refuse to score, or take the fold's support from, scans the model trained or validated on. (The extra support
     scans of k-shot evaluation from scans are the fold's first training scans by design and are not checked.)

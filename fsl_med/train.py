@@ -26,6 +26,7 @@ from fsl_med.runs import (
     adopt_checkpoint_data,
     check_compatible,
     check_output_location,
+    check_resume_data,
     check_trainer_settings,
     checkpoint_trained_on,
     discard_run_dir,
@@ -158,8 +159,11 @@ def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) 
     if resume is None:
         return cfg, None
     ckpt = load_checkpoint(resume)
-    check_compatible(to_container(stored_config(ckpt, resume)), cfg, resume)
-    return adopt_checkpoint_data(cfg, checkpoint_trained_on(ckpt, resume, cfg), resume, explicit), resume
+    stored = stored_config(ckpt, resume)
+    check_compatible(to_container(stored), cfg, resume)
+    trained = checkpoint_trained_on(ckpt, resume, cfg)
+    check_resume_data(cfg, trained, str(stored.data.root), resume)
+    return adopt_checkpoint_data(cfg, trained, resume, explicit), resume
 
 
 def train(cfg: DictConfig, module: FewShotModule | None = None,

@@ -142,7 +142,10 @@ def test_rerun_skips_up_to_date_and_redoes_what_changed(raw_chaos, tmp_path):
     (out / "label_2.nii.gz").unlink()
     rep = prepare_chaos(src, out, progress=False)
     assert rep.prepared == ["2"] and (out / "label_2.nii.gz").is_file()
-    rep = prepare_chaos(src, out, MriPlan(label_interp="nearest"), progress=False)
+    with pytest.raises(DataError, match=r"holds another preparation: plan label_interp='per_class' \(now 'nearest'\)"):
+        prepare_chaos(src, out, MriPlan(label_interp="nearest"), progress=False)  # another plan: never mixed in
+    assert read_manifest(out)["params"]["label_interp"] == "per_class"
+    rep = prepare_chaos(src, out, MriPlan(label_interp="nearest"), overwrite=True, progress=False)
     assert rep.prepared == ["1", "2", "3"]
     assert read_manifest(out)["params"]["label_interp"] == "nearest"
     assert _tree_digest(src) == zip_digest

@@ -28,6 +28,7 @@ from fsl_med.prepare.datasets import (
     scan_files,
     validation_split,
 )
+from fsl_med.prepare.manifest import incomplete_note, manifest_mismatches, read_manifest
 from fsl_med.prepare.nifti import read_nifti
 from fsl_med.prepare.plan import Plan, compat_mismatch, folder_plan
 
@@ -94,10 +95,21 @@ class FewShotDataModule(L.LightningDataModule):
         note = listing.note()
         if note:
             log.warning("%s", note)
+        manifest = read_manifest(self.root)
+        for line in manifest_mismatches(self.root, self.scan_paths, manifest):
+            log.warning("%s", line)
+        unfinished = incomplete_note(self.root, manifest)
+        if unfinished:
+            log.warning("%s", unfinished)
         classmap = self.root / CLASSMAP_NAME
         if classmap.is_file():  # not otherwise used by training; a malformed one means a broken folder
             read_classmap(classmap)
-        self.split = fold_split(self.info, ids, self.cfg.data.fold)
+        try:
+            self.split = fold_split(self.info, ids, self.cfg.data.fold)
+        except DataError as e:
+            if unfinished is None:
+                raise
+            raise DataError(f"{e}; {unfinished}") from None
         nval = self.cfg.data.num_val_scans
         self.train_ids, self.val_ids = validation_split(self.split.train, nval)
         if nval and not self.val_ids:

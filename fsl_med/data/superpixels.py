@@ -21,7 +21,8 @@ from skimage.segmentation import felzenszwalb
 
 from fsl_med.atomic import atomic_path, sha256_file
 from fsl_med.config import SuperpixelConfig
-from fsl_med.errors import DataError
+from fsl_med.errors import DataError, os_reason
+from fsl_med.locks import Locked, exclusive
 from fsl_med.prepare.datasets import DatasetInfo
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ MRI_BODY_THRESHOLD = 50 + 1e-4
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 """OS errors of a cache that is read-only: tolerated (pseudolabels computed without caching)."""
 _warned: set[str] = set()
+LOCK_WAIT_S = 1800.0
+"""Seconds a job waits for another job computing the same cache entry (one volume takes seconds to minutes)."""
 
 
 def _cache_fault(folder: Path, err: OSError) -> None:
@@ -141,25 +144,48 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
         _cache_fault(cache_dir, e)
         cached, writable = False, False
     if cached:
-        try:
-            with np.load(dest) as z:
-                sp = z["superpixels"]
-            if sp.shape == image.shape:
-                return sp
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # corrupt or unreadable cache entry: regenerate
-    sp = superpixels_volume(image, params)
-    if writable:
-        try:
-            with atomic_path(dest, suffix=".npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, superpixels=sp)
-        except OSError as e:
-            _cache_fault(cache_dir, e)
+        sp = _read_entry(dest, image.shape)
+        if sp is not None:
+            return sp
+    if not writable:
+        return superpixels_volume(image, params)
+    try:  # one writer per entry: another job computing it is waited for, then its result is read
+        with exclusive(cache_dir / f".{dest.name}.lock", f"superpixel cache entry {dest}", wait=LOCK_WAIT_S):
+            sp = _read_entry(dest, image.shape)
+            if sp is None:
+                sp = superpixels_volume(image, params)
+                _write_entry(dest, sp, cache_dir)
+    except Locked:
+        raise
+    except DataError as e:  # the lock file cannot be created: a read-only cache is used without caching
+        reason = os_reason(e)
+        if reason is None or reason.errno not in _UNWRITABLE:
+            raise
+        _cache_fault(cache_dir, reason)
+        sp = superpixels_volume(image, params)
     return sp
 
 
 def cache_superpixels(root: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
+def _read_entry(dest: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A cache entry's pseudolabels, or None when it is missing, corrupt, unreadable or of another shape."""
+    try:
+        with np.load(dest) as z:
+            sp = z["superpixels"]
+        return sp if sp.shape == shape else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _write_entry(dest: Path, sp: np.ndarray, cache_dir: Path) -> None:
+    try:
+        with atomic_path(dest, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, superpixels=sp)
+    except OSError as e:
+        _cache_fault(cache_dir, e)
+
+
                       progress: bool = True) -> float:
     """Compute (or find) the training pseudolabels of every listed scan of a prepared folder in the cache
     (``fsl-med prepare``'s last step); returns the seconds spent."""

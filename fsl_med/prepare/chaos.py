@@ -62,7 +62,7 @@ def find_chaos_cases(source: Source) -> list[Case]:
 
 
 def prepare_chaos(src: str | Path, out: str | Path, plan: MriPlan | None = None, *, force: bool = False,
-                  progress: bool = True) -> PrepareReport:
+                  overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Prepare the official CHAOS download ``src`` (zip or folder) into ``out`` (prepared layout) with ``plan``
     (default :class:`~fsl_med.prepare.plan.MriPlan`); its parameters are recorded in the manifest.
 
@@ -73,4 +73,5 @@ def prepare_chaos(src: str | Path, out: str | Path, plan: MriPlan | None = None,
     with Source(src) as source:
         cases = find_chaos_cases(source)
         return run_preparation(get_dataset_info("chaos_t2"), source, cases, out, p.as_dict(),
-                               lambda s: p.forward(s.image, s.affine, s.label), force=force, progress=progress)
+                               lambda s: p.forward(s.image, s.affine, s.label), force=force, overwrite=overwrite,
+                               progress=progress)

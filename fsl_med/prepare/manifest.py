@@ -75,3 +75,56 @@ def scan_is_current(folder: Path, entry: dict[str, Any] | None, digest: str, fin
         return False
     return (entry.get("params_digest") == digest and entry.get("source", {}).get("fingerprint") == fingerprint
             and files_match(folder, entry.get("files", {})))
+
+
+def incomplete_note(folder: str | Path, manifest: dict[str, Any] | None = None) -> str | None:
+    """One line when ``folder``'s manifest says its preparation did not finish (``complete`` false): how many scans
+    were prepared of how many, and how to finish it; None for a complete preparation or a folder without one."""
+    m = read_manifest(folder) if manifest is None else manifest
+    if m is None or m.get("complete", True):
+        return None
+    expected = m.get("expected_scans")
+    of = f" of {len(expected)}" if isinstance(expected, list) else ""
+    src = (m.get("source") or {}).get("path", "the source")
+    return (f"{folder}: its preparation is incomplete ({len(m['scans'])}{of} scans prepared, manifest.json says "
+            f"complete: false); rerun fsl-med prepare {'sabs' if m.get('dataset') == 'sabs' else 'chaos'} "
+            f"--src {src} --out {folder} to finish it")
+
+
+def manifest_mismatches(folder: str | Path, scans: dict[str, tuple[Path, Path]],
+                        manifest: dict[str, Any] | None = None) -> list[str]:
+    """Warnings for a prepared folder whose scans disagree with its manifest (cheap: names and sizes only).
+
+    Args:
+        folder: the data folder.
+        scans: scan id -> (image, label) as listed (:func:`fsl_med.prepare.datasets.scan_files`).
+        manifest: the folder's manifest (read when None).
+    Returns:
+        one line per kind of disagreement: scans the manifest does not list (another dataset's or a copy's files
+        mixed in), and scans whose files are not the recorded size (rewritten since); empty when the folder has no
+        manifest or agrees with it.
+    """
+    m = read_manifest(folder) if manifest is None else manifest
+    if m is None:
+        return []
+    out: list[str] = []
+    listed = m["scans"]
+    unlisted = [sid for sid in scans if sid not in listed]
+    if unlisted and not m.get("params", {}).get("imported"):
+        out.append(f"{folder}: holds scan(s) {', '.join(unlisted[:8])}{' ...' if len(unlisted) > 8 else ''} that "
+                   f"its manifest.json does not list: not made by its preparation (another dataset's or a copy's "
+                   f"files mixed in?); they are used as they are")
+    changed = []
+    for sid, paths in scans.items():
+        rec = listed.get(sid, {}).get("files", {})
+        for p in paths:
+            want = rec.get(p.name, {}).get("bytes") if isinstance(rec.get(p.name), dict) else None
+            try:
+                if want is not None and p.stat().st_size != want:
+                    changed.append(p.name)
+            except OSError:
+                continue
+    if changed:
+        out.append(f"{folder}: file(s) {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ from the "
+                   "size manifest.json records: rewritten after the preparation")
+    return out

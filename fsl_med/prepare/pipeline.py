@@ -13,6 +13,8 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,10 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fsl_med import __version__
-from fsl_med.atomic import ensure_writable_dir, refuse_nested, refuse_overwriting_inputs, write_text
-from fsl_med.errors import DataError
+from fsl_med.atomic import check_output_file, refuse_nested, refuse_overwriting_inputs, write_text
+from fsl_med.errors import DataError, FilesystemError
+from fsl_med.locks import exclusive
 from fsl_med.prepare.classmap import CLASSMAP_NAME, build_classmap, label_slices
-from fsl_med.prepare.datasets import DatasetInfo
+from fsl_med.prepare.datasets import DatasetInfo, scan_files, scan_sort_key
 from fsl_med.prepare.geometry import orientation_of, spacing_of
 from fsl_med.prepare.manifest import (
     FORMAT,
@@ -79,26 +82,113 @@ class PrepareReport:
         return f"{s} -> {self.out_dir}"
 
 
+LOCK_NAME = ".fsl_med.lock"
+"""The lock file of a prepared folder being written (:mod:`fsl_med.locks`): one ``prepare`` at a time."""
+_STAGING = ".{name}.overwrite-"
+"""Sibling folder an ``--overwrite`` preparation is written into before it replaces ``--out``."""
+
+
 def check_output_dir(out_dir: Path, source: Source | None) -> None:
-    """Create ``out_dir``; refuse an output inside a source folder or a folder that is not writable.
+    """Refuse an output inside (or holding) a source folder, or one that cannot be created or written; creates
+    nothing.
 
     Raises:
         DataError: naming the folder and the problem.
     """
-    out = out_dir.expanduser().resolve()
     if source is not None:
         if source.kind == "folder":
             refuse_nested(out_dir, source.path, "--out", "the source folder --src")
         else:
             refuse_overwriting_inputs(out_dir, {"--src": source.path})
-    ensure_writable_dir(out, f"--out {out_dir}")
+    out = out_dir.expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"--out {out_dir}: exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise DataError(f"--out {out_dir}: is not writable")
+    else:
+        check_output_file(out, "--out")  # its nearest existing parent is a writable folder
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporary files of an earlier, killed run (``.name.XXXX.tmp*`` written by atomic writes)."""
+    """Delete temporary files of an earlier, killed run (``.name.XXXX.tmp*`` written by atomic writes) and the
+    staging folders of a killed ``--overwrite`` (only called while holding the folder's lock)."""
     for p in out_dir.glob(".*.tmp*"):
         with contextlib.suppress(OSError):
             p.unlink()
+    for p in out_dir.parent.glob(_STAGING.format(name=out_dir.name) + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_layout_file(name: str) -> bool:
+    """A file ``prepare`` (or another project's prepared layout) writes: NIfTI scans, pseudolabels, classmap, manifest."""
+    return (name == MANIFEST_NAME or name == CLASSMAP_NAME or name.endswith((".nii", ".nii.gz"))
+            or (name.startswith("classmap") and name.endswith(".json")))
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _params_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys[:4]) or "the manifest format"
+
+
+def _source_identity(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def existing_preparation(out: Path, info: DatasetInfo, source: Source, params: dict[str, Any],
+                         wanted: set[str]) -> str | None:
+    """What ``out`` holds that ``prepare`` may not write into, or None when it may: the folder is empty, or its
+    manifest records the same preparation (dataset, source and plan) and it holds no scan the manifest does not
+    list (then the run resumes, or finds everything up to date).
+
+    Returns:
+        one clause naming what is there (e.g. ``holds a preparation of sabs``), or None.
+    """
+    try:
+        entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot list the folder ({e.strerror or e})") from e
+    if not entries:
+        return None
+    manifest = read_manifest(out)
+    if manifest is None:
+        what = "an unreadable manifest.json or one of another program" if MANIFEST_NAME in entries else \
+            "no manifest.json of fsl-med prepare"
+        return f"already holds {len(entries)} file(s) ({_few(entries)}) and {what}"
+    differ = []
+    if manifest.get("dataset") != info.name:
+        differ.append(f"dataset {manifest.get('dataset')} (now {info.name})")
+    src = (manifest.get("source") or {}).get("path")
+    if src is None or _source_identity(src) != _source_identity(source.path):
+        differ.append(f"source {src} (now {source.path})")
+    if manifest.get("dataset") == info.name and manifest.get("params_digest") != params_digest(params):
+        differ.append(f"plan {_params_diff(manifest.get('params') or {}, params)}")
+    if differ:
+        return f"holds another preparation: {'; '.join(differ)}"
+    listed = set(manifest["scans"]) | wanted  # wanted: an interrupted run may have written a scan not yet listed
+    foreign = sorted({sid for sid in scan_files(out).scans if sid not in listed}, key=scan_sort_key)
+    if foreign:
+        return f"holds scan(s) {_few(foreign)} that its manifest.json does not list (not from this preparation)"
+    return None
+
+
+def _replace_folder(out: Path, staged: Path) -> None:
+    """Put ``staged`` (a complete preparation) in the place of ``out``; the old content is removed only after."""
+    old = out.parent / f"{_STAGING.format(name=out.name)}old-{os.getpid()}"
+    try:
+        os.replace(out, old)
+        os.replace(staged, out)
+    except OSError as e:
+        if old.exists() and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, out)
+        raise FilesystemError(f"--out {out}: cannot replace it with the new preparation {staged} "
+                              f"({e.strerror or e}); the old content is unchanged") from e
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _matrix(a: np.ndarray) -> list[list[float]]:
@@ -119,40 +209,112 @@ def write_classmap(out_dir: Path, manifest: dict[str, Any], info: DatasetInfo) -
 
 def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_dir: str | Path,
                     params: dict[str, Any], process: Callable[[Scan], Scan], *, force: bool = False,
-                    progress: bool = True) -> PrepareReport:
+                    overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Prepare every case of a raw download into ``out_dir`` (the prepared layout).
+
+    ``out_dir`` must be empty (or missing), or hold this same preparation (its manifest records the same dataset,
+    source and plan): then scans already prepared are kept and the run resumes. Anything else is refused, unless
+    ``overwrite``: the preparation is then written into a sibling folder and replaces ``out_dir`` only once it is
+    complete (the old content stays intact until then). One writer at a time: a second ``prepare`` into the same
+    folder is refused, naming the first (:mod:`fsl_med.locks`). A failed run leaves no folder it created.
 
     Args:
         info: the dataset (label map, class names).
         source: the raw download.
         cases: the scans to prepare (ids must be unique).
         out_dir: output folder (created; must not lie inside a source folder).
-        params: the preparation parameters (recorded; a change re-prepares every scan).
+        params: the preparation parameters (recorded; must match an existing preparation's unless ``overwrite``).
         process: raw scan -> prepared scan (canonical orientation, resampled, ...).
         force: re-prepare scans that are up to date.
+        overwrite: replace whatever prepared data ``out_dir`` holds (never a folder holding other kinds of files).
         progress: show progress bars (stderr).
 
     Returns:
         a :class:`PrepareReport`.
 
     Raises:
-        DataError: no cases, unreadable/inconsistent input (naming the file), unwritable output.
+        DataError: no cases, unreadable/inconsistent input (naming the file), an output folder holding other data,
+            another writer, unwritable output.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     if not cases:
         raise DataError(f"{source.path}: no scans found in the source")
     check_output_dir(out, source)
-    remove_stale_temporaries(out)
+    created = out  # the highest folder this run creates (removed again if the run fails and it is still empty)
+    while not created.parent.exists():
+        created = created.parent
+    created = created if not created.exists() else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FilesystemError(f"--out {out_dir}: cannot create it ({e.strerror or e})") from e
+    try:
+        with exclusive(out / LOCK_NAME, f"--out {out_dir}"):
+            remove_stale_temporaries(out)
+            wanted = {c.scan_id for c in cases}
+            held = existing_preparation(out, info, source, params, wanted)
+            if held is not None and not overwrite:
+                raise DataError(f"--out {out_dir}: {held}; prepare writes into an empty folder or resumes its own "
+                                "preparation: choose another --out, or add --overwrite to replace its content")
+            if held is None:
+                return _prepare_into(out, info, source, cases, params, process, force=force, progress=progress)
+            others = [n for n in sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+                      if not _is_layout_file(n) or (out / n).is_dir()]
+            if others:
+                raise DataError(f"--out {out_dir}: --overwrite replaces prepared data only, and it also holds "
+                                f"{_few(others)}; choose another --out")
+            staged = out.parent / f"{_STAGING.format(name=out.name)}{os.getpid()}"
+            try:
+                staged.mkdir()
+                report = _prepare_into(staged, info, source, cases, params, process, force=True, progress=progress)
+                _replace_folder(out, staged)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            report.out_dir = out
+            log.info("replaced the content of %s (--overwrite)", out)
+            return report
+    except BaseException:
+        if created is not None:
+            remove_if_empty(out, up_to=created)
+        raise
+
+
+def remove_if_empty(folder: Path, up_to: Path | None = None) -> bool:
+    """Remove ``folder`` if it holds nothing but temporaries of an atomic write and a lock file, then its empty
+    parents up to ``up_to`` (a failed run leaves no empty folder it created); True if ``folder`` was removed."""
+    try:
+        for p in folder.iterdir():
+            if p.name == LOCK_NAME or (p.name.startswith(".") and ".tmp" in p.name):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        folder.rmdir()
+    except OSError:
+        return False
+    if up_to is not None and up_to != folder and up_to in folder.parents:
+        for parent in folder.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            if parent == up_to:
+                break
+    return True
+
+
+def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case], params: dict[str, Any],
+                  process: Callable[[Scan], Scan], *, force: bool, progress: bool) -> PrepareReport:
+    """The preparation loop proper, into ``out`` (checked and locked by :func:`run_preparation`)."""
     digest = params_digest(params)
+    wanted = {c.scan_id for c in cases}
     old = read_manifest(out) or {}
     old_scans: dict[str, Any] = old.get("scans", {}) if old.get("dataset") == info.name else {}
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fsl_med_version": __version__,
         "dataset": info.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(source.path), "kind": source.kind}, "params": params, "params_digest": digest,
+        "source": {"path": _source_identity(source.path), "kind": source.kind}, "params": params,
+        "params_digest": digest, "expected_scans": sorted(wanted, key=scan_sort_key),
         "orientation": params.get("orientation"), "complete": False, "scans": {}, "files": {},
     }
-    wanted = {c.scan_id for c in cases}
     for sid, entry in old_scans.items():  # scans we wrote before that are no longer in the source
         if sid not in wanted:
             for name in entry.get("files", {}):

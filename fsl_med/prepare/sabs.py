@@ -84,11 +84,12 @@ def find_sabs_cases(source: Source) -> list[Case]:
 
 
 def prepare_sabs(src: str | Path, out: str | Path, plan: CtPlan | None = None, *, force: bool = False,
-                 progress: bool = True) -> PrepareReport:
+                 overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Prepare the official Synapse/BTCV ``RawData/Training`` folder (or zip) ``src`` into ``out`` with ``plan``
     (default :class:`~fsl_med.prepare.plan.CtPlan`); its parameters are recorded in the manifest."""
     p = plan or CtPlan()
     with Source(src) as source:
         cases = find_sabs_cases(source)
         return run_preparation(get_dataset_info("sabs"), source, cases, out, p.as_dict(),
-                               lambda s: p.forward(s.image, s.affine, s.label), force=force, progress=progress)
+                               lambda s: p.forward(s.image, s.affine, s.label), force=force, overwrite=overwrite,
+                               progress=progress)
