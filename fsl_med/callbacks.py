@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -21,30 +22,35 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from fsl_med.config import VARIANTS
-from fsl_med.errors import ConfigError
+from fsl_med.errors import ConfigError, first_line
 from fsl_med.evaluation.overlays import Overlays
 from fsl_med.evaluation.predictions import PredictionWriter
 from fsl_med.evaluation.scoring import Scoring
-from fsl_med.refine.base import Refinement
+from fsl_med.refine.base import Refinement, check_refinement, describe
 from fsl_med.refine.cca import CCA
 from fsl_med.refine.ttt import TestTimeTraining
 
 
 def load_refinement(spec: str, key: str = "eval.refinements") -> Refinement:
-    """Instantiate a user refinement named ``"package.module:Class"`` or ``"path/to/file.py:Class"`` (no arguments).
+    """Instantiate a user refinement named ``"package.module:Class"`` or ``"path/to/file.py:Class"`` (no arguments);
+    ``spec`` is kept as its ``origin`` (how errors name it).
 
     Raises:
-        ConfigError: malformed name, module or file not found or failing to import, no such class, or a class
-            that is not a :class:`Refinement` subclass with a ``name``.
+        ConfigError: malformed name, module or file not found or failing to import, no such class, a class that is
+            not a :class:`Refinement` subclass, needs constructor arguments or fails to construct, or an instance
+            that :func:`check_refinement` refuses.
     """
-    mod_name, sep, cls_name = str(spec).rpartition(":")
+    spec = str(spec)
+    mod_name, sep, cls_name = spec.rpartition(":")
     if not sep or not mod_name or not cls_name:
         raise ConfigError(f"config key '{key}': '{spec}' must be 'package.module:Class' or 'path/to/file.py:Class'")
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name).expanduser()
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"config key '{key}': file {path} does not exist")
+            if not path.is_file():
+                raise ConfigError(f"config key '{key}': {path} is not a file")
             unique = f"fsl_med_user_refinement_{abs(hash(str(path.resolve())))}"
             module = sys.modules.get(unique)
             if module is None:
@@ -57,14 +63,28 @@ def load_refinement(spec: str, key: str = "eval.refinements") -> Refinement:
             module = importlib.import_module(mod_name)
     except ConfigError:
         raise
-    except Exception as e:  # noqa: BLE001 - any import failure of user code is reported as one line
-        raise ConfigError(f"config key '{key}': cannot import {mod_name} ({type(e).__name__}: {e})") from e
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any import failure of user code is reported as one line
+        raise ConfigError(f"config key '{key}': cannot import {mod_name} ({type(e).__name__}: {first_line(e)})") from e
     cls = getattr(module, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Refinement)):
         raise ConfigError(f"config key '{key}': {mod_name} has no Refinement subclass named {cls_name}")
-    obj = cls()
-    if not obj.name:
-        raise ConfigError(f"config key '{key}': {spec} has no 'name' (the variant it produces)")
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as e:
+        raise ConfigError(f"config key '{key}': {spec}: {cls_name}() needs arguments ({first_line(e)}), but "
+                          f"'{key}' builds it without any; give them defaults") from e
+    except ValueError:  # no signature to inspect: let the call tell
+        pass
+    try:
+        obj = cls()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code: one line naming it
+        raise ConfigError(f"config key '{key}': {spec}: {cls_name}() raised {type(e).__name__}: "
+                          f"{first_line(e) or '(no message)'}") from e
+    try:
+        obj.origin = spec
+    except AttributeError:  # a read-only attribute of the user's class: errors name module:Class instead
+        pass
+    check_refinement(obj, key)
     return obj
 
 
@@ -72,7 +92,9 @@ def refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement, ...
     """The refinement callbacks of ``cfg.eval.variants`` and ``cfg.eval.refinements``, then ``extra``, in run order.
 
     Raises:
-        ConfigError: a user refinement cannot be loaded, or two refinements produce the same variant.
+        ConfigError: a user refinement cannot be loaded or is refused by :func:`check_refinement`, two refinements
+            produce the same variant, one that is not built from ``eval.variants`` takes a built-in variant's name,
+            or one derives from a variant that no earlier one produces.
     """
     v = list(cfg.eval.variants)
     out: list[Refinement] = []
@@ -82,12 +104,26 @@ def refinements(cfg: DictConfig, extra: list[Refinement] | tuple[Refinement, ...
         out.append(TestTimeTraining())
         if "ttt_cca" in v:
             out.append(CCA(cfg.eval.cca_mode, source="ttt", name="ttt_cca"))
+    builtin = len(out)
+    for r in extra:
+        check_refinement(r, key="")
     out += user_refinements(cfg, extra)
     names = ["plain", *(r.name for r in out)]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"config key 'eval.refinements': variant name(s) {dup} produced twice; give each "
                           "refinement a distinct name")
+    for r in out[builtin:]:
+        if r.name in VARIANTS:
+            raise ConfigError(f"config key 'eval.refinements': {describe(r)} produces variant '{r.name}', the name of "
+                              f"a built-in variant (chosen with eval.variants); give it another name")
+    made = ["plain"]
+    for r in out:
+        if r.source not in made:
+            raise ConfigError(f"config key 'eval.refinements': refinement '{r.name}' ({describe(r)}) derives from "
+                              f"variant '{r.source}', which no earlier callback produced (have: {', '.join(made)}); "
+                              f"list the callback that makes '{r.source}' before '{r.name}'")
+        made.append(r.name)
     return out
 
 

@@ -97,6 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fsl_med.train import train
 
     cfg = _required_config(args, "CONFIG [key=value ...]")
+    from fsl_med.callbacks import refinements
+
+    refinements(cfg)  # a bad eval.refinements entry fails before training, not after it
     # resuming (ckpt=...) continues the checkpoint's fold, setting and organs: evaluate with the config trained with
     res = train(cfg, explicit=_split_config_arg(args)[1])
     assert res.config is not None and res.module is not None
