@@ -81,3 +81,136 @@ def test_agent_style_invocation_runs_offline(tmp_path):
     assert res["config"]["model"]["encoder"]["lora_rank"] == sweep["parameters"]["model.encoder.lora_rank"]["values"][0]
     offline = list((tmp_path / "runs").rglob("offline-run-*"))
     assert offline, "no offline W&B run was written"
+
+
+# -- `fsl-med sweep` checks the sweep file before the W&B account (issue 28) ------------------------------------
+
+def _mri_sweep() -> dict:
+    return yaml.safe_load((REPO / "experiments" / "sweeps" / "mri.yaml").read_text())
+
+
+def _edit(**changes) -> dict:
+    """The MRI sweep with top-level keys replaced (value None: removed)."""
+    doc = _mri_sweep()
+    for k, v in changes.items():
+        if v is None:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
+    return doc
+
+
+def _with_param(key: str, spec) -> dict:
+    doc = _mri_sweep()
+    doc["parameters"][key] = spec
+    return doc
+
+
+def _with_command(*middle: str, last: str = "${args_no_hyphens}") -> dict:
+    return _edit(command=["${env}", "fsl-med", "run", *middle, last])
+
+
+BROKEN_SWEEPS = {
+    "yaml_syntax": ("method: random\nparameters: {optim.lr: {values: [1, 2}\n", "line 2 is not valid YAML"),
+    "empty": ("", "is empty"),
+    "a_list": ("- method: random\n- parameters: {}\n", "is a YAML list, expected a mapping of sweep keys"),
+    "a_string": ("just words\n", "is a YAML string, expected a mapping"),
+    "not_utf8": (b"method: random\nname: \xff\xfe\n", "not UTF-8 text"),
+    "unknown_key": (_edit(methd="random", method=None), "unknown top-level key(s) 'methd' (did you mean 'method'?)"),
+    "no_method": (_edit(method=None), "no 'method' (one of bayes, random, grid, custom)"),
+    "bad_method": (_edit(method="hyperband"), "method 'hyperband' is not one of bayes, random, grid, custom"),
+    "no_command_no_program": (_edit(command=None, program=None), "neither 'command' nor 'program'"),
+    "command_not_a_list": (_edit(command="fsl-med run experiments/mri.yaml"), "'command' must be a non-empty list"),
+    "program_macro_without_program": (_edit(program=None, command=["${env}", "${program}", "${args_no_hyphens}"]),
+                                      "uses ${program} but there is no 'program'"),
+    "no_parameters": (_edit(parameters=None), "no 'parameters'"),
+    "parameters_a_list": (_edit(parameters=["optim.lr", "ttt.steps"]), "'parameters' must be a non-empty mapping"),
+    "parameter_a_list": (_with_param("optim.lr", [0.1, 0.2]), "parameter 'optim.lr' must be a mapping"),
+    "parameter_unknown_spec_key": (_with_param("ttt.steps", {"vals": [1, 2]}), "parameter 'ttt.steps' has unknown key"),
+    "parameter_bad_distribution": (_with_param("optim.lr", {"distribution": "loguniform", "min": 0.1, "max": 1}),
+                                   "distribution 'loguniform' is not one of"),
+    "parameter_min_above_max": (_with_param("optim.lr", {"min": 0.1, "max": 0.01}), "min 0.1 is larger than max 0.01"),
+    "parameter_not_a_config_key": (_with_param("optim.lrr", {"values": [0.1]}),
+                                   "parameter 'optim.lrr' is not a config key of experiments/mri.yaml"),
+    "parameter_bad_value": (_with_param("model.encoder.lora_rank", {"values": [4, "four"]}),
+                            "parameter 'model.encoder.lora_rank' value 'four'"),
+    "parameter_out_of_range": (_with_param("eval.cca_mode", {"values": ["2d", "4d"]}),
+                               "parameter 'eval.cca_mode' value '4d'"),
+    "missing_experiment_config": (_with_command("experiments/nope.yaml"),
+                                  "the command's config file experiments/nope.yaml does not exist"),
+    "bad_fixed_override": (_with_command("experiments/mri.yaml", "eval.variants=[plain,best]"),
+                           "the command's config experiments/mri.yaml with its overrides"),
+    "hyphenated_args": (_with_command("experiments/mri.yaml", last="${args}"),
+                        "passes the parameters to fsl-med as ${args}"),
+    "metric_without_name": (_edit(metric={"goal": "maximize"}), "'metric' must be a mapping with a 'name'"),
+    "metric_not_logged": (_with_command("experiments/mri.yaml", "eval.variants=[plain]"),
+                          "metric 'test/dice_ttt_cca' is not logged by this command"),
+}
+
+
+@pytest.fixture
+def no_wandb_account(tmp_path, monkeypatch):
+    """No W&B credentials (no WANDB_* variables, an empty HOME, no netrc); the repository as working folder."""
+    for k in [k for k in os.environ if k.startswith("WANDB") or k == "NETRC"]:
+        monkeypatch.delenv(k)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(REPO)
+    from fsl_med.runs import has_wandb_key
+
+    assert not has_wandb_key()
+    return home
+
+
+@pytest.mark.parametrize("case", list(BROKEN_SWEEPS))
+def test_a_broken_sweep_file_is_named_before_the_missing_account(case, no_wandb_account, tmp_path, capsys):
+    from fsl_med.cli import main
+
+    content, needle = BROKEN_SWEEPS[case]
+    path = tmp_path / "sweep.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_text(yaml.safe_dump(content, sort_keys=False))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsl-med: error: ") and "Traceback" not in err, err
+    assert str(path) in lines[0] and needle in lines[0], (needle, lines[0])
+    assert "account" not in lines[0]
+
+
+@pytest.mark.parametrize("what", ["missing", "folder"])
+def test_a_missing_sweep_file_or_a_folder_is_named(what, no_wandb_account, tmp_path, capsys):
+    from fsl_med.cli import main
+
+    path = tmp_path / "sweep.yaml"
+    if what == "folder":
+        path.mkdir()
+    assert main(["sweep", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fsl-med: error: ") and str(path) in line and "account" not in line, line
+    assert ("sweep file not found" if what == "missing" else "is a folder") in line
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_a_valid_sweep_file_without_an_account_gives_the_login_message(path, no_wandb_account, capsys):
+    from fsl_med.cli import main
+
+    assert main(["sweep", str(path.relative_to(REPO))]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fsl-med: error: W&B sweeps need a W&B account: run '.venv/bin/wandb login'"), line
+
+
+def test_a_broken_sweep_file_is_named_before_offline_mode(no_wandb_account, tmp_path, monkeypatch, capsys):
+    from fsl_med.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_edit(method="smart")))
+    assert main(["sweep", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "method 'smart'" in line and "WANDB_MODE" not in line, line
