@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,10 @@ import torch
 
 from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
 from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
-from fsl_med.errors import ConfigError, DataError
+from fsl_med.errors import ConfigError, DataError, first_line
 from fsl_med.prepare.geometry import nearest_on_grid, spacing_of
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
-from fsl_med.prepare.plan import Plan, Scan, default_plan, plan_from_dict
+from fsl_med.prepare.plan import Plan, Scan, check_resampling, default_plan, plan_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def _read_volume(path: Path, option: str) -> tuple[np.ndarray, np.ndarray, tuple
         raise DataError(f"{option} {path}: expected a 3D volume, got {arr.ndim}D shape {tuple(arr.shape)}")
     if arr.size == 0:
         raise DataError(f"{option} {path}: empty volume of shape {tuple(arr.shape)}")
+    if arr.dtype.kind not in "biuf":  # e.g. RGB24 (a structured dtype); complex is refused by read_nifti
+        raise DataError(f"{option} {path}: voxel type {arr.dtype} is not a real number (expected a grey-value image)")
     return arr, affine, zooms
 
 
@@ -133,6 +136,11 @@ def _check_finite(arr: np.ndarray, path: Path, option: str) -> np.ndarray:
         raise DataError(f"{option} {path}: contains {int((~np.isfinite(img)).sum())} NaN/inf voxels")
     check_intensities(img, f"{option} {path}")
     return img
+
+
+def _finite_image(inp: Any) -> np.ndarray:
+    """An image input's voxels as float32, refused when any is NaN/inf or too large (:func:`_check_finite`)."""
+    return _check_finite(inp.array, inp.ref, inp.option)
 
 
 def _few(values: list[int], n: int = 10) -> str:
@@ -170,31 +178,82 @@ def _support_indices(organ_slices: np.ndarray, npart: int, shots: int) -> list[l
         raise ConfigError(f"--shots-per-part {shots}: {err} on the model grid") from err
 
 
-def _device(name: str) -> torch.device:
+def _device(name: Any) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device` of those kinds; a one-line ``--device`` error
+    otherwise (unknown name, CUDA not available, no such GPU)."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"--device {name!r}: must be cpu or cuda (a string or torch.device)")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda":
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-        return torch.device("cuda")
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: no such GPU ({torch.cuda.device_count()} visible)")
+        return torch.device(name)
     raise ConfigError(f"--device {name}: must be cpu or cuda")
 
 
-def _as_plan(plan: str | Plan) -> Plan:
-    return plan if isinstance(plan, Plan) else default_plan(plan)  # an unknown kind: one-line --plan error
+def _as_plan(plan: Any) -> Plan:
+    """A :class:`Plan` instance, or ``"ct"``/``"mri"`` (anything else: a one-line ``--plan`` error)."""
+    if isinstance(plan, Plan):
+        return plan
+    if not isinstance(plan, str):
+        raise ConfigError(f"--plan {plan!r}: must be mri, ct or a Plan instance")
+    return default_plan(plan)  # an unknown kind: one-line --plan error
 
 
-def _check_options(cca: str, shots_per_part: int, z_range: tuple[int, int] | str | None) -> tuple[int, int] | None:
+def _show(value: Any) -> str:
+    """A value as a message shows it: a string as is, anything else as its repr."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(value: Any, option: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{option} {value!r}: must be an integer >= 1")
+    return int(value)
+
+
+def _z_range(z_range: Any) -> tuple[int, int] | None:
+    """``None``, ``"A:B"`` or a pair of integers ``(A, B)``, checked (``0 <= A <= B``)."""
+    if z_range is None:
+        return None
+    if isinstance(z_range, str):
+        return parse_z_range(z_range)
+    if isinstance(z_range, np.ndarray) and z_range.ndim == 1:
+        z_range = z_range.tolist()
+    if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2 and all(_is_int(v) for v in z_range)):
+        raise ConfigError(f"--z-range {z_range!r}: expected (A, B) or 'A:B' with integer slice indices, e.g. (10, 40)")
+    a, b = int(z_range[0]), int(z_range[1])
+    if a < 0 or b < a:
+        raise ConfigError(f"--z-range {a}:{b}: need 0 <= A <= B")
+    return a, b
+
+
+def _label(label: Any) -> int | None:
+    """``None`` or a label id ``>= 1`` (0 is the background)."""
+    if label is None:
+        return None
+    if not _is_int(label) or label < 1:
+        raise ConfigError(f"--label {label!r}: must be an integer label id >= 1 (0 is the background)")
+    return int(label)
+
+
+def _check_options(cca: Any, shots_per_part: Any, z_range: Any) -> tuple[int, int] | None:
     """The options both :func:`segment` (before the checkpoint is read) and :meth:`Segmenter.segment` check;
     returns the parsed ``z_range``."""
-    if cca not in CCA_CHOICES:
-        raise ConfigError(f"--cca {cca}: must be one of {', '.join(CCA_CHOICES)}")
-    if shots_per_part < 1:
-        raise ConfigError(f"--shots-per-part {shots_per_part}: must be >= 1")
-    zr = parse_z_range(z_range) if isinstance(z_range, str) else z_range
-    if zr is not None and (zr[0] < 0 or zr[1] < zr[0]):
-        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: need 0 <= A <= B")
-    return zr
+    if not isinstance(cca, str) or cca not in CCA_CHOICES:
+        raise ConfigError(f"--cca {_show(cca)}: must be one of {', '.join(CCA_CHOICES)}")
+    _positive_int(shots_per_part, "--shots-per-part")
+    return _z_range(z_range)
 
 
 def _query_range(zr: tuple[int, int] | None, n_slices: int, where: Any) -> tuple[int, int]:
@@ -205,6 +264,161 @@ def _query_range(zr: tuple[int, int] | None, n_slices: int, where: Any) -> tuple
         raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{n_slices - 1} "
                           f"(its third array axis; {where})")
     return zr
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One checked input volume: ``array`` ``[X, Y, Z]``, its affine, and how messages name it: ``option``
+    (``--query``) and ``ref`` (its path, or ``(array 0)``)."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    option: str
+    ref: Any
+
+    @property
+    def name(self) -> str:
+        return f"{self.option} {self.ref}"
+
+
+_VOLUME_TYPES = (str, os.PathLike, np.ndarray, torch.Tensor)
+"""What one volume may be given as: a NIfTI path, a numpy array or a torch tensor."""
+
+
+def _kind(value: Any) -> str:
+    """A short description of ``value`` for messages: its type, and its shape for arrays."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return f"{type(value).__name__} {str(value)!r}"
+    return "None" if value is None else type(value).__name__
+
+
+def _as_numpy(value: Any, what: str) -> np.ndarray | None:
+    """``value`` as a numpy array when it is an array or a tensor (a tensor is detached and moved to the CPU;
+    nothing is copied that need not be); ``None`` otherwise."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_complex():
+            raise DataError(f"{what}: complex-valued voxels ({t.dtype}); store the magnitude image as real values")
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        try:
+            return t.cpu().numpy()
+        except (RuntimeError, TypeError) as e:  # sparse, meta or quantised tensors
+            raise ConfigError(f"{what}: cannot read the tensor as an array ({first_line(e)})") from e
+    return None
+
+
+def _check_array(arr: np.ndarray, what: str, mask: bool) -> None:
+    """An input array's dtype and shape: real numbers (booleans only for a mask), 3D, not empty."""
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise DataError(f"{what}: complex-valued voxels ({arr.dtype}); store the magnitude image as real values")
+    if kind == "b" and not mask:
+        raise DataError(f"{what}: a boolean array is a mask, not an image (intensities expected)")
+    if kind not in "biuf":
+        raise DataError(f"{what}: dtype {arr.dtype} is not numeric (expected real-valued voxels)")
+    if arr.ndim != 3 or arr.size == 0:
+        raise DataError(f"{what}: expected a non-empty 3D array, got shape {tuple(arr.shape)}")
+
+
+def _array_affine(affine: Any, what: str, source: str) -> np.ndarray:
+    """An array input's affine (a 4x4 array, tensor or nested list) as float64, checked like a file's."""
+    from fsl_med.prepare.nifti import check_affine
+
+    raw = affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine
+    try:
+        aff = np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        aff = None
+    if aff is None or aff.shape != (4, 4) or not np.isfinite(aff).all():
+        got = f"shape {aff.shape}" if aff is not None and aff.shape != (4, 4) else _kind(affine) if aff is None \
+            else "NaN/inf entries"
+        raise ConfigError(f"{what}: {source} must be a finite 4x4 matrix (got {got})")
+    if not np.allclose(aff[3], (0.0, 0.0, 0.0, 1.0)):
+        raise ConfigError(f"{what}: {source} must end with the row [0, 0, 0, 1] (got {aff[3].tolist()})")
+    check_affine(what, aff, source)
+    return aff
+
+
+def _as_path(value: Any, option: str, expected: str = "a NIfTI path, a numpy array or a torch tensor") -> Path:
+    """A path input: a ``str`` or ``os.PathLike`` that is not empty (anything else: a one-line error saying what
+    was ``expected``)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{option}: expected {expected}, got {_kind(value)}")
+    if not value.strip():
+        raise ConfigError(f"{option}: empty path")
+    return Path(value)
+
+
+def _existing_file(path: Path, option: str) -> Path:
+    if path.is_dir():
+        raise DataError(f"{option} {path}: is a folder, not a file")
+    if not path.is_file():
+        raise DataError(f"{option} {path}: file not found")
+    return path
+
+
+def _input(value: Any, affine: Any, option: str, index: int, source: str) -> _Input:
+    """One volume given as a path, an array or a tensor, checked: an array needs its affine (``source`` names the
+    argument that gives it: ``query_affine``, ``support_affines[i]``), except a mask array, which lies on its
+    image's grid; a path must not come with one (its affine is the file's)."""
+    if value is None:
+        raise ConfigError(f"{option}: missing (None); give a NIfTI path, a numpy array or a torch tensor")
+    what = f"{option} (array {index})"
+    arr = _as_numpy(value, what)
+    if arr is not None:
+        _check_array(arr, what, mask=option == "--support-mask")
+        if affine is None:
+            if option == "--support-mask":
+                return _Input(arr, np.eye(4), option, f"(array {index})")
+            raise ConfigError(f"{what}: an array input needs its 4x4 affine ({source})")
+        return _Input(arr, _array_affine(affine, what, source), option, f"(array {index})")
+    path = _as_path(value, option)
+    if affine is not None:
+        raise ConfigError(f"{source}: given for {option} {path}, a file whose affine is its header's; pass an affine "
+                          "only with an array")
+    arr, aff, _ = _read_volume(_existing_file(path, option), option)
+    return _Input(arr, aff, option, path)
+
+
+def _support_pairs(supports: Any) -> list[tuple[Any, Any]]:
+    """``supports`` as a list of (image, mask) pairs: a list, tuple or any iterable (a generator) of pairs, or one
+    pair given alone (a tuple or list of two volumes, e.g. ``(image, mask)``)."""
+    if supports is None or isinstance(supports, (*_VOLUME_TYPES, bytes, dict)) or not isinstance(supports, Iterable):
+        raise ConfigError(f"supports: expected a list of (image, mask) pairs, got {_kind(supports)}")
+    items = list(supports)
+    if not items:
+        raise ConfigError("--support-image/--support-mask: at least one support pair is needed")
+    if isinstance(supports, (tuple, list)) and len(items) == 2 and isinstance(items[0], _VOLUME_TYPES):
+        items = [tuple(items)]  # one (image, mask) pair, not a list of pairs
+    for i, pair in enumerate(items):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ConfigError(f"supports[{i}]: expected an (image, mask) pair, got {_kind(pair)}"
+                              + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else ""))
+    return [(img, m) for img, m in items]
+
+
+def _support_affines(affines: Any, n: int) -> list[Any]:
+    """``support_affines`` as one entry per support (``None`` for path supports): a list, tuple, iterable or
+    ``[k, 4, 4]`` array; a single 4x4 affine is accepted for a single support."""
+    if affines is None:
+        return [None] * n
+    if isinstance(affines, (np.ndarray, torch.Tensor)) and affines.ndim == 2:
+        if n != 1:
+            raise ConfigError(f"support_affines: one 4x4 affine for {n} supports; give a list of {n}")
+        return [affines]
+    if isinstance(affines, (str, bytes, dict)) or not isinstance(affines, Iterable):
+        raise ConfigError(f"support_affines: expected a list of 4x4 affines, got {_kind(affines)}")
+    out = list(affines)
+    if len(out) != n:
+        raise ConfigError(f"support_affines: {len(out)} affines for {n} supports")
+    return out
 
 
 def checkpoint_plan(ck: dict[str, Any], path: Path, plan: str | Plan | None = None) -> Plan:
@@ -264,8 +478,7 @@ class Segmenter:
 
     def __init__(self, module: Any, cfg: Any, plan: Plan, normalizer: Any, device: torch.device,
                  batch_size: int = 8) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+        _positive_int(batch_size, "--batch-size")
         self.module, self.cfg, self.plan, self.normalize = module, cfg, plan, normalizer
         self.device, self.batch_size = device, int(batch_size)
         self.image_size, self.npart = int(cfg.data.image_size), int(cfg.eval.npart)
@@ -273,25 +486,27 @@ class Segmenter:
         module.eval().to(device)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path, *, device: str = "cpu", plan: str | Plan | None = None,
-                        batch_size: int = 8) -> Segmenter:
-        """Load ``ckpt`` (written by ``fsl-med train``) on ``device`` (``"cpu"`` or ``"cuda"``).
+    def from_checkpoint(cls, ckpt: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                        plan: str | Plan | None = None, batch_size: int = 8) -> Segmenter:
+        """Load ``ckpt`` (written by ``fsl-med train``) on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+        :class:`torch.device`).
 
         Args:
             plan: ``"ct"``/``"mri"``/a :class:`Plan`, required when the checkpoint does not know the plan of its
                 training data (see :func:`checkpoint_plan`).
         Raises:
-            WeightsError: missing, corrupt or foreign checkpoint. ConfigError: plan unknown and not given, bad
-            device.
+            DataError: ``ckpt`` missing or a folder. WeightsError: corrupt or foreign checkpoint. ConfigError: plan
+            unknown and not given, bad plan, device or batch size, ``ckpt`` not a path.
         """
         from fsl_med.data.volumes import Normalizer
         from fsl_med.prepare.datasets import get_dataset_info
         from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
 
-        path = Path(ckpt)
         dev = _device(device)
-        if path.is_dir():
-            raise DataError(f"--ckpt {path}: is a folder, not a file")
+        _positive_int(batch_size, "--batch-size")
+        if plan is not None:
+            _as_plan(plan)
+        path = _existing_file(_as_path(ckpt, "--ckpt", "a checkpoint path"), "--ckpt")
         ck = load_checkpoint(path)
         cfg = stored_config(ck, path)
         chosen = checkpoint_plan(ck, path, plan)
@@ -308,10 +523,36 @@ class Segmenter:
         del ck
         return cls(module, cfg, chosen, normalizer, dev, batch_size)
 
-    def prepare(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None) -> Scan:
-        """The plan's forward step on a source volume ``[X, Y, Z]`` (and optionally its label ids): what
-        ``fsl-med prepare`` writes for the same scan, array for array."""
-        return self.plan.forward(image, affine, label)
+    def prepare(self, image: Any, affine: Any, label: Any = None) -> Scan:
+        """The plan's forward step on a source volume ``[X, Y, Z]`` (array or tensor) with its 4x4 affine (and
+        optionally its label ids 0..255 on the same grid): what ``fsl-med prepare`` writes for the same scan,
+        array for array. The inputs are checked as :meth:`segment` checks them and never modified.
+
+        Raises:
+            DataError, ConfigError: one line naming ``image``, ``affine`` or ``label`` and what is wrong.
+        """
+        img = _input(image, affine, "image", 0, "affine")
+        lab = None
+        if label is not None:
+            lab = _as_numpy(label, "label (array)")
+            if lab is None:
+                raise ConfigError(f"label: expected a numpy array or a torch tensor, got {_kind(label)}")
+            _check_array(lab, "label (array)", mask=True)
+            if lab.shape != img.array.shape:
+                raise DataError(f"label (array): shape {tuple(lab.shape)} differs from the image's "
+                                f"{tuple(img.array.shape)}")
+            if lab.dtype.kind == "f" and not (np.isfinite(lab).all() and np.array_equal(lab, np.rint(lab))):
+                raise DataError("label (array): label ids must be integers (non-integer or NaN/inf values)")
+            if lab.size and (lab.min() < 0 or lab.max() > 255):
+                raise DataError(f"label (array): label ids must lie in 0..255 (range {lab.min()}..{lab.max()})")
+        return self._prepare(_finite_image(img), img.affine, lab, img.name)
+
+    def _prepare(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None, what: str) -> Scan:
+        """:meth:`Plan.forward`, its errors naming ``what``."""
+        try:
+            return self.plan.forward(image, affine, label)
+        except DataError as e:
+            raise DataError(f"{what}: {e}") from e
 
     def _normalised(self, grid: np.ndarray, what: str) -> np.ndarray:
         """Plan grid image ``[X, Y, Z]`` -> normalised model slices ``[Z, H, W]``, as the data module normalises a
@@ -332,41 +573,47 @@ class Segmenter:
             return zyx
         return resize_slices(zyx, self.image_size, mode)
 
-    def _support(self, image: Any, mask: Any, affine: np.ndarray | None, label: int | None, shots: int,
-                 index: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    def _support(self, img: _Input, m: _Input, label: int | None, shots: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         """One support pair -> (normalised model slices, organ mask slices, slices per part)."""
-        img, img_aff, img_p = _volume(image, affine, "--support-image", index)
-        m, _, m_p = _volume(mask, None, "--support-mask", index)  # a mask lies on its image's grid
-        if m.shape != img.shape:
-            raise DataError(f"--support-mask {m_p}: shape {tuple(m.shape)} differs from the support image's "
-                            f"{tuple(img.shape)}")
-        organ = _binary_mask(m, m_p, label)
-        ids = np.rint(m).astype(np.int64) if m.dtype.kind == "f" else m.astype(np.int64)
+        if m.array.shape != img.array.shape:
+            raise DataError(f"{m.name}: shape {tuple(m.array.shape)} differs from the support image's "
+                            f"{tuple(img.array.shape)}")
+        organ = _binary_mask(m.array, m.ref, label)
+        ids = np.rint(m.array).astype(np.int64) if m.array.dtype.kind == "f" else m.array.astype(np.int64)
         if label is not None and ids.min() >= 0 and ids.max() <= 255:
             lab, value = ids.astype(np.uint8), label  # as prepare does: every label resampled, then the organ taken
         else:
             lab, value = organ.astype(np.uint8), 1
-        prep = self.prepare(_check_finite(img, img_p, "--support-image"), img_aff, lab)
+        self._check_geometry(img)
+        prep = self._prepare(_finite_image(img), img.affine, lab, img.name)
         assert prep.label is not None
         sup_masks = self._model_slices((prep.label == value).astype(np.uint8), "nearest") > 0
         organ_slices = np.flatnonzero(sup_masks.reshape(sup_masks.shape[0], -1).any(axis=1))
         if organ_slices.size == 0:
-            raise DataError(f"--support-mask {m_p}: the organ lies outside the model's field of view after "
-                            "preparation")
-        images = self._normalised(prep.image, f"--support-image {img_p}")
+            raise DataError(f"{m.name}: the organ lies outside the model's field of view after preparation")
+        images = self._normalised(prep.image, img.name)
         return images, sup_masks, _support_indices(organ_slices, self.npart, shots)
 
-    def segment(self, query: Any, supports: Sequence[tuple[Any, Any]], *, query_affine: np.ndarray | None = None,
-                support_affines: Sequence[np.ndarray] | None = None, label: int | None = None,
-                z_range: tuple[int, int] | str | None = None, shots_per_part: int = 1,
+    def _check_geometry(self, inp: _Input) -> None:
+        """Refuse a volume the plan cannot resample sensibly; note one it resamples far (:func:`check_resampling`)."""
+        note = check_resampling(self.plan, inp.array.shape, inp.affine, inp.name)
+        if note is not None:
+            log.warning("%s", note)
+
+    def segment(self, query: Any, supports: Any, *, query_affine: Any = None, support_affines: Any = None,
+                label: int | None = None, z_range: tuple[int, int] | str | None = None, shots_per_part: int = 1,
                 cca: str = DEFAULT_CCA) -> Segmentation:
         """Segment the supports' organ in ``query``.
 
         Args:
-            query: NIfTI path or ``[X, Y, Z]`` array (then ``query_affine`` is its 4x4 RAS affine); any orientation
-                and voxel size, intensities as from the scanner (CT in HU).
-            supports: ``k >= 1`` (image, mask) pairs, paths or arrays (then ``support_affines`` gives each image's
-                affine; a mask array lies on its image's grid). Without ``label`` each mask must be binary; with
+            query: NIfTI path, ``[X, Y, Z]`` numpy array or torch tensor (an array or tensor needs ``query_affine``,
+                its 4x4 RAS affine; a tensor is read detached, on the CPU); any orientation and voxel size,
+                intensities as from the scanner (CT in HU).
+            supports: ``k >= 1`` (image, mask) pairs (a list, tuple or generator; one pair may also be given
+                alone as ``(image, mask)``), each a path, array or tensor (an image array needs its entry of
+                ``support_affines``, a list with ``None`` for path images; a single 4x4 affine serves a single
+                support; a mask array lies on its image's grid). Without ``label`` each mask must be binary; with
                 it, it may hold several labels and ``label`` must be one of them.
             z_range: ``(A, B)`` or ``"A:B"``: only query slices ``A..B`` (inclusive, the query's original third array
                 axis) are segmented. Default: all.
@@ -377,26 +624,37 @@ class Segmenter:
         Returns:
             a :class:`Segmentation` on the query's grid.
         Raises:
-            DataError: unreadable/non-3D input, NaN voxels, empty or non-binary mask, mask shape differing from its
-                image's, organ outside the field of view. ConfigError: bad option (label absent from a mask,
-                ``z_range`` outside the query, too few support slices, unknown ``cca``, no supports).
+            DataError: unreadable/non-3D input, complex, boolean (image) or non-numeric arrays, NaN voxels, a
+                singular affine, empty or non-binary mask, mask shape differing from its image's, a voxel size
+                the plan cannot resample (:func:`fsl_med.prepare.plan.check_resampling`), organ outside the
+                field of view. ConfigError: bad option or argument type (label absent from a mask or not an
+                integer >= 1, ``z_range`` malformed or outside the query, too few support slices, unknown ``cca``,
+                no supports, an affine missing, malformed or given for a path). Every message is one line naming
+                the argument (``--query``, ``--support-image``, ``support_affines``, ...).
         """
+        zr = _check_options(cca, shots_per_part, z_range)
+        lab = _label(label)
+        pairs = _support_pairs(supports)
+        affines = _support_affines(support_affines, len(pairs))
+        q = _input(query, query_affine, "--query", 0, "query_affine")
+        sups = [(_input(img, affines[i], "--support-image", i, f"support_affines[{i}]"),
+                 _input(m, None, "--support-mask", i, "")) for i, (img, m) in enumerate(pairs)]
+        return self._run(q, sups, lab, zr, shots_per_part, cca)
+
+    def _run(self, q: _Input, supports: list[tuple[_Input, _Input]], label: int | None, zr: tuple[int, int] | None,
+             shots_per_part: int, cca: str) -> Segmentation:
+        """:meth:`segment` on checked inputs (the CLI's path too, so that messages name its files)."""
         from fsl_med.data.volumes import slice_input
         from fsl_med.refine.cca import largest_mass_component
 
-        zr = _check_options(cca, shots_per_part, z_range)
-        if len(supports) < 1:
-            raise ConfigError("--support-image/--support-mask: at least one support pair is needed")
-        if support_affines is not None and len(support_affines) != len(supports):
-            raise ConfigError(f"support_affines: {len(support_affines)} affines for {len(supports)} supports")
-        q_img, q_aff, q_p = _volume(query, query_affine, "--query", 0)
-        q_img = _check_finite(q_img, q_p, "--query")
+        q_img = _finite_image(q)
+        q_aff = q.affine
         q_shape = tuple(int(v) for v in q_img.shape)
-        zr = _query_range(zr, q_shape[2], q_p)
-        sups = [self._support(img, m, None if support_affines is None else support_affines[i], label, shots_per_part, i)
-                for i, (img, m) in enumerate(supports)]
-        q_prep = self.prepare(q_img, q_aff)
-        q_norm = self._normalised(q_prep.image, f"--query {q_p}")
+        zr = _query_range(zr, q_shape[2], q.ref)
+        self._check_geometry(q)
+        sups = [self._support(img, m, label, shots_per_part) for img, m in supports]
+        q_prep = self._prepare(q_img, q_aff, None, q.name)
+        q_norm = self._normalised(q_prep.image, q.name)
         za, zb = model_z_range(zr, q_shape, q_aff, q_prep.affine, q_norm.shape[0])  # type: ignore[arg-type]
         zs = np.arange(za, zb + 1)
         part = np.minimum(self.npart - 1, (self.npart * (zs - za)) // (zb - za + 1)).astype(np.int64)
@@ -420,7 +678,7 @@ class Segmenter:
         for arr in (mask, probability):
             arr[:, :, :zr[0]] = 0
             arr[:, :, zr[1] + 1:] = 0
-        return Segmentation(mask=mask, probability=probability, affine=q_aff, z_range=(int(zr[0]), int(zr[1])),
+        return Segmentation(mask=mask, probability=probability, affine=np.array(q_aff), z_range=(int(zr[0]), int(zr[1])),
                             support_slices=[[[int(z) for z in p] for p in idx] for _, _, idx in sups])
 
     def _to_query(self, slices: np.ndarray, prepared: Scan, shape: tuple[int, int, int],
@@ -438,27 +696,19 @@ class Segmenter:
         return nearest_on_grid(grid, prepared.affine, shape, affine).astype(np.float32)
 
 
-def _volume(value: Any, affine: np.ndarray | None, option: str, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(array, affine, name) of a path or an array input (an image array needs its affine; a mask's is unused)."""
-    if isinstance(value, np.ndarray):
-        if value.ndim != 3 or value.size == 0:
-            raise DataError(f"{option} (array {index}): expected a non-empty 3D array, got shape {value.shape}")
-        if affine is None:
-            if option == "--support-mask":  # a mask array lies on its image's grid
-                return value, np.eye(4), f"(array {index})"
-            raise ConfigError(f"{option} (array {index}): an array input needs its 4x4 affine")
-        aff = np.asarray(affine, dtype=np.float64)
-        if aff.shape != (4, 4) or not np.isfinite(aff).all():
-            raise ConfigError(f"{option} (array {index}): affine must be a finite 4x4 matrix")
-        return value, aff, f"(array {index})"
-    path = Path(value)
-    if path.is_dir():
-        raise DataError(f"{option} {path}: is a folder, not a file")
-    arr, aff, _ = _read_volume(path, option)
-    return arr, aff, path
-
-
 # -- the verb ---------------------------------------------------------------------------------------
+
+def _paths(value: Any, option: str) -> list[Path]:
+    """One path or a sequence of paths (``--support-image`` repeated) as a list of paths."""
+    if isinstance(value, (str, os.PathLike)):
+        return [_as_path(value, option, "a NIfTI path")]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        raise ConfigError(f"{option}: segment() reads NIfTI files: expected a path, got {_kind(value)} (use "
+                          "Segmenter.segment for arrays)")
+    if value is None or isinstance(value, (bytes, dict)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{option}: expected a NIfTI path or a list of paths, got {_kind(value)}")
+    return [_as_path(v, option, "NIfTI paths") for v in value]
+
 
 def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
             support_mask: str | Path | Sequence[str | Path], query: str | Path, out: str | Path, *,
@@ -477,17 +727,22 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
         A :class:`SegmentResult` (``support_slices``: the first support's slices per part).
     Raises:
         DataError, ConfigError, WeightsError: one line each, before anything is written (inputs and options are
-        checked before the checkpoint is read).
+        checked before the checkpoint is read); arrays instead of paths are a one-line error (use
+        :meth:`Segmenter.segment`).
     """
     from fsl_med.prepare.nifti import write_nifti
 
-    ckpt, out, query_p = Path(ckpt), Path(out), Path(query)
-    sup_imgs = [Path(p) for p in ([support_image] if isinstance(support_image, (str, Path)) else support_image)]
-    sup_masks = [Path(p) for p in ([support_mask] if isinstance(support_mask, (str, Path)) else support_mask)]
+    ckpt, out = _as_path(ckpt, "--ckpt", "a checkpoint path"), _as_path(out, "--out", "an output .nii.gz path")
+    query_p = _paths(query, "--query")
+    if len(query_p) != 1:
+        raise ConfigError(f"--query: one query volume per call, got {len(query_p)}")
+    query_p = query_p[0]
+    sup_imgs = _paths(support_image, "--support-image")
+    sup_masks = _paths(support_mask, "--support-mask")
     # -- options (cheap checks first)
     zr = _check_options(cca, shots_per_part, z_range)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    lab = _label(label)
+    _positive_int(batch_size, "--batch-size")
     if len(sup_imgs) != len(sup_masks) or not sup_imgs:
         raise ConfigError(f"--support-image/--support-mask: {len(sup_imgs)} images and {len(sup_masks)} masks; "
                           "give one mask per image")
@@ -505,33 +760,30 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
     checks = [(ckpt, "--ckpt"), *[(p, "--support-image") for p in sup_imgs], *[(p, "--support-mask") for p in sup_masks],
               (query_p, "--query")]
     for p, opt in checks:
-        if p.is_dir():
-            raise DataError(f"{opt} {p}: is a folder, not a file")
-        if not p.is_file():
-            raise DataError(f"{opt} {p}: file not found")
+        _existing_file(p, opt)
 
     # -- inputs (read and checked before the checkpoint)
-    pairs, affines = [], []
+    pairs: list[tuple[_Input, _Input]] = []
     for img_p, mask_p in zip(sup_imgs, sup_masks, strict=True):
         s_img, s_aff, _ = _read_volume(img_p, "--support-image")
-        s_img = _check_finite(s_img, img_p, "--support-image")
+        img_in = _Input(s_img, s_aff, "--support-image", img_p)
+        _finite_image(img_in)
         s_mask, m_aff, _ = _read_volume(mask_p, "--support-mask")
         if s_mask.shape != s_img.shape:
             raise DataError(f"--support-mask {mask_p}: shape {tuple(s_mask.shape)} differs from the support "
                             f"image's {tuple(s_img.shape)}")
         if not np.allclose(m_aff, s_aff, atol=1e-3):
             log.warning("%s: affine differs from the support image's; the mask is taken on the image's grid", mask_p)
-        _binary_mask(s_mask, mask_p, label)
-        pairs.append((s_img, s_mask))
-        affines.append(s_aff)
+        _binary_mask(s_mask, mask_p, lab)
+        pairs.append((img_in, _Input(s_mask, s_aff, "--support-mask", mask_p)))
     q_img, q_aff, _ = _read_volume(query_p, "--query")
-    q_img = _check_finite(q_img, query_p, "--query")
-    zr = _query_range(zr, q_img.shape[2], query_p)
+    q_in = _Input(q_img, q_aff, "--query", query_p)
+    _finite_image(q_in)
+    _query_range(zr, q_img.shape[2], query_p)
 
     # -- checkpoint, segmentation, output
     segmenter = Segmenter.from_checkpoint(ckpt, device=device, plan=plan, batch_size=batch_size)
-    res = segmenter.segment(q_img, pairs, query_affine=q_aff, support_affines=affines, label=label, z_range=zr,
-                            shots_per_part=shots_per_part, cca=cca)
+    res = segmenter._run(q_in, pairs, lab, zr, shots_per_part, cca)
     write_nifti(out, res.mask, q_aff)
     voxels = int(res.mask.sum())
     voxel_ml = float(np.prod(spacing_of(q_aff))) / 1000.0  # mm^3 -> ml

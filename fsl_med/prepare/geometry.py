@@ -33,6 +33,20 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(a, axis=0))  # type: ignore[return-value]
 
 
+def reoriented_geometry(shape: tuple[int, ...], affine: np.ndarray, codes: str = CANONICAL_ORIENTATION
+                        ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape and voxel size (mm) along the axes that :func:`reorient` to ``codes`` gives a volume of ``shape``
+    and ``affine``, without touching its voxels."""
+    affine = np.asarray(affine, dtype=np.float64)
+    tr = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                         nib.orientations.axcodes2ornt(tuple(codes)))
+    sp = spacing_of(affine)
+    out_shape, out_sp = [0, 0, 0], [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(tr[:3]):
+        out_shape[int(axis)], out_sp[int(axis)] = int(shape[i]), sp[i]
+    return (out_shape[0], out_shape[1], out_shape[2]), (out_sp[0], out_sp[1], out_sp[2])
+
+
 def reorient(arr: np.ndarray, affine: np.ndarray, codes: str = CANONICAL_ORIENTATION) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip ``arr`` ``[X, Y, Z]`` so that its axes follow ``codes``; exact (no interpolation).
 

@@ -29,6 +29,7 @@ from fsl_med.prepare.geometry import (
     crop_or_pad_xy,
     labels_per_class,
     reorient,
+    reoriented_geometry,
     resample_image,
     resample_index_grid,
     resample_label,
@@ -96,6 +97,13 @@ class Plan:
             lab, _ = reorient(np.asarray(label, dtype=np.uint8), affine, self.orientation)
         return self._grid(img, lab, aff)
 
+    def grid_spacings(self, shape: tuple[int, ...], affine: np.ndarray
+                      ) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+        """``(source, grid)`` voxel sizes (mm) along the prepared axes (``orientation``) of a source volume of
+        ``shape`` and ``affine``: what :meth:`forward` resamples from and to. ``None`` when the plan cannot
+        prepare that shape at all (:meth:`forward` then says why)."""
+        raise NotImplementedError
+
     def inverse(self, labels: np.ndarray, grid_affine: np.ndarray, shape: tuple[int, int, int],
                 affine: np.ndarray) -> np.ndarray:
         """Prepared-grid labels ``[X, Y, Z]`` (affine ``grid_affine``) → uint8 array of ``shape`` on the grid
@@ -127,6 +135,10 @@ class MriPlan(Plan):
         if self.clip_top_percent > 0:
             img = np.minimum(img, np.percentile(img, 100.0 - self.clip_top_percent)).astype(np.float32)
         return img
+
+    def grid_spacings(self, shape: tuple[int, ...], affine: np.ndarray
+                      ) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+        return reoriented_geometry(shape, affine, self.orientation)[1], tuple(self.spacing)  # type: ignore[return-value]
 
     def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
         img, new_aff = resample_image(image, affine, self.spacing)
@@ -188,6 +200,25 @@ class CtPlan(Plan):
         lab = None if scan.label is None else reorient(scan.label, scan.affine, self.orientation)[0]
         return Scan(image=img, label=lab, affine=aff)
 
+    def grid_spacings(self, shape: tuple[int, ...], affine: np.ndarray
+                      ) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+        if self.grid == "exact":
+            (nx, ny, _), src = reoriented_geometry(shape, affine, self.orientation)
+            if min(nx, ny) <= 2 * self.border:
+                return None
+            return src, (src[0] * (nx - 2 * self.border) / self.size, src[1] * (ny - 2 * self.border) / self.size,
+                         src[2])
+        src = spacing_of(affine)  # the reference resamples in the source's storage order, then reorients
+        if min(shape[0], shape[1]) <= 2 * self.border:
+            return None
+        factor = (512 - 2 * self.border) / self.size
+        grid = (src[0] * factor, src[1] * factor, src[2])
+        came_from = reoriented_geometry((0, 1, 2), affine, self.orientation)[0]  # the source axis of each axis
+        out_src, out_grid = [0.0] * 3, [0.0] * 3
+        for i, axis in enumerate(came_from):
+            out_src[i], out_grid[i] = src[axis], grid[axis]
+        return (out_src[0], out_src[1], out_src[2]), (out_grid[0], out_grid[1], out_grid[2])
+
     def _cropped(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         try:
@@ -229,6 +260,74 @@ class CtPlan(Plan):
             else:
                 labels = labels_per_class(lab_ids, resample, self.label_interp)[0]
         return Scan(image=out, label=labels, affine=out_aff)
+
+
+RESAMPLING_NOTE = 4.0
+"""A plan that resamples a volume more than this many times finer or coarser along an axis says so once
+(:func:`check_resampling`): the prepared scan then looks unlike the training data."""
+
+RESAMPLING_LIMIT = 16.0
+"""A plan that would resample a volume more than this many times along an axis refuses it
+(:func:`check_resampling`)."""
+
+_AXIS_NAMES = {"L": "left-right", "R": "left-right", "A": "anterior-posterior", "P": "anterior-posterior",
+               "S": "inferior-superior", "I": "inferior-superior"}
+
+
+def check_resampling(plan: Plan, shape: tuple[int, ...], affine: np.ndarray, what: str) -> str | None:
+    """Refuse a volume whose voxel size is too far from the plan's grid to be resampled sensibly; otherwise
+    return a one-line note when it is far enough to matter (``None`` for ordinary scans).
+
+    The rule, per prepared axis, with ``f`` = source voxel size / grid voxel size (:meth:`Plan.grid_spacings`):
+
+    * ``f < 1 / RESAMPLING_LIMIT`` (downsampling more than 16-fold): the plan's linear resampling has no
+      anti-aliasing, so it would read only one source voxel in ``1/f`` along that axis and ignore the rest of the
+      scan (e.g. 0.05 mm slices onto the MRI plan's 7.7 mm: 1 slice in 154);
+    * ``f > RESAMPLING_LIMIT`` (upsampling more than 16-fold): each source voxel would be stretched over ``f``
+      grid voxels, a picture the model never saw in training (e.g. 200 mm slices onto 7.7 mm);
+
+    * the grid's in-plane voxel more than ``RESAMPLING_LIMIT`` times longer one way than the other (the CT plan
+      resamples the in-plane field to ``size`` x ``size`` whatever its pixels' shape; training scans have square
+      pixels);
+
+    all raise :class:`DataError`; beyond ``RESAMPLING_NOTE`` (4-fold) they only give the note.
+    Scans near the training data's voxel size (CHAOS-T2: ~1.4-1.9 mm in-plane, 5.5-9 mm slices on the MRI plan's
+    1.25 x 1.25 x 7.7 mm; Synapse CT's 512 px onto 256 px) are far inside both bounds.
+
+    Args:
+        plan: the preprocessing plan; shape, affine: the source volume's; what: the file (or array) named.
+    Raises:
+        DataError: one line naming ``what``, its voxel size, the plan's grid and the axis beyond the limit.
+    """
+    spacings = plan.grid_spacings(shape, affine)
+    if spacings is None:
+        return None
+    src, grid = spacings
+    factors = [s / g for s, g in zip(src, grid, strict=True)]
+    sp = " x ".join(f"{v:.3g}" for v in spacing_of(affine))
+    grid_s = " x ".join(f"{v:.3g}" for v in grid)
+    axes = [_AXIS_NAMES.get(c, f"axis {i}") for i, c in enumerate(plan.orientation)]
+    for i, f in enumerate(factors):
+        if f < 1.0 / RESAMPLING_LIMIT or f > RESAMPLING_LIMIT:
+            how = (f"downsampled {1 / f:.3g}-fold, so that linear resampling would read 1 source voxel in "
+                   f"{1 / f:.0f} and ignore the rest" if f < 1 else
+                   f"upsampled {f:.3g}-fold, each source voxel stretched over {f:.0f} grid voxels")
+            raise DataError(f"{what}: voxel size {sp} mm cannot be resampled sensibly to the {plan.modality} "
+                            f"plan's {grid_s} mm grid: its {axes[i]} axis would be {how} (at most "
+                            f"{RESAMPLING_LIMIT:g}-fold either way)")
+    aspect = max(grid[0], grid[1]) / min(grid[0], grid[1])  # the CT plan keeps the in-plane field, not the pixel
+    if aspect > RESAMPLING_LIMIT:
+        raise DataError(f"{what}: voxel size {sp} mm cannot be resampled sensibly to the {plan.modality} plan's "
+                        f"{grid_s} mm grid: its in-plane voxels would be {aspect:.3g} times longer one way than the "
+                        f"other (at most {RESAMPLING_LIMIT:g})")
+    far = [f"{axes[i]} {'up' if f > 1 else 'down'}sampled {max(f, 1 / f):.3g}-fold" for i, f in enumerate(factors)
+           if f < 1.0 / RESAMPLING_NOTE or f > RESAMPLING_NOTE]
+    if aspect > RESAMPLING_NOTE:
+        far.append(f"in-plane voxels {aspect:.3g} times longer one way than the other")
+    if not far:
+        return None
+    return (f"{what}: voxel size {sp} mm is far from the {plan.modality} plan's {grid_s} mm grid ("
+            f"{', '.join(far)}); segmented as it is, but it looks unlike the training data (check the result)")
 
 
 _PLANS: dict[str, type[Plan]] = {"mri": MriPlan, "ct": CtPlan}
