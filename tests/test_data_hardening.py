@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -242,18 +245,36 @@ def test_segment_rejects_a_singular_affine_before_the_checkpoint(data, tmp_path,
 
 # ------------------------------------------------------------------ 4. filesystem faults
 
-def test_unreadable_image_is_named_as_a_filesystem_fault(data, tmp_path, capsys):
+def _unprivileged(*args: str) -> subprocess.CompletedProcess:
+    """``fsl-med ARGS`` in a subprocess that file permissions apply to: as root (a root CI runner reads a chmod 000
+    file and writes into a chmod 555 folder) under ``capsh`` with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped,
+    otherwise directly. Root without ``capsh`` fails: install it (Debian/Ubuntu: ``apt-get install libcap2-bin``)."""
+    cmd = [sys.executable, "-m", "fsl_med", *args]
+    if os.geteuid() == 0:
+        capsh = shutil.which("capsh")
+        if capsh is None:
+            pytest.fail("running as root: dropping CAP_DAC_OVERRIDE needs capsh (apt-get install libcap2-bin)")
+        cmd = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(cmd)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_unreadable_image_is_named_as_a_filesystem_fault(data, tmp_path):
     path = data / "image_3.nii.gz"
     path.chmod(0)
     try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running with privileges that read a chmod 000 file (root): cannot provoke EACCES")
-        rc, err, out = _train(data, tmp_path, capsys)
-        assert rc == 2
-        line = _one_error_line(err, f"{path}: cannot read (Permission denied)")
+        out = tmp_path / "runs"
+        p = _unprivileged("train", *_common(data, out, tmp_path / "cache"))
+        assert p.returncode == 2, p.stderr[-2000:]
+        line = _one_error_line(p.stderr, f"{path}: cannot read (Permission denied)")
         assert "gzip" not in line and "NIfTI" not in line
         _no_run_folder(out)
-        _import_problem(data, capsys, f"{path}: cannot read (Permission denied)")
+        p = _unprivileged("prepare", "import", "--src", str(data), "--dataset", "chaos", "--check-only",
+                          "--no-progress")
+        assert p.returncode == 2, p.stdout + p.stderr
+        problems = [ln for ln in p.stdout.splitlines() if ln.startswith("problem:")]
+        assert any(f"{path}: cannot read (Permission denied)" in ln for ln in problems), p.stdout
+        _one_error_line(p.stderr, "problem(s) found")
     finally:
         path.chmod(0o644)
 
@@ -293,19 +314,16 @@ def test_superpixel_cache_folder_that_is_a_file_is_an_error(phantom, tmp_path, c
     _no_run_folder(out)
 
 
-def test_read_only_superpixel_cache_is_used_without_caching(phantom, tmp_path, capsys, caplog):
+def test_read_only_superpixel_cache_is_used_without_caching(phantom, tmp_path):
     cache = tmp_path / "cache"
     (cache / "superpixels").mkdir(parents=True)
     (cache / "superpixels").chmod(0o555)
     try:
-        if os.access(cache / "superpixels", os.W_OK):
-            pytest.skip("running with privileges that write to a chmod 555 folder (root): cannot provoke EACCES")
-        with caplog.at_level(logging.WARNING, logger="fsl_med"):
-            rc = main(["train", *_common(phantom, tmp_path / "runs", cache)])
-        assert rc == 0, capsys.readouterr().err[-2000:]
-        warned = [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()]
-        assert warned == [f"superpixel cache {cache / 'superpixels'} is not writable (Permission denied): "
-                          "pseudolabels are computed without caching"]
+        p = _unprivileged("train", *_common(phantom, tmp_path / "runs", cache))
+        assert p.returncode == 0, p.stderr[-2000:]
+        warned = [ln for ln in p.stderr.splitlines() if "not writable" in ln]
+        assert warned == [f"[fsl_med.data.superpixels] superpixel cache {cache / 'superpixels'} is not writable "
+                          "(Permission denied): pseudolabels are computed without caching"], p.stderr[-2000:]
         assert not list((cache / "superpixels").iterdir())
     finally:
         (cache / "superpixels").chmod(0o755)

@@ -200,7 +200,9 @@ def nearest_on_grid(values: np.ndarray, model_affine: np.ndarray, shape: tuple[i
     """Map a ``[X, Y, Z]`` volume (labels or probabilities) on the model grid onto another grid by nearest neighbour.
 
     Each output voxel ``i`` takes the value of the model voxel nearest to its world position
-    (``round(inv(model_affine) @ affine @ i)``); outside the model grid the value is 0.
+    (``round(inv(model_affine) @ affine @ i)``, halves up); outside the model grid (its voxels' extent, half a voxel
+    beyond the first and last centres) the value is 0. (``grid-constant``: scipy's ``constant`` would also zero a
+    position a rounding error outside the first or last voxel centre, e.g. a whole edge slice of the source.)
 
     Returns:
         array of ``shape`` and of ``values``'s dtype (uint8 for booleans).
@@ -208,8 +210,8 @@ def nearest_on_grid(values: np.ndarray, model_affine: np.ndarray, shape: tuple[i
     v = np.asarray(values)
     v = v.astype(np.uint8) if v.dtype == bool else v
     m = np.linalg.inv(np.asarray(model_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
-    return ndimage.affine_transform(np.ascontiguousarray(v), m, output_shape=tuple(shape), order=0, mode="constant",
-                                    cval=0, prefilter=False)
+    return ndimage.affine_transform(np.ascontiguousarray(v), m, output_shape=tuple(shape), order=0,
+                                    mode="grid-constant", cval=0, prefilter=False)
 
 
 def to_original_grid(pred: np.ndarray, model_affine: np.ndarray, shape: tuple[int, int, int],
