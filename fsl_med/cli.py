@@ -394,12 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="in-plane grid: exact (fsl_med: 256 x 256) or reference (the notebook's spacing "
                                 "rule, 257 x 257 for 512 px scans; the loader resizes; default: --compat's)")
             pp.add_argument("--force", action="store_true", help="re-prepare scans that are up to date")
-        pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
-        pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
-        pp.add_argument("--no-progress", action="store_true", help="no progress bars")
             pp.add_argument("--overwrite", action="store_true",
                             help="replace the prepared data --out holds (another dataset, source or plan); the old "
                             "content stays intact until the new preparation is complete")
+        pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
+        pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
+        pp.add_argument("--no-progress", action="store_true", help="no progress bars")
         pp.set_defaults(func=cmd_prepare)
     sp = sub.add_parser("segment", help="segment an organ in your own volume: segment --ckpt C --support-image S "
                         "--support-mask M --query Q --out P.nii.gz")
@@ -527,9 +527,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a filesystem fault: the path and the OS's reason
         if debug:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"fsl-med: error: {where}{e.strerror or e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
         if e.errno == errno.ENOENT and "No usable temporary directory" in str(e):  # tempfile: every candidate failed
             import tempfile
 
@@ -537,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"/var/tmp, /usr/tmp and {os.getcwd()} are full or not writable ({tempfile.__name__} could not "
                   "create a file in any); set TMPDIR to a writable folder with free space", file=sys.stderr)
             return 2
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fsl-med: error: {where}{e.strerror or e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - one line without --debug
         if debug:
             raise

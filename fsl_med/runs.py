@@ -91,7 +91,11 @@ class RunFolder(Callback):
             made = None
             if trainer.is_global_zero:
                 made = new_run_dir(self.cfg.logging.output_dir, self.name)
-                save_config(self.cfg, made)
+                try:
+                    save_config(self.cfg, made)
+                except BaseException:
+                    discard_run_dir(made)  # a write fault (full disk): no empty run folder left behind
+                    raise
                 log.info("run folder %s", made)
             self.path = Path(trainer.strategy.broadcast(str(made) if made is not None else None, src=0))
         for cb in trainer.callbacks:  # type: ignore[attr-defined]

@@ -166,7 +166,6 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
     return sp
 
 
-def cache_superpixels(root: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
 def _read_entry(dest: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """A cache entry's pseudolabels, or None when it is missing, corrupt, unreadable or of another shape."""
     try:
@@ -186,6 +185,7 @@ def _write_entry(dest: Path, sp: np.ndarray, cache_dir: Path) -> None:
         _cache_fault(cache_dir, e)
 
 
+def cache_superpixels(root: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,
                       progress: bool = True) -> float:
     """Compute (or find) the training pseudolabels of every listed scan of a prepared folder in the cache
     (``fsl-med prepare``'s last step); returns the seconds spent."""
