@@ -19,7 +19,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-fast demo bench gpu-check gpu-bundle ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help: ## list the targets with one line each
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -32,8 +32,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install fsl_med with its dev tools (idempotent)
 
-test: $(STAMP) lint ## lint + import contracts, then the test suite (real CHAOS data from ../shared when present; required under CI=true)
+test: $(STAMP) lint test-deps ## lint + import contracts, then the test suite (real CHAOS data from ../shared when present; required under CI=true)
 	$(PY) -m pytest -q
+
+test-deps: ## as root: capsh (Debian libcap2-bin), which the permission tests use to drop root's file-access override
+	@if [ "$$(id -u)" = 0 ] && ! command -v capsh >/dev/null 2>&1; then \
+		echo "installing capsh (libcap2-bin) for the permission tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcap2-bin >/dev/null; fi
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	FSL_MED_FAST=1 $(PY) -m pytest -q -m "not slow"

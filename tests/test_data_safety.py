@@ -312,3 +312,15 @@ def test_prepare_write_fault_is_named_and_leaves_no_folder(raw, tmp_path):
     assert p.returncode == 2
     _error_line(p.stderr, f"cannot write {out / 'image_1.nii.gz'}: File too large")
     assert not (tmp_path / "new").exists()
+
+
+def test_prepare_refuses_a_scan_the_plan_cannot_resample(tmp_path, capsys):
+    from fsl_med.data.phantom_raw import chaos_raw_files
+
+    for rel, data in chaos_raw_files(1, size=64, depth=8, seed=0, spacing=(1.5, 1.5, 0.2)).items():
+        (tmp_path / "raw" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "raw" / rel).write_bytes(data)
+    out = tmp_path / "out"
+    assert _prepare("chaos", tmp_path / "raw" / "Train_Sets", out) == 2
+    _error_line(capsys.readouterr().err, "scan 1 (", "0.2")
+    assert not out.exists()

@@ -209,7 +209,8 @@ def write_classmap(out_dir: Path, manifest: dict[str, Any], info: DatasetInfo) -
 
 def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_dir: str | Path,
                     params: dict[str, Any], process: Callable[[Scan], Scan], *, force: bool = False,
-                    overwrite: bool = False, progress: bool = True) -> PrepareReport:
+                    overwrite: bool = False, progress: bool = True,
+                    check: Callable[[Scan, str], str | None] | None = None) -> PrepareReport:
     """Prepare every case of a raw download into ``out_dir`` (the prepared layout).
 
     ``out_dir`` must be empty (or missing), or hold this same preparation (its manifest records the same dataset,
@@ -228,6 +229,8 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
         force: re-prepare scans that are up to date.
         overwrite: replace whatever prepared data ``out_dir`` holds (never a folder holding other kinds of files).
         progress: show progress bars (stderr).
+        check: ``(raw scan, its name) -> note or None``, run before ``process``; raises for a scan the plan cannot
+            prepare sensibly (e.g. :func:`fsl_med.prepare.plan.check_resampling`); a note is logged as a warning.
 
     Returns:
         a :class:`PrepareReport`.
@@ -257,7 +260,8 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
                 raise DataError(f"--out {out_dir}: {held}; prepare writes into an empty folder or resumes its own "
                                 "preparation: choose another --out, or add --overwrite to replace its content")
             if held is None:
-                return _prepare_into(out, info, source, cases, params, process, force=force, progress=progress)
+                return _prepare_into(out, info, source, cases, params, process, force=force, progress=progress,
+                                     check=check)
             others = [n for n in sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
                       if not _is_layout_file(n) or (out / n).is_dir()]
             if others:
@@ -266,7 +270,8 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             staged = out.parent / f"{_STAGING.format(name=out.name)}{os.getpid()}"
             try:
                 staged.mkdir()
-                report = _prepare_into(staged, info, source, cases, params, process, force=True, progress=progress)
+                report = _prepare_into(staged, info, source, cases, params, process, force=True, progress=progress,
+                                       check=check)
                 _replace_folder(out, staged)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -302,7 +307,8 @@ def remove_if_empty(folder: Path, up_to: Path | None = None) -> bool:
 
 
 def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case], params: dict[str, Any],
-                  process: Callable[[Scan], Scan], *, force: bool, progress: bool) -> PrepareReport:
+                  process: Callable[[Scan], Scan], *, force: bool, progress: bool,
+                  check: Callable[[Scan, str], str | None] | None = None) -> PrepareReport:
     """The preparation loop proper, into ``out`` (checked and locked by :func:`run_preparation`)."""
     digest = params_digest(params)
     wanted = {c.scan_id for c in cases}
@@ -335,6 +341,10 @@ def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case
         if bad.size:
             raise DataError(f"{source.describe(case.inputs[-1])}: label values {bad.tolist()[:5]} are outside the "
                             f"{info.name} label map {list(info.all_label_ids)}")
+        if check is not None:
+            note = check(raw, f"scan {case.scan_id} ({source.describe(case.inputs[0])})")
+            if note:
+                log.warning("%s", note)
         prep = process(raw)
         label = np.asarray(prep.label)
         names = (f"image_{case.scan_id}.nii.gz", f"label_{case.scan_id}.nii.gz")
