@@ -33,10 +33,16 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
     dest = Path(dest)
     if suffix is None:
         suffix = "".join(dest.suffixes)
+    created = dest.parent  # the highest folder this write creates: removed again if the write fails
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created_any = not created.exists()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
     except OSError as e:
+        if created_any:
+            _remove_empty(dest.parent, created)
         raise write_error(dest, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
@@ -49,12 +55,25 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if created_any:
+            _remove_empty(dest.parent, created)
         # an OS error writing the temporary file (or renaming it) is a write fault of `dest`: name it. An OS error
         # about another file (the body read something) passes through as it is.
         if isinstance(exc, OSError) and not isinstance(exc, FslMedError) \
                 and (exc.filename is None or Path(exc.filename) in (tmp_path, dest)):
             raise write_error(dest, exc) from exc
         raise
+
+
+def _remove_empty(folder: Path, up_to: Path) -> None:
+    """Remove ``folder`` and its parents up to ``up_to`` while they are empty (folders a failed write created)."""
+    for p in (folder, *folder.parents):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == up_to:
+            return
 
 
 def write_text(dest: str | os.PathLike[str], text: str) -> Path:

@@ -105,8 +105,8 @@ def download_archive(
           renamed onto ``<filename>`` (``os.replace``); the hash is written to ``<filename>.sha256``
           (``sha256sum`` format) and, when it was not known beforehand, logged.
         * If ``<filename>`` exists and no hash is known (neither expected nor in ``<filename>.sha256``), or
-          its hash matches, nothing is downloaded. If its hash does not match, it is deleted and downloaded
-          again.
+          its hash matches, nothing is downloaded. If its hash does not match, it is downloaded again; the
+          existing file is replaced only by a complete, verified download (a failed one leaves it as it was).
         * A checksum mismatch deletes the part file. Other failures keep it, so a rerun resumes.
 
     Raises:
@@ -146,8 +146,8 @@ def download_archive(
         if actual == known:
             log.info("%s is up to date (SHA-256 verified)", final)
             return final
-        log.warning("%s has SHA-256 %s, expected %s: downloading it again", final, actual, known)
-        _unlink(final)
+        log.warning("%s has SHA-256 %s, expected %s: downloading it again (it is kept until the new download "
+                    "is complete and verified)", final, actual, known)
 
     log.info("downloading %s (licence %s) from %s to %s", archive.filename, archive.licence, src, final)
     _fetch(src, part, archive, progress=progress, retries=max(0, retries), timeout=timeout)

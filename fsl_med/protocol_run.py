@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, interrupts
+from fsl_med import __version__, atomic, interrupts
 from fsl_med.config import to_container
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
@@ -185,9 +185,8 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
         for r in first:  # overlays of the first fold and seed
             src = Path(r["results_path"]).parent / "overlays"
             for png in sorted(src.glob("*.png")):
-                dest = run_dir / "overlays" / f"setting{s}" / png.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(png, dest)
+                with atomic.atomic_path(run_dir / "overlays" / f"setting{s}" / png.name) as tmp:
+                    shutil.copyfile(png, tmp)
     if report["ttt_seconds_per_slice"] is not None:
         md.append(f"TTT seconds per slice: {report['ttt_seconds_per_slice']:.3f}")
     md.append(f"Training seconds per step: {report['seconds_per_step']:.3f}")

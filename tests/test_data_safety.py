@@ -281,7 +281,7 @@ def ckpt(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_segment_write_fault_is_named(ckpt, tmp_path):
     ph, ck = ckpt
-    out = tmp_path / "seg.nii.gz"
+    out = tmp_path / "new" / "seg.nii.gz"  # in a folder the write creates: removed again when it fails
     p = subprocess.run([*FSL, "segment", "--ckpt", str(ck), "--support-image", str(ph / "image_2.nii.gz"),
                         "--support-mask", str(ph / "label_2.nii.gz"), "--label", "1", "--query",
                         str(ph / "image_1.nii.gz"), "--out", str(out)], cwd=tmp_path, capture_output=True,
@@ -324,3 +324,35 @@ def test_prepare_refuses_a_scan_the_plan_cannot_resample(tmp_path, capsys):
     assert _prepare("chaos", tmp_path / "raw" / "Train_Sets", out) == 2
     _error_line(capsys.readouterr().err, "scan 1 (", "0.2")
     assert not out.exists()
+
+
+# -- other writers never replace a real dataset -------------------------------------------------------
+
+def test_phantom_raw_never_replaces_a_real_download(tmp_path, capsys):
+    real = tmp_path / "Train_Sets"  # stands for the user's CHAOS download
+    (real / "MR" / "1").mkdir(parents=True)
+    (real / "MR" / "1" / "scan.dcm").write_bytes(b"precious")
+    (tmp_path / "CHAOS_Train_Sets.zip").write_bytes(b"PK precious")
+    (tmp_path / "RawData" / "Training").mkdir(parents=True)
+    before = _tree(tmp_path)
+    for fmt in ("chaos-raw", "chaos-zip", "sabs-raw"):
+        assert main(["phantom", "--format", fmt, "--out", str(tmp_path), "--n-scans", "1", "--size", "64"]) == 2
+        _error_line(capsys.readouterr().err, "was not written by fsl-med phantom", "refusing to replace it")
+    assert _tree(tmp_path) == before
+    out = tmp_path / "ph"
+    for fmt in ("chaos-raw", "chaos-zip", "chaos-raw", "chaos-zip"):  # its own phantoms are replaced
+        assert main(["phantom", "--format", fmt, "--out", str(out), "--n-scans", "1", "--size", "64"]) == 0
+
+
+def test_import_keeps_the_manifest_prepare_wrote(raw, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert _prepare("chaos", raw["chaos"], data) == 0
+    manifest = (data / "manifest.json").read_bytes()
+    other = generate_phantom(tmp_path / "other", n_scans=1, size=64, depth=8, seed=1)
+    for kind in ("image", "label"):
+        shutil.copy(other / f"{kind}_1.nii.gz", data / f"{kind}_40.nii.gz")
+    (data / "classmap_1.json").unlink()  # it would not list scan 40: import writes a new one
+    assert main(["prepare", "import", "--src", str(data), "--dataset", "chaos", *QUIET]) == 0
+    out = capsys.readouterr().out
+    assert "manifest.json was written by fsl-med prepare and is kept" in out and "scan(s) 40" in out
+    assert (data / "manifest.json").read_bytes() == manifest  # its plan and source geometry are not lost

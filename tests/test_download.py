@@ -191,6 +191,18 @@ def test_existing_mismatching_file_is_downloaded_again(serve, tmp_path):
     assert path.read_bytes() == PAYLOAD
 
 
+def test_existing_mismatching_file_is_kept_until_a_verified_download_replaces_it(serve, tmp_path):
+    mine = b"an archive the user already has"
+    (tmp_path / FILENAME).write_bytes(mine)
+    with pytest.raises(DataError, match="404"):  # the new download fails: the old file is untouched
+        _get(serve("404").url, tmp_path, sha256=SHA)
+    assert (tmp_path / FILENAME).read_bytes() == mine
+    with pytest.raises(DataError, match="checksum mismatch"):  # a download that fails its check: untouched too
+        _get(serve().url, tmp_path, sha256="1" * 64)
+    assert (tmp_path / FILENAME).read_bytes() == mine
+    assert not (tmp_path / f"{FILENAME}.part").exists()
+
+
 def test_bad_name_hash_and_folder_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="valid: chaos"):
         download_archive("nope", tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 import zipfile
@@ -28,6 +29,7 @@ import numpy as np
 
 from fsl_med.atomic import atomic_path
 from fsl_med.data.phantom import make_phantom_scan
+from fsl_med.errors import DataError, write_error
 from fsl_med.prepare.nifti import write_nifti
 
 CHAOS_IDS: tuple[int, ...] = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -48,16 +50,55 @@ def world_affine(size: int, depth: int, spacing: tuple[float, float, float]) -> 
     return aff
 
 
+MARKER = ".fsl_med_phantom"
+"""A file at the root of a phantom raw tree (and the comment of a phantom zip): only these are ever replaced."""
+_ZIP_COMMENT = b"fsl_med phantom"
+
+
+def _refuse_foreign(dest: Path) -> None:
+    """Refuse to replace ``dest`` unless it is a phantom written here before: a real download (CHAOS zip or
+    ``Train_Sets``, Synapse ``RawData/Training``) at the same place is never deleted.
+
+    Raises:
+        DataError: naming ``dest``.
+    """
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    ours = False
+    if dest.is_dir() and not dest.is_symlink():
+        ours = (dest / MARKER).is_file()
+    elif dest.is_file():
+        try:
+            with zipfile.ZipFile(dest) as zf:
+                ours = zf.comment == _ZIP_COMMENT
+        except (zipfile.BadZipFile, OSError):
+            ours = False
+    if not ours:
+        raise DataError(f"phantom: {dest} already exists and was not written by fsl-med phantom (a real download?); "
+                        "refusing to replace it: choose another --out")
+
+
 @contextlib.contextmanager
 def _staged_tree(dest: Path):
-    """Write a folder tree in a temporary sibling and move it onto ``dest`` at the end (replacing it)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    """Write a folder tree in a temporary sibling and move it onto ``dest`` at the end, replacing a phantom tree
+    written before (never anything else: :func:`_refuse_foreign`)."""
+    _refuse_foreign(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise write_error(dest, e) from e
     try:
         yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
+        (tmp / MARKER).write_text("written by fsl-med phantom; replaced when it is run again\n")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}") if dest.exists() else None
+        if old is not None:
+            dest.rename(old)
         tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise write_error(dest, e) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +175,9 @@ def write_raw_chaos(out_dir: str | Path, n_patients: int = 4, size: int = 128, d
     files = chaos_raw_files(n_patients, size, depth, seed)
     if as_zip:
         dest = out / "CHAOS_Train_Sets.zip"
+        _refuse_foreign(dest)
         with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.comment = _ZIP_COMMENT
             for rel, data in files.items():
                 zf.writestr(rel, data)
         return dest

@@ -23,6 +23,7 @@ import numpy as np
 
 from fsl_med import __version__
 from fsl_med.errors import DataError
+from fsl_med.locks import exclusive
 from fsl_med.prepare.classmap import label_slices, read_classmap
 from fsl_med.prepare.datasets import DatasetInfo, get_dataset_info, scan_files
 from fsl_med.prepare.geometry import CANONICAL_ORIENTATION
@@ -30,6 +31,7 @@ from fsl_med.prepare.manifest import FORMAT, FORMAT_VERSION, file_record, read_m
 from fsl_med.prepare.nifti import affine_mismatch, check_intensities, read_nifti
 from fsl_med.prepare.pipeline import (
     CLASSMAP_NAME,
+    LOCK_NAME,
     geometry_record,
     write_classmap,
 )
@@ -183,13 +185,22 @@ def import_prepared(folder: str | Path, dataset: str, *, check_only: bool = Fals
         manifest["scans"][sid] = {**entry, "files": {p.name: file_record(p) for p in report.files[sid]}}
     if not writable:
         report.notes.append(f"{root}: folder is read-only; classmap/manifest not written (the data is usable as is)")
-    else:
+        return report
+    with exclusive(root / LOCK_NAME, f"--src {root}"):  # one writer per prepared folder, as prepare
         if not report.classmap_present:
             write_classmap(root, manifest, info)
             report.written.append(CLASSMAP_NAME)
         manifest["files"][CLASSMAP_NAME] = file_record(root / CLASSMAP_NAME)
         old = read_manifest(root)
-        if old is None or {k: v.get("files") for k, v in old["scans"].items()} != \
+        prepared_here = old is not None and not (old.get("params") or {}).get("imported")
+        if prepared_here:  # written by `fsl-med prepare`: it records the plan and the source geometry; never replaced
+            assert old is not None
+            unlisted = [sid for sid in manifest["scans"] if sid not in old["scans"]]
+            if unlisted:
+                report.notes.append(f"{root}: manifest.json was written by fsl-med prepare and is kept (it records the "
+                                    f"plan and the source geometry); scan(s) {', '.join(unlisted)} it does not list "
+                                    "stay unlisted (training warns about them)")
+        elif old is None or {k: v.get("files") for k, v in old["scans"].items()} != \
                 {k: v["files"] for k, v in manifest["scans"].items()}:
             write_manifest(root, manifest)
             report.written.append("manifest.json")

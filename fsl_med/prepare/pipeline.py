@@ -280,6 +280,10 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             return report
     except BaseException:
         if created is not None:
+            m = read_manifest(out)
+            if m is not None and not m["scans"]:  # nothing was prepared: the manifest alone is no preparation
+                with contextlib.suppress(OSError):
+                    (out / MANIFEST_NAME).unlink()
             remove_if_empty(out, up_to=created)
         raise
 
@@ -326,6 +330,8 @@ def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case
             for name in entry.get("files", {}):
                 with contextlib.suppress(OSError):
                     (out / name).unlink()
+    # before the first scan file, so that an interrupted run leaves a folder holding its own preparation
+    write_manifest(out, {**manifest, "scans": {k: v for k, v in old_scans.items() if k in wanted}})
     report = PrepareReport(out_dir=out)
     bar = tqdm(cases, desc=f"prepare {info.name}", unit="vol", disable=not progress, file=sys.stderr)
     for case in bar:
