@@ -22,6 +22,16 @@ TINY = [
 ]
 
 
+def error_line(err: str, *needles: str) -> str:
+    """The one ``fsl-med: error:`` line of a command's stderr; asserts there is exactly one, no traceback, and that it
+    contains every needle."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def chaos_root() -> Path | None:
     """The real CHAOS-T2 prepared folder, or None when absent."""
     p = Path(os.environ.get("FSL_MED_DATA_MRI", DEFAULT_CHAOS))

@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import error_line
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
@@ -60,13 +61,6 @@ def _import(root: Path, capsys) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def _one_error_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
-    assert len(lines) == 1, err[-2000:]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _no_run_folder(out: Path) -> None:
@@ -79,7 +73,7 @@ def _import_problem(root: Path, capsys, *needles: str) -> None:
     assert rc == 2, out + err
     problems = [ln for ln in out.splitlines() if ln.startswith("problem:")]
     assert any(all(n in ln for n in needles) for ln in problems), (needles, out)
-    _one_error_line(err, "problem(s) found")
+    error_line(err, "problem(s) found")
 
 
 def _nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +115,7 @@ def test_malformed_classmap_is_one_line_error_in_train_and_import(case, data, tm
     path.write_text(json.dumps(breaker(json.loads(path.read_text()))))
     rc, err, out = _train(data, tmp_path, capsys)
     assert rc == 2
-    _one_error_line(err, f"{path}: {needle}")
+    error_line(err, f"{path}: {needle}")
     _no_run_folder(out)
     _import_problem(data, capsys, f"{path}: {needle}")
 
@@ -131,7 +125,7 @@ def test_classmap_that_is_not_json_is_named(data, tmp_path, capsys):
     path.write_text("{not json")
     rc, err, out = _train(data, tmp_path, capsys)
     assert rc == 2
-    _one_error_line(err, f"{path}: not valid JSON")
+    error_line(err, f"{path}: not valid JSON")
     _no_run_folder(out)
 
 
@@ -223,7 +217,7 @@ def test_singular_affine_is_one_line_error(case, data, tmp_path, capsys):
     assert np.allclose(nib.load(str(path)).affine[:3, :3], SINGULAR[case][:3, :3])  # stored as written
     rc, err, out = _train(data, tmp_path, capsys)
     assert rc == 2
-    _one_error_line(err, f"{path}: {SINGULAR_MSG}")
+    error_line(err, f"{path}: {SINGULAR_MSG}")
     _no_run_folder(out)
     _import_problem(data, capsys, f"{path}: {SINGULAR_MSG}")
 
@@ -239,7 +233,7 @@ def test_segment_rejects_a_singular_affine_before_the_checkpoint(data, tmp_path,
                "--out", str(tmp_path / "pred.nii.gz")])
     err = capsys.readouterr().err
     assert rc == 2
-    _one_error_line(err, f"{path}: {SINGULAR_MSG}")
+    error_line(err, f"{path}: {SINGULAR_MSG}")
     assert not (tmp_path / "pred.nii.gz").exists()
 
 
@@ -266,7 +260,7 @@ def test_unreadable_image_is_named_as_a_filesystem_fault(data, tmp_path):
         out = tmp_path / "runs"
         p = _unprivileged("train", *_common(data, out, tmp_path / "cache"))
         assert p.returncode == 2, p.stderr[-2000:]
-        line = _one_error_line(p.stderr, f"{path}: cannot read (Permission denied)")
+        line = error_line(p.stderr, f"{path}: cannot read (Permission denied)")
         assert "gzip" not in line and "NIfTI" not in line
         _no_run_folder(out)
         p = _unprivileged("prepare", "import", "--src", str(data), "--dataset", "chaos", "--check-only",
@@ -274,7 +268,7 @@ def test_unreadable_image_is_named_as_a_filesystem_fault(data, tmp_path):
         assert p.returncode == 2, p.stdout + p.stderr
         problems = [ln for ln in p.stdout.splitlines() if ln.startswith("problem:")]
         assert any(f"{path}: cannot read (Permission denied)" in ln for ln in problems), p.stdout
-        _one_error_line(p.stderr, "problem(s) found")
+        error_line(p.stderr, "problem(s) found")
     finally:
         path.chmod(0o644)
 
@@ -285,7 +279,7 @@ def test_directory_in_place_of_an_image_is_named_as_a_filesystem_fault(data, tmp
     path.mkdir()
     rc, err, out = _train(data, tmp_path, capsys)
     assert rc == 2
-    line = _one_error_line(err, f"{path}: cannot read (Is a directory)")
+    line = error_line(err, f"{path}: cannot read (Is a directory)")
     assert "gzip" not in line and "not a NIfTI" not in line
     _no_run_folder(out)
     _import_problem(data, capsys, f"{path}: cannot read (Is a directory)")
@@ -298,7 +292,7 @@ def test_superpixel_cache_below_a_regular_file_is_an_error(phantom, tmp_path, ca
     rc = main(["train", *_common(phantom, out, blocker / "cache")])
     err = capsys.readouterr().err
     assert rc == 2
-    _one_error_line(err, f"superpixel cache {blocker / 'cache' / 'superpixels'}", "(Not a directory)")
+    error_line(err, f"superpixel cache {blocker / 'cache' / 'superpixels'}", "(Not a directory)")
     _no_run_folder(out)
 
 
@@ -310,7 +304,7 @@ def test_superpixel_cache_folder_that_is_a_file_is_an_error(phantom, tmp_path, c
     rc = main(["train", *_common(phantom, out, cache)])
     err = capsys.readouterr().err
     assert rc == 2
-    _one_error_line(err, f"superpixel cache {cache / 'superpixels'}: exists and is not a folder")
+    error_line(err, f"superpixel cache {cache / 'superpixels'}: exists and is not a folder")
     _no_run_folder(out)
 
 
@@ -343,7 +337,7 @@ def test_huge_intensities_fail_before_training(data, tmp_path, capsys):
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     rc, err, _ = _train(data, tmp_path, capsys)
     assert rc == 2
-    line = _one_error_line(err, str(path), "not finite", "range ")
+    line = error_line(err, str(path), "not finite", "range ")
     assert "3.0e+38" in line
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no run folder created
     _import_problem(data, capsys, str(path), "not finite")

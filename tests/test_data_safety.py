@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import error_line
 
 from fsl_med.cli import main
 from fsl_med.config import SuperpixelConfig
@@ -37,13 +38,6 @@ FSL = [sys.executable, "-m", "fsl_med"]
 QUIET = ["--no-superpixels", "--no-progress"]
 
 
-def _error_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _tree(path: Path) -> dict[str, str]:
@@ -78,7 +72,7 @@ def test_prepare_refuses_a_folder_holding_another_dataset(raw, prepared_sabs, tm
     shutil.copytree(prepared_sabs, out)
     before = _tree(out)
     assert _prepare("chaos", raw["chaos"], out) == 2
-    _error_line(capsys.readouterr().err, f"--out {out}", "holds another preparation", "dataset sabs (now chaos_t2)",
+    error_line(capsys.readouterr().err, f"--out {out}", "holds another preparation", "dataset sabs (now chaos_t2)",
                 "--overwrite")
     assert _tree(out) == before  # nothing written, nothing removed
 
@@ -88,14 +82,14 @@ def test_prepare_refuses_other_source_other_plan_and_foreign_files(raw, tmp_path
     assert _prepare("chaos", raw["chaos"], out) == 0
     before = _tree(out)
     assert _prepare("chaos", raw["chaos_b"], out) == 2  # same dataset, other download
-    _error_line(capsys.readouterr().err, "holds another preparation", f"source {raw['chaos'].resolve()}",
+    error_line(capsys.readouterr().err, "holds another preparation", f"source {raw['chaos'].resolve()}",
                 f"(now {raw['chaos_b']})")
     assert _prepare("chaos", raw["chaos"], out, "--compat", "reference") == 2  # same download, other plan
-    _error_line(capsys.readouterr().err, "plan label_interp='per_class' (now 'per_class_rint')")
+    error_line(capsys.readouterr().err, "plan label_interp='per_class' (now 'per_class_rint')")
     shutil.copy(out / "image_1.nii.gz", out / "image_9.nii.gz")
     shutil.copy(out / "label_1.nii.gz", out / "label_9.nii.gz")
     assert _prepare("chaos", raw["chaos"], out) == 2  # same preparation, but scans it did not make
-    _error_line(capsys.readouterr().err, "holds scan(s) 9 that its manifest.json does not list")
+    error_line(capsys.readouterr().err, "holds scan(s) 9 that its manifest.json does not list")
     for name in ("image_9.nii.gz", "label_9.nii.gz"):
         (out / name).unlink()
     assert _tree(out) == before
@@ -109,9 +103,9 @@ def test_prepare_refuses_a_folder_of_unknown_files_even_with_overwrite(raw, tmp_
     (out / "notes.txt").write_text("mine")
     (out / "scan.nii.gz").write_bytes(b"not mine to delete")
     assert _prepare("chaos", raw["chaos"], out) == 2
-    _error_line(capsys.readouterr().err, "already holds 2 file(s) (notes.txt, scan.nii.gz)", "no manifest.json")
+    error_line(capsys.readouterr().err, "already holds 2 file(s) (notes.txt, scan.nii.gz)", "no manifest.json")
     assert _prepare("chaos", raw["chaos"], out, "--overwrite") == 2
-    _error_line(capsys.readouterr().err, "--overwrite replaces prepared data only", "notes.txt")
+    error_line(capsys.readouterr().err, "--overwrite replaces prepared data only", "notes.txt")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "scan.nii.gz"]
 
 
@@ -125,7 +119,7 @@ def test_overwrite_replaces_atomically_and_keeps_the_old_content_until_complete(
     victim = sorted((broken / "MR" / "3" / "T2SPIR" / "DICOM_anon").iterdir())[3]
     victim.write_bytes(b"not a dicom file")
     assert _prepare("chaos", broken, out, "--overwrite") == 2
-    _error_line(capsys.readouterr().err, victim.name)
+    error_line(capsys.readouterr().err, victim.name)
     assert _tree(out) == before, "the old content must stay intact until the new preparation is complete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X", "broken"], "a staging folder was left behind"
     assert _prepare("chaos", raw["chaos"], out, "--overwrite") == 0
@@ -144,7 +138,7 @@ def test_a_failed_prepare_leaves_no_folder_it_created(raw, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :-3], img.affine), str(lab))
     out = tmp_path / "new" / "deeper" / "out"
     assert _prepare("sabs", src, out) == 2
-    _error_line(capsys.readouterr().err, "label0001.nii.gz")
+    error_line(capsys.readouterr().err, "label0001.nii.gz")
     assert not (tmp_path / "new").exists()
 
 
@@ -155,7 +149,7 @@ def test_a_second_writer_is_refused_naming_the_holder(raw, tmp_path, capsys):
     out.mkdir()
     with exclusive(out / LOCK_NAME, "test holder"):
         assert _prepare("chaos", raw["chaos"], out) == 2
-        _error_line(capsys.readouterr().err, f"--out {out}: is being written by pid {os.getpid()} on host "
+        error_line(capsys.readouterr().err, f"--out {out}: is being written by pid {os.getpid()} on host "
                     f"{socket.gethostname()}", str(out / LOCK_NAME))
     assert list(out.iterdir()) == []  # the refused writer wrote nothing
     # a lock file left by a process that died (no kernel lock held) does not block
@@ -175,7 +169,7 @@ def test_two_prepares_at_once_never_fail_with_a_raw_error(raw, tmp_path):
         assert "Traceback" not in err and "error: FileNotFoundError" not in err, err
         if rc != 0:
             assert rc == 2
-            _error_line(err, "is being written by pid", "on host")
+            error_line(err, "is being written by pid", "on host")
     m = read_manifest(out)
     assert m["complete"] and sorted(m["scans"]) == ["1", "2", "3"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -224,7 +218,7 @@ def test_training_names_unlisted_scans_and_an_incomplete_preparation(raw, tmp_pa
     write_manifest(data, m)
     assert main(_train_args(data, tmp_path / "runs")) == 2
     err = capsys.readouterr().err
-    line = _error_line(err, f"{data}: its preparation is incomplete (2 of 5 scans prepared")
+    line = error_line(err, f"{data}: its preparation is incomplete (2 of 5 scans prepared")
     assert "rerun fsl-med prepare chaos" in line
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("version_*"))
 
@@ -254,7 +248,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, capsys, caplog
     assert main(_train_args(copy, runs, "name=r", "resume=last", "trainer.max_steps=2")) == 0  # the same data
     capsys.readouterr()
     assert main(_train_args(b, runs, "name=r", "resume=last", "trainer.max_steps=3")) == 2
-    _error_line(capsys.readouterr().err, "the run trained on data.root", str(copy), f"data.root {b} holds other data",
+    error_line(capsys.readouterr().err, "the run trained on data.root", str(copy), f"data.root {b} holds other data",
                 "have other label files", "resume_allow_other_data=true")
     assert sorted(p.name for p in (runs / "r").iterdir()) == ["version_0", "version_1"]
     assert main(_train_args(b, runs, "name=r", "resume=last", "trainer.max_steps=3",
@@ -287,7 +281,7 @@ def test_segment_write_fault_is_named(ckpt, tmp_path):
                         str(ph / "image_1.nii.gz"), "--out", str(out)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300, preexec_fn=_limited(64))
     assert p.returncode == 2
-    _error_line(p.stderr, f"cannot write {out}: File too large")
+    error_line(p.stderr, f"cannot write {out}: File too large")
     assert list(tmp_path.iterdir()) == [], "a partial output was left behind"
 
 
@@ -301,7 +295,7 @@ def test_eval_write_fault_is_named_and_leaves_no_run_folder(ckpt, tmp_path):
         p = subprocess.run([*FSL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            preexec_fn=_limited(limit))
         assert p.returncode == 2, p.stderr[-2000:]
-        line = _error_line(p.stderr, "cannot write", str(runs), "File too large")
+        line = error_line(p.stderr, "cannot write", str(runs), "File too large")
         assert not list(runs.rglob("version_*")), f"{line}: the run folder was left behind"
 
 
@@ -310,7 +304,7 @@ def test_prepare_write_fault_is_named_and_leaves_no_folder(raw, tmp_path):
     p = subprocess.run([*FSL, "prepare", "chaos", "--src", str(raw["chaos"]), "--out", str(out), *QUIET],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_limited(1 << 12))
     assert p.returncode == 2
-    _error_line(p.stderr, f"cannot write {out / 'image_1.nii.gz'}: File too large")
+    error_line(p.stderr, f"cannot write {out / 'image_1.nii.gz'}: File too large")
     assert not (tmp_path / "new").exists()
 
 
@@ -322,7 +316,7 @@ def test_prepare_refuses_a_scan_the_plan_cannot_resample(tmp_path, capsys):
         (tmp_path / "raw" / rel).write_bytes(data)
     out = tmp_path / "out"
     assert _prepare("chaos", tmp_path / "raw" / "Train_Sets", out) == 2
-    _error_line(capsys.readouterr().err, "scan 1 (", "0.2")
+    error_line(capsys.readouterr().err, "scan 1 (", "0.2")
     assert not out.exists()
 
 
@@ -337,7 +331,7 @@ def test_phantom_raw_never_replaces_a_real_download(tmp_path, capsys):
     before = _tree(tmp_path)
     for fmt in ("chaos-raw", "chaos-zip", "sabs-raw"):
         assert main(["phantom", "--format", fmt, "--out", str(tmp_path), "--n-scans", "1", "--size", "64"]) == 2
-        _error_line(capsys.readouterr().err, "was not written by fsl-med phantom", "refusing to replace it")
+        error_line(capsys.readouterr().err, "was not written by fsl-med phantom", "refusing to replace it")
     assert _tree(tmp_path) == before
     out = tmp_path / "ph"
     for fmt in ("chaos-raw", "chaos-zip", "chaos-raw", "chaos-zip"):  # its own phantoms are replaced

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import error_line
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
@@ -37,13 +38,6 @@ def _common(root: Path, out: Path, cache: Path, steps: int = 2) -> list[str]:
             "data.num_val_scans=0"]
 
 
-def _error_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _digest(*paths: Path) -> list[bytes]:
@@ -73,7 +67,7 @@ def test_segment_refuses_an_output_that_is_an_input(phantom, lora_ckpt, tmp_path
         rc = main(["segment", "--ckpt", str(lora_ckpt), "--support-image", str(s), "--support-mask", str(m),
                    "--label", "1", "--query", str(q), "--out", str(out)])
         assert rc == 2
-        _error_line(capsys.readouterr().err, str(out), f"is the input {needle}", "never writes over its inputs")
+        error_line(capsys.readouterr().err, str(out), f"is the input {needle}", "never writes over its inputs")
     assert _digest(q, s, m, lora_ckpt) == before
 
 
@@ -86,7 +80,7 @@ def test_segment_checks_the_output_location_before_inference(phantom, tmp_path, 
                "--support-mask", str(phantom / "label_2.nii.gz"), "--label", "1",
                "--query", str(phantom / "image_1.nii.gz"), "--out", str(blocker / "sub" / "pred.nii.gz")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, str(blocker), "is a file (Not a directory)")
+    error_line(capsys.readouterr().err, str(blocker), "is a file (Not a directory)")
     assert not (tmp_path / "sub").exists()
 
 
@@ -100,7 +94,7 @@ def test_prepare_refuses_nested_or_identical_folders(tmp_path, capsys):
                      (src.parent, "contains the source folder")):
         rc = main(["prepare", "chaos", "--src", str(src), "--out", str(out), "--no-superpixels", "--no-progress"])
         assert rc == 2
-        _error_line(capsys.readouterr().err, f"--out {out}", how)
+        error_line(capsys.readouterr().err, f"--out {out}", how)
     assert sorted(str(p) for p in src.rglob("*")) == listing
 
 
@@ -112,7 +106,7 @@ def test_run_folders_inside_the_data_or_cache_are_refused(verb, phantom, tmp_pat
     for out, key in ((data / "runs", "data.root"), (data, "data.root"), (tmp_path / "cache" / "r", "data.cache_dir")):
         rc = main([verb, *_common(data, out, tmp_path / "cache")])
         assert rc == 2
-        _error_line(capsys.readouterr().err, "logging.output_dir", f"the {key} folder")
+        error_line(capsys.readouterr().err, "logging.output_dir", f"the {key} folder")
     assert sorted(p.name for p in data.iterdir()) == names
 
 
@@ -211,7 +205,7 @@ def test_non_finite_loss_stops_training_with_step_and_episode(phantom, tmp_path,
     rc = main(["train", *_common(phantom, out, tmp_path / "cache", steps=20), "optim.name=sgd", "optim.lr=1e30",
                "trainer.ckpt_every_n_steps=1", "name=nan"])
     assert rc == 2
-    line = _error_line(capsys.readouterr().err, "training stopped: non-finite", "at step", "episode(s): scan ",
+    line = error_line(capsys.readouterr().err, "training stopped: non-finite", "at step", "episode(s): scan ",
                        "slice", "the last good checkpoint is")
     last = out / "nan" / "version_0" / "checkpoints" / "last.ckpt"
     ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -248,7 +242,7 @@ def test_trainer_settings_are_checked_before_a_run_folder_exists(verb, override,
     out = tmp_path / "runs"
     rc = main([verb, *_common(phantom, out, tmp_path / "cache"), override])
     assert rc == 2
-    _error_line(capsys.readouterr().err, f"'{key}'")
+    error_line(capsys.readouterr().err, f"'{key}'")
     assert not out.exists() or not any(out.rglob("version_*"))
 
 
@@ -266,7 +260,7 @@ def test_eval_takes_the_model_from_the_checkpoint(phantom, lora_ckpt, tmp_path, 
     assert main(["eval", *common, "model.encoder.finetune=lora"]) == 0
     capsys.readouterr()
     assert main(["eval", *common, "model.fg_thresh=0.5"]) == 2
-    _error_line(capsys.readouterr().err, "model.fg_thresh=0.5 on the command line contradicts the checkpoint",
+    error_line(capsys.readouterr().err, "model.fg_thresh=0.5 on the command line contradicts the checkpoint",
                 "trained with model.fg_thresh=0.9")
 
 
@@ -313,11 +307,11 @@ def test_checkpoint_mismatches_name_what_differs(phantom, lora_ckpt, tmp_path, c
         ck = _edited(lora_ckpt, tmp_path / f"{edit.__name__}.ckpt", edit)
         rc = main(["eval", *_common(phantom, tmp_path / "runs", tmp_path / "cache"), f"ckpt={ck}"])
         assert rc == 2, edit.__name__
-        _error_line(capsys.readouterr().err, str(ck), *needles)
+        error_line(capsys.readouterr().err, str(ck), *needles)
     rc = main(["eval", *_common(phantom, tmp_path / "runs", tmp_path / "cache"), f"ckpt={lora_ckpt}",
                "data.image_size=64"])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "checkpoint was trained with data.image_size=48, the config says 64",
+    error_line(capsys.readouterr().err, "checkpoint was trained with data.image_size=48, the config says 64",
                 "the encoder would see 4x4 = 16 patch tokens, not 3x3 = 9")
     assert not list((tmp_path / "runs").rglob("version_*"))
 
@@ -335,7 +329,7 @@ def test_full_disk_while_writing_a_checkpoint_is_named(phantom, tmp_path):
                        preexec_fn=limit)
     assert p.returncode != 0
     err = p.stderr
-    _error_line(err, "cannot write checkpoint", ".ckpt", "File too large")
+    error_line(err, "cannot write checkpoint", ".ckpt", "File too large")
     assert not list((tmp_path / "runs").rglob("*.ckpt")), "a partial checkpoint was left behind"
     assert not list((tmp_path / "runs").rglob(".*.tmp*"))
     assert not list((tmp_path / "runs").rglob("version_*")), "the failed start left its run folder"
@@ -346,7 +340,7 @@ def test_output_folder_below_a_file_is_named(phantom, tmp_path, capsys):
     blocker.write_text("x")
     rc = main(["train", *_common(phantom, blocker / "runs", tmp_path / "cache")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, str(blocker), "Not a directory")
+    error_line(capsys.readouterr().err, str(blocker), "Not a directory")
 
 
 
@@ -374,13 +368,13 @@ def test_caches_and_reports_are_never_written_into_the_data(phantom, tmp_path, c
     names = sorted(p.name for p in data.iterdir())
     rc = main(["train", *_common(data, tmp_path / "runs", data / "cache")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "data.cache_dir", "lies inside the data.root folder")
+    error_line(capsys.readouterr().err, "data.cache_dir", "lies inside the data.root folder")
     rc = main(["prepare", "import", "--src", str(data), "--dataset", "chaos", "--cache-dir", str(data / "sp")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "--cache-dir", "lies inside the source folder --src")
+    error_line(capsys.readouterr().err, "--cache-dir", "lies inside the source folder --src")
     rc = main(["bench", "--data", str(data), "--out", str(data / "bench"), "--parts", "matmul"])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "--out", "lies inside the --data folder")
+    error_line(capsys.readouterr().err, "--out", "lies inside the --data folder")
     assert sorted(p.name for p in data.iterdir()) == names
 
 
@@ -424,7 +418,7 @@ def test_out_of_range_settings_are_one_line_errors(overrides, needle, phantom, t
     out = tmp_path / "runs"
     rc = main(["train", *_common(phantom, out, tmp_path / "cache"), *overrides])
     assert rc == 2
-    _error_line(capsys.readouterr().err, needle)
+    error_line(capsys.readouterr().err, needle)
     assert not out.exists() or not any(out.rglob("version_*"))
     assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
 
@@ -434,7 +428,7 @@ def test_ablation_row_name_cannot_leave_the_output_folder(phantom, tmp_path, cap
     cfg.write_text(f"defaults: [{DEMO}]\nablation:\n  runs:\n    - {{name: ../../escape, overrides: []}}\n")
     rc = main(["ablate", str(cfg), *_common(phantom, tmp_path / "runs", tmp_path / "cache")[1:]])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "'name'")
+    error_line(capsys.readouterr().err, "'name'")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -446,7 +440,7 @@ def test_bad_config_files_are_named(phantom, tmp_path, capsys):
     for path, needle in ((binary, "not UTF-8 text"), (folder, "is a folder")):
         rc = main(["train", str(path), f"data.root={phantom}"])
         assert rc == 2
-        _error_line(capsys.readouterr().err, str(path), needle)
+        error_line(capsys.readouterr().err, str(path), needle)
 
 
 def test_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
@@ -466,7 +460,7 @@ def test_complex_valued_query_is_refused(phantom, lora_ckpt, tmp_path, capsys):
                "--support-mask", str(phantom / "label_2.nii.gz"), "--label", "1", "--query", str(cplx),
                "--out", str(tmp_path / "p.nii.gz")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, str(cplx), "complex-valued voxels")
+    error_line(capsys.readouterr().err, str(cplx), "complex-valued voxels")
     assert not (tmp_path / "p.nii.gz").exists()
 
 
@@ -482,7 +476,7 @@ def test_other_verbs_check_their_outputs_first(phantom, tmp_path, capsys):
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv
-        _error_line(capsys.readouterr().err, needle)
+        error_line(capsys.readouterr().err, needle)
     assert not (tmp_path / "big").exists() or not any((tmp_path / "big").glob("*.nii.gz"))
 
 
@@ -525,16 +519,16 @@ def test_folders_given_for_files_are_named_as_folders(phantom, lora_ckpt, tmp_pa
     d.mkdir()
     rc = main(["train", *_common(phantom, tmp_path / "runs", tmp_path / "cache"), f"resume={d}"])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "resume=", "is a folder")
+    error_line(capsys.readouterr().err, "resume=", "is a folder")
     rc = main(["segment", "--ckpt", str(d), "--support-image", str(phantom / "image_2.nii.gz"), "--support-mask",
                str(phantom / "image_2.nii.gz"), "--query", str(phantom / "image_1.nii.gz"),
                "--out", str(tmp_path / "p.nii.gz")])
     assert rc == 2
-    _error_line(capsys.readouterr().err, "--ckpt", "is a folder")
+    error_line(capsys.readouterr().err, "--ckpt", "is a folder")
     # an image given as the mask: the labels listed are capped, the line stays readable
     rc = main(["segment", "--ckpt", str(lora_ckpt), "--support-image", str(phantom / "image_2.nii.gz"),
                "--support-mask", str(phantom / "image_2.nii.gz"), "--query", str(phantom / "image_1.nii.gz"),
                "--out", str(tmp_path / "p.nii.gz")])
     assert rc == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert ("non-integer" in line or "more)" in line) and len(line) < 400, line

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import error_line
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
@@ -52,10 +53,6 @@ def _eval_args(phantom: Path, runs: dict[str, Path], ckpt: str, name: str) -> li
     return ["eval", *_common(phantom, out / "runs", out / "cache"), f"ckpt={runs[ckpt]}", f"name={name}"]
 
 
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
 
 
 def test_checkpoint_records_what_it_was_trained_on(runs, phantom):
@@ -92,7 +89,7 @@ def test_eval_refuses_scans_the_checkpoint_trained_on(runs, phantom, capsys):
     # the same, with the fold given on the command line: fold 0's query and support scans were trained on
     before = sorted(p.name for p in (runs["out"] / "runs").iterdir())
     assert main([*_eval_args(phantom, runs, "f2", "leak"), "data.fold=0"]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "was trained on fold 2 (setting 2) of chaos_t2; evaluating fold 0 uses query scans 1, 2 (trained on); " \
            "support scan 3 (trained on): that would be in-sample Dice" in line
     assert "eval.allow_train_scans=true" in line
@@ -135,7 +132,7 @@ def test_resumed_training_records_the_union_of_scans(runs, phantom, capsys):
     capsys.readouterr()
     assert main(["eval", *c, f"ckpt={last}", "name=resumed"]) == 2
     assert "evaluating fold 2 uses query scans 5, 6 (trained on); support scan 7 (trained on)" in \
-        _error_line(capsys.readouterr().err)
+        error_line(capsys.readouterr().err)
 
 
 def test_a_checkpoint_without_a_record_is_checked_from_its_stored_config(runs, phantom, tmp_path, capsys, caplog):
@@ -148,7 +145,7 @@ def test_a_checkpoint_without_a_record_is_checked_from_its_stored_config(runs, p
     with caplog.at_level(logging.WARNING, logger="fsl_med.runs"):
         assert main([*args, "data.fold=0"]) == 2
     assert any("predates training records" in r.getMessage() for r in caplog.records)
-    assert "query scans 1, 2 (trained on); support scan 3 (trained on)" in _error_line(capsys.readouterr().err)
+    assert "query scans 1, 2 (trained on); support scan 3 (trained on)" in error_line(capsys.readouterr().err)
 
 
 def test_scans_seen_across_folders(runs, phantom, tmp_path):
@@ -176,7 +173,7 @@ def test_sweep_without_wandb_login_stops_at_the_first_error(tmp_path, monkeypatc
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert main(["sweep", str(REPO / "experiments" / "sweeps" / "mri.yaml")]) == 2
     err = capsys.readouterr().err
-    assert _error_line(err) == ("fsl-med: error: W&B sweeps need a W&B account: run '.venv/bin/wandb login' (or set "
+    assert error_line(err) == ("fsl-med: error: W&B sweeps need a W&B account: run '.venv/bin/wandb login' (or set "
                                 "WANDB_API_KEY) and retry; without W&B, 'make train-mri' logs offline and 'make "
                                 "ablations' runs a local grid")
     assert "wandb agent" not in err
@@ -186,7 +183,7 @@ def test_sweep_without_wandb_login_stops_at_the_first_error(tmp_path, monkeypatc
     assert has_wandb_key()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["sweep", str(REPO / "experiments" / "sweeps" / "mri.yaml")]) == 2
-    assert "need online mode" in _error_line(capsys.readouterr().err)
+    assert "need online mode" in error_line(capsys.readouterr().err)
 
 
 def test_run_resuming_a_checkpoint_continues_its_fold(runs, phantom, tmp_path, capsys):

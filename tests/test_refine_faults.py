@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import error_line
 
 from fsl_med.cli import main
 from fsl_med.data.phantom import generate_phantom
@@ -45,12 +46,6 @@ def _eval(trained, out: Path, spec: str, *extra: str) -> int:
                  f"eval.refinements=[{spec}]", "name=rf", *extra])
 
 
-def _one_error_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fsl-med: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 RUNTIME_FAULTS = {
@@ -105,7 +100,7 @@ def test_a_failing_refinement_is_named_in_one_line(fault, trained, tmp_path, cap
     spec = _write(tmp_path, "Faulty", f"name = 'faulty'\n\n{body}")
     out = tmp_path / "runs"
     assert _eval(trained, out, spec) == 2
-    line = _one_error_line(capsys.readouterr().err, f"refinement {spec} ", "faulty.py:Faulty", *needles)
+    line = error_line(capsys.readouterr().err, f"refinement {spec} ", "faulty.py:Faulty", *needles)
     assert line.count("\n") == 0
     assert not (out / "rf-eval").exists(), sorted(out.rglob("*"))  # no run folder left behind
 
@@ -148,7 +143,7 @@ def test_a_refinement_that_cannot_be_built_is_named_before_anything_runs(fault, 
     spec = f"{path}:Faulty"
     out = tmp_path / "runs"
     assert _eval(trained, out, spec) == 2
-    _one_error_line(capsys.readouterr().err, "config key 'eval.refinements'", "faulty.py:Faulty", *needles)
+    error_line(capsys.readouterr().err, "config key 'eval.refinements'", "faulty.py:Faulty", *needles)
     assert not out.exists() or not any(out.iterdir())  # nothing made
 
 
@@ -159,7 +154,7 @@ def test_import_time_exit_and_a_folder_named_like_a_file_are_one_line_errors(tra
     folder.mkdir()
     for spec, needle in ((f"{exits}:X", "cannot import"), (f"{folder}:X", "is not a file")):
         assert _eval(trained, tmp_path / "runs", spec) == 2
-        _one_error_line(capsys.readouterr().err, needle)
+        error_line(capsys.readouterr().err, needle)
 
 
 def test_accepted_results_and_copies_protect_the_other_variants(trained, tmp_path, capsys):
@@ -247,5 +242,5 @@ def test_fsl_med_run_checks_the_refinements_before_training(trained, tmp_path, c
     out = tmp_path / "runs"
     assert main(["run", DEMO, *common, f"logging.output_dir={out}", "trainer.max_steps=2", "name=early",
                  "eval.variants=[plain]", f"eval.refinements=[{spec}]"]) == 2
-    _one_error_line(capsys.readouterr().err, "faulty.py:Faulty", "the name of a built-in variant")
+    error_line(capsys.readouterr().err, "faulty.py:Faulty", "the name of a built-in variant")
     assert not out.exists() or not any(out.iterdir())  # no training run folder either
