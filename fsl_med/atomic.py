@@ -33,16 +33,13 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
     dest = Path(dest)
     if suffix is None:
         suffix = "".join(dest.suffixes)
-    created = dest.parent  # the highest folder this write creates: removed again if the write fails
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
-    created_any = not created.exists()
+    created = first_missing(dest.parent)  # removed again (while empty) if the write fails
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
     except OSError as e:
-        if created_any:
-            _remove_empty(dest.parent, created)
+        if created is not None:
+            remove_empty_folders(dest.parent, created)
         raise write_error(dest, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
@@ -55,8 +52,8 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        if created_any:
-            _remove_empty(dest.parent, created)
+        if created is not None:
+            remove_empty_folders(dest.parent, created)
         # an OS error writing the temporary file (or renaming it) is a write fault of `dest`: name it. An OS error
         # about another file (the body read something) passes through as it is.
         if isinstance(exc, OSError) and not isinstance(exc, FslMedError) \
@@ -65,8 +62,20 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str | None = None) -> Iter
         raise
 
 
-def _remove_empty(folder: Path, up_to: Path) -> None:
-    """Remove ``folder`` and its parents up to ``up_to`` while they are empty (folders a failed write created)."""
+def first_missing(path: str | os.PathLike[str]) -> Path | None:
+    """The highest of ``path`` and its parents that does not exist (the first folder that creating ``path`` with
+    its parents creates), or None when ``path`` exists."""
+    p = Path(path)
+    if p.exists():
+        return None
+    while not p.parent.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def remove_empty_folders(folder: Path, up_to: Path) -> None:
+    """Remove ``folder`` and its parents up to ``up_to`` while they are empty (the folders a failed write created,
+    :func:`first_missing`)."""
     for p in (folder, *folder.parents):
         try:
             p.rmdir()
@@ -74,6 +83,32 @@ def _remove_empty(folder: Path, up_to: Path) -> None:
             return
         if p == up_to:
             return
+
+
+def replace_folder(dest: Path, staged: Path) -> None:
+    """Put the complete folder ``staged`` (a sibling of ``dest``) in the place of ``dest``: the old folder is renamed
+    aside, ``staged`` renamed in, and only then the old content removed; if the second rename fails the old folder
+    is put back.
+
+    Raises:
+        WriteError: naming ``dest`` and the OS error (``dest`` then holds its old content).
+    """
+    import shutil
+
+    from fsl_med.errors import write_error
+
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}") if dest.exists() else None
+    try:
+        if old is not None:
+            os.replace(dest, old)
+        os.replace(staged, dest)
+    except OSError as e:
+        if old is not None and old.exists() and not dest.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, dest)
+        raise write_error(dest, e) from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(dest: str | os.PathLike[str], text: str) -> Path:

@@ -528,11 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if e.errno == errno.ENOENT and "No usable temporary directory" in str(e):  # tempfile: every candidate failed
-            import tempfile
-
-            print(f"fsl-med: error: no usable temporary folder: TMPDIR={os.environ.get('TMPDIR', '(unset)')}, /tmp, "
-                  f"/var/tmp, /usr/tmp and {os.getcwd()} are full or not writable ({tempfile.__name__} could not "
-                  "create a file in any); set TMPDIR to a writable folder with free space", file=sys.stderr)
+            print(f"fsl-med: error: {e.strerror} (each is full, not writable or over a file-size limit); set TMPDIR "
+                  "to a writable folder with free space", file=sys.stderr)
             return 2
         where = f"{e.filename}: " if e.filename else ""
         print(f"fsl-med: error: {where}{e.strerror or e} (rerun with --debug for the traceback)", file=sys.stderr)

@@ -180,13 +180,7 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
             "scans": ids, "fold0_of_subset": {"query": split.query, "support": split.support, "train": split.train},
             "superpixel_seconds": sp_seconds, "bytes": total, "repository_bytes": repo, "limit_bytes": LIMIT_BYTES,
         })
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_folder(out, tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)

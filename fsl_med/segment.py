@@ -766,8 +766,7 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
     pairs: list[tuple[_Input, _Input]] = []
     for img_p, mask_p in zip(sup_imgs, sup_masks, strict=True):
         s_img, s_aff, _ = _read_volume(img_p, "--support-image")
-        img_in = _Input(s_img, s_aff, "--support-image", img_p)
-        _finite_image(img_in)
+        img_in = _Input(_check_finite(s_img, img_p, "--support-image"), s_aff, "--support-image", img_p)  # float32 once
         s_mask, m_aff, _ = _read_volume(mask_p, "--support-mask")
         if s_mask.shape != s_img.shape:
             raise DataError(f"--support-mask {mask_p}: shape {tuple(s_mask.shape)} differs from the support "
@@ -777,8 +776,7 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
         _binary_mask(s_mask, mask_p, lab)
         pairs.append((img_in, _Input(s_mask, s_aff, "--support-mask", mask_p)))
     q_img, q_aff, _ = _read_volume(query_p, "--query")
-    q_in = _Input(q_img, q_aff, "--query", query_p)
-    _finite_image(q_in)
+    q_in = _Input(_check_finite(q_img, query_p, "--query"), q_aff, "--query", query_p)
     _query_range(zr, q_img.shape[2], query_p)
 
     # -- checkpoint, segmentation, output

@@ -350,3 +350,11 @@ def test_import_keeps_the_manifest_prepare_wrote(raw, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "manifest.json was written by fsl-med prepare and is kept" in out and "scan(s) 40" in out
     assert (data / "manifest.json").read_bytes() == manifest  # its plan and source geometry are not lost
+
+
+def test_no_usable_temporary_folder_is_named(chaos, tmp_path):
+    # a file-size limit of 0 makes every candidate temporary folder unusable (tempfile writes a probe file in each)
+    p = subprocess.run([*FSL, "bench", "--out", str(tmp_path / "o"), "--parts", "matmul", "--data", str(chaos)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_limited(0))
+    assert p.returncode == 2, p.stderr[-2000:]
+    error_line(p.stderr, "No usable temporary directory found in [", str(tmp_path), "set TMPDIR")

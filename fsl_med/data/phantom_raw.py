@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
 import tempfile
 import zipfile
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fsl_med.atomic import atomic_path
+from fsl_med.atomic import atomic_path, replace_folder
 from fsl_med.data.phantom import make_phantom_scan
-from fsl_med.errors import DataError, write_error
+from fsl_med.errors import DataError, FslMedError, write_error
 from fsl_med.prepare.nifti import write_nifti
 
 CHAOS_IDS: tuple[int, ...] = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -91,12 +90,9 @@ def _staged_tree(dest: Path):
     try:
         yield tmp
         (tmp / MARKER).write_text("written by fsl-med phantom; replaced when it is run again\n")
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}") if dest.exists() else None
-        if old is not None:
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(dest, tmp)
+    except FslMedError:
+        raise
     except OSError as e:
         raise write_error(dest, e) from e
     finally:

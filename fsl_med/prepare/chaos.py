@@ -16,7 +16,7 @@ from fsl_med.errors import DataError
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.prepare.dicom import read_masks, read_series
 from fsl_med.prepare.pipeline import Case, PrepareReport, run_preparation
-from fsl_med.prepare.plan import MriPlan, Scan, check_resampling
+from fsl_med.prepare.plan import MriPlan, Scan
 from fsl_med.prepare.sources import Source
 
 _DICOM_RE = re.compile(r"(?:^|/)MR/(\d+)/T2SPIR/DICOM_anon/([^/]+)$")
@@ -72,7 +72,5 @@ def prepare_chaos(src: str | Path, out: str | Path, plan: MriPlan | None = None,
     p = plan or MriPlan()
     with Source(src) as source:
         cases = find_chaos_cases(source)
-        return run_preparation(get_dataset_info("chaos_t2"), source, cases, out, p.as_dict(),
-                               lambda s: p.forward(s.image, s.affine, s.label), force=force, overwrite=overwrite,
-                               progress=progress,
-                               check=lambda s, what: check_resampling(p, s.image.shape, s.affine, what))
+        return run_preparation(get_dataset_info("chaos_t2"), source, cases, out, p, force=force, overwrite=overwrite,
+                               progress=progress)

@@ -20,6 +20,7 @@ The manifest is rewritten atomically after every scan with ``"complete": false``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -116,14 +117,12 @@ def manifest_mismatches(folder: str | Path, scans: dict[str, tuple[Path, Path]],
                    f"files mixed in?); they are used as they are")
     changed = []
     for sid, paths in scans.items():
-        rec = listed.get(sid, {}).get("files", {})
+        recorded = listed.get(sid, {}).get("files", {})
         for p in paths:
-            want = rec.get(p.name, {}).get("bytes") if isinstance(rec.get(p.name), dict) else None
-            try:
+            want = (recorded.get(p.name) or {}).get("bytes")
+            with contextlib.suppress(OSError):
                 if want is not None and p.stat().st_size != want:
                     changed.append(p.name)
-            except OSError:
-                continue
     if changed:
         out.append(f"{folder}: file(s) {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ from the "
                    "size manifest.json records: rewritten after the preparation")

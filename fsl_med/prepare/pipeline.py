@@ -1,7 +1,7 @@
 """The preparation loop shared by every dataset: raw case -> prepared ``image_/label_`` pair + manifest.
 
 Each dataset module lists its cases (:class:`Case`: a scan id, the source files it reads and a loader)
-and supplies a ``process`` function (raw scan -> prepared scan). :func:`run_preparation` then skips
+and gives the preprocessing plan (raw scan -> prepared scan, :mod:`fsl_med.prepare.plan`). :func:`run_preparation` then skips
 cases already prepared from the same source with the same parameters, writes every file atomically,
 updates ``manifest.json`` after each scan, writes ``classmap_1.json`` and (optionally) caches the
 superpixel pseudolabels used for training.
@@ -26,7 +26,15 @@ import numpy as np
 from tqdm import tqdm
 
 from fsl_med import __version__
-from fsl_med.atomic import check_output_file, refuse_nested, refuse_overwriting_inputs, write_text
+from fsl_med.atomic import (
+    check_output_file,
+    first_missing,
+    refuse_nested,
+    refuse_overwriting_inputs,
+    remove_empty_folders,
+    replace_folder,
+    write_text,
+)
 from fsl_med.errors import DataError, FilesystemError
 from fsl_med.locks import exclusive
 from fsl_med.prepare.classmap import CLASSMAP_NAME, build_classmap, label_slices
@@ -43,7 +51,7 @@ from fsl_med.prepare.manifest import (
     write_manifest,
 )
 from fsl_med.prepare.nifti import write_nifti
-from fsl_med.prepare.plan import Scan
+from fsl_med.prepare.plan import Plan, Scan, check_resampling
 from fsl_med.prepare.sources import Source
 
 log = logging.getLogger(__name__)
@@ -116,8 +124,9 @@ def remove_stale_temporaries(out_dir: Path) -> None:
     for p in out_dir.glob(".*.tmp*"):
         with contextlib.suppress(OSError):
             p.unlink()
-    for p in out_dir.parent.glob(_STAGING.format(name=out_dir.name) + "*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (_STAGING.format(name=out_dir.name) + "*", f".{out_dir.name}.old-*"):  # see replace_folder
+        for p in out_dir.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_layout_file(name: str) -> bool:
@@ -176,21 +185,6 @@ def existing_preparation(out: Path, info: DatasetInfo, source: Source, params: d
     return None
 
 
-def _replace_folder(out: Path, staged: Path) -> None:
-    """Put ``staged`` (a complete preparation) in the place of ``out``; the old content is removed only after."""
-    old = out.parent / f"{_STAGING.format(name=out.name)}old-{os.getpid()}"
-    try:
-        os.replace(out, old)
-        os.replace(staged, out)
-    except OSError as e:
-        if old.exists() and not out.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old, out)
-        raise FilesystemError(f"--out {out}: cannot replace it with the new preparation {staged} "
-                              f"({e.strerror or e}); the old content is unchanged") from e
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _matrix(a: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in np.asarray(a)]
 
@@ -207,10 +201,8 @@ def write_classmap(out_dir: Path, manifest: dict[str, Any], info: DatasetInfo) -
     return write_text(out_dir / CLASSMAP_NAME, json.dumps(cm))  # compact, as the reference file
 
 
-def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_dir: str | Path,
-                    params: dict[str, Any], process: Callable[[Scan], Scan], *, force: bool = False,
-                    overwrite: bool = False, progress: bool = True,
-                    check: Callable[[Scan, str], str | None] | None = None) -> PrepareReport:
+def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_dir: str | Path, plan: Plan, *,
+                    force: bool = False, overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Prepare every case of a raw download into ``out_dir`` (the prepared layout).
 
     ``out_dir`` must be empty (or missing), or hold this same preparation (its manifest records the same dataset,
@@ -224,13 +216,13 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
         source: the raw download.
         cases: the scans to prepare (ids must be unique).
         out_dir: output folder (created; must not lie inside a source folder).
-        params: the preparation parameters (recorded; must match an existing preparation's unless ``overwrite``).
-        process: raw scan -> prepared scan (canonical orientation, resampled, ...).
+        plan: the preprocessing plan: its :meth:`~fsl_med.prepare.plan.Plan.forward` prepares each scan, after
+            :func:`~fsl_med.prepare.plan.check_resampling` (a scan it cannot resample sensibly is refused, one it
+            resamples far is noted); its parameters are recorded and must match an existing preparation's unless
+            ``overwrite``.
         force: re-prepare scans that are up to date.
         overwrite: replace whatever prepared data ``out_dir`` holds (never a folder holding other kinds of files).
         progress: show progress bars (stderr).
-        check: ``(raw scan, its name) -> note or None``, run before ``process``; raises for a scan the plan cannot
-            prepare sensibly (e.g. :func:`fsl_med.prepare.plan.check_resampling`); a note is logged as a warning.
 
     Returns:
         a :class:`PrepareReport`.
@@ -240,13 +232,11 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             another writer, unwritable output.
     """
     out = Path(out_dir).expanduser()
+    params = plan.as_dict()
     if not cases:
         raise DataError(f"{source.path}: no scans found in the source")
     check_output_dir(out, source)
-    created = out  # the highest folder this run creates (removed again if the run fails and it is still empty)
-    while not created.parent.exists():
-        created = created.parent
-    created = created if not created.exists() else None
+    created = first_missing(out)  # removed again if the run fails and it is still empty
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -260,8 +250,7 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
                 raise DataError(f"--out {out_dir}: {held}; prepare writes into an empty folder or resumes its own "
                                 "preparation: choose another --out, or add --overwrite to replace its content")
             if held is None:
-                return _prepare_into(out, info, source, cases, params, process, force=force, progress=progress,
-                                     check=check)
+                return _prepare_into(out, info, source, cases, plan, force=force, progress=progress)
             others = [n for n in sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
                       if not _is_layout_file(n) or (out / n).is_dir()]
             if others:
@@ -270,9 +259,8 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             staged = out.parent / f"{_STAGING.format(name=out.name)}{os.getpid()}"
             try:
                 staged.mkdir()
-                report = _prepare_into(staged, info, source, cases, params, process, force=True, progress=progress,
-                                       check=check)
-                _replace_folder(out, staged)
+                report = _prepare_into(staged, info, source, cases, plan, force=True, progress=progress)
+                replace_folder(out, staged)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             report.out_dir = out
@@ -291,29 +279,19 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
 def remove_if_empty(folder: Path, up_to: Path | None = None) -> bool:
     """Remove ``folder`` if it holds nothing but temporaries of an atomic write and a lock file, then its empty
     parents up to ``up_to`` (a failed run leaves no empty folder it created); True if ``folder`` was removed."""
-    try:
+    with contextlib.suppress(OSError):
         for p in folder.iterdir():
             if p.name == LOCK_NAME or (p.name.startswith(".") and ".tmp" in p.name):
                 with contextlib.suppress(OSError):
                     p.unlink()
-        folder.rmdir()
-    except OSError:
-        return False
-    if up_to is not None and up_to != folder and up_to in folder.parents:
-        for parent in folder.parents:
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-            if parent == up_to:
-                break
-    return True
+    remove_empty_folders(folder, up_to or folder)
+    return not folder.exists()
 
 
-def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case], params: dict[str, Any],
-                  process: Callable[[Scan], Scan], *, force: bool, progress: bool,
-                  check: Callable[[Scan, str], str | None] | None = None) -> PrepareReport:
+def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case], plan: Plan, *, force: bool,
+                  progress: bool) -> PrepareReport:
     """The preparation loop proper, into ``out`` (checked and locked by :func:`run_preparation`)."""
+    params = plan.as_dict()
     digest = params_digest(params)
     wanted = {c.scan_id for c in cases}
     old = read_manifest(out) or {}
@@ -347,11 +325,11 @@ def _prepare_into(out: Path, info: DatasetInfo, source: Source, cases: list[Case
         if bad.size:
             raise DataError(f"{source.describe(case.inputs[-1])}: label values {bad.tolist()[:5]} are outside the "
                             f"{info.name} label map {list(info.all_label_ids)}")
-        if check is not None:
-            note = check(raw, f"scan {case.scan_id} ({source.describe(case.inputs[0])})")
-            if note:
-                log.warning("%s", note)
-        prep = process(raw)
+        note = check_resampling(plan, raw.image.shape, raw.affine, f"scan {case.scan_id} "
+                                f"({source.describe(case.inputs[0])})")
+        if note:
+            log.warning("%s", note)
+        prep = plan.forward(raw.image, raw.affine, raw.label)
         label = np.asarray(prep.label)
         names = (f"image_{case.scan_id}.nii.gz", f"label_{case.scan_id}.nii.gz")
         write_nifti(out / names[0], np.asarray(prep.image, dtype=np.float32), prep.affine)

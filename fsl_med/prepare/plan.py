@@ -206,18 +206,25 @@ class CtPlan(Plan):
             (nx, ny, _), src = reoriented_geometry(shape, affine, self.orientation)
             if min(nx, ny) <= 2 * self.border:
                 return None
-            return src, (src[0] * (nx - 2 * self.border) / self.size, src[1] * (ny - 2 * self.border) / self.size,
-                         src[2])
+            return src, self._exact_spacing(src, (nx - 2 * self.border, ny - 2 * self.border))
         src = spacing_of(affine)  # the reference resamples in the source's storage order, then reorients
         if min(shape[0], shape[1]) <= 2 * self.border:
             return None
-        factor = (512 - 2 * self.border) / self.size
-        grid = (src[0] * factor, src[1] * factor, src[2])
+        grid = self._reference_spacing(src)
         came_from = reoriented_geometry((0, 1, 2), affine, self.orientation)[0]  # the source axis of each axis
         out_src, out_grid = [0.0] * 3, [0.0] * 3
         for i, axis in enumerate(came_from):
             out_src[i], out_grid[i] = src[axis], grid[axis]
         return (out_src[0], out_src[1], out_src[2]), (out_grid[0], out_grid[1], out_grid[2])
+
+    def _exact_spacing(self, spacing: tuple[float, ...], cropped_xy: tuple[int, ...]) -> tuple[float, float, float]:
+        """Grid voxel size of ``grid="exact"``: the cropped in-plane field onto ``size`` x ``size``, z unchanged."""
+        return (spacing[0] * cropped_xy[0] / self.size, spacing[1] * cropped_xy[1] / self.size, spacing[2])
+
+    def _reference_spacing(self, spacing: tuple[float, ...]) -> tuple[float, float, float]:
+        """Grid voxel size of ``grid="reference"``: in-plane times the notebook's SPA_FAC, z unchanged."""
+        factor = (512 - 2 * self.border) / self.size  # the notebook's SPA_FAC
+        return (spacing[0] * factor, spacing[1] * factor, spacing[2])
 
     def _cropped(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -231,8 +238,7 @@ class CtPlan(Plan):
     def _grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
         a, b = self.intensity_range
         img, lab, cropped_aff = self._cropped(image, label, affine)
-        sx, sy, sz = spacing_of(cropped_aff)
-        target = (sx * img.shape[0] / self.size, sy * img.shape[1] / self.size, sz)
+        target = self._exact_spacing(spacing_of(cropped_aff), img.shape)
         img, new_aff = resample_image(img, cropped_aff, target)
         # guard against an off-by-one extent from floating point: exactly size x size
         img, out_aff = crop_or_pad_xy(img, new_aff, self.size, value=a)
@@ -242,9 +248,8 @@ class CtPlan(Plan):
 
     def _reference_grid(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray) -> Scan:
         img, lab, cropped_aff = self._cropped(image, label, affine)
-        factor = (512 - 2 * self.border) / self.size  # the notebook's SPA_FAC
         old = spacing_of(affine)
-        new = (old[0] * factor, old[1] * factor, old[2])
+        new = self._reference_spacing(old)
         shape = tuple(int(n * (o / w) + 1) for n, o, w in zip(img.shape, old, new, strict=True))  # z too: one empty slice more
         ratios = tuple(w / o for o, w in zip(old, new, strict=True))
         out, out_aff = resample_index_grid(img, cropped_aff, ratios, shape)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import numpy as np
 from fsl_med.errors import DataError
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.prepare.pipeline import Case, PrepareReport, run_preparation
-from fsl_med.prepare.plan import CtPlan, Scan, check_resampling
+from fsl_med.prepare.plan import CtPlan, Scan
 from fsl_med.prepare.sources import Source
 
 _IMG_RE = re.compile(r"(?:^|/)img/img(\d+)\.nii(\.gz)?$")
@@ -90,7 +90,5 @@ def prepare_sabs(src: str | Path, out: str | Path, plan: CtPlan | None = None, *
     p = plan or CtPlan()
     with Source(src) as source:
         cases = find_sabs_cases(source)
-        return run_preparation(get_dataset_info("sabs"), source, cases, out, p.as_dict(),
-                               lambda s: p.forward(s.image, s.affine, s.label), force=force, overwrite=overwrite,
-                               progress=progress,
-                               check=lambda s, what: check_resampling(p, s.image.shape, s.affine, what))
+        return run_preparation(get_dataset_info("sabs"), source, cases, out, p, force=force, overwrite=overwrite,
+                               progress=progress)
