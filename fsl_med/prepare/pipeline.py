@@ -268,22 +268,27 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             return report
     except BaseException:
         if created is not None:
-            m = read_manifest(out)
-            if m is not None and not m["scans"]:  # nothing was prepared: the manifest alone is no preparation
-                with contextlib.suppress(OSError):
-                    (out / MANIFEST_NAME).unlink()
             remove_if_empty(out, up_to=created)
         raise
 
 
 def remove_if_empty(folder: Path, up_to: Path | None = None) -> bool:
-    """Remove ``folder`` if it holds nothing but temporaries of an atomic write and a lock file, then its empty
-    parents up to ``up_to`` (a failed run leaves no empty folder it created); True if ``folder`` was removed."""
-    with contextlib.suppress(OSError):
-        for p in folder.iterdir():
-            if p.name == LOCK_NAME or (p.name.startswith(".") and ".tmp" in p.name):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    """Remove ``folder`` if it holds nothing but temporaries of an atomic write, a lock file and a manifest that lists
+    no scan (a run that failed before its first scan file), then its empty parents up to ``up_to`` (a failed run
+    leaves no empty folder it created); True if ``folder`` was removed. A folder holding any scan file is kept
+    whole: its manifest is what lets a rerun resume it."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    if any(not (n == LOCK_NAME or n == MANIFEST_NAME or (n.startswith(".") and ".tmp" in n)) for n in names):
+        return False
+    m = read_manifest(folder)
+    if m is not None and m["scans"]:
+        return False
+    for n in names:
+        with contextlib.suppress(OSError):
+            (folder / n).unlink()
     remove_empty_folders(folder, up_to or folder)
     return not folder.exists()
 
