@@ -42,7 +42,11 @@ Finetune = Literal["full", "frozen", "lora"]
 """``full``; ``frozen`` (encoder frozen, adapter trainable); ``lora`` (encoder frozen, LoRA and adapter trainable)."""
 Adapter = Literal["none", "conv1", "conv3"]
 LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
-MaskDownsample = Literal["nearest", "bilinear"]
+MaskPooling = Literal["nearest", "bilinear", "adjoint"]
+"""``model.mask_pooling``: how a full-resolution support mask meets the feature grid in masked average pooling:
+downsampled (``nearest`` [D], ``bilinear`` [A]), or ``adjoint``: the mask pulled back through the bilinear upsampling
+of the features, so the prototype equals the references' upsample-then-pool exactly without a full-size feature map
+(method-zoo.md §6 item 3)."""
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 """``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
 CcaMode = Literal["2d", "3d"]
@@ -77,22 +81,24 @@ TTT_PARAMS: tuple[str, ...] = get_args(TttParams)
 LOGGERS: tuple[str, ...] = get_args(LoggerName)
 COMPATS: tuple[str, ...] = get_args(Compat)
 EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
+MASK_POOLINGS: tuple[str, ...] = get_args(MaskPooling)
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
-                "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.empty_window": "fallback",
+                "data.min_superpixel_pixels": 64, "ttt.restore": True, "model.head.alp.empty_window": "fallback",
                 "data.resize_last": False, "eval.skip_no_organ_slices": False, "eval.ct_stats": "train"},
     "reference": {"eval.score_last_slice": False, "data.superpixel.zero_as_background": True,
-                  "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.empty_window": "skip",
+                  "data.min_superpixel_pixels": 1, "ttt.restore": False, "model.head.alp.empty_window": "skip",
                   "data.resize_last": True, "eval.skip_no_organ_slices": True, "eval.ct_stats": "eval"},
 }
 """The value each compat-dependent field takes when it is left unset (null), per ``compat``."""
 
 CHOICES: dict[str, Any] = {
     "optim.name": Optimizer, "model.encoder.finetune": Finetune, "model.encoder.adapter": Adapter,
-    "model.mask_downsample": MaskDownsample, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
+    "model.mask_pooling": MaskPooling, "model.compile": CompileMode, "eval.cca_mode": CcaMode,
     "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
-    "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity, "model.empty_window": EmptyWindow,
+    "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity,
+    "model.head.alp.empty_window": EmptyWindow,
     "eval.ct_stats": CtStats,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
@@ -183,26 +189,78 @@ class EncoderConfig:
 
 
 @dataclass
-class ModelConfig:
-    """ALPNet head (method.md §3)."""
+class AlpHeadConfig:
+    """ALPNet's adaptive local prototypes (method.md §3): ``model.head.alp``."""
 
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    feature_size: int = 32
-    proto_grid: int = 8
+    proto_grid: int = 8  # training pooling window: feature_size // proto_grid (4)
     test_window: int = 2
     fg_thresh: float = 0.95
     bg_thresh: float = 0.95
-    scale: float = 20.0
-    mask_downsample: str = "nearest"
     empty_window: str | None = None  # null: compat (fsl_med fallback; reference skip), see config.EmptyWindow
+
+
+@dataclass
+class PanetHeadConfig:
+    """PANet's global foreground and background prototypes (method-zoo.md §2): ``model.head.panet``."""
+
+    cos_eps: float = 1e-8  # F.cosine_similarity's eps, as the reference
+
+
+@dataclass
+class AdnetHeadConfig:
+    """ADNet's foreground prototype and learned threshold (method-zoo.md §3): ``model.head.adnet``."""
+
+    threshold_init: float = -10.0  # T at initialisation: a pixel is foreground iff cos > -T / 20
+    threshold_weight: float = 1.0  # weight of L_T = T / 20 (the reference's t_loss_scaler)
+    cos_eps: float = 1e-8
+
+
+@dataclass
+class HeadConfig:
+    """The few-shot head (``model.head.name``) and one config section per registered head; only the named one is
+    read. A head's defaults for ``loss.ce_weights`` and ``model.mask_pooling`` are in :data:`HEAD_DEFAULTS`."""
+
+    name: str = "alp"
+    alp: AlpHeadConfig = field(default_factory=AlpHeadConfig)
+    panet: PanetHeadConfig = field(default_factory=PanetHeadConfig)
+    adnet: AdnetHeadConfig = field(default_factory=AdnetHeadConfig)
+
+
+HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "alp": {"loss.ce_weights": [0.05, 1.0], "model.mask_pooling": "nearest"},
+    "panet": {"loss.ce_weights": [1.0, 1.0], "model.mask_pooling": "adjoint"},
+    "adnet": {"loss.ce_weights": [0.1, 1.0], "model.mask_pooling": "adjoint"},
+}
+"""The value a head-dependent field takes when it is left unset (null), per ``model.head.name``."""
+HEAD_NAMES: tuple[str, ...] = tuple(HEAD_DEFAULTS)
+
+LEGACY_KEYS: dict[str, str] = {
+    "model.proto_grid": "model.head.alp.proto_grid", "model.test_window": "model.head.alp.test_window",
+    "model.fg_thresh": "model.head.alp.fg_thresh", "model.bg_thresh": "model.head.alp.bg_thresh",
+    "model.empty_window": "model.head.alp.empty_window", "model.mask_downsample": "model.mask_pooling",
+}
+"""Keys of fsl_med before the head registry -> their key now: a stored config (checkpoint) is read with them moved;
+a YAML file or an override using one gets a one-line error naming the new key."""
+
+
+@dataclass
+class ModelConfig:
+    """Encoder, few-shot head and what they share (method.md §3, method-zoo.md)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    feature_size: int = 32
+    scale: float = 20.0  # cosine scale of every head
+    mask_pooling: str | None = None  # null: the head's (alp nearest [D], panet/adnet adjoint); see config.MaskPooling
     compile: str = "off"  # off, or a torch.compile mode for the encoder (default, max-autotune, ...)
 
 
 @dataclass
 class LossConfig:
-    """Weighted CE plus the prototype alignment loss (method.md §2.3)."""
+    """The query loss's class weights and the weight of the prototype alignment loss (method.md §2.3)."""
 
-    ce_weights: list[float] = field(default_factory=lambda: [0.05, 1.0])
+    ce_weights: list[float] | None = None  # [background, foreground]; null: the head's (alp [0.05, 1], panet [1, 1],
+    # adnet [0.1, 1]; config.HEAD_DEFAULTS)
     align_weight: float = 1.0
 
 
@@ -362,6 +420,8 @@ def _closest(key: str) -> str:
 
 def _translate(err: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key in LEGACY_KEYS:
+        return ConfigError(f"{where}: config key '{key}' is now '{LEGACY_KEYS[key]}'")
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
         return ConfigError(f"{where}: unknown config key '{key}'{_closest(key)}")
     if isinstance(err, (ValidationError, ConfigTypeError)) and key:
@@ -438,7 +498,8 @@ def _normalise(cfg: DictConfig) -> None:
         cfg.model.compile = "off"
     if cfg.data.cache_dir == "":  # FSL_MED_CACHE set but empty: the default, not the current folder
         cfg.data.cache_dir = ".cache/fsl_med"
-    for key, value in COMPAT.get(str(cfg.compat), {}).items():  # unset compat-dependent fields follow compat
+    defaults = {**COMPAT.get(str(cfg.compat), {}), **HEAD_DEFAULTS.get(str(cfg.model.head.name), {})}
+    for key, value in defaults.items():  # unset compat- and head-dependent fields follow compat and the head
         if OmegaConf.select(cfg, key) is None:
             OmegaConf.update(cfg, key, value)
 
@@ -474,7 +535,12 @@ def validate(cfg: DictConfig) -> None:
     :func:`fsl_med.runs.check_registries`, which the verbs call, and again where the objects are built."""
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ConfigError("config key 'data.root' is not set: pass data.root=PATH (or DATA=PATH to make)")
-    for key, choice in CHOICES.items():  # first: compat decides other fields
+    head = str(cfg.model.head.name)  # first: the head decides other fields
+    if head not in HEAD_NAMES:
+        close = difflib.get_close_matches(head, HEAD_NAMES, n=1, cutoff=0.0)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'model.head.name': unknown head '{head}'{hint} (registered: {', '.join(HEAD_NAMES)})")
+    for key, choice in CHOICES.items():  # then: compat decides other fields
         valid = get_args(choice)
         value = OmegaConf.select(cfg, key)
         _check(value in valid, key, f"must be one of {', '.join(map(str, valid))}, got '{value}'")
@@ -513,12 +579,18 @@ def validate(cfg: DictConfig) -> None:
            f"must be a non-empty subset of {list(LORA_TARGETS)}, got {targets}")
     _check(bool(enc.weights), "model.encoder.weights", "must be 'none', a hub tag or a file path")
     m = cfg.model
-    _check(m.feature_size > 0 and m.proto_grid > 0 and m.feature_size % m.proto_grid == 0, "model.proto_grid",
-           f"feature_size ({m.feature_size}) must be a multiple of proto_grid ({m.proto_grid})")
-    _check(m.test_window > 0 and m.feature_size % m.test_window == 0, "model.test_window",
+    _check(m.feature_size > 0, "model.feature_size", f"must be > 0, got {m.feature_size}")
+    a = m.head.alp
+    _check(a.proto_grid > 0 and m.feature_size % a.proto_grid == 0, "model.head.alp.proto_grid",
+           f"feature_size ({m.feature_size}) must be a multiple of proto_grid ({a.proto_grid})")
+    _check(a.test_window > 0 and m.feature_size % a.test_window == 0, "model.head.alp.test_window",
            f"must divide feature_size ({m.feature_size})")
-    _check(0 < m.fg_thresh <= 1 and 0 < m.bg_thresh <= 1, "model.fg_thresh", "thresholds must be in (0, 1]")
+    _check(0 < a.fg_thresh <= 1 and 0 < a.bg_thresh <= 1, "model.head.alp.fg_thresh", "thresholds must be in (0, 1]")
     _check(m.scale > 0, "model.scale", "must be > 0")
+    for name in ("panet", "adnet"):
+        _check(m.head[name].cos_eps > 0, f"model.head.{name}.cos_eps", "must be > 0")
+    _check(math.isfinite(m.head.adnet.threshold_init), "model.head.adnet.threshold_init", "must be finite")
+    _check(m.head.adnet.threshold_weight >= 0, "model.head.adnet.threshold_weight", "must be >= 0")
     _check(len(cfg.loss.ce_weights) == 2 and min(cfg.loss.ce_weights) >= 0, "loss.ce_weights",
            "must be two non-negative weights [background, foreground]")
     _check(cfg.loss.align_weight >= 0, "loss.align_weight", "must be >= 0")
@@ -573,12 +645,27 @@ def from_container(data: dict[str, Any]) -> DictConfig:
     """Rebuild a validated config from :func:`to_container` output (e.g. stored in a checkpoint)."""
     cfg = OmegaConf.structured(Config)
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(upgrade_legacy(data)))
     except OmegaConfBaseException as e:
         raise _translate(e, "stored config") from e
     _normalise(cfg)
     validate(cfg)
     return cfg
+
+
+def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored config (plain containers) with the keys of :data:`LEGACY_KEYS` moved to their new place
+    (``data`` is not modified); a config without them is returned as an equal copy."""
+    cfg = OmegaConf.create(data)
+    for old, new in LEGACY_KEYS.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and leaf in node:
+            value = node[leaf]
+            del node[leaf]
+            if OmegaConf.select(cfg, new) is None:
+                OmegaConf.update(cfg, new, value, force_add=True)
+    return OmegaConf.to_container(cfg)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: DictConfig) -> str:

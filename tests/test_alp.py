@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsl_med.models.alp import (
+from fsl_med.models.heads.alp import (
     episode_prototypes,
     episode_scores,
     global_prototype,

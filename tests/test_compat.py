@@ -12,6 +12,7 @@ from fsl_med.config import COMPAT, load_config
 from fsl_med.data.protocol import query_plan
 from fsl_med.data.superpixels import body_mask
 from fsl_med.errors import ConfigError
+from fsl_med.models.heads import create_head
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = "data.root=/nonexistent"
@@ -144,7 +145,7 @@ def test_an_episode_without_a_background_window_falls_back_by_default_and_is_ski
     lab = fg.long()
     w = torch.tensor([0.05, 1.0])
     ours = FewShotSegmenter(enc, feature_size=32)
-    ref = FewShotSegmenter(enc, feature_size=32, empty_window="skip")
+    ref = FewShotSegmenter(enc, create_head("alp", options={"empty_window": "skip"}), feature_size=32)
     both, _, _ = ours.episode_loss(img, fg, img, lab, w, 1.0)
     assert both is not None and torch.isfinite(both)  # the global prototype stands in
     skipped, _, _ = ref.episode_loss(img, fg, img, lab, w, 1.0)
@@ -152,7 +153,8 @@ def test_an_episode_without_a_background_window_falls_back_by_default_and_is_ski
     assert ref.skipped_episodes == 1 and torch.allclose(skipped, alone, rtol=0, atol=1e-6)
     none, _, _ = ref.episode_loss(img[1:], fg[1:], img[1:], lab[1:], w, 1.0)
     assert none is None and ref.skipped_episodes == 2
-    assert _cfg().model.empty_window == "fallback" and _cfg("compat=reference").model.empty_window == "skip"
+    assert _cfg().model.head.alp.empty_window == "fallback"
+    assert _cfg("compat=reference").model.head.alp.empty_window == "skip"
 
 
 def test_training_under_compat_reference_logs_its_skipped_episodes(tmp_path):
@@ -177,7 +179,7 @@ def test_training_under_compat_reference_logs_its_skipped_episodes(tmp_path):
         warnings.simplefilter("ignore")
         res = train(cfg)
     stored = torch.load(res.last_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
-    assert stored["compat"] == "reference" and stored["model"]["empty_window"] == "skip"
+    assert stored["compat"] == "reference" and stored["model"]["head"]["alp"]["empty_window"] == "skip"
     assert stored["data"]["superpixel"]["zero_as_background"] is True and stored["ttt"]["restore"] is False
     rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
     counts = [float(r["train/skipped_episodes"]) for r in rows if r.get("train/skipped_episodes")]

@@ -20,7 +20,7 @@ ROOT = "data.root=/nonexistent"
 def test_experiment_files_load_and_inherit_defaults():
     for name in ("mri", "ct", "demo"):
         cfg = load_config(f"experiments/{name}.yaml", [ROOT])
-        assert cfg.model.proto_grid == 8 and cfg.loss.ce_weights == [0.05, 1.0]
+        assert cfg.model.head.alp.proto_grid == 8 and cfg.loss.ce_weights == [0.05, 1.0]
     mri = load_config("experiments/mri.yaml", [ROOT, "trainer.max_steps=300", "model.encoder.weights=none"])
     assert mri.data.dataset == "chaos_t2" and mri.trainer.max_steps == 300 and mri.model.encoder.weights == "none"
     assert "max_steps: 300" in to_yaml(mri)
@@ -101,7 +101,11 @@ def test_choice_fields_are_defined_once_and_used_by_their_behaviour():
     assert encoders.FINETUNE_MODES is config.FINETUNE_MODES == get_args(config.Finetune)
     assert vit_encoder.ADAPTERS is config.ADAPTERS and lora.LORA_TARGETS is config.LORA_TARGETS
     assert cca.CCA_MODES is config.CCA_MODES and CCA_CHOICES == (*config.CCA_MODES, "none")
+    from fsl_med.data import masks
+    from fsl_med.models import heads
+    assert masks.MASK_POOLINGS is config.MASK_POOLINGS == get_args(config.MaskPooling)
+    assert tuple(heads.list_heads()) == config.HEAD_NAMES  # every registered head has its config section
     for key, choice in config.CHOICES.items():  # every default (or its compat value when unset) is one of its choices
         value = OmegaConf.select(OmegaConf.structured(config.Config), key)
-        value = config.COMPAT["fsl_med"][key] if value is None else value
+        value = {**config.COMPAT["fsl_med"], **config.HEAD_DEFAULTS["alp"]}[key] if value is None else value
         assert value in get_args(choice), key

@@ -9,7 +9,8 @@ import torch
 
 from fsl_med.config import AugmentConfig, SuperpixelConfig, load_config
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.data.episodes import EpisodeDataset, augment_pair, mask_at_feature_size
+from fsl_med.data.episodes import EpisodeDataset, augment_pair
+from fsl_med.data.masks import mask_at_feature_size
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.superpixels import body_mask, load_or_make_superpixels, superpixels_2d
 from fsl_med.data.volumes import load_volume, make_normalizer
@@ -67,7 +68,7 @@ def test_sampler_never_yields_background_or_empty_prototype(vol, tmp_path):
     sp = load_or_make_superpixels(vol.image, vol.path, SuperpixelConfig(), tmp_path)
     slices = [(0, z) for z in range(vol.image.shape[0])]
     ds = EpisodeDataset([norm(vol.image)], [sp], slices, length=150, seed=7, augment=AugmentConfig(),
-                        min_pixels=64, feature_size=32, mask_downsample="nearest")
+                        min_pixels=64, feature_size=32, mask_pooling="nearest")
     for i in range(150):
         ep = ds[i]
         assert ep["superpixel"] != 0

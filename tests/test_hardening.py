@@ -49,7 +49,7 @@ def lora_ckpt(phantom, tmp_path_factory) -> Path:
     """A tiny checkpoint trained with model.* overrides that the demo config does not have."""
     out = tmp_path_factory.mktemp("ck")
     assert main(["train", *_common(phantom, out / "runs", out / "cache"), "name=ck", "model.encoder.finetune=lora",
-                 "model.fg_thresh=0.9"]) == 0
+                 "model.head.alp.fg_thresh=0.9"]) == 0
     return out / "runs" / "ck" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -253,15 +253,15 @@ def test_eval_takes_the_model_from_the_checkpoint(phantom, lora_ckpt, tmp_path, 
     err = caplog.text
     notes = [ln for ln in err.splitlines() if "defines the model" in ln]
     assert len(notes) == 1 and "model.encoder.finetune='lora' (config: 'full')" in notes[0], err[-2000:]
-    assert "model.fg_thresh=0.9 (config: 0.95)" in notes[0]
+    assert "model.head.alp.fg_thresh=0.9 (config: 0.95)" in notes[0]
     res = next((tmp_path / "runs").rglob("results.json")).read_text()
     assert '"finetune": "lora"' in res
     # an explicit override that agrees with the checkpoint is fine; one that contradicts it is an error
     assert main(["eval", *common, "model.encoder.finetune=lora"]) == 0
     capsys.readouterr()
-    assert main(["eval", *common, "model.fg_thresh=0.5"]) == 2
-    error_line(capsys.readouterr().err, "model.fg_thresh=0.5 on the command line contradicts the checkpoint",
-                "trained with model.fg_thresh=0.9")
+    assert main(["eval", *common, "model.head.alp.fg_thresh=0.5"]) == 2
+    error_line(capsys.readouterr().err, "model.head.alp.fg_thresh=0.5 on the command line contradicts the checkpoint",
+                "trained with model.head.alp.fg_thresh=0.9")
 
 
 def _edited(ckpt: Path, dest: Path, edit) -> Path:

@@ -44,9 +44,9 @@ def test_one_shot_prototypes_are_the_reference_ones_and_k_shots_pool_and_average
     one = seg.support_prototypes(img, mask)  # shots=1
     with torch.no_grad():
         feats = seg.encode(torch.from_numpy(img)[:, None].expand(-1, 3, -1, -1))
-        low = seg.downsample_mask(torch.from_numpy(mask))
+        low = seg.head.feature_masks(torch.from_numpy(mask))
         for p in range(3):  # 1-shot: each part's prototypes from its own slice, exactly as before k-shot existed
-            ref = seg.prototypes(feats[p:p + 1], low[p:p + 1], seg.test_window)
+            ref = seg.head.prototypes(feats[p:p + 1], low[p:p + 1], seg.head.test_window)
             assert one[p].fg.mode == ref.fg.mode and torch.equal(one[p].fg.protos, ref.fg.protos)
             assert torch.equal(one[p].bg.protos, ref.bg.protos)
     assert [p.fg.mode for p in one] == ["gridconv+", "gridconv+", "mask"]

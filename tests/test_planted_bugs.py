@@ -290,7 +290,7 @@ DOCUMENTED_COMPAT = {
     "data.superpixel.zero_as_background": (False, True, ["reference: true, 1", "id 0 never drawn"]),
     "data.min_superpixel_pixels": (64, 1, ["reference: true, 1", "pseudolabels of at least 64 px"]),
     "ttt.restore": (True, False, ["reference: false", "restored bit for bit"]),
-    "model.empty_window": ("fallback", "skip", ["`fallback`\\|`skip`", "the global prototype stands in"]),
+    "model.head.alp.empty_window": ("fallback", "skip", ["`fallback`\\|`skip`", "the global prototype stands in"]),
     "data.resize_last": (False, True, ["reference: true", "resizes first"]),
 }
 

@@ -18,7 +18,7 @@ from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.errors import ConfigError
-from fsl_med.models.alp import ClassPrototypes, EpisodePrototypes, merge_episode_prototypes
+from fsl_med.models.heads.alp import ClassPrototypes, EpisodePrototypes, merge_episode_prototypes
 from fsl_med.prepare.geometry import orientation_of, reorient, resample_image, resample_label, spacing_of
 from fsl_med.prepare.nifti import read_nifti, write_nifti
 from fsl_med.prepare.plan import CtPlan, MriPlan

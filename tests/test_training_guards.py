@@ -34,6 +34,10 @@ def _batch(size: int, b: int = 2) -> dict[str, torch.Tensor]:
             "query_image": torch.randn(b, 3, size, size, generator=g), "query_label": query_label}
 
 
+def _up(low: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(low, size=(112, 112), mode="bilinear", align_corners=False)
+
+
 def test_loss_is_the_weighted_ce_plus_the_weighted_alignment_term():
     """Catches swapped CE class weights, a dropped alignment term (in the segmenter or in ``training_step``) and a
     wrong alignment weight: the loss is recomputed by hand from the model's logits (log-softmax, the method's class
@@ -53,16 +57,17 @@ def test_loss_is_the_weighted_ce_plus_the_weighted_alignment_term():
         b = batch["support_image"].shape[0]
         ces, aligns = [], []
         for i in range(b):
-            protos = seg.shot_prototypes(feats[i:i + 1], seg.downsample_mask(batch["support_mask"][i:i + 1]),
-                                         seg.train_window)
-            low = seg.scores(feats[b + i:b + i + 1], protos)
-            logp = F.log_softmax(seg.upsample(low, (112, 112)).float(), dim=1)[0]  # [2, H, W]
+            head = seg.head
+            protos = head.shot_prototypes(feats[i:i + 1], head.feature_masks(batch["support_mask"][i:i + 1]),
+                                          head.train_window)
+            low = head.scores(feats[b + i:b + i + 1], protos)
+            logp = F.log_softmax(_up(low).float(), dim=1)[0]  # [2, H, W]
             lab = batch["query_label"][i]
             valid = lab != 255
             w = torch.tensor(METHOD_CE_WEIGHTS)[lab[valid]]
             nll = -logp.permute(1, 2, 0)[valid].gather(1, lab[valid][:, None])[:, 0]
             ces.append(float((w * nll).sum() / w.sum()))
-            aligns.append(float(seg.align_loss(feats[b + i:b + i + 1], low, feats[i:i + 1],
+            aligns.append(float(head.align_loss(feats[b + i:b + i + 1], low, feats[i:i + 1],
                                                batch["support_mask"][i:i + 1])))
     ce_hand, align_hand = float(np.mean(ces)), float(np.mean(aligns))
     assert align_hand > 0.01  # a term that matters
@@ -70,7 +75,7 @@ def test_loss_is_the_weighted_ce_plus_the_weighted_alignment_term():
     assert abs(float(loss) - (ce_hand + METHOD_ALIGN_WEIGHT * align_hand)) < 1e-5
     assert abs(float(step_loss) - float(loss)) < 1e-5
     # the background weight is what makes CE differ from the unweighted mean: a swap changes it
-    swapped = F.cross_entropy(seg.upsample(low, (112, 112)).float(), batch["query_label"][b - 1:b],
+    swapped = F.cross_entropy(_up(low).float(), batch["query_label"][b - 1:b],
                               weight=torch.tensor(METHOD_CE_WEIGHTS[::-1]), ignore_index=255)
     assert abs(float(swapped) - ces[-1]) > 1e-3
 

@@ -185,7 +185,7 @@ class FewShotDataModule(L.LightningDataModule):
         return EpisodeDataset(
             images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
             augment=AugmentConfig(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,
-            feature_size=self.cfg.model.feature_size, mask_downsample=self.cfg.model.mask_downsample,
+            feature_size=self.cfg.model.feature_size, mask_pooling=self.cfg.model.mask_pooling,
             shots=self.cfg.shots, three_slices=self.cfg.data.three_slices,
             draw_background=bool(self.cfg.data.superpixel.zero_as_background),
         )

@@ -24,6 +24,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from fsl_med.config import AugmentConfig
+from fsl_med.data.masks import mask_at_feature_size
 from fsl_med.data.volumes import slice_stack
 from fsl_med.errors import DataError
 
@@ -83,17 +84,6 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     return img.reshape(image.shape).astype(np.float32), out_mask
 
 
-def mask_at_feature_size(mask: torch.Tensor, feature_size: int, mode: str) -> torch.Tensor:
-    """Downsample ``[..., H, W]`` masks to ``feature_size``² with ``mode`` (nearest or bilinear)."""
-    shape = mask.shape
-    m = mask.reshape(-1, 1, *shape[-2:]).float()
-    if mode == "nearest":
-        out = F.interpolate(m, size=(feature_size, feature_size), mode="nearest")
-    else:
-        out = F.interpolate(m, size=(feature_size, feature_size), mode="bilinear", align_corners=False)
-    return out.reshape(*shape[:-2], feature_size, feature_size)
-
-
 class EpisodeDataset(Dataset):
     """Self-supervised 1-way k-shot episodes from superpixel pseudolabels (k augmented supports, one query).
 
@@ -105,7 +95,7 @@ class EpisodeDataset(Dataset):
         seed: base seed; episode ``i`` depends only on ``(seed, i)``.
         augment: augmentation ranges.
         min_pixels: a pseudolabel must cover at least this many pixels (never superpixel 0).
-        feature_size, mask_downsample: the support mask must stay non-empty at the feature resolution.
+        feature_size, mask_pooling: the support mask must stay non-empty at the feature resolution.
         shots: augmented supports per episode (k); ``1`` draws exactly the 1-shot episodes.
         three_slices: images are z-1, z, z+1 stacks (zeros beyond the volume) instead of the slice tiled ×3.
         draw_background: superpixel id 0 (the background) may be drawn as a pseudolabel, as the reference does
@@ -123,7 +113,7 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, images: Sequence[np.ndarray], superpixels: Sequence[np.ndarray],
                  slices: Sequence[tuple[int, int]], length: int, seed: int, augment: AugmentConfig,
-                 min_pixels: int = 64, feature_size: int = 32, mask_downsample: str = "nearest", shots: int = 1,
+                 min_pixels: int = 64, feature_size: int = 32, mask_pooling: str = "nearest", shots: int = 1,
                  three_slices: bool = False, draw_background: bool = False) -> None:
         self.images = list(images)
         self.superpixels = list(superpixels)
@@ -131,7 +121,7 @@ class EpisodeDataset(Dataset):
         self.seed = int(seed)
         self.augment = augment
         self.feature_size = feature_size
-        self.mask_downsample = mask_downsample
+        self.mask_pooling = mask_pooling
         self.shots, self.three_slices = int(shots), bool(three_slices)
         self.candidates: list[tuple[int, int, np.ndarray]] = []
         for v, z in slices:
@@ -157,7 +147,7 @@ class EpisodeDataset(Dataset):
         return img if img.ndim == 3 else np.repeat(img[None], 3, axis=0)
 
     def _usable(self, mask: np.ndarray) -> bool:
-        m = mask_at_feature_size(torch.from_numpy(mask), self.feature_size, self.mask_downsample)
+        m = mask_at_feature_size(torch.from_numpy(mask), self.feature_size, self.mask_pooling)
         return bool(m.sum() > 0)
 
     def __getitem__(self, index: int) -> dict[str, object]:

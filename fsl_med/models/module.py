@@ -13,13 +13,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fsl_med.config import from_container, model_container, to_container
 from fsl_med.data.protocol import EvalItem
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
 from fsl_med.models.encoders import create_encoder
+from fsl_med.models.heads import create_head
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
@@ -41,8 +42,10 @@ def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegme
     if m.compile != "off":
         # in place (nn.Module.compile): parameter names and checkpoints are those of the eager model
         encoder.compile(mode=m.compile)
-    return FewShotSegmenter(encoder, m.feature_size, m.proto_grid, m.test_window, m.fg_thresh, m.bg_thresh,
-                            m.scale, m.mask_downsample, m.get("empty_window") or "fallback")
+    name = str(m.head.name)
+    head = create_head(name, feature_size=m.feature_size, scale=m.scale, mask_pooling=m.mask_pooling,
+                       options=OmegaConf.to_container(m.head[name], resolve=True))
+    return FewShotSegmenter(encoder, head, m.feature_size)
 
 
 class FewShotModule(L.LightningModule):
@@ -81,12 +84,12 @@ class FewShotModule(L.LightningModule):
         b = batch["support_image"].shape[0]
         loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
                                                   batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
-        if self.model.empty_window == "skip":  # compat=reference: episodes skipped as the reference does, counted
+        if self.model.head.skips_episodes:  # compat=reference: episodes skipped as the reference does, counted
             # summed over ranks (one all-reduce per step, only in this mode)
             self.log("train/skipped_episodes", float(self.model.skipped_episodes), batch_size=b, sync_dist=True,
                      reduce_fx="sum")
         if loss is None:  # every episode of the batch skipped
-            log.info("step %d: every episode skipped (no ALP window above threshold)", self.global_step + 1)
+            log.info("step %d: every episode skipped by the %s head", self.global_step + 1, self.model.head.name)
             if self.trainer.world_size == 1:
                 return None  # type: ignore[return-value]  # no optimiser step (Lightning skips it), as the reference
             # DDP needs every rank in every backward: a zero loss reaching every trainable weight, so this rank adds
@@ -95,6 +98,10 @@ class FewShotModule(L.LightningModule):
         if not bool(torch.isfinite(loss)):  # one host sync per step; Lightning's detect_anomaly is far slower
             raise TrainingDiverged(self._diverged(f"loss ({float(loss.detach())})", batch))
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/align": align}, prog_bar=True, batch_size=b)
+        extra = {f"train/{k}": v for k, v in self.model.last_terms.items() if k not in ("ce", "align")}
+        extra.update({f"train/{k}": v for k, v in self.model.head.log_values().items()})
+        if extra:  # the head's own loss terms and values (ADNet: train/threshold, L_T, and train/T)
+            self.log_dict(extra, batch_size=b)
         self._last_episodes = {k: batch[k] for k in ("scan", "z", "superpixel") if k in batch}
         return loss
 
