@@ -109,3 +109,59 @@ def test_choice_fields_are_defined_once_and_used_by_their_behaviour():
         value = OmegaConf.select(OmegaConf.structured(config.Config), key)
         value = {**config.COMPAT["fsl_med"], **config.HEAD_DEFAULTS["alp"]}[key] if value is None else value
         assert value in get_args(choice), key
+
+
+def test_head_presets_and_per_head_defaults():
+    """Each head's experiment file and defaults: ``loss.ce_weights`` and ``model.mask_pooling`` follow the head when
+    left null, an explicit value wins, and the presets carry their paper's recipe."""
+    for head, ce, pooling in (("alp", [0.05, 1.0], "nearest"), ("panet", [1.0, 1.0], "adjoint"),
+                              ("adnet", [0.1, 1.0], "adjoint")):
+        cfg = load_config("experiments/mri.yaml", [ROOT, f"model.head.name={head}"])
+        assert list(cfg.loss.ce_weights) == ce and cfg.model.mask_pooling == pooling
+    cfg = load_config("experiments/mri.yaml", [ROOT, "model.head.name=adnet", "loss.ce_weights=[0.3,1]",
+                                                 "model.mask_pooling=bilinear"])
+    assert list(cfg.loss.ce_weights) == [0.3, 1.0] and cfg.model.mask_pooling == "bilinear"
+    panet = load_config("experiments/panet.yaml", [ROOT])
+    assert panet.model.head.name == "panet" and panet.trainer.max_steps == 30000
+    assert (panet.optim.lr_step, panet.optim.lr_gamma) == (10000, 0.1)
+    adnet = load_config("experiments/adnet.yaml", [ROOT])
+    assert adnet.model.head.name == "adnet" and adnet.model.encoder.name == "resnet101_deeplabv3"
+    assert (adnet.trainer.max_steps, adnet.seed, adnet.optim.lr_gamma, adnet.optim.lr_step) == (50000, 2021, 0.95, 1000)
+    assert adnet.model.head.adnet.threshold_init == -10.0 and adnet.model.head.adnet.threshold_weight == 1.0
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("model.head.name=adnt", r"^config key 'model.head.name': unknown head 'adnt'; did you mean 'adnet'\? "
+                             r"\(registered: alp, panet, adnet\)$"),
+    ("model.head.name=none", r"unknown head 'none'"),
+    ("model.proto_grid=4", r"config key 'model.proto_grid' is now 'model.head.alp.proto_grid'$"),
+    ("model.mask_downsample=bilinear", r"config key 'model.mask_downsample' is now 'model.mask_pooling'$"),
+    ("model.mask_pooling=area", r"'model.mask_pooling': must be one of nearest, bilinear, adjoint, got 'area'"),
+    ("model.head.adnet.threshold_weight=-1", r"'model.head.adnet.threshold_weight': must be >= 0"),
+    ("model.head.panet.cos_eps=0", r"'model.head.panet.cos_eps': must be > 0"),
+    ("model.head.alp.proto_grid=5", r"'model.head.alp.proto_grid': feature_size \(32\) must be a multiple"),
+])
+def test_bad_head_settings_are_one_line_errors(override, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_run_config("experiments/mri.yaml", [ROOT, override])
+    assert "\n" not in str(e.value)
+
+
+def test_a_stored_config_of_before_the_head_registry_is_upgraded():
+    """A checkpoint written before the head registry stores ALP's fields at ``model.*`` and
+    ``model.mask_downsample``: it loads as the alp head with the same values, and the input is not modified."""
+    import copy
+
+    from fsl_med.config import from_container, model_container
+
+    new = model_container(load_config("experiments/mri.yaml", [ROOT, "model.head.alp.test_window=4",
+                                                                "model.mask_pooling=bilinear"]))
+    old = copy.deepcopy(new)
+    alp = old["model"].pop("head")["alp"]
+    old["model"].update(alp)
+    old["model"]["mask_downsample"] = old["model"].pop("mask_pooling")
+    frozen = copy.deepcopy(old)
+    cfg = from_container(old)
+    assert old == frozen
+    assert cfg.model.head.name == "alp" and cfg.model.head.alp.test_window == 4 and cfg.model.mask_pooling == "bilinear"
+    assert model_container(cfg) == new
