@@ -73,7 +73,8 @@ def _compare(head: str, episodes: list[dict], seed: int, align_weight: float = 1
         lit = _oracle(head, enc, ep, ce_w, T, threshold_weight)
         assert out.shape == lit["output"].shape == (1, 2, 256, 256)
         d = _maxdiff(out, lit["output"])
-        assert d <= TOL, f"{head} episode {i}: output max|Δ| {d:.3e}"
+        # relative to the output's scale: PANet's logits reach ±20 (a float32 ulp there is 1.9e-6)
+        assert d <= TOL * max(1.0, lit["output"].abs().max().item()), f"{head} episode {i}: output max|Δ| {d:.3e}"
 
     # --- loss terms and gradients of one batched episode_loss call
     stack = lambda key: torch.stack([ep[key] for ep in episodes])  # noqa: E731
