@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fsl_med.config import HeadConfig
 from fsl_med.models.heads import FewShotHead, create_head
 
 
@@ -28,14 +29,14 @@ class FewShotSegmenter(nn.Module):
 
     Args:
         encoder: module mapping ``[B, 3, H, W]`` to ``[B, C, f, f]`` features (``f = feature_size``).
-        head: the head (default: ALPNet's with its defaults, :class:`~fsl_med.models.heads.alp.AlpHead`).
+        head: the head (default: the config's default head, ALPNet, with its defaults).
         feature_size: feature map side (32).
     """
 
     def __init__(self, encoder: nn.Module, head: FewShotHead | None = None, feature_size: int = 32) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = head if head is not None else create_head("alp", feature_size=feature_size)
+        self.head = head if head is not None else create_head(HeadConfig().name, feature_size=feature_size)
         self.feature_size = feature_size
         self.skipped_episodes = 0  # training episodes the head skipped (FewShotHead.skips_episodes)
         self.last_terms: dict[str, torch.Tensor] = {}  # loss terms of the last episode_loss, averaged over episodes
