@@ -79,8 +79,9 @@ def job_config(cfg: DictConfig, job: Job, out_dir: Path) -> DictConfig:
     return jcfg
 
 
-def _aggregate(runs: list[dict[str, Any]], organs: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
-    """Per variant: Dice mean/std over (fold, seed) per organ, HD95, seconds per volume."""
+def aggregate(runs: list[dict[str, Any]], organs: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Per variant: Dice mean/std over (fold, seed) per organ, HD95, seconds per volume (``runs``: :func:`run_jobs`
+    entries of one setting)."""
     out: dict[str, dict[str, Any]] = {}
     for v in variants:
         dice: dict[str, list[float]] = {o: [] for o in organs}
@@ -105,6 +106,39 @@ def _aggregate(runs: list[dict[str, Any]], organs: list[str], variants: list[str
     return out
 
 
+def run_jobs(run_dir: Path, work: list[tuple[str, DictConfig]], verb: str) -> list[dict[str, Any]]:
+    """Train and evaluate each ``(tag, job config)`` of ``work`` in turn (one checkpoint per job, evaluated with every
+    variant of its ``eval.variants``): the job loop of ``protocol`` and ``compare``.
+
+    Returns:
+        Per job: ``tag``, ``train_dir``, ``results_path``, ``results`` (the ``results.json`` document) and
+        ``seconds_per_step``.
+
+    Raises:
+        Interrupted: with a detail naming the job, what finished and that ``verb`` does not resume (a stop in the first
+            job also removes ``run_dir`` unless it holds a checkpoint); any other error as raised.
+    """
+    runs: list[dict[str, Any]] = []
+    for i, (tag, jcfg) in enumerate(work, start=1):
+        log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(work), tag, jcfg.trainer.max_steps,
+                 ", ".join(jcfg.eval.variants))
+        try:
+            module = FewShotModule.from_config(jcfg)
+            tr = train(jcfg, module=module)
+            results, path, _ = evaluate(jcfg, module=module, global_step=tr.steps)
+        except BaseException as e:
+            if i == 1:
+                discard_run_dir(run_dir)  # stopped in its first job: no folder left (unless a checkpoint)
+            if not isinstance(e, interrupts.Interrupted):
+                raise
+            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
+            raise e.with_detail(f"in job {i} of {len(work)} ({tag}); {kept}; no {verb} report was written and "
+                                f"the {verb} does not resume: rerun the same command to start it over") from None
+        runs.append({"tag": tag, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
+                     "seconds_per_step": tr.seconds_per_step})
+    return runs
+
+
 def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     """Train and evaluate every job of ``cfg.protocol`` and write the protocol report.
 
@@ -115,33 +149,20 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     check_output_location(cfg)
     jobs = protocol_jobs(cfg)
     run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-protocol")
+    try:
+        work = [(job.tag, job_config(cfg, job, run_dir)) for job in jobs]  # every job checked before the first trains
+    except BaseException:
+        discard_run_dir(run_dir)
+        raise
     save_config(cfg, run_dir)
     log.info("protocol: %d training runs (%s) -> %s", len(jobs), ", ".join(j.tag for j in jobs), run_dir)
-    runs: list[dict[str, Any]] = []
-    for i, job in enumerate(jobs, start=1):
-        jcfg = job_config(cfg, job, run_dir)
-        log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(jobs), job.tag, jcfg.trainer.max_steps,
-                 ", ".join(jcfg.eval.variants))
-        try:
-            module = FewShotModule.from_config(jcfg)
-            tr = train(jcfg, module=module)
-            results, path, _ = evaluate(jcfg, module=module, global_step=tr.steps)
-        except BaseException as e:
-            if i == 1:
-                discard_run_dir(run_dir)  # a protocol stopped in its first job leaves no folder (unless a checkpoint)
-            if not isinstance(e, interrupts.Interrupted):
-                raise
-            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
-            raise e.with_detail(f"in job {i} of {len(jobs)} ({job.tag}); {kept}; no protocol report was written and "
-                                "the protocol does not resume: rerun the same command to start it over") from None
-        runs.append({"job": job, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
-                     "seconds_per_step": tr.seconds_per_step})
+    runs = [{"job": job, **run} for job, run in zip(jobs, run_jobs(run_dir, work, "protocol"), strict=True)]
     variants = list(cfg.protocol.variants)
     organs = list(get_dataset_info(cfg.data.dataset).labels)
     settings = {}
     for s in cfg.protocol.settings:
         srun = [r for r in runs if r["job"].setting == s]
-        settings[int(s)] = _aggregate(srun, organs, variants)
+        settings[int(s)] = aggregate(srun, organs, variants)
     ttt = [r["results"]["ttt_seconds_per_slice"] for r in runs if r["results"].get("ttt_seconds_per_slice")]
     report = {
         "name": cfg.name, "dataset": cfg.data.dataset, "fsl_med_version": __version__,
