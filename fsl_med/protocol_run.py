@@ -25,7 +25,6 @@ from fsl_med.config import to_container
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import Column, Table, text, write_report
-from fsl_med.models.module import FewShotModule
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.runs import (
     check_output_location,
@@ -122,10 +121,11 @@ def run_jobs(run_dir: Path, work: list[tuple[str, DictConfig]], verb: str) -> li
     for i, (tag, jcfg) in enumerate(work, start=1):
         log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(work), tag, jcfg.trainer.max_steps,
                  ", ".join(jcfg.eval.variants))
-        try:
-            module = FewShotModule.from_config(jcfg)
-            tr = train(jcfg, module=module)
-            results, path, _ = evaluate(jcfg, module=module, global_step=tr.steps)
+        try:  # as `fsl-med run` of the job's config: the model is built after train() seeds, so its initial weights
+            # depend on the job's seed only, not on the jobs before it
+            tr = train(jcfg)
+            assert tr.config is not None and tr.module is not None
+            results, path, _ = evaluate(tr.config, module=tr.module, global_step=tr.steps)
         except BaseException as e:
             if i == 1:
                 discard_run_dir(run_dir)  # stopped in its first job: no folder left (unless a checkpoint)
