@@ -2,8 +2,9 @@
 #   make demo | make test | make train-mri DATA=... ARGS="k=v ..." | make eval-mri CKPT=...
 # Variables: DATA (data.root), CKPT (ckpt: a path, or 'latest' = newest last.ckpt of the config's runs),
 #            ARGS (extra key=value config overrides), SRC (official download for prepare-*), OUT (prepare-*
-#            output folder), CONFIG (experiments/ config of `make ablations`), PYTHON_BOOT (python used to
-#            create .venv). `make gpu-check` needs no .venv on a GPU machine that has the bundle (gpu_bundle/).
+#            output folder), CONFIG (experiments/ config of `make ablations` or `make compare`), PYTHON_BOOT
+#            (python used to create .venv). `make gpu-check` needs no .venv on a GPU machine that has the bundle
+#            (gpu_bundle/).
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -19,7 +20,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle ablations sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle ablations compare sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help: ## list the targets with one line each
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -72,6 +73,9 @@ sweep-mri sweep-ct: $(STAMP) ## W&B sweep from experiments/sweeps/{mri,ct}.yaml:
 
 ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget on real CHAOS-T2; CONFIG=ablation for GPUs) -> lightning_logs/<name>-ablation/
 	$(FSL) ablate $(or $(CONFIG),ablation_cpu) $(DATA_ARG) $(ARGS)
+
+compare: $(STAMP) ## heads x encoders through the protocol, one report (CONFIG=compare_cpu: CPU budget on real CHAOS-T2, ~30 min on 2 cores) -> lightning_logs/<name>-compare/
+	$(FSL) compare $(or $(CONFIG),compare_cpu) $(DATA_ARG) $(ARGS)
 
 bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
 	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)

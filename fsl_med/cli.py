@@ -133,6 +133,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return _report_verb(args, run_ablation, "ablation.md")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fsl_med.compare import run_compare
+
+    name, overrides = _split_config_arg(args)
+    if name is None:
+        raise ConfigError("compare needs a config: fsl-med compare CONFIG [key=value ...]")
+    # the path, not a loaded config: each head x encoder row is loaded from it, so head defaults follow each head
+    _, path = run_compare(_config_path(name), overrides)
+    print(path.with_name("compare.md").read_text(encoding="utf-8"))
+    print(path)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fsl_med.bench import PARTS, run_bench
 
@@ -339,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "+TTT/+TTT+CCA) with one report: ablate CONFIG [key=value ...]"),
         ("protocol", cmd_protocol, "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
                                    "with one report: protocol CONFIG [key=value ...]"),
+        ("compare", cmd_compare, "few-shot heads x encoders through the protocol (same folds, settings, seeds, "
+                                 "episodes; plain/+CCA/+TTT/+TTT+CCA) with one report: compare CONFIG [key=value ...]"),
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")

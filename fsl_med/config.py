@@ -102,8 +102,9 @@ CHOICES: dict[str, Any] = {
     "eval.ct_stats": CtStats,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
-VERB_SECTIONS = ("protocol", "ablation")
-"""Config sections that only their verbs read (``fsl-med protocol``, ``fsl-med ablate``): not stored in checkpoints."""
+VERB_SECTIONS = ("protocol", "ablation", "compare")
+"""Config sections that only their verbs read (``fsl-med protocol``, ``fsl-med ablate``, ``fsl-med compare``): not
+stored in checkpoints."""
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 """A run ``name``: one folder name (no separator, not ``.``/``..``), so runs stay under ``logging.output_dir``."""
 MAX_IMAGE_SIZE = 2048
@@ -366,6 +367,35 @@ class AblationConfig:
 
 
 @dataclass
+class ReportedDice:
+    """One number a paper reports, shown in ``fsl-med compare``'s *reported* column (never mixed with re-runs).
+
+    ``source`` is required (the paper and its table, e.g. "Hansen et al., MedIA 2022, Table 3"): a number whose source
+    is not stated is a config error, not a guess (method-zoo.md §9). ``encoder`` null: every row of ``head``."""
+
+    head: str | None = None
+    setting: int = 1
+    dice: float | None = None  # mean Dice (%) over the organs, as the paper reports it
+    source: str | None = None
+    encoder: str | None = None
+
+
+@dataclass
+class CompareConfig:
+    """What ``fsl-med compare`` runs: every head x every encoder (empty: ``model.encoder.name``) through the
+    ``protocol`` section's folds, settings, seeds and variants, with one report.
+
+    ``encoder_overrides``: encoder name -> ``key=value`` strings applied on top of the config for that encoder's rows
+    (e.g. another lr, fewer steps, ``protocol.variants`` without TTT); they may not change what is compared (data,
+    seed, folds, settings, seeds, evaluation). ``reported``: paper numbers with their source (empty: none verified)."""
+
+    heads: list[str] = field(default_factory=lambda: list(HEAD_NAMES))
+    encoders: list[str] = field(default_factory=list)
+    encoder_overrides: dict[str, list[str]] = field(default_factory=dict)
+    reported: list[ReportedDice] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     """Where runs are written and which logger records metrics."""
 
@@ -395,6 +425,7 @@ class Config:
     ttt: TTTConfig = field(default_factory=TTTConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -627,6 +658,42 @@ def validate(cfg: DictConfig) -> None:
            f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
     _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
     _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
+    _validate_compare(cfg)
+
+
+def _validate_compare(cfg: DictConfig) -> None:
+    """``compare``: heads (registered, no duplicates), encoders (no duplicates; names are checked against the encoder
+    registry by :mod:`fsl_med.compare`) and every ``reported`` entry (a source, a head and setting that are compared,
+    a Dice in 0..100, at most one entry per report cell)."""
+    c = cfg.compare
+    heads = list(c.heads)
+    _check(len(heads) > 0, "compare.heads", f"is empty: list the heads to compare (registered: {', '.join(HEAD_NAMES)})")
+    for h in heads:
+        if h not in HEAD_NAMES:
+            close = difflib.get_close_matches(str(h), HEAD_NAMES, n=1, cutoff=0.0)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key 'compare.heads': unknown head '{h}'{hint} (registered: {', '.join(HEAD_NAMES)})")
+    _check(len(set(heads)) == len(heads), "compare.heads", f"has duplicates: {heads}")
+    encoders = list(c.encoders) or [str(cfg.model.encoder.name)]
+    _check(len(set(encoders)) == len(encoders), "compare.encoders", f"has duplicates: {encoders}")
+    cells: dict[tuple[str, str, int], int] = {}
+    for i, r in enumerate(c.reported):
+        key = f"compare.reported[{i}]"
+        _check(bool(r.source and str(r.source).strip()), f"{key}.source", "is not set: a reported number needs its "
+               "source (paper and table); do not fill numbers from memory (method-zoo.md §9)")
+        _check(r.head is not None, f"{key}.head", f"is not set: name the head the number belongs to ({heads})")
+        _check(r.head in heads, f"{key}.head", f"'{r.head}' is not compared (compare.heads: {heads})")
+        _check(r.setting in list(cfg.protocol.settings), f"{key}.setting",
+               f"Setting {r.setting} is not run (protocol.settings: {list(cfg.protocol.settings)})")
+        _check(r.dice is not None and math.isfinite(r.dice) and 0 <= r.dice <= 100, f"{key}.dice",
+               f"must be the mean Dice in % (0..100), got {r.dice}")
+        _check(r.encoder is None or r.encoder in encoders, f"{key}.encoder",
+               f"'{r.encoder}' is not compared (encoders: {encoders}; null: every row of the head)")
+        for e in [r.encoder] if r.encoder is not None else encoders:
+            cell = (str(r.head), str(e), int(r.setting))
+            _check(cell not in cells, key, f"gives a second number for head {r.head}, encoder {e}, Setting {r.setting} "
+                   f"(compare.reported[{cells.get(cell)}] gives one)")
+            cells[cell] = i
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
