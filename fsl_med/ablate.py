@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__, interrupts
@@ -24,7 +25,7 @@ from fsl_med.errors import ConfigError
 from fsl_med.evaluate import evaluate, write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import Column, Table, text, write_report
-from fsl_med.models.module import FewShotModule
+from fsl_med.models.module import FewShotModule, has_trainable_parameters
 from fsl_med.runs import (
     check_output_location,
     check_trainer_settings,
@@ -120,17 +121,21 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
                 entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
                              train_dir=src["train_dir"], checkpoint=src["checkpoint"])
             else:
-                module = FewShotModule.from_config(rcfg)
-                trainable = any(p.requires_grad for p in module.parameters())
-                if trainable:
+                if has_trainable_parameters(rcfg):
                     log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(rows), name, rcfg.trainer.max_steps,
                              ", ".join(rcfg.eval.variants))
-                    tr = train(rcfg, module=module)
+                    # as `fsl-med run` of the row's config: train() seeds, then builds the model, so its initial
+                    # weights depend on the row's seed only, not on the rows before it
+                    tr = train(rcfg)
+                    assert tr.module is not None
+                    module = tr.module
                     entry.update(steps=tr.steps, trained=True, seconds_per_step=tr.seconds_per_step,
                                  train_dir=str(tr.run_dir), checkpoint=str(tr.last_ckpt))
                 else:
                     log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
                              i, len(rows), name)
+                    L.seed_everything(rcfg.seed, workers=True, verbose=False)  # the untrained weights: the row's seed
+                    module = FewShotModule.from_config(rcfg)
                     entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
                 results, path, _ = evaluate(rcfg, module=module, global_step=entry["steps"])
             entry.update(results_path=str(path), results=results)

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__
@@ -35,7 +33,7 @@ from fsl_med.evaluation.figures import dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import MISSING, Column, Table, text, write_report
 from fsl_med.models.encoder_registry import get_encoder_spec
-from fsl_med.models.module import build_segmenter
+from fsl_med.models.module import has_trainable_parameters
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.protocol_run import aggregate, job_config, protocol_jobs, run_jobs
 from fsl_med.runs import (
@@ -119,17 +117,8 @@ def _encoder_overrides(cfg: DictConfig, encoders: list[str]) -> dict[str, tuple[
 def _check_trainable(pair: Pair) -> None:
     """A pair that has nothing to train (a frozen encoder without adapter and a head without learnable parameters,
     e.g. ALPNet or PANet on a frozen ViT) is refused: its training would stop with no parameter to optimise.
-    The segmenter is built on the meta device with random weights (no memory, no weight file read)."""
-    enc_log = logging.getLogger("fsl_med.models.encoders")
-    level = enc_log.level
-    enc_log.setLevel(logging.ERROR)  # the random-init warning is about the real model, not this check
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            seg = build_segmenter(pair.cfg, weights="none")
-    finally:
-        enc_log.setLevel(level)
-    if not any(p.requires_grad for p in seg.parameters()):
+    (:func:`~fsl_med.models.module.has_trainable_parameters`: no memory, no weight file read)."""
+    if not has_trainable_parameters(pair.cfg):
         e = pair.cfg.model.encoder
         raise ConfigError(f"compare: head '{pair.head}' with encoder '{pair.encoder}' has nothing to train "
                           f"(model.encoder.finetune={e.finetune}, adapter {e.adapter}, and the {pair.head} head has no "

@@ -543,6 +543,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "overrid
         if "=" not in item:
             raise ConfigError(f"{where} '{item}' is not of the form key=value")
         key = item.split("=", 1)[0].strip()
+        old_head = OmegaConf.select(cfg, "model.head.name", default=None)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -551,6 +552,13 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "overrid
             raise ConfigError(f"{where} '{item}': wrong kind of value for '{key}' ({e})") from e
         except Exception as e:  # yaml parsing of the value
             raise ConfigError(f"{where} '{item}': cannot parse value for '{key}'") from e
+        new_head = OmegaConf.select(cfg, "model.head.name", default=None)
+        if new_head != old_head and old_head in HEAD_DEFAULTS and new_head in HEAD_DEFAULTS:
+            # a filled-in config (e.g. an ablation row's base) switches head: fields that hold the old head's default
+            # take the new head's (a value set to something else stays)
+            for field_key, value in HEAD_DEFAULTS[old_head].items():
+                if OmegaConf.select(cfg, field_key) == value:
+                    OmegaConf.update(cfg, field_key, HEAD_DEFAULTS[new_head][field_key], merge=False)
     return cfg
 
 

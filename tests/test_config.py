@@ -147,6 +147,22 @@ def test_bad_head_settings_are_one_line_errors(override, pattern):
     assert "\n" not in str(e.value)
 
 
+def test_switching_head_on_a_filled_config_takes_the_new_heads_defaults():
+    """An override of ``model.head.name`` on an already loaded config (an ablation row, a compare pair): fields that
+    hold the old head's default follow the new head; an explicit other value stays."""
+    from fsl_med.config import apply_overrides
+
+    alp = load_config("experiments/mri.yaml", [ROOT])
+    adnet = apply_overrides(alp, ["model.head.name=adnet"])
+    assert list(adnet.loss.ce_weights) == [0.1, 1.0] and adnet.model.mask_pooling == "adjoint"
+    assert list(alp.loss.ce_weights) == [0.05, 1.0]  # not modified
+    mine = apply_overrides(load_config("experiments/mri.yaml", [ROOT, "loss.ce_weights=[0.2,1]",
+                                                                 "model.mask_pooling=bilinear"]), ["model.head.name=panet"])
+    assert list(mine.loss.ce_weights) == [0.2, 1.0] and mine.model.mask_pooling == "bilinear"
+    back = apply_overrides(adnet, ["model.head.name=alp"])
+    assert list(back.loss.ce_weights) == [0.05, 1.0] and back.model.mask_pooling == "nearest"
+
+
 def test_a_stored_config_of_before_the_head_registry_is_upgraded():
     """A checkpoint written before the head registry stores ALP's fields at ``model.*`` and
     ``model.mask_downsample``: it loads as the alp head with the same values, and the input is not modified."""

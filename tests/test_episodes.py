@@ -78,6 +78,12 @@ def test_sampler_never_yields_background_or_empty_prototype(vol, tmp_path):
     a, b = ds[3], ds[3]
     assert torch.equal(a["support_image"], b["support_image"]) and torch.equal(a["query_label"], b["query_label"])
     assert not torch.equal(ds[4]["support_image"], a["support_image"])
+    # heads compared draw the same episodes: adjoint pooling (PANet, ADNet) keeps nearest's (ALP's) sampling rule
+    adj = EpisodeDataset([norm(vol.image)], [sp], slices, length=150, seed=7, augment=AugmentConfig(),
+                         min_pixels=64, feature_size=32, mask_pooling="adjoint")
+    for i in range(150):
+        x, y = ds[i], adj[i]
+        assert (x["z"], x["superpixel"]) == (y["z"], y["superpixel"]) and torch.equal(x["query_label"], y["query_label"])
 
 
 def test_setting2_drops_slices_with_test_organs(chaos_subset, cache_dir, tiny):

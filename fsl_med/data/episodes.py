@@ -95,7 +95,8 @@ class EpisodeDataset(Dataset):
         seed: base seed; episode ``i`` depends only on ``(seed, i)``.
         augment: augmentation ranges.
         min_pixels: a pseudolabel must cover at least this many pixels (never superpixel 0).
-        feature_size, mask_pooling: the support mask must stay non-empty at the feature resolution.
+        feature_size, mask_pooling: the support mask must stay non-empty at the feature resolution (under
+            ``nearest`` and ``mask_pooling``; see :meth:`_usable`).
         shots: augmented supports per episode (k); ``1`` draws exactly the 1-shot episodes.
         three_slices: images are z-1, z, z+1 stacks (zeros beyond the volume) instead of the slice tiled ×3.
         draw_background: superpixel id 0 (the background) may be drawn as a pseudolabel, as the reference does
@@ -147,8 +148,11 @@ class EpisodeDataset(Dataset):
         return img if img.ndim == 3 else np.repeat(img[None], 3, axis=0)
 
     def _usable(self, mask: np.ndarray) -> bool:
-        m = mask_at_feature_size(torch.from_numpy(mask), self.feature_size, self.mask_pooling)
-        return bool(m.sum() > 0)
+        """The support mask survives at the feature grid under ``nearest`` and under the head's own pooling: the
+        rule does not depend on the head for nearest and adjoint pooling, so heads compared draw the same episodes."""
+        t = torch.from_numpy(mask)
+        return all(bool(mask_at_feature_size(t, self.feature_size, mode).sum() > 0)
+                   for mode in dict.fromkeys(("nearest", self.mask_pooling)))
 
     def __getitem__(self, index: int) -> dict[str, object]:
         rng = np.random.default_rng([self.seed, int(index)])

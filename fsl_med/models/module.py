@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -46,6 +47,22 @@ def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegme
     head = create_head(name, feature_size=m.feature_size, scale=m.scale, mask_pooling=m.mask_pooling,
                        options=OmegaConf.to_container(m.head[name], resolve=True))
     return FewShotSegmenter(encoder, head, m.feature_size)
+
+
+def has_trainable_parameters(cfg: DictConfig) -> bool:
+    """Whether the model ``cfg`` describes has anything to train (False: a frozen encoder without adapter and a head
+    without learnable parameters, e.g. ALPNet or PANet on a frozen ViT). Built on the meta device with random
+    weights: no memory, no weight file read, no random numbers drawn."""
+    enc_log = logging.getLogger("fsl_med.models.encoders")
+    level = enc_log.level
+    enc_log.setLevel(logging.ERROR)  # the random-init warning is about the real model, not this check
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg = build_segmenter(cfg, weights="none")
+    finally:
+        enc_log.setLevel(level)
+    return any(p.requires_grad for p in seg.parameters())
 
 
 class FewShotModule(L.LightningModule):
