@@ -552,14 +552,20 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "overrid
             raise ConfigError(f"{where} '{item}': wrong kind of value for '{key}' ({e})") from e
         except Exception as e:  # yaml parsing of the value
             raise ConfigError(f"{where} '{item}': cannot parse value for '{key}'") from e
-        new_head = OmegaConf.select(cfg, "model.head.name", default=None)
-        if new_head != old_head and old_head in HEAD_DEFAULTS and new_head in HEAD_DEFAULTS:
-            # a filled-in config (e.g. an ablation row's base) switches head: fields that hold the old head's default
-            # take the new head's (a value set to something else stays)
-            for field_key, value in HEAD_DEFAULTS[old_head].items():
-                if OmegaConf.select(cfg, field_key) == value:
-                    OmegaConf.update(cfg, field_key, HEAD_DEFAULTS[new_head][field_key], merge=False)
+        follow_head(cfg, old_head)  # a filled-in config (e.g. an ablation row's base) may switch head
     return cfg
+
+
+def follow_head(cfg: DictConfig, old_head: str | None, keep: tuple[str, ...] = ()) -> None:
+    """In place: after ``model.head.name`` changed from ``old_head`` in a filled-in config, each field of
+    :data:`HEAD_DEFAULTS` that holds ``old_head``'s default takes the new head's (a value set to something else, or a
+    key in ``keep``, stays). Nothing happens when the head is unchanged or either name is unknown."""
+    new_head = OmegaConf.select(cfg, "model.head.name", default=None)
+    if new_head == old_head or old_head not in HEAD_DEFAULTS or new_head not in HEAD_DEFAULTS:
+        return
+    for key, value in HEAD_DEFAULTS[old_head].items():
+        if key not in keep and OmegaConf.select(cfg, key) == value:
+            OmegaConf.update(cfg, key, HEAD_DEFAULTS[new_head][key], merge=False)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:

@@ -22,7 +22,15 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import atomic
-from fsl_med.config import load_config, to_container, to_yaml, validate
+from fsl_med.config import (
+    HEAD_DEFAULTS,
+    HeadConfig,
+    follow_head,
+    load_config,
+    to_container,
+    to_yaml,
+    validate,
+)
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.evaluation.scoring import Scoring
@@ -371,9 +379,13 @@ def check_compatible(ckpt_cfg: dict[str, Any], cfg: DictConfig, path: Path) -> N
     """The checkpoint's model must be the one the config builds (resuming training, ablation reuse).
 
     Raises:
-        ConfigError: encoder name, fine-tuning mode, LoRA rank, adapter, image size or 3-slice input differ
+        ConfigError: head, encoder name, fine-tuning mode, LoRA rank, adapter, image size or 3-slice input differ
             (the message names the key and both values).
     """
+    head_c = (ckpt_cfg["model"].get("head") or {}).get("name", HeadConfig().name)  # before the registry: the default
+    if head_c != cfg.model.head.name:
+        raise ConfigError(f"{path}: checkpoint has model.head.name={head_c!r} but the config says "
+                          f"{cfg.model.head.name!r}; set model.head.name={head_c} to resume it")
     enc_c, enc = ckpt_cfg["model"]["encoder"], cfg.model.encoder
     for key in ("name", "finetune", "lora_rank", "adapter"):
         if key == "lora_rank" and enc.finetune != "lora":
@@ -446,6 +458,9 @@ def adopt_checkpoint_model(cfg: DictConfig, ckpt: dict[str, Any], path: Path,
                               f"was trained with {key}={value!r}; drop the override (the checkpoint defines the model)")
         OmegaConf.update(new, key, value, merge=False)
         differ.append(f"{key}={value!r} (config: {ours.get(key)!r})")
+    # the checkpoint's head: fields following the head (loss.ce_weights) take its defaults unless given explicitly
+    follow_head(new, cfg.model.head.name, keep=tuple(k for k in HEAD_DEFAULTS[new.model.head.name]
+                                                     if _is_explicit(k, explicit)))
     if differ:
         log.warning("note: the checkpoint %s defines the model; taken from it instead of the config: %s", path,
                     ", ".join(differ))

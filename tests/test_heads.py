@@ -158,9 +158,6 @@ def test_resume_continues_with_the_head_restored(head, env, trained):
         assert not torch.equal(after["state_dict"]["model.head.threshold"], before["model.head.threshold"])
 
 
-@pytest.mark.xfail(strict=True, reason="fsl_med.runs.check_compatible compares the encoder, not model.head.name: "
-                                       "resuming a checkpoint as another head fails in load_state_dict "
-                                       "(RuntimeError, exit 1) or, without head parameters, trains on silently")
 @pytest.mark.parametrize("trained_as, resumed_as", [("adnet", "panet"), ("panet", "alp")])
 def test_resuming_as_another_head_is_a_one_line_error_naming_both(trained_as, resumed_as, env, trained, capsys):
     rc = main(["train", DEMO, *env.over, f"resume={_ckpt(trained[trained_as])}", f"model.head.name={resumed_as}",
@@ -250,9 +247,6 @@ def test_eval_variants_and_prediction_files(head, evaluated):
     assert preds["predictions/plain/pred_1.nii.gz"].any()
 
 
-@pytest.mark.xfail(strict=True, reason="fsl_med.runs.adopt_checkpoint_model takes model.head.name from the checkpoint "
-                                       "but loss.ce_weights (null: the head's) was already resolved for the config's "
-                                       "head (alp [0.05, 1]), so eval's TTT trains with ALP's class weights")
 @pytest.mark.parametrize("head", HEADS)
 def test_eval_of_a_checkpoint_adapts_with_its_heads_loss(head, evaluated):
     res = json.loads((evaluated[head] / "results.json").read_text())
