@@ -568,6 +568,13 @@ def follow_head(cfg: DictConfig, old_head: str | None, keep: tuple[str, ...] = (
             OmegaConf.update(cfg, key, HEAD_DEFAULTS[new_head][key], merge=False)
 
 
+def unknown_head(name: str, names: tuple[str, ...] | list[str]) -> ConfigError:
+    """The one-line error of a ``model.head.name`` that is not one of ``names``: the closest name and all of them."""
+    close = difflib.get_close_matches(str(name), list(names), n=1, cutoff=0.0)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"config key 'model.head.name': unknown head '{name}'{hint} (registered: {', '.join(names)})")
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
@@ -582,9 +589,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'data.root' is not set: pass data.root=PATH (or DATA=PATH to make)")
     head = str(cfg.model.head.name)  # first: the head decides other fields
     if head not in HEAD_NAMES:
-        close = difflib.get_close_matches(head, HEAD_NAMES, n=1, cutoff=0.0)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key 'model.head.name': unknown head '{head}'{hint} (registered: {', '.join(HEAD_NAMES)})")
+        raise unknown_head(head, HEAD_NAMES)
     for key, choice in CHOICES.items():  # then: compat decides other fields
         valid = get_args(choice)
         value = OmegaConf.select(cfg, key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,17 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "logging.logger=csv",
 ]
+
+
+def fsl_subprocess(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m fsl_med ARGS`` in a fresh process (no inherited rank or run-folder variables, warnings off);
+    asserts it succeeded (the last 3000 characters of stderr otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK",
+                                                                        "NODE_RANK", "WORLD_SIZE"))}
+    p = subprocess.run([sys.executable, "-m", "fsl_med", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout, env={**env, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
 
 
 def error_line(err: str, *needles: str) -> str:

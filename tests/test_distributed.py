@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import fsl_subprocess
 
 from fsl_med.data.phantom import generate_phantom
 
@@ -19,12 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fsl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK",
-                                                                        "NODE_RANK", "WORLD_SIZE"))}
-    p = subprocess.run([sys.executable, "-m", "fsl_med", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=900, env={**env, "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    return fsl_subprocess(*args, cwd=cwd, timeout=900)
 
 
 def _strip(volumes: list[dict]) -> list[dict]:

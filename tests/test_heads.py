@@ -15,9 +15,7 @@ import copy
 import csv
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import error_line
+from conftest import error_line, fsl_subprocess
 from omegaconf import OmegaConf
 
 from fsl_med.cli import main
@@ -448,12 +446,7 @@ DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
 
 def _fsl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK",
-                                                                        "NODE_RANK", "WORLD_SIZE"))}
-    p = subprocess.run([sys.executable, "-m", "fsl_med", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=600, env={**env, "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    return fsl_subprocess(*args, cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow

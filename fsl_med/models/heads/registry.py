@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from fsl_med.errors import ConfigError
+from fsl_med.config import unknown_head
 from fsl_med.models.heads.base import FewShotHead
 
 _REGISTRY: dict[str, type[FewShotHead]] = {}
@@ -35,10 +34,7 @@ def get_head_class(name: str) -> type[FewShotHead]:
     """The class registered as ``name``; ConfigError naming ``model.head.name``, the closest name and all names."""
     cls = _REGISTRY.get(name)
     if cls is None:
-        names = list_heads()
-        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.0)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key 'model.head.name': unknown head '{name}'{hint} (registered: {', '.join(names)})")
+        raise unknown_head(name, list_heads())
     return cls
 
 
