@@ -13,6 +13,10 @@ Parts (ViT-S/14 random init unless stated, 256 px, batch 1, real CHAOS data when
 * ``eval``: seconds per scored query slice (organ, slice) and per query volume of EP1 evaluation with CCA
   over the fold's query scans, through the module's evaluation step (support encoded once per scan and
   organ, each query slice once per scan for all organs, batched, ``inference_mode``).
+* ``heads``: ``train_full`` and ``eval`` once per few-shot head (``heads``, default every registered one) on the
+  same encoder, each head with its own defaults (``model.head.name=<head>``): ALP's rows are ``train_full`` and
+  ``eval`` themselves (measured here if those parts are not run), another head's are ``train_full_<head>`` and
+  ``eval_<head>``, measured right after ALP's; the report gives each head's time relative to ALP's.
 * ``ttt``: seconds per slice of the paper's TTT (100 steps, per slice) and of the fast mode (per volume).
 * ``ttt_dice``: Dice of per-slice TTT vs the fast mode from one briefly trained tiny-ViT checkpoint, with
   their seconds per slice (the paper-size comparison would take hours on a CPU).
@@ -49,9 +53,14 @@ from fsl_med.measure import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("matmul", "train_full", "train_lora", "eval", "ttt", "ttt_dice", "oversubscription")
-CHILD_PARTS = PARTS[:-1]
-"""Parts measured in a child process of their own (``oversubscription`` runs ``train_full`` children itself)."""
+PARTS = ("matmul", "train_full", "train_lora", "eval", "heads", "ttt", "ttt_dice", "oversubscription")
+CHILD_PARTS = tuple(p for p in PARTS if p not in ("heads", "oversubscription"))
+"""Parts measured in a child process of their own (``heads`` runs ``train_full`` and ``eval`` children per head,
+``oversubscription`` ``train_full`` children)."""
+HEAD_PARTS = ("train_full", "eval")
+"""What the ``heads`` part measures for every head; ALP's rows are these parts' own, another head's ``<part>_<head>``."""
+BASE_HEAD = "alp"
+"""The head the others are compared with (ALPNet, the default ``model.head.name``)."""
 BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 """The competing process of ``oversubscription``: another CPU-bound torch job (default OpenMP settings)."""
 OVERSUB = [("default", False), ("default", True), ("PASSIVE", False), ("PASSIVE", True)]
@@ -137,6 +146,14 @@ def _kernel_floor(fn, repeats: int = 5) -> dict[str, Any]:
     return {"seconds": total, "calls": sum(c[0] for c in calls.values()), "kernels": len(calls)}
 
 
+def _head_figures(module: Any) -> dict[str, Any]:
+    """The head of the measured model: its registered name, its own parameters (ADNet: ``threshold``), the values it
+    logs (ADNet: ``T``, as the figures were taken) and its mask pooling."""
+    head = module.model.head
+    return {"head": head.name, "head_parameters": [n for n, _ in head.named_parameters()],
+            "head_values": head.log_values(), "mask_pooling": head.mask_pooling}
+
+
 def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     """Seconds per training step through the real Lightning loop, and GFLOP per step."""
 
@@ -180,7 +197,8 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     walls = statistics.median([timer.gaps[i - 1] + timer.times[i] for i in range(warm, len(timer.times))])
     out = {"seconds_per_step": compute, "wall_seconds_per_step": walls, "gflop_per_step": flops / 1e9,
            "data_seconds_per_episode": data_s, "workers": args.workers, "steps": n,
-           "first_step_seconds": timer.times[0], "overrides": list(args.set), "peak_rss_mb": peak}
+           "first_step_seconds": timer.times[0], "overrides": list(args.set), "peak_rss_mb": peak,
+           **_head_figures(module)}
     if floor is not None:
         out.update(floor_seconds_per_step=floor["seconds"], floor_kernel_calls=floor["calls"],
                    floor_kernels=floor["kernels"])
@@ -207,8 +225,8 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     from fsl_med.models.module import FewShotModule
     from fsl_med.refine.cca import CCA
 
-    cfg, items = _eval_items(args, ["eval.variants=[plain,cca]", "eval.hd95=false", "eval.overlay_slices=0"],
-                             all_queries=True)
+    cfg, items = _eval_items(args, ["eval.variants=[plain,cca]", "eval.hd95=false", "eval.overlay_slices=0",
+                                    *args.set], all_queries=True)
     dev = default_device()
     module = FewShotModule.from_config(cfg).eval().to(dev)
     seg = module.model
@@ -236,7 +254,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
             "volumes": len(items), "query_scans": len({it.query_id for it in items}),
             "encoded_slices": encoded[-1], "seconds_per_encoded_slice": t / encoded[-1],
             "gflop_per_slice": flops / 1e9 * encoded[-1] / slices, "gflop_per_encoded_slice": flops / 1e9,
-            "batch_size": cfg.eval.batch_size}
+            "batch_size": cfg.eval.batch_size, "overrides": list(args.set), **_head_figures(module)}
 
 
 def _ttt_trainer(cfg: Any, module: Any, overrides: list[str]) -> Any:
@@ -255,7 +273,7 @@ def part_ttt(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per slice of per-slice TTT (100 steps) on one slice, and of the fast mode on a whole volume."""
     from fsl_med.models.module import FewShotModule
 
-    cfg, items = _eval_items(args, [])
+    cfg, items = _eval_items(args, list(args.set))
     it = items[0]
     module = FewShotModule.from_config(cfg).eval()
     seg = module.model
@@ -286,7 +304,7 @@ def part_ttt_dice(args: argparse.Namespace) -> dict[str, Any]:
     base = ["model.encoder.name=vit_tiny_patch14", "model.encoder.finetune=full", "optim.name=adamw",
             "optim.lr=0.001", "optim.weight_decay=0.0001", "optim.warmup_steps=20",
             f"trainer.max_steps={args.tiny_steps}", "trainer.val_check_interval=100000", "data.num_val_scans=0",
-            "data.num_workers=0", "data.test_organs=[liver,right_kidney]"]
+            "data.num_workers=0", "data.test_organs=[liver,right_kidney]", *args.set]
     cfg = _config(args, base)
     module = FewShotModule.from_config(cfg)
     train(cfg, module=module)
@@ -355,6 +373,41 @@ def _oversubscription_table(over: dict[str, dict[str, Any]]) -> Table:
                   Column("busy", "beside a busy process (s/step)", digits=3)), tuple(rows))
 
 
+HEAD_MEASUREMENTS = {"train_full": ("training step, full fine-tuning (s)", "seconds_per_step", "gflop_per_step"),
+                     "eval": ("evaluation, per query slice incl. CCA (s)", "seconds_per_slice", "gflop_per_slice")}
+"""The figure of each part of the ``heads`` rows: ``(measurement, seconds key, GFLOP key)``."""
+
+
+def head_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One training row and one evaluation row per head of ``res["heads"]`` (those measured), each with the head
+    that was measured (as its child recorded it) and its time relative to ALP's (``vs_alp``, percent)."""
+    rows = []
+    for part, (title, key, gkey) in HEAD_MEASUREMENTS.items():
+        labels = [part] + [f"{part}_{h}" for h in res.get("heads", []) if h != BASE_HEAD]
+        found = [(label, res["parts"][label]) for label in labels if label in res["parts"]]
+        base = next((f.get(key) for _, f in found if f.get("head", BASE_HEAD) == BASE_HEAD), None)
+        for label, f in found:
+            head, v = f.get("head", BASE_HEAD), f.get(key)
+            rows.append({"head": head, "measurement": title, "label": label, "seconds": v,
+                         "vs_alp": None if head == BASE_HEAD or not base or v is None else 100 * (v / base - 1),
+                         "gflop": f.get(gkey), "peak_rss_mb": f.get("peak_rss_mb"),
+                         "head_parameters": f.get("head_parameters", [])})
+    return rows if res.get("heads") else []
+
+
+def _heads_table(rows: list[dict[str, Any]], frac: Callable[[float | None, float | None], str]) -> Table:
+    """The ``heads`` rows: head, measurement, seconds, relative to ALP, GFLOP, FLOP-bound fraction, peak memory."""
+    def vs(r: dict[str, Any]) -> str:
+        return "–" if r.get("vs_alp") is None else f"{r['vs_alp']:+.1f} %"
+
+    rows = [{**r, "flop_bound": frac(r["gflop"], r["seconds"])} for r in rows]
+    cols = (text("head", "head"), text("measurement", "measurement"),
+            Column("seconds", "fsl_med", digits=3, csv_digits=None), Column("vs_alp", "vs ALP", fmt=vs),
+            Column("gflop", "GFLOP", digits=1), Column("flop_bound", "of FLOP bound", digits=None),
+            Column("peak_rss_mb", "peak RSS (MB)", digits=0))
+    return Table(cols, tuple(rows))
+
+
 def write_report(res: dict[str, Any], out_dir: Path) -> Path:
     """``BENCHMARKS.md`` and ``benchmarks.json`` in ``out_dir``; returns the Markdown path."""
     mm = res["parts"].get("matmul") or {}
@@ -408,8 +461,10 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         + (f"Measured float32 matmul: {g:.1f} GFLOP/s (best of 30 products of 2048³; median "
          f"{mm['median_gflops']:.1f}). " if g else "Matmul throughput not measured (part `matmul` not run). ")
         + f"Written by `make bench` on {res['date']}.", "",
-        f"Encoder `{res['encoder']}` (random init), 256 px, batch 1, data `{res['data']}`. Medians after warm-up; "
-        "FLOP-bound fraction = model FLOPs / time / measured matmul throughput.", "",
+        f"Encoder `{res['encoder']}` (random init), few-shot head `{tf.get('head') or ev.get('head') or BASE_HEAD}`, "
+        f"256 px, batch 1, data `{res['data']}`"
+        + (f", config overrides `{' '.join(res['overrides'])}`" if res.get("overrides") else "")
+        + ". Medians after warm-up; FLOP-bound fraction = model FLOPs / time / measured matmul throughput.", "",
         f"Reference and target are the figures of method.md §10, measured on a machine with a "
         f"{REFERENCE_MATMUL_GFLOPS:.0f} GFLOP/s matmul; 'scaled' multiplies them by {REFERENCE_MATMUL_GFLOPS:.0f} / "
         f"{_fmt(g, 1)} (an estimate for this machine, CPU only).", "",
@@ -428,7 +483,8 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
                   f"({tf['floor_kernels']} distinct op/shape signatures), each replayed alone and timed, take {fl:.3f} s "
                   f"({frac(tf.get('gflop_per_step'), fl)} of the FLOP bound): the fastest this step can be with this "
                   f"machine's matmul and attention kernels. The other {tf['seconds_per_step'] - fl:.3f} s of the measured "
-                  "step are elementwise work, normalisation, the ALP head, the optimiser and framework overhead."]
+                  f"step are elementwise work, normalisation, the {tf.get('head', BASE_HEAD)} head, the optimiser and "
+                  "framework overhead."]
     for key, title in (("train_full_compile", "torch.compile (model.compile=default)"),
                        ("train_full_bf16", "bf16 autocast (trainer.precision=bf16-mixed)")):
         part = res["parts"].get(key)
@@ -436,9 +492,19 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
             lines += ["", f"{title}: first step {part['first_step_seconds']:.1f} s, then {part['seconds_per_step']:.3f} "
                       f"s per step against {tf['seconds_per_step']:.3f} s in float32 eager "
                       f"({tf['seconds_per_step'] / part['seconds_per_step']:.2f}x)."]
+    hrows = head_rows(res)
+    res["head_rows"] = hrows
+    if hrows:
+        names = ", ".join(f"`{h}`" for h in dict.fromkeys(r["head"] for r in hrows))
+        lines += ["", f"Few-shot heads ({names}): a training step (full fine-tuning) and the evaluation per query "
+                  "slice of each, on the same encoder and data, each head with its own defaults (`model.head.name="
+                  "<head>`: its `loss.ce_weights` and `model.mask_pooling`). The `alp` rows are the table above's; "
+                  "each other head was measured right after them. vs ALP: the head's time over ALP's, minus 1.", "",
+                  _heads_table(hrows, frac).markdown()]
     over = {k: v for k, v in res["parts"].items() if k.startswith("oversub_")}
     if over:
-        enc = next(iter(over.values())).get("overrides", [""])[0].split("=")[-1]
+        enc = next((o.split("=", 1)[1] for o in next(iter(over.values())).get("overrides", [])
+                    if o.startswith("model.encoder.name=")), "?")
         lines += ["", f"CPU oversubscription: seconds per training step (median) of the demo's encoder `{enc}` "
                   f"(batch 1, 1 data worker, {m['torch_threads']} torch threads), on an idle machine and beside one "
                   "CPU-bound torch process (a second job). OpenMP threads that spin while they wait take the cores "
@@ -454,39 +520,91 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
     return out_dir / "BENCHMARKS.md"
 
 
+Run = tuple[str, str, str, list[str], int, int]
+"""One child process of :func:`run_bench`: ``(label, part, precision, overrides, timed steps, warm-up steps)``."""
+
+
+def plan_runs(parts: tuple[str, ...], heads: tuple[str, ...] = (BASE_HEAD,), steps: int = 10, gpu: bool = False,
+              overrides: tuple[str, ...] | list[str] = ()) -> list[Run]:
+    """The child runs of ``parts``, in the order they run; ``overrides`` come first in every run's overrides.
+
+    ``heads`` (with the ``heads`` part): each other head's ``train_full``/``eval`` run follows ALP's directly, so the
+    two are measured minutes apart at most; ALP's runs are added where ``heads`` stands when ``parts`` lacks them.
+    """
+    pre = list(overrides)
+    runs: list[Run] = []
+    for p in parts:
+        todo = [q for q in HEAD_PARTS if q not in parts] if p == "heads" else [p] if p in CHILD_PARTS else []
+        for q in todo:
+            runs.append((q, q, "32-true", pre, steps, 3))
+            if "heads" in parts and q in HEAD_PARTS:
+                runs += [(f"{q}_{h}", q, "32-true", [*pre, f"model.head.name={h}"], steps, 3)
+                         for h in heads if h != BASE_HEAD]
+    # the optional speed-ups, measured: full fine-tuning compiled, and in bf16 autocast (CPU and GPU);
+    # on a GPU also LoRA training and evaluation in bf16. A CPU without bf16 units emulates it (~25x
+    # slower here), so on a CPU it gets 1 warm-up and 3 timed steps.
+    bf16 = ("train_full", "train_lora", "eval") if gpu else ("train_full",)
+    runs += [(f"{p}_bf16", p, "bf16-mixed", pre, *((steps, 3) if gpu else (3, 1))) for p in parts if p in bf16]
+    if "train_full" in parts:
+        runs.append(("train_full_compile", "train_full", "32-true", [*pre, "model.compile=default"], steps, 3))
+    if "oversubscription" in parts and not gpu:
+        runs += [(f"oversub_{policy}_{'busy' if busy else 'idle'}", "train_full", "32-true",
+                  [*pre, "model.encoder.name=vit_tiny_patch14"], 4 * steps, 5) for policy, busy in OVERSUB]
+    return runs
+
+
+def check_heads(data: str, encoder: str, heads: tuple[str, ...] | list[str] | None,
+                overrides: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The heads to measure (``None``: every registered head), and the config of each with ``overrides`` loaded
+    once, before anything runs. ConfigError: an unknown head, no head, or a bad override."""
+    from fsl_med.errors import ConfigError
+    from fsl_med.models.heads import list_heads
+    from fsl_med.runs import load_run_config
+
+    names = list_heads()
+    heads = tuple(names) if heads is None else tuple(dict.fromkeys(heads))
+    if not heads:
+        raise ConfigError(f"--heads: names no head (registered: {', '.join(names)})")
+    unknown = [h for h in heads if h not in names]
+    if unknown:
+        raise ConfigError(f"--heads: unknown head(s) {', '.join(unknown)} (registered: {', '.join(names)})")
+    for h in dict.fromkeys((BASE_HEAD, *heads)):  # what every child loads: a bad override is one line here
+        load_run_config(REPO / "experiments" / "mri.yaml", [f"data.root={data}", f"model.encoder.name={encoder}",
+                                                            "model.encoder.weights=none", *overrides,
+                                                            *([f"model.head.name={h}"] if h != BASE_HEAD else [])])
+    return heads
+
+
 def run_bench(data: str, out_dir: str | Path = ".", parts: tuple[str, ...] = PARTS, encoder: str = "dinov2_vits14",
-              steps: int = 10, workers: int = 1, tiny_steps: int = 300, cache_dir: str | None = None) -> Path:
-    """Run every part in a fresh process and write the report; returns the path of ``BENCHMARKS.md``."""
+              steps: int = 10, workers: int = 1, tiny_steps: int = 300, cache_dir: str | None = None,
+              heads: tuple[str, ...] | list[str] | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Path:
+    """Run every part in a fresh process and write the report; returns the path of ``BENCHMARKS.md``.
+
+    ``heads``: the few-shot heads of the ``heads`` part (``None``: every registered head; ALP's rows are always
+    measured, the others are compared with them). ``overrides``: ``key=value`` config overrides of every part
+    (``model.head.*`` included), before each part's own.
+    """
     from fsl_med.errors import FslMedError
 
     out = Path(out_dir)
     cache = cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med"
+    heads = check_heads(str(data), encoder, heads, overrides)
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": encoder, "data": str(data),
-                           "machine": machine_info(), "parts": {}}
+                           "machine": machine_info(), "overrides": list(overrides),
+                           "heads": list(heads) if "heads" in parts else [], "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fsl_med_bench_") as work:
         gpu = torch.cuda.is_available()
-        # (label, part, precision, overrides, timed steps, warm-up steps)
-        runs: list[tuple[str, str, str, list[str], int, int]] = [(p, p, "32-true", [], steps, 3) for p in parts
-                                                                 if p in CHILD_PARTS]
-        # the optional speed-ups, measured: full fine-tuning compiled, and in bf16 autocast (CPU and GPU);
-        # on a GPU also LoRA training and evaluation in bf16. A CPU without bf16 units emulates it (~25x
-        # slower here), so on a CPU it gets 1 warm-up and 3 timed steps.
-        bf16 = ("train_full", "train_lora", "eval") if gpu else ("train_full",)
-        runs += [(f"{p}_bf16", p, "bf16-mixed", [], *((steps, 3) if gpu else (3, 1))) for p in parts if p in bf16]
-        if "train_full" in parts:
-            runs.append(("train_full_compile", "train_full", "32-true", ["model.compile=default"], steps, 3))
-        envs: dict[str, tuple[dict[str, str], bool]] = {}
+        runs = plan_runs(parts, heads, steps, gpu, overrides)
         default_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # a job with default settings
-        if "oversubscription" in parts and not gpu:
-            for policy, busy in OVERSUB:
-                label = f"oversub_{policy}_{'busy' if busy else 'idle'}"
-                runs.append((label, "train_full", "32-true", ["model.encoder.name=vit_tiny_patch14"], 4 * steps, 5))
-                envs[label] = ({**default_env, **({"OMP_WAIT_POLICY": policy} if policy != "default" else {})}, busy)
-        for label, part, precision, overrides, n_steps, warmup in runs:
+        envs: dict[str, tuple[dict[str, str], bool]] = {
+            f"oversub_{policy}_{'busy' if busy else 'idle'}":
+                ({**default_env, **({"OMP_WAIT_POLICY": policy} if policy != "default" else {})}, busy)
+            for policy, busy in OVERSUB}
+        for label, part, precision, run_overrides, n_steps, warmup in runs:
             cmd = [sys.executable, "-m", "fsl_med.bench", part, "--data", str(data), "--encoder", encoder,
                    "--steps", str(n_steps), "--warmup", str(warmup), "--workers", str(workers),
                    "--tiny-steps", str(tiny_steps), "--cache-dir", cache, "--work", work, "--precision", precision,
-                   "--set", *overrides]
+                   "--set", *run_overrides]
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             env, busy = envs.get(label, (None, False))
@@ -523,9 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
 
+    from fsl_med.errors import FslMedError
+
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    print(json.dumps(run_part(args)))
+    try:
+        res = run_part(args)
+    except FslMedError as e:  # a bad override: one line, which the parent quotes
+        print(f"fsl_med.bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
     return 0
 
 
