@@ -13,6 +13,11 @@ Two profiles:
   (on the CPU), so the check cannot rot; what needs CUDA says ``skipped: no CUDA``. Its figures exercise
   the code and are not benchmarks.
 
+Config overrides (``model.head.name=adnet``, ...) apply to every row, and every row names the few-shot head its
+model had. Besides, one ``head-<name>`` row per registered head trains the small encoder a few steps in
+bf16-mixed with that head and predicts a query volume with it on the device (the heads' float32 arithmetic under
+autocast), whatever head the overrides name.
+
 Outputs in ``--out``: ``gpu-check.md`` (the report; its first line says what ran where), ``gpu-check.json``
 (every figure) and ``gpu-check.log`` (one line per row, tracebacks of failed rows), rewritten after every
 row, so a run cut short still leaves what it measured. Scratch files (runs, checkpoints, segmentations)
@@ -107,10 +112,17 @@ def train_plan(profile: Profile) -> tuple[list[tuple[str, str, str, str, int]], 
     return eager, compiled
 
 
+def head_plan() -> list[tuple[str, str]]:
+    """The ``(key, head)`` of the per-head rows: ``head-<name>`` for every registered head, in registration order."""
+    from fsl_med.models.heads import list_heads
+
+    return [(f"head-{h}", h) for h in list_heads()]
+
+
 def row_keys(profile: Profile) -> list[str]:
     """Every row key of ``profile`` in the order the rows run (``--only`` takes prefixes of them)."""
     eager, compiled = train_plan(profile)
-    return ["env", *(k[0] for k in eager), *EVAL_KEYS, *(k[0] for k in compiled)]
+    return ["env", *(k[0] for k in eager), *EVAL_KEYS, *(k for k, _ in head_plan()), *(k[0] for k in compiled)]
 
 
 EVAL_KEYS = ("ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp")
@@ -160,6 +172,14 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _head_figures(model: Any) -> dict[str, Any]:
+    """The head of a :class:`~fsl_med.models.segmenter.FewShotSegmenter` as built: its name, its own parameters
+    (ADNet: ``threshold``) and the values it logs (ADNet: ``T``)."""
+    head = model.head
+    return {"head": head.name, "head_parameters": [n for n, _ in head.named_parameters()],
+            "head_values": head.log_values()}
+
+
 class GpuCheck:
     """Runs the rows of a profile and writes the report.
 
@@ -186,6 +206,7 @@ class GpuCheck:
         self.bound: float | None = None  # FLOP/s: the faster of the bf16 and fp32 matmuls
         self.flops: dict[tuple[str, int], float] = {}  # (encoder, batch) -> FLOPs per training step
         self.ckpt: Path | None = None
+        self.ckpt_head: str | None = None  # the head of the checkpoint's model
         self.t_start = time.monotonic()
         self.work = Path(".")
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -301,9 +322,12 @@ class GpuCheck:
         del it
         return {"loader_workers": nw, "loader_pinned": bool(dl.pin_memory), "loader_episodes_per_s": got * batch / dt}
 
-    def row_train(self, row: Row, encoder: str, precision: str, compile_mode: str, batch: int) -> None:
+    def row_train(self, row: Row, encoder: str, precision: str, compile_mode: str, batch: int,
+                  head: str | None = None) -> tuple[Any, Any]:
         """Seconds per training step through Lightning (median after warm-up), FLOPs, peak memory and the
-        data pipeline: the wait between steps and the configured DataLoader's episodes per second."""
+        data pipeline: the wait between steps and the configured DataLoader's episodes per second (not for a
+        ``head`` row: the data do not depend on the head). ``head``: ``model.head.name`` of this row (after the
+        user's overrides). Returns the trained module and its config."""
         from fsl_med.models.module import FewShotModule
         from fsl_med.runs import make_trainer, new_run_dir
         from fsl_med.train import StepTimer
@@ -312,14 +336,15 @@ class GpuCheck:
         enc = p.large if encoder == "large" else p.small
         cfg = self.config([*enc, f"trainer.precision={precision}", f"model.compile={compile_mode}",
                            f"data.batch_size={batch}", f"trainer.max_steps={p.warmup + p.steps}",
-                           "data.num_val_scans=0"])
+                           "data.num_val_scans=0", *([f"model.head.name={head}"] if head else [])])
         dm = self._data_module(cfg)
-        f = row.figures
-        f.update(encoder=cfg.model.encoder.name, finetune=cfg.model.encoder.finetune, precision=precision,
-                 compile=compile_mode, batch=batch, workers=cfg.data.num_workers)
-        f.update(self._loader_rate(dm, batch))
         module = FewShotModule.from_config(cfg)
-        key = (f"{cfg.model.encoder.name}/{cfg.model.encoder.finetune}", batch)
+        f = row.figures
+        f.update(_head_figures(module.model), encoder=cfg.model.encoder.name, finetune=cfg.model.encoder.finetune,
+                 precision=precision, compile=compile_mode, batch=batch, workers=cfg.data.num_workers)
+        if head is None:
+            f.update(self._loader_rate(dm, batch))
+        key = (f"{cfg.model.encoder.name}/{cfg.model.encoder.finetune}/{module.model.head.name}", batch)
         if key not in self.flops and compile_mode == "off":
             from torch.utils.data import default_collate
 
@@ -355,18 +380,52 @@ class GpuCheck:
             f["workers_needed"] = math.ceil(f["episodes_per_s"] / (rate / max(1, f["loader_workers"])))
         if compile_mode != "off":
             torch._dynamo.reset()
+        return module, cfg
+
+    def row_head(self, row: Row, head: str) -> None:
+        """The small encoder with head ``head``: training steps in bf16-mixed (:meth:`row_train`), then the
+        prediction of the first query volume on the device under the same autocast. The prediction must be binary,
+        its probabilities finite and in [0, 1]."""
+        from fsl_med.data.datamodule import FewShotDataModule
+
+        precision = "bf16-mixed"
+        module, cfg = self.row_train(row, "small", precision, "off", self.profile.batch_sizes[0], head=head)
+        dm = FewShotDataModule(cfg)
+        dm.setup("test")
+        it = dm.test_set.items[0]
+        module.to(self.device).eval()
+        seg = module.model
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            sync(self.device)
+            t0 = time.perf_counter()
+            protos = seg.support_prototypes(it.support_images, it.support_masks, self.device, it.shots)
+            pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size, self.device)
+            sync(self.device)
+            dt = time.perf_counter() - t0
+        f = row.figures
+        f.update(_head_figures(seg), predict_slices=len(it.z), predict_seconds_per_slice=dt / max(1, len(it.z)),
+                 predict_foreground=float(np.mean(pred)), predict_prob_min=float(np.min(prob)),
+                 predict_prob_max=float(np.max(prob)), organ=it.organ, query=it.query_id)
+        if pred.shape != it.query_labels.shape or not np.isin(pred, (0, 1)).all():
+            raise RuntimeError(f"head {head}: prediction of shape {pred.shape} with values {np.unique(pred)[:5]} "
+                               f"(expected binary, {it.query_labels.shape})")
+        if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
+            raise RuntimeError(f"head {head}: probabilities outside [0, 1] or not finite")
 
     def row_ckpt(self, row: Row) -> None:
         """The ``train`` verb for a few steps with validation: the checkpoint every evaluation row loads."""
+        from fsl_med.models.module import FewShotModule
         from fsl_med.train import train
 
         p = self.profile
         cfg = self.config([*p.large, f"trainer.max_steps={p.ckpt_steps}", f"trainer.val_check_interval={p.ckpt_steps}",
                            "data.num_val_scans=1", "name=gpu-check", "trainer.precision=32-true"])
-        res = train(cfg)
+        module = FewShotModule.from_config(cfg)
+        res = train(cfg, module=module)
         self.ckpt = res.last_ckpt
-        row.figures.update(steps=res.steps, seconds_per_step=res.seconds_per_step, val_dice=res.val_dice,
-                           checkpoint=res.last_ckpt.name)
+        row.figures.update(_head_figures(module.model), steps=res.steps, seconds_per_step=res.seconds_per_step,
+                           val_dice=res.val_dice, checkpoint=res.last_ckpt.name)
+        self.ckpt_head = module.model.head.name
 
     def _eval_config(self, extra: list[str]) -> Any:
         return self.config([*self.profile.large, f"ckpt={self.ckpt}", "trainer.precision=32-true", "name=gpu-check",
@@ -382,6 +441,7 @@ class GpuCheck:
         plain = [v for v in results["volumes"] if v["variant"] == "plain"]
         slices = sum(v["slices"] for v in plain)
         f = row.figures
+        f["head"] = results["config"]["model"]["head"]["name"]  # the config evaluate built the model from
         f.update({f"dice_{k}": s["dice_mean"] for k, s in results["variants"].items()})
         f.update(volumes=len(plain), scored_slices=slices, query_scans=sorted({v["query"] for v in plain}),
                  seconds_per_slice=sum(v["seconds"] for v in plain) / max(slices, 1),
@@ -403,6 +463,7 @@ class GpuCheck:
         module, _ = module_from_checkpoint(self.ckpt, cfg)
         module.to(self.device).eval()
         seg = module.model
+        row.figures.update(_head_figures(seg))
         protos = seg.support_prototypes(it.support_images, it.support_masks, self.device, it.shots)
         pred, prob = seg.predict_volume(protos, it.query_images, it.part, cfg.eval.batch_size, self.device)
         n = min(self.profile.paper_ttt_slices, len(it.z))
@@ -422,8 +483,9 @@ class GpuCheck:
                            query=it.query_id)
         row.figures.update(self._peak_memory())
 
-    def _subset_dice(self, accelerator: str) -> tuple[dict[str, float], str]:
-        """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop."""
+    def _subset_dice(self, accelerator: str) -> tuple[dict[str, float], str, str]:
+        """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop; the query
+        and the model's head."""
         from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
         from fsl_med.evaluation.scoring import Scoring
         from fsl_med.refine.cca import CCA
@@ -440,17 +502,17 @@ class GpuCheck:
         trainer = make_trainer(cfg, new_run_dir(self.work / "runs", f"subset-{accelerator}"), with_val=False,
                                progress_bar=False, extra_callbacks=[CCA(cfg.eval.cca_mode), scoring])
         trainer.test(module, datamodule=dm, verbose=False)
-        return {f"{r.organ}/{r.variant}": r.counts.dice for r in scoring.results["test"]}, query
+        return {f"{r.organ}/{r.variant}": r.counts.dice for r in scoring.results["test"]}, query, module.model.head.name
 
     def row_eval_vs_cpu(self, row: Row) -> None:
         """One query scan evaluated on the device and on the CPU (fp32, plain and +CCA): Dice must agree."""
-        dev, query = self._subset_dice("auto")
-        cpu, _ = self._subset_dice("cpu")
+        dev, query, head = self._subset_dice("auto")
+        cpu, _, _ = self._subset_dice("cpu")
         if sorted(dev) != sorted(cpu):
             raise RuntimeError(f"device and CPU scored different volumes: {sorted(dev)} vs {sorted(cpu)}")
         diff = max(abs(dev[k] - cpu[k]) for k in dev)
         f = row.figures
-        f.update(query=query, volumes=len(dev), device=self.device, max_abs_dice_diff=diff,
+        f.update(head=head, query=query, volumes=len(dev), device=self.device, max_abs_dice_diff=diff,
                  dice_device={k: 100 * v for k, v in dev.items()}, dice_cpu={k: 100 * v for k, v in cpu.items()})
         if not self.cuda:
             f["note"] = "no CUDA: the device run was on the CPU too"
@@ -479,7 +541,8 @@ class GpuCheck:
         a, b = out["device"][0], out["cpu"][0]
         differ = int(np.count_nonzero(a != b))
         f = row.figures
-        f.update(support=sup, query=query, organ="liver", shape=list(a.shape), voxels_device=int(a.sum()),
+        f.update(head=self.ckpt_head, support=sup, query=query, organ="liver", shape=list(a.shape),
+                 voxels_device=int(a.sum()),
                  voxels_cpu=int(b.sum()), voxels_differing=differ, identical=differ == 0,
                  seconds_device=out["device"][1], seconds_cpu=out["cpu"][1])
         if not self.cuda:
@@ -493,6 +556,7 @@ class GpuCheck:
         import torch.distributed as dist
 
         from fsl_med.evaluate import evaluate
+        from fsl_med.models.module import FewShotModule
         from fsl_med.train import train
 
         p = self.profile
@@ -501,9 +565,11 @@ class GpuCheck:
             cfg = self.config([*p.small, "trainer.strategy=ddp", "trainer.devices=1", "trainer.max_steps=2",
                                "trainer.val_check_interval=2", "data.num_val_scans=1", "name=gpu-check-ddp",
                                "eval.variants=[plain,cca]", "eval.overlay_slices=0"])
-            res = train(cfg)
+            module = FewShotModule.from_config(cfg)
+            res = train(cfg, module=module)
             results = evaluate(_with(cfg, ckpt=str(res.last_ckpt))).results
-            row.figures.update(backend="nccl" if self.cuda else "gloo", steps=res.steps, val_dice=res.val_dice,
+            row.figures.update(head=module.model.head.name, backend="nccl" if self.cuda else "gloo", steps=res.steps,
+                               val_dice=res.val_dice,
                                dice_plain=results["variants"]["plain"]["dice_mean"],
                                volumes=len([v for v in results["volumes"] if v["variant"] == "plain"]))
             if not self.cuda:
@@ -548,6 +614,9 @@ class GpuCheck:
                          self.row_segment_vs_cpu, needs_ckpt=True)
             self.run_row("ddp", "ddp", f"DDP ({'NCCL' if self.cuda else 'gloo'}), 1 process: train 2 steps, evaluate",
                          self.row_ddp)
+            for k, head in head_plan():  # after the rows above, before the compiled ones (the budget drops last rows)
+                self.run_row(k, "heads", f"head `{head}`: {S}, bf16-mixed, batch {p.batch_sizes[0]}: training steps, then "
+                             f"the prediction of a query volume on {self.device}", lambda r, h=head: self.row_head(r, h))
             for k, enc, prec, comp, b in compiled:
                 self.run_row(k, "train", title(enc, prec, comp, b), lambda r, a=(enc, prec, comp, b): self.row_train(r, *a))
         self.write()
@@ -649,9 +718,9 @@ def render_markdown(check: GpuCheck) -> str:
     rows = [r for r in check.rows if r.section == "train"]
     if rows:
         lines += ["## Training (median after warm-up)", "",
-                  "| row | s/step | steps/s | episodes/s | GFLOP/step | of bound | peak GPU MB | first step s "
+                  "| row | head | s/step | steps/s | episodes/s | GFLOP/step | of bound | peak GPU MB | first step s "
                   "| wait between steps s | loader episodes/s (workers) | data keeps up | status |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in rows:
             f = r.figures
             loader = (f"{_cell(f.get('loader_episodes_per_s'), 1)} ({f.get('loader_workers', '–')})"
@@ -660,20 +729,38 @@ def render_markdown(check: GpuCheck) -> str:
             if f.get("data_keeps_up") is False:
                 keeps += f" (needs ~{f.get('workers_needed')} workers)"
             mem = f.get("peak_gpu_mb")
-            lines.append(f"| {r.title} | {_cell(f.get('seconds_per_step'), 4)} | {_cell(f.get('steps_per_s'), 2)} "
+            lines.append(f"| {r.title} | {_cell(f.get('head'))} | {_cell(f.get('seconds_per_step'), 4)} "
+                         f"| {_cell(f.get('steps_per_s'), 2)} "
                          f"| {_cell(f.get('episodes_per_s'), 1)} | {_cell(f.get('gflop_per_step'), 1)} "
                          f"| {_pct(f.get('bound_fraction'))} | {_cell(mem, 0) if isinstance(mem, float) else (mem or '–')} "
                          f"| {_cell(f.get('first_step_seconds'), 2)} | {_cell(f.get('wait_seconds_per_step'), 4)} "
                          f"| {loader} | {keeps} | {r.status} |")
         lines.append("")
+    rows = [r for r in check.rows if r.section == "heads"]
+    if rows:
+        lines += ["## Few-shot heads (every registered head, whatever the overrides name)", "",
+                  "| row | head | head parameters (values) | s/step | GFLOP/step | prediction s/slice | foreground "
+                  "| probability range | status |", "|---|---|---|---:|---:|---:|---:|---|---|"]
+        for r in rows:
+            f = r.figures
+            params = ", ".join(f.get("head_parameters", [])) or "none"
+            if f.get("head_values"):
+                params += f" ({_fig(f['head_values'])})"
+            prob = (f"[{_cell(f['predict_prob_min'])}, {_cell(f['predict_prob_max'])}]" if "predict_prob_min" in f
+                    else "–")
+            lines.append(f"| {r.title} | {_cell(f.get('head'))} | {params} | {_cell(f.get('seconds_per_step'), 4)} "
+                         f"| {_cell(f.get('gflop_per_step'), 1)} | {_cell(f.get('predict_seconds_per_slice'), 4)} "
+                         f"| {_pct(f.get('predict_foreground'))} | {prob} | {r.status} |")
+        lines.append("")
     for section, heading in (("eval", "## Evaluation"), ("segment", "## Segment"), ("ddp", "## DDP")):
         rows = [r for r in check.rows if r.section == section]
         if not rows:
             continue
-        lines += [heading, "", "| row | figures | seconds | status |", "|---|---|---:|---|"]
+        lines += [heading, "", "| row | head | figures | seconds | status |", "|---|---|---|---:|---|"]
         for r in rows:
-            figs = "; ".join(f"{k} {_fig(v)}" for k, v in r.figures.items())
-            lines.append(f"| {r.title} | {figs or '–'} | {_cell(r.seconds, 1)} | {r.status} |")
+            figs = "; ".join(f"{k} {_fig(v)}" for k, v in r.figures.items() if k != "head" and v not in ([], {}))
+            lines.append(f"| {r.title} | {_cell(r.figures.get('head'))} | {figs or '–'} | {_cell(r.seconds, 1)} "
+                         f"| {r.status} |")
         lines.append("")
     failed = [r for r in check.rows if r.status.startswith("FAILED")]
     if failed:

@@ -25,7 +25,8 @@ from fsl_med.gpu_check import NO_CUDA
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = ("train-large-fp32", "train-large-bf16", "train-small-fp32", "train-small-bf16", "train-large-bf16-b2",
               "train-large-bf16-b4", "train-small-bf16-compile", "train-large-bf16-compile")
-ALL_ROWS = {"env", *TRAIN_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp"}
+HEAD_ROWS = ("head-alp", "head-panet", "head-adnet")
+ALL_ROWS = {"env", *TRAIN_ROWS, *HEAD_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp"}
 BLOCKED = ("monai", "nibabel", "omegaconf", "pydicom", "wandb")
 
 
@@ -53,7 +54,7 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert p.stderr.splitlines()[0].startswith("gpu-check: No CUDA device: tiny mode on cpu (phantom data")
     md = (out / "gpu-check.md").read_text()
     assert md.splitlines()[0].startswith("# fsl_med GPU check: No CUDA device: tiny mode")
-    assert "15 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
+    assert "18 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
     assert md.strip() in p.stdout  # the report is printed, then its path
     doc, rows = _report(out)
     assert set(rows) == ALL_ROWS and all(r["status"].startswith("ok") for r in rows.values())
@@ -88,6 +89,19 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert seg["seconds_device"] != seg["seconds_cpu"]  # two runs were compared, not one with itself
     assert rows["ddp"]["status"] == "ok (gloo; NCCL skipped: no CUDA)"
     assert rows["ddp"]["figures"]["volumes"] == 4
+    # every row names its model's head (the default here); one row per registered head trains and predicts with it
+    for key in ALL_ROWS - {"env", "eval-vs-cpu", "segment-vs-cpu", "eval", "ddp", *HEAD_ROWS}:
+        assert rows[key]["figures"]["head"] == "alp", key
+    for key in ("eval", "eval-vs-cpu", "segment-vs-cpu", "ddp"):
+        assert rows[key]["figures"]["head"] == "alp", key
+    for key in HEAD_ROWS:
+        f = rows[key]["figures"]
+        assert f["head"] == key.removeprefix("head-") and f["precision"] == "bf16-mixed", key
+        assert f["seconds_per_step"] > 0 and f["steps"] == 3 and f["predict_seconds_per_slice"] > 0, key
+        assert 0 <= f["predict_prob_min"] <= f["predict_prob_max"] <= 1 and 0 <= f["predict_foreground"] <= 1, key
+    assert rows["head-adnet"]["figures"]["head_parameters"] == ["threshold"]
+    assert "T" in rows["head-adnet"]["figures"]["head_values"]
+    assert "## Few-shot heads" in md and "| threshold ({T: " in md
 
 
 def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, capsys):
@@ -102,11 +116,30 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, capsys):
         assert rows[key]["status"].startswith("FAILED: ConfigError: config key 'ttt.params'"), rows[key]["status"]
     for key in ("env", "ckpt", "eval-vs-cpu", "segment-vs-cpu"):
         assert rows[key]["status"] == "ok", (key, rows[key]["status"])
-    assert all(rows[k]["status"] == "skipped: not selected (--only)" for k in (*TRAIN_ROWS, "ddp"))
+    assert all(rows[k]["status"] == "skipped: not selected (--only)" for k in (*TRAIN_ROWS, *HEAD_ROWS, "ddp"))
     md = (out / "gpu-check.md").read_text()
     assert "2 failed" in md.splitlines()[0] and "## Failures" in md and "- `eval`: ConfigError" in md
     log = (out / "gpu-check.log").read_text()
     assert "Traceback" in log and "ttt.params" in log
+
+
+def test_a_head_override_reaches_every_row_and_each_head_row_keeps_its_head(tmp_path, capsys):
+    out = tmp_path / "gc"
+    assert main(["gpu-check", "--out", str(out), "--only", "train-small-fp32,head-alp,ttt,segment",
+                 "model.head.name=adnet", "model.head.adnet.threshold_init=-5"]) == 0
+    doc, rows = _report(out)
+    assert doc["overrides"] == ["model.head.name=adnet", "model.head.adnet.threshold_init=-5"]
+    for key in ("train-small-fp32", "ckpt", "ttt-paper", "segment-vs-cpu"):  # the models that ran had ADNet's head
+        assert rows[key]["status"] == "ok" and rows[key]["figures"]["head"] == "adnet", (key, rows[key])
+    for key in ("train-small-fp32", "ckpt", "ttt-paper"):
+        f = rows[key]["figures"]
+        assert f["head_parameters"] == ["threshold"] and abs(f["head_values"]["T"] + 5) < 0.5, (key, f)
+    alp = rows["head-alp"]["figures"]  # a head row measures its own head, whatever the overrides name
+    assert rows["head-alp"]["status"] == "ok" and alp["head"] == "alp" and alp["head_parameters"] == []
+    md = (out / "gpu-check.md").read_text()
+    assert "| tiny ViT (2 blocks, dim 64), full, 32-true, batch 1 | adnet |" in md
+    assert "| TTT as in the paper: per slice, 2 steps, 2 slices | adnet |" in md
+    assert "`model.head.name=adnet model.head.adnet.threshold_init=-5`" in md
 
 
 def test_rows_past_the_time_budget_are_skipped(tmp_path, capsys):
@@ -120,6 +153,7 @@ def test_rows_past_the_time_budget_are_skipped(tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--only", "nonsense"], "--only nonsense: matches no row"),
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    (["model.head.name=adnt"], "config key 'model.head.name': unknown head 'adnt'; did you mean 'adnet'?"),
     (["--profile", "gpu"], "--profile gpu: no CUDA device"),
     (["--data", "MISSING"], "--data MISSING: no prepared CHAOS-T2 volumes"),
     (["--bundle", "MISSING"], "--bundle MISSING: not a bundle (no MANIFEST.json"),
@@ -265,4 +299,6 @@ def test_help_lists_every_row_key():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["gpu-check"]
     text = " ".join(sub.description.split())
     for key in {*row_keys(GPU), *row_keys(TINY)}:
-        assert (key if not key.startswith("train-large-bf16-b") else "train-large-bf16-b<N>") in text, key
+        shown = "train-large-bf16-b<N>" if key.startswith("train-large-bf16-b") else \
+            "head-<name>" if key.startswith("head-") else key
+        assert shown in text, key
