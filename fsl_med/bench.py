@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fsl_med.config import HeadConfig
 from fsl_med.evaluation import table as report_table
 from fsl_med.evaluation.table import Column, Table, text
 from fsl_med.measure import (
@@ -59,8 +60,8 @@ CHILD_PARTS = tuple(p for p in PARTS if p not in ("heads", "oversubscription"))
 ``oversubscription`` ``train_full`` children)."""
 HEAD_PARTS = ("train_full", "eval")
 """What the ``heads`` part measures for every head; ALP's rows are these parts' own, another head's ``<part>_<head>``."""
-BASE_HEAD = "alp"
-"""The head the others are compared with (ALPNet, the default ``model.head.name``)."""
+BASE_HEAD = HeadConfig().name
+"""The head the others are compared with: the default ``model.head.name`` (ALPNet)."""
 BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 """The competing process of ``oversubscription``: another CPU-bound torch job (default OpenMP settings)."""
 OVERSUB = [("default", False), ("default", True), ("PASSIVE", False), ("PASSIVE", True)]

@@ -165,8 +165,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.workers < 0 or args.tiny_steps < 1:
         raise ConfigError(f"--steps {args.steps} / --workers {args.workers} / --tiny-steps {args.tiny_steps}: need "
                           "--steps >= 1, --workers >= 0, --tiny-steps >= 1")
+    heads = None if args.heads is None else [h.strip() for h in args.heads.split(",") if h.strip()]
     md = run_bench(data, args.out, parts, encoder=args.encoder, steps=args.steps, workers=args.workers,
-                   tiny_steps=args.tiny_steps)
+                   tiny_steps=args.tiny_steps, heads=heads, overrides=list(args.rest))
     print(md.read_text(encoding="utf-8"))
     print(md)
     return 0
@@ -441,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="speed/memory/FLOP-bound benchmark; writes BENCHMARKS.md and benchmarks.json")
     sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
     sp.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
-    sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,ttt,ttt_dice")
+    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every part (model.head.* ...)")
+    sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,heads,"
+                    "ttt,ttt_dice,oversubscription")
+    sp.add_argument("--heads", default=None, help="comma-separated few-shot heads of the heads part (default: every "
+                    "registered head; ALP's rows are always measured)")
     sp.add_argument("--encoder", default="dinov2_vits14")
     sp.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up steps)")
     sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
@@ -456,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
         "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
         "--only): env, train-large-fp32, train-large-bf16, train-small-fp32, train-small-bf16, train-large-bf16-b<N>, "
-        "ckpt, eval, ttt-paper, eval-vs-cpu, segment-vs-cpu, ddp, train-small-bf16-compile, train-large-bf16-compile.")
+        "ckpt, eval, ttt-paper, eval-vs-cpu, segment-vs-cpu, ddp, head-<name> (one per registered head: training in "
+        "bf16-mixed and a prediction with that head), train-small-bf16-compile, train-large-bf16-compile.")
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
     sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
     sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
