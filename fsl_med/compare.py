@@ -301,14 +301,11 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
           _main_table(report, cells).markdown(), "",
           "s/step: training seconds per step (median of each run, mean over the row's runs); s/volume: seconds per "
           "query volume and organ, plain prediction (TTT adds its own time, per slice below)."]
-    pools: dict[str, list[str]] = {}
-    for r in rows:
-        if r["head"] not in pools.setdefault(r["mask_pooling"], []):
-            pools[r["mask_pooling"]].append(r["head"])
-    md += ["", "Training episodes: the same for every row of a mask pooling ("
-           + "; ".join(f"{p}: {', '.join(h)}" for p, h in pools.items()) + "). An episode whose augmented support mask "
-           "vanishes on the feature grid is redrawn, and that check follows the row's `model.mask_pooling`, so rows of "
-           "different poolings differ in those few episodes."]
+    pools = sorted({r["mask_pooling"] for r in rows})
+    md += ["", f"Training episodes: the same for every row (mask pooling {', '.join(pools)}). Episode i is a function "
+           "of the seed and i; an episode whose augmented support mask vanishes on the feature grid is redrawn, and "
+           "that check is `nearest`'s for every head with nearest or adjoint pooling (`bilinear` may redraw a few "
+           "more)."]
     missing = [f"{r['label']}: {', '.join(VARIANT_TITLES.get(v, v) for v in variants if v not in r['variants'])} not "
                f"run (its protocol.variants is [{', '.join(r['variants'])}]"
                + (f", set by compare.encoder_overrides[{r['encoder']}])" if r["encoder_overrides"] else ")")
@@ -323,7 +320,7 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
         "have not been read from the PDFs yet; numbers recalled from memory are not filled in).")]
     md += ["", "Head and encoder pairs: every head reads only the encoder's feature map (C x h x w), so each registered "
            "head works with each registered encoder; the one pair that cannot work is a head without learnable "
-           "parameters (alp, panet) on a frozen encoder without adapter, which compare refuses before training."]
+           "parameters on a frozen encoder without adapter, which compare refuses before training."]
     long_rows: list[dict[str, Any]] = []
     for s in settings:
         for v in variants:

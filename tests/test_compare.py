@@ -102,7 +102,7 @@ def test_rows_and_cells_come_from_the_runs(grid) -> None:
 @pytest.mark.slow
 def test_same_seed_gives_the_same_episodes_across_rows(grid) -> None:
     """The rows' runs of one job draw identical training batches: same data section and seed, and the same episodes
-    (panet and adnet share their mask pooling, on which the support-mask check of an episode depends)."""
+    (the support-mask check of an episode is head-independent for nearest and adjoint pooling)."""
     _, rep, md = grid
     by_tag: dict[str, list[Path]] = {}
     for row in rep["rows"]:
@@ -121,7 +121,7 @@ def test_same_seed_gives_the_same_episodes_across_rows(grid) -> None:
         for other in batches[1:]:
             for a, b in zip(batches[0], other, strict=True):
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
-    assert "adjoint: panet, adnet" in md
+    assert "Training episodes: the same for every row (mask pooling adjoint)." in md
 
 
 @pytest.mark.slow

@@ -261,6 +261,28 @@ class _SpyTrainer(TestTimeTrainer):
         self.seen.append(float(self.seg.head.threshold.detach()[0]))
 
 
+def test_adnets_threshold_is_optimised_with_weight_decay_as_the_reference():
+    """ADNet's optimizer takes ``model.parameters()``: T is in the SGD group with weight decay 5e-4 (experiments/adnet.yaml),
+    so one step moves T by lr * (dL/dT + 5e-4 * T)."""
+    from fsl_med.config import load_config
+    from fsl_med.models.module import FewShotModule
+
+    cfg = load_config(REPO / "experiments" / "adnet.yaml", ["data.root=/nonexistent", "model.encoder.name=vit_tiny_patch14",
+                                                              "model.encoder.weights=none", "data.image_size=64"])
+    module = FewShotModule.from_config(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    t = module.model.head.threshold
+    group = next(g for g in opt.param_groups if any(p is t for p in g["params"]))
+    assert group["weight_decay"] == 5e-4 and group["lr"] == 1e-3 and isinstance(opt, torch.optim.SGD)
+    t.grad = torch.full_like(t, 0.05)  # L_T's constant gradient alone
+    others = [p for p in module.parameters() if p is not t]
+    for p in others:
+        p.requires_grad_(False)
+    before = float(t.detach()[0])
+    opt.step()
+    assert float(t.detach()[0]) == pytest.approx(before - 1e-3 * (0.05 + 5e-4 * before), rel=1e-6)
+
+
 def test_ttt_adapts_adnets_threshold(trained):
     """TTT trains what the head trains: ADNet's T is among the adapted parameters and changes during adaptation;
     with ``ttt.restore`` (the fsl_med default) the model is bit-identical afterwards, without it T keeps the change."""
