@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from fsl_med import atomic, interrupts
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.errors import TrainingDiverged
+from fsl_med.errors import ConfigError, TrainingDiverged
 from fsl_med.measure import sync
-from fsl_med.models.module import FewShotModule
+from fsl_med.models.module import FewShotModule, has_trainable_parameters
 from fsl_med.prepare.datasets import excluded_labels
 from fsl_med.runs import (
     RunFolder,
@@ -182,6 +182,11 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_trainer_settings(cfg)
     check_output_location(cfg)
+    if module is None and not has_trainable_parameters(cfg):  # before anything is written
+        e = cfg.model.encoder
+        raise ConfigError(f"model: nothing to train: the {cfg.model.head.name} head has no learnable parameter and "
+                          f"model.encoder.finetune={e.finetune} with adapter {e.adapter}; use model.encoder.finetune="
+                          "full or lora, a model.encoder.adapter, or a head with learnable parameters")
     cfg, resume = resumed_config(cfg, explicit)
     if resume is not None:
         log.info("resuming from %s", resume)

@@ -102,3 +102,18 @@ def test_unknown_head_on_the_command_line_is_one_line_and_writes_nothing(tmp_pat
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "unknown head 'adnt'; did you mean 'adnet'?" in err and "registered: alp, panet, adnet" in err
     assert not out.exists()
+
+
+def test_a_head_without_parameters_on_a_frozen_encoder_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """PANet (or ALPNet) on a frozen encoder without adapter has nothing to train: one line naming the head and the
+    fine-tuning, exit 2, no run folder (it used to fail inside Lightning's optimiser setup)."""
+    from fsl_med.cli import main
+
+    out = tmp_path / "runs"
+    (tmp_path / "data").mkdir()
+    code = main(["train", str(REPO / "experiments" / "demo.yaml"), f"data.root={tmp_path / 'data'}",
+                 "model.head.name=panet", "model.encoder.finetune=frozen", f"logging.output_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "nothing to train: the panet head has no learnable parameter and model.encoder.finetune=frozen" in err
+    assert not out.exists()
