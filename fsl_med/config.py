@@ -82,6 +82,24 @@ LOGGERS: tuple[str, ...] = get_args(LoggerName)
 COMPATS: tuple[str, ...] = get_args(Compat)
 EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
 MASK_POOLINGS: tuple[str, ...] = get_args(MaskPooling)
+ExcludeRule = Literal["any", "all"]
+"""``data.exclude_rule`` (Setting 2): drop a training slice that contains **any** excluded label (SSL-ALPNet,
+fsl_med) or only one that contains **all** of them (the Q-Net/RPT/CAT-Net/GMRD code; method-zoo.md §1 row 6)."""
+EpisodeKind = Literal["superpixel2d", "supervoxel3d"]
+"""``data.episodes``: one slice's 2D superpixel augmented twice (SSL-ALPNet, fsl_med), or two adjacent slices sharing
+a 3D supervoxel (the ADNet lineage; method-zoo.md §1 rows 1-2)."""
+PartRule = Literal["extent", "count"]
+"""``eval.part_rule``: a query slice's support part from its position in the organ's z-extent (SSL-ALPNet, fsl_med)
+or from ``linspace(0, C, npart + 1)`` chunks of the C organ-containing slices (the ADNet lineage; §1 row 5)."""
+SizeRule = Literal["first", "larger"]
+"""``data.supervoxel.size_rule``: the supervoxel's pixel count that must reach ``min_pixels`` in an adjacent-slice
+episode: in the first slice of the pair (ADNet) or in the larger of the two (Q-Net, RPT)."""
+RptVariant = Literal["2024", "2023"]
+"""``model.head.rpt.variant``: the released head (2024-03 code, default) or the MICCAI-2023 release (K=10, no "+ p",
+boundary + Dice losses); method-zoo.md §5."""
+SUPPORT_PICK_RE = re.compile(r"next|group_last|group_index:(\d+)")
+"""``eval.support_pick``: ``next`` (fsl_med: the scan after the fold's queries, wrapping), ``group_last`` (ADNet: the
+last of the fold's group of 5), ``group_index:N`` (Q-Net/RPT's ``supp_idx``: the N-th, 0-based); §1 row 7."""
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
@@ -99,7 +117,8 @@ CHOICES: dict[str, Any] = {
     "eval.shots_source": ShotsSource, "ttt.mode": TttMode, "ttt.params": TttParams, "logging.logger": LoggerName,
     "compat": Compat, "data.superpixel.body_connectivity": BodyConnectivity,
     "model.head.alp.empty_window": EmptyWindow,
-    "eval.ct_stats": CtStats,
+    "eval.ct_stats": CtStats, "data.exclude_rule": ExcludeRule, "data.episodes": EpisodeKind,
+    "eval.part_rule": PartRule, "data.supervoxel.size_rule": SizeRule, "model.head.rpt.variant": RptVariant,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
 VERB_SECTIONS = ("protocol", "ablation", "compare")
@@ -132,6 +151,17 @@ class SuperpixelConfig:
         segment 0 as background): then shipped ``superpix-MIDDLE_<id>.nii.gz`` files are used as they are."""
         return (self.scale, self.sigma, self.min_size, self.body_connectivity, bool(self.zero_as_background)) == \
             (1.0, 1.0, 400, 8, True)
+
+
+@dataclass
+class SupervoxelConfig:
+    """3D Felzenszwalb supervoxels of ``data.episodes=supervoxel3d`` (the ADNet lineage's pseudolabels,
+    method-zoo.md §1 rows 1-2): the config section and the parameters of :mod:`fsl_med.data.supervoxels`."""
+
+    min_size: int = 5000  # voxels (ADNet's n_sv for CHAOS; 1000 for CMR)
+    sigma: float = 0.0
+    min_pixels: int = 200  # an episode's supervoxel must cover this many pixels (see size_rule)
+    size_rule: str = "larger"  # first (ADNet) | larger (Q-Net, RPT), see config.SizeRule
 
 
 @dataclass
@@ -172,7 +202,10 @@ class DataConfig:
     resize_last: bool | None = None  # null: compat. true: the reference loader's order, z-score statistics and
     # pseudolabels of the slices as stored, then the resize to image_size (only matters when the sizes differ)
     three_slices: bool = False  # input = slices z-1, z, z+1 (zeros at the ends) instead of z tiled x3
+    exclude_rule: str = "any"  # Setting 2: any (SSL-ALPNet) | all (the Q-Net/RPT code's rule), see config.ExcludeRule
+    episodes: str = "superpixel2d"  # superpixel2d (fsl_med) | supervoxel3d (the ADNet lineage), see config.EpisodeKind
     superpixel: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    supervoxel: SupervoxelConfig = field(default_factory=SupervoxelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -217,6 +250,36 @@ class AdnetHeadConfig:
 
 
 @dataclass
+class QnetHeadConfig:
+    """Q-Net's query-predicted threshold, two scales and test-time prototype refinement (method-zoo.md §4):
+    ``model.head.qnet``."""
+
+    alpha: list[float] | None = None  # weights of the two scales [fine, coarse]; null: by data.setting, Setting 1
+    # [0.9, 0.1] and Setting 2 [0.6, 0.4] (the reference README's values, there edited by hand in the source)
+    refine_iters: int = 7  # test-time prototype refinement steps per query slice and scale (0: none)
+    refine_lr: float = 0.01  # Adam's lr of the refinement
+    tau_hidden: int = 1000  # tau = Linear(hidden -> 1)(Linear(pooled -> hidden)(GAP)) as the reference; 0: one Linear
+    cos_eps: float = 1e-8
+
+
+@dataclass
+class RptHeadConfig:
+    """RPT's regional prototypes and the BaT block (method-zoo.md §5): ``model.head.rpt``."""
+
+    variant: str = "2024"  # 2024 (released head) | 2023 (MICCAI release), see config.RptVariant
+    fg_num: int | None = None  # regional prototypes K; null: the variant's (2024: 100, 2023: 10)
+    bat_passes: int = 3  # BaT block applications (shared weights)
+    attn_heads: int = 3
+    dropout: float = 0.1
+    seed: int = 1289  # farthest-point sampling's first centre (the reference's RandomState(1289)), per support part
+    periphery_weight: float = 0.1
+    mse_weight: float = 0.1
+    self_weight: float = 1.0  # align uses loss.align_weight (1)
+    tau_hidden: int = 1000
+    cos_eps: float = 1e-8
+
+
+@dataclass
 class HeadConfig:
     """The few-shot head (``model.head.name``) and one config section per registered head; only the named one is
     read. A head's defaults for ``loss.ce_weights`` and ``model.mask_pooling`` are in :data:`HEAD_DEFAULTS`."""
@@ -225,12 +288,16 @@ class HeadConfig:
     alp: AlpHeadConfig = field(default_factory=AlpHeadConfig)
     panet: PanetHeadConfig = field(default_factory=PanetHeadConfig)
     adnet: AdnetHeadConfig = field(default_factory=AdnetHeadConfig)
+    qnet: QnetHeadConfig = field(default_factory=QnetHeadConfig)
+    rpt: RptHeadConfig = field(default_factory=RptHeadConfig)
 
 
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "alp": {"loss.ce_weights": [0.05, 1.0], "model.mask_pooling": "nearest"},
     "panet": {"loss.ce_weights": [1.0, 1.0], "model.mask_pooling": "adjoint"},
     "adnet": {"loss.ce_weights": [0.1, 1.0], "model.mask_pooling": "adjoint"},
+    "qnet": {"loss.ce_weights": [0.1, 1.0], "model.mask_pooling": "adjoint"},
+    "rpt": {"loss.ce_weights": [0.1, 1.0], "model.mask_pooling": "adjoint"},
 }
 """The value a head-dependent field takes when it is left unset (null), per ``model.head.name``."""
 HEAD_NAMES: tuple[str, ...] = tuple(HEAD_DEFAULTS)
@@ -316,6 +383,8 @@ class EvalConfig:
     shots_source: str = "scans"  # k-shot supports: k support scans, or k slices per part of the support scan
     save_predictions: bool = False  # multi-label NIfTI per query scan and variant (prepared + source grid)
     refinements: list[str] = field(default_factory=list)  # user refinement callbacks: "module:Class" or "file.py:Class"
+    part_rule: str = "extent"  # extent (fsl_med) | count (the ADNet lineage), see config.PartRule
+    support_pick: str = "next"  # next (fsl_med) | group_last (ADNet) | group_index:N (Q-Net/RPT: 2), see SUPPORT_PICK_RE
 
 
 @dataclass
@@ -637,8 +706,24 @@ def validate(cfg: DictConfig) -> None:
            f"must divide feature_size ({m.feature_size})")
     _check(0 < a.fg_thresh <= 1 and 0 < a.bg_thresh <= 1, "model.head.alp.fg_thresh", "thresholds must be in (0, 1]")
     _check(m.scale > 0, "model.scale", "must be > 0")
-    for name in ("panet", "adnet"):
+    for name in ("panet", "adnet", "qnet", "rpt"):
         _check(m.head[name].cos_eps > 0, f"model.head.{name}.cos_eps", "must be > 0")
+    q = m.head.qnet
+    _check(q.alpha is None or (len(q.alpha) == 2 and min(q.alpha) >= 0 and sum(q.alpha) > 0), "model.head.qnet.alpha",
+           f"must be two non-negative weights [fine, coarse] with a positive sum (or null: by data.setting), "
+           f"got {None if q.alpha is None else list(q.alpha)}")
+    _check(q.refine_iters >= 0, "model.head.qnet.refine_iters", f"must be >= 0, got {q.refine_iters}")
+    _check(q.refine_lr > 0 and math.isfinite(q.refine_lr), "model.head.qnet.refine_lr", "must be > 0")
+    r = m.head.rpt
+    for key in ("tau_hidden",):
+        _check(q[key] >= 0 and r[key] >= 0, f"model.head.qnet.{key}", "must be >= 0 (0: a single Linear)")
+    _check(r.fg_num is None or r.fg_num >= 1, "model.head.rpt.fg_num", f"must be >= 1 (or null), got {r.fg_num}")
+    _check(r.bat_passes >= 0, "model.head.rpt.bat_passes", "must be >= 0")
+    _check(r.attn_heads >= 1, "model.head.rpt.attn_heads", "must be >= 1")
+    _check(0 <= r.dropout < 1, "model.head.rpt.dropout", "must be in [0, 1)")
+    _check(0 <= r.seed < 2**32, "model.head.rpt.seed", f"must be in 0..{2**32 - 1}")
+    for key in ("periphery_weight", "mse_weight", "self_weight"):
+        _check(r[key] >= 0, f"model.head.rpt.{key}", "must be >= 0")
     _check(math.isfinite(m.head.adnet.threshold_init), "model.head.adnet.threshold_init", "must be finite")
     _check(m.head.adnet.threshold_weight >= 0, "model.head.adnet.threshold_weight", "must be >= 0")
     _check(len(cfg.loss.ce_weights) == 2 and min(cfg.loss.ce_weights) >= 0, "loss.ce_weights",
@@ -666,6 +751,13 @@ def validate(cfg: DictConfig) -> None:
         bad = [v for v in variants if v not in VARIANTS]
         _check(not bad and len(variants) > 0, key, f"must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
     _check(cfg.eval.overlay_slices >= 0, "eval.overlay_slices", "must be >= 0")
+    _check(SUPPORT_PICK_RE.fullmatch(str(cfg.eval.support_pick)) is not None, "eval.support_pick",
+           f"must be next, group_last or group_index:N (N = 0-based position in the fold's group), "
+           f"got '{cfg.eval.support_pick}'")
+    sv = cfg.data.supervoxel
+    _check(sv.min_size >= 1, "data.supervoxel.min_size", f"must be >= 1, got {sv.min_size}")
+    _check(sv.sigma >= 0, "data.supervoxel.sigma", f"must be >= 0, got {sv.sigma}")
+    _check(sv.min_pixels >= 1, "data.supervoxel.min_pixels", f"must be >= 1, got {sv.min_pixels}")
     t = cfg.ttt
     _check(t.steps >= 0, "ttt.steps", f"must be >= 0, got {t.steps}")
     _check(t.lr > 0 and math.isfinite(t.lr), "ttt.lr", f"must be > 0, got {t.lr}")

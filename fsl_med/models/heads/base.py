@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsl_med.data.masks import mask_at_feature_size
+from fsl_med.models.features import FeatureRequest
 
 PredictionSpace = Literal["margin", "probability"]
 
@@ -51,6 +52,8 @@ class FewShotHead(nn.Module):
         feature_size: the encoder's feature map side ``f`` (``h = w = f``).
         scale: cosine scale (20 in every reference).
         mask_pooling: ``nearest`` | ``bilinear`` | ``adjoint`` (:mod:`fsl_med.data.masks`).
+        in_channels: channels ``C`` of the encoder's main map (heads with learned layers over features use it).
+        pooled_channels: size ``D`` of the encoder's pooled vector (heads that request it).
 
     Subclasses set :attr:`name` and :attr:`prediction` and implement :meth:`support_state`,
     :meth:`decision_map`, :meth:`output` and :meth:`episode_terms`; :meth:`combine` and :meth:`log_values` have
@@ -64,10 +67,15 @@ class FewShotHead(nn.Module):
     (ADNet's lineage), pred = P > 0.5, prob = P."""
     skips_episodes: bool = False
     """True when :meth:`episode_terms` may return ``None`` (an episode the reference's training loop skips)."""
+    request: ClassVar[FeatureRequest] = FeatureRequest()
+    """The encoder outputs the head uses (:mod:`fsl_med.models.features`): by default the main map alone, which the
+    head receives as a ``[B, C, h, w]`` tensor; otherwise an :class:`~fsl_med.models.features.EncoderOutput`."""
 
-    def __init__(self, feature_size: int, scale: float, mask_pooling: str) -> None:
+    def __init__(self, feature_size: int, scale: float, mask_pooling: str, in_channels: int = 0,
+                 pooled_channels: int = 0) -> None:
         super().__init__()
         self.feature_size, self.scale, self.mask_pooling = int(feature_size), float(scale), str(mask_pooling)
+        self.in_channels, self.pooled_channels = int(in_channels), int(pooled_channels)
 
     def feature_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """``[S, H, W]`` masks -> ``[S, 1, f, f]`` at feature resolution with :attr:`mask_pooling`."""

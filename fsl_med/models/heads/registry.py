@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -39,10 +40,18 @@ def get_head_class(name: str) -> type[FewShotHead]:
 
 
 def create_head(name: str, feature_size: int = 32, scale: float = 20.0, mask_pooling: str = "nearest",
-                options: Mapping[str, Any] | Any | None = None) -> FewShotHead:
+                options: Mapping[str, Any] | Any | None = None, in_channels: int = 0,
+                pooled_channels: int = 0) -> FewShotHead:
     """Build head ``name``; ``options`` are its config section (``model.head.<name>``: a mapping or dataclass, keys as
-    the head's keyword arguments; missing keys keep the head's defaults)."""
+    the head's keyword arguments; missing keys keep the head's defaults). ``in_channels`` / ``pooled_channels``: the
+    encoder's main-map channels and pooled-vector size, passed to a head whose constructor takes them (heads with
+    learned layers over features)."""
     cls = get_head_class(name)
     if options is not None and dataclasses.is_dataclass(options):
         options = dataclasses.asdict(options)
-    return cls(feature_size=feature_size, scale=scale, mask_pooling=mask_pooling, **dict(options or {}))
+    kwargs = dict(options or {})
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in (("in_channels", in_channels), ("pooled_channels", pooled_channels)):
+        if key in params:
+            kwargs[key] = int(value)
+    return cls(feature_size=feature_size, scale=scale, mask_pooling=mask_pooling, **kwargs)
