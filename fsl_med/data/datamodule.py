@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fsl_med.config import AugmentConfig, SuperpixelConfig
 from fsl_med.data.episodes import EpisodeDataset, EpisodeSampler
+from fsl_med.data.exclusion import excluded_slices, exclusion_note
 from fsl_med.data.phantom import phantom_plan
 from fsl_med.data.protocol import EvalItem, build_eval_items
 from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
@@ -167,20 +168,22 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _build_train(self) -> EpisodeDataset:
         excl = excluded_labels(self.cfg)
-        if excl:
-            log.info("setting 2: dropping training slices that contain labels %s", excl)
+        rule = str(self.cfg.data.exclude_rule)
         images, sps, slices = [], [], []
+        total = 0
         for v, sid in enumerate(self.train_ids):
             vol = self._volume(sid)
             assert self.normalize is not None
             images.append(self.normalize(vol.image, vol.path, vol.stored_stats))
             sps.append(self._superpixels(vol))
-            has_excl = np.isin(vol.label, excl).reshape(vol.label.shape[0], -1).any(axis=1) if excl else None
-            for z in range(vol.image.shape[0]):
-                if has_excl is None or not has_excl[z]:
-                    slices.append((v, z))
+            dropped = excluded_slices(vol.label, excl, rule)  # Setting 2 (all False in Setting 1)
+            slices += [(v, int(z)) for z in np.flatnonzero(~dropped)]
+            total += len(dropped)
+        if excl:
+            log.info("%s", exclusion_note(excl, rule, total - len(slices), total))
         if not slices:
-            raise DataError(f"{self.root}: no training slices left after the setting-2 exclusion of labels {excl}")
+            raise DataError(f"{self.root}: no training slices left after the setting-2 exclusion of labels {excl} "
+                            f"(data.exclude_rule={rule})")
         a = self.cfg.data.augment
         return EpisodeDataset(
             images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
