@@ -625,6 +625,22 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], where: str = "overrid
     return cfg
 
 
+QNET_ALPHA: dict[int, list[float]] = {1: [0.9, 0.1], 2: [0.6, 0.4]}
+"""Q-Net's scale weights [fine, coarse] per ``data.setting`` when ``model.head.qnet.alpha`` is null (the reference README's
+values; its code trains with 0.9/0.1 whatever the setting, because the value is edited by hand in the source)."""
+
+
+def head_options(cfg: DictConfig) -> dict[str, Any]:
+    """The constructor options of the configured head: its section ``model.head.<name>`` as plain values, with the
+    fields that follow another setting resolved (Q-Net's ``alpha`` by ``data.setting``)."""
+    name = str(cfg.model.head.name)
+    options = OmegaConf.to_container(cfg.model.head[name], resolve=True)
+    assert isinstance(options, dict)
+    if name == "qnet" and options.get("alpha") is None:
+        options["alpha"] = list(QNET_ALPHA[int(cfg.data.setting)])
+    return options
+
+
 def follow_head(cfg: DictConfig, old_head: str | None, keep: tuple[str, ...] = ()) -> None:
     """In place: after ``model.head.name`` changed from ``old_head`` in a filled-in config, each field of
     :data:`HEAD_DEFAULTS` that holds ``old_head``'s default takes the new head's (a value set to something else, or a

@@ -109,8 +109,9 @@ def test_registry_contains_official_and_tiny() -> None:
 def test_every_spec_resolves_to_a_timm_model(name: str) -> None:
     spec = get_encoder_spec(name)
     assert spec.name == name
-    if spec.family == "resnet":  # ALPNet's torchvision encoder (tests/test_encoder_zoo.py)
-        assert (spec.embed_dim, spec.patch_size, spec.hub_tag) == (256, 8, "coco")
+    if spec.family == "resnet":  # torchvision ResNet-101s (tests/test_encoder_zoo.py, tests/test_encoder_bundle.py)
+        expected = {"resnet101_deeplabv3": (256, 8, "coco"), "resnet101_qnet": (512, 4, "coco")}
+        assert (spec.embed_dim, spec.patch_size, spec.hub_tag) == expected[name]
         return
     assert timm.is_model(spec.timm_name)
     assert spec.patch_size == 14

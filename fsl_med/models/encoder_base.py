@@ -55,6 +55,11 @@ class DenseEncoder(nn.Module):
         self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def pooled_channels(self) -> int:
+        """Size ``D`` of the pooled vector of :meth:`bundle` (``out_channels`` unless an encoder pools another layer)."""
+        return self.out_channels
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters with ``requires_grad`` (backbone, LoRA, projection or adapter weights by ``finetune``)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -87,3 +92,11 @@ class DenseEncoder(nn.Module):
         if h < fs or w < fs:
             feats = F.interpolate(feats, size=(max(h, fs), max(w, fs)), mode="bilinear", align_corners=False)
         return feats
+
+
+def upsample_to(feats: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, C, h, w]`` bilinearly upsampled (align_corners=False) so that both sides are >= ``size`` (larger kept)."""
+    h, w = feats.shape[-2:]
+    if h < size or w < size:
+        feats = F.interpolate(feats, size=(max(h, size), max(w, size)), mode="bilinear", align_corners=False)
+    return feats

@@ -97,6 +97,8 @@ def _register_builtin() -> None:
         )
     # ALPNet's encoder: torchvision DeepLabv3 ResNet-101 backbone (stride 8) + 2048 -> 256 1x1 projection
     register_encoder(EncoderSpec("resnet101_deeplabv3", "", 256, 8, "coco", family="resnet"))
+    # the Q-Net/RPT reference ResNet-101 (dilation [T, T, F]): layer3 -> 512 at stride 4, layer4 -> 512 at stride 8
+    register_encoder(EncoderSpec("resnet101_qnet", "", 512, 4, "coco", family="resnet"))
     tiny = {"embed_dim": 64, "depth": 2, "num_heads": 2}
     # NOT official weights: tiny DINOv2-shaped ViTs for tests and CPU demos.
     register_encoder(EncoderSpec("vit_tiny_patch14", "vit_small_patch14_dinov2", 64, 14, None, 0, dict(tiny)))

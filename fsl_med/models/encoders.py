@@ -43,6 +43,7 @@ from fsl_med.errors import ConfigError, WeightsError, first_line
 from fsl_med.models.encoder_base import EncoderSpec
 from fsl_med.models.encoder_registry import get_encoder_spec
 from fsl_med.models.encoder_weights import load_weights_file_into, read_weights_file
+from fsl_med.models.features import AUX_MAP, FeatureRequest
 from fsl_med.models.lora import RESNET_LORA_REGEX, inject_lora
 from fsl_med.models.vit_encoder import ViTPatchEncoder, make_adapter
 
@@ -65,6 +66,7 @@ def create_encoder(
     adapter: str = "none",
     imagenet_norm: bool = False,
     arch_overrides: Mapping[str, Any] | None = None,
+    request: FeatureRequest | None = None,
 ) -> nn.Module:
     """Build an encoder: a :class:`ViTPatchEncoder`, or a
     :class:`~fsl_med.models.resnet_encoder.ResNetDeepLabEncoder` for ``resnet101_deeplabv3``.
@@ -86,6 +88,8 @@ def create_encoder(
         imagenet_norm: normalise inputs with ImageNet mean/std before the adapter/ViT.
         arch_overrides: extra timm architecture kwargs of a ViT (e.g. ``{"depth": 1}`` for a cheap model with
             the same key format in tests); not for the ResNet.
+        request: the outputs the head will ask for (:class:`~fsl_med.models.features.FeatureRequest`); an encoder
+            builds no layer that only an unrequested map uses (``resnet101_qnet``'s ``reduce2``). Default: the main map.
 
     Raises:
         ConfigError: unknown name / finetune / adapter / lora target, or bad sizes / rank.
@@ -116,7 +120,8 @@ def create_encoder(
         raise ConfigError("model.encoder.weights: empty value (use 'none', a hub tag or a file path)")
 
     if spec.family == "resnet":
-        return _create_resnet(spec, weights_str, finetune, lora_rank, feature_size, adapter_module, imagenet_norm)
+        return _create_resnet(spec, weights_str, finetune, lora_rank, feature_size, adapter_module, imagenet_norm,
+                              request or FeatureRequest())
 
     img_size = (input_size // spec.patch_size) * spec.patch_size
     kwargs: dict[str, Any] = dict(spec.timm_kwargs)
@@ -174,12 +179,18 @@ def _random_init_warning(name: str) -> None:
 
 
 def _create_resnet(spec: EncoderSpec, weights: str, finetune: str, lora_rank: int, feature_size: int,
-                   adapter: nn.Module | None, imagenet_norm: bool) -> nn.Module:
-    """ALPNet's ResNet-101 DeepLabv3 encoder with weights ``none`` | ``coco`` | a file, then fine-tuning."""
+                   adapter: nn.Module | None, imagenet_norm: bool, request: FeatureRequest) -> nn.Module:
+    """A ResNet-101 encoder (ALPNet's DeepLabv3 one, or ``resnet101_qnet``) with weights ``none`` | ``coco`` | a
+    file, then fine-tuning."""
     from fsl_med.models import resnet_encoder as rn
 
-    enc = rn.ResNetDeepLabEncoder(spec, feature_size=feature_size, adapter=adapter, imagenet_norm=imagenet_norm,
-                                  finetune=finetune)
+    if spec.name == "resnet101_qnet":
+        enc = rn.ResNetQnetEncoder(spec, feature_size=feature_size, adapter=adapter, imagenet_norm=imagenet_norm,
+                                   finetune=finetune, with_aux=AUX_MAP in request.maps,
+                                   with_layer4=request.pooled)
+    else:
+        enc = rn.ResNetDeepLabEncoder(spec, feature_size=feature_size, adapter=adapter, imagenet_norm=imagenet_norm,
+                                      finetune=finetune)
     if weights == "none":
         _random_init_warning(spec.name)
     elif weights == spec.hub_tag:

@@ -14,14 +14,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fsl_med.config import from_container, model_container, to_container
+from fsl_med.config import from_container, head_options, model_container, to_container
 from fsl_med.data.protocol import EvalItem
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import TrainingDiverged
 from fsl_med.models.encoders import create_encoder
-from fsl_med.models.heads import create_head
+from fsl_med.models.heads import create_head, get_head_class
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
@@ -33,19 +33,20 @@ def build_segmenter(cfg: DictConfig, weights: str | None = None) -> FewShotSegme
     """The segmenter described by ``cfg.model`` (``weights`` overrides ``model.encoder.weights``); with
     ``model.compile`` other than ``off`` the encoder is compiled in place with that ``torch.compile`` mode
     (compiled on its first call; the state dict keeps the eager names)."""
-    e = cfg.model.encoder
+    e, m = cfg.model.encoder, cfg.model
+    name = str(m.head.name)
     encoder = create_encoder(
         e.name, weights=e.weights if weights is None else weights, finetune=e.finetune, lora_rank=e.lora_rank,
-        lora_targets=list(e.lora_targets), feature_size=cfg.model.feature_size, input_size=cfg.data.image_size,
-        adapter=e.adapter, imagenet_norm=e.imagenet_norm,
+        lora_targets=list(e.lora_targets), feature_size=m.feature_size, input_size=cfg.data.image_size,
+        adapter=e.adapter, imagenet_norm=e.imagenet_norm, request=get_head_class(name).request,
     )
-    m = cfg.model
     if m.compile != "off":
-        # in place (nn.Module.compile): parameter names and checkpoints are those of the eager model
+        # in place (nn.Module.compile): parameter names and checkpoints are those of the eager model; a head that
+        # requests a feature bundle calls the encoder's bundle method, which runs eagerly
         encoder.compile(mode=m.compile)
-    name = str(m.head.name)
     head = create_head(name, feature_size=m.feature_size, scale=m.scale, mask_pooling=m.mask_pooling,
-                       options=OmegaConf.to_container(m.head[name], resolve=True))
+                       options=head_options(cfg), in_channels=int(encoder.out_channels),
+                       pooled_channels=int(encoder.pooled_channels))
     return FewShotSegmenter(encoder, head, m.feature_size)
 
 
@@ -99,6 +100,7 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """A batch of B independent episodes; all 2B images go through the encoder in one call."""
         b = batch["support_image"].shape[0]
+        self.model.head.set_step(int(self.global_step))  # a head's loss schedule (RPT-2023's η)
         loss, ce, align = self.model.episode_loss(batch["support_image"], batch["support_mask"], batch["query_image"],
                                                   batch["query_label"], self.ce_weights, self.cfg.loss.align_weight)
         if self.model.head.skips_episodes:  # compat=reference: episodes skipped as the reference does, counted

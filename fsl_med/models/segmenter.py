@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fsl_med.config import HeadConfig
+from fsl_med.models.features import Features, join
 from fsl_med.models.heads import FewShotHead, create_head
 
 
@@ -27,8 +28,13 @@ class FewShotSegmenter(nn.Module):
     The segmenter owns the encoder, the batching of episodes and slices and the numpy/torch boundary; everything
     specific to a method (prototypes, scores, prediction space, losses) is the head's.
 
+    Features: a head whose :attr:`~FewShotHead.request` is the plain default gets the encoder's ``forward`` output,
+    ``[B, C, f, f]``; any other head gets the encoder's :class:`~fsl_med.models.features.EncoderOutput` bundle
+    (``encoder.bundle(images, request)``), also in the query-feature cache.
+
     Args:
-        encoder: module mapping ``[B, 3, H, W]`` to ``[B, C, f, f]`` features (``f = feature_size``).
+        encoder: module mapping ``[B, 3, H, W]`` to ``[B, C, f, f]`` features (``f = feature_size``); with a
+            ``bundle`` method for heads that request more.
         head: the head (default: the config's default head, ALPNet, with its defaults).
         feature_size: feature map side (32).
     """
@@ -41,9 +47,12 @@ class FewShotSegmenter(nn.Module):
         self.skipped_episodes = 0  # training episodes the head skipped (FewShotHead.skips_episodes)
         self.last_terms: dict[str, torch.Tensor] = {}  # loss terms of the last episode_loss, averaged over episodes
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> ``[B, C, f, f]``."""
-        return self.encoder(images)
+    def encode(self, images: torch.Tensor) -> Features:
+        """``[B, 3, H, W]`` -> ``[B, C, f, f]``, or the bundle the head requests (class docstring)."""
+        request = self.head.request
+        if request.plain:
+            return self.encoder(images)
+        return self.encoder.bundle(images, request)
 
     def forward(self, support_images: torch.Tensor, support_fg: torch.Tensor, query_images: torch.Tensor
                 ) -> torch.Tensor:
@@ -87,10 +96,11 @@ class FewShotSegmenter(nn.Module):
                 self.skipped_episodes += 1
                 continue
             for name, value in terms.items():
-                totals[name] = totals[name] + value if name in totals else feats.new_zeros((), dtype=value.dtype) + value
+                totals[name] = totals[name] + value if name in totals else torch.zeros((), dtype=value.dtype,
+                                                                                       device=value.device) + value
             used += 1
         if used == 0:
-            zero = feats.new_zeros((), dtype=torch.float32)
+            zero = torch.zeros((), dtype=torch.float32, device=query_images.device)
             self.last_terms = {}
             return None, zero, zero
         avg = {name: value / used for name, value in totals.items()}  # used == b unless episodes were skipped
@@ -125,9 +135,9 @@ class FewShotSegmenter(nn.Module):
 
     @torch.inference_mode()
     def encode_slices(self, images: np.ndarray, batch_size: int = 8,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+                      device: torch.device | str = "cpu") -> Features:
         """Eval-mode features of ``[n, H, W]`` normalised slices, encoded in batches: ``[n, C, f, f]`` on ``device``
-        (float32 also under bf16 autocast). ``n == 0`` gives an empty tensor."""
+        (float32 also under bf16 autocast), or the head's bundle. ``n == 0`` gives an empty tensor (bundle)."""
         was_training = self.training
         self.eval()
         try:
@@ -135,16 +145,19 @@ class FewShotSegmenter(nn.Module):
                                                      device=device))).float()
                    for s in range(0, images.shape[0], batch_size)]
             if not out:
+                if not self.head.request.plain:  # the bundle's shapes: encode one blank slice, keep none
+                    blank = torch.zeros(1, 3, *images.shape[-2:], dtype=torch.float32, device=device)
+                    return self.encode(blank).float()[:0]
                 f = self.feature_size
                 return torch.empty(0, int(getattr(self.encoder, "out_channels", 0)), f, f, device=device)
-            return torch.cat(out)
+            return join(out)
         finally:
             self.train(was_training)
 
     @torch.inference_mode()
     def predict_volume(self, protos: list[Any], query_images: np.ndarray, part: np.ndarray,
                        batch_size: int = 8, device: torch.device | str = "cpu",
-                       query_feats: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       query_feats: Features | None = None) -> tuple[np.ndarray, np.ndarray]:
         """EP1 prediction of a query volume.
 
         Args:
@@ -172,13 +185,18 @@ class FewShotSegmenter(nn.Module):
                 else:
                     qf = query_feats[start:start + batch_size]
                 pt = part_t[start:start + batch_size]
-                low = torch.empty(qf.shape[0], 1, qf.shape[-2], qf.shape[-1], device=device, dtype=torch.float32)
+                nb = len(qf)
+                low: torch.Tensor | None = None
                 for p in torch.unique(pt).tolist():
                     sel = pt == p
-                    low[sel] = self.head.decision_map(qf[sel], protos[p])  # float32 under bf16 autocast too
+                    dm = self.head.decision_map(qf[sel], protos[p])  # float32 under bf16 autocast too
+                    if low is None:
+                        low = torch.empty(nb, *dm.shape[1:], device=dm.device, dtype=torch.float32)
+                    low[sel] = dm
+                assert low is not None
                 p_pred, p_prob = self.head.to_prediction(low, (h, w))
-                pred[start:start + qf.shape[0]] = p_pred.to(torch.uint8).cpu().numpy()
-                prob[start:start + qf.shape[0]] = p_prob.cpu().numpy()
+                pred[start:start + nb] = p_pred.to(torch.uint8).cpu().numpy()
+                prob[start:start + nb] = p_prob.cpu().numpy()
             return pred, prob
         finally:
             self.train(was_training)
@@ -195,17 +213,17 @@ class QueryFeatureCache:
     def __init__(self, seg: FewShotSegmenter, batch_size: int = 8, device: torch.device | str = "cpu") -> None:
         self.seg, self.batch_size, self.device = seg, batch_size, device
         self.scan: str | None = None
-        self.feats: dict[int, torch.Tensor] = {}
+        self.feats: dict[int, Features] = {}
         self.encoded = 0  # slices encoded since the last clear (for timing per encoded slice)
 
     def clear(self) -> None:
         """Forget the cached scan (call after the model's weights changed)."""
         self.scan, self.feats, self.encoded = None, {}, 0
 
-    def features(self, scan_id: str, z: np.ndarray, images: np.ndarray) -> torch.Tensor:
-        """``[n, C, f, f]`` features of query slices ``images`` (``[n, H, W]``) at slice indices ``z`` (``[n]``)
-        of scan ``scan_id``; slices seen before for the same scan are not encoded again. A new scan id replaces
-        the cached scan."""
+    def features(self, scan_id: str, z: np.ndarray, images: np.ndarray) -> Features:
+        """``[n, C, f, f]`` features (or the head's bundle, :class:`~fsl_med.models.features.EncoderOutput`) of query
+        slices ``images`` (``[n, H, W]``) at slice indices ``z`` (``[n]``) of scan ``scan_id``; slices seen before for
+        the same scan are not encoded again. A new scan id replaces the cached scan."""
         if scan_id != self.scan:
             self.scan, self.feats = scan_id, {}
         if len(z) == 0:
@@ -216,4 +234,4 @@ class QueryFeatureCache:
             for j, i in enumerate(missing):
                 self.feats[int(z[i])] = new[j]
             self.encoded += len(missing)
-        return torch.stack([self.feats[int(zi)] for zi in z.tolist()])
+        return join([self.feats[int(zi)] for zi in z.tolist()], stack=True)

@@ -9,7 +9,8 @@ from torch import nn
 
 from fsl_med.config import ADAPTERS
 from fsl_med.errors import ConfigError
-from fsl_med.models.encoder_base import DenseEncoder, EncoderSpec
+from fsl_med.models.encoder_base import DenseEncoder, EncoderSpec, upsample_to
+from fsl_med.models.features import AUX_MAP, MAIN_MAP, EncoderOutput, FeatureRequest
 
 
 def make_adapter(adapter: str) -> nn.Module | None:
@@ -67,8 +68,8 @@ class ViTPatchEncoder(DenseEncoder):
         self.vit = vit
         self.patch_size: int = int(spec.patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` float -> ``[B, out_channels, h', w']`` with ``h', w' >= feature_size``."""
+    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Checked input resized to a multiple of the patch, normalised and adapted; with its token grid ``(h, w)``."""
         self.check_input(x)
         p = self.patch_size
         h_in, w_in = int(x.shape[-2]), int(x.shape[-1])
@@ -77,9 +78,46 @@ class ViTPatchEncoder(DenseEncoder):
         th, tw = (h_in // p) * p, (w_in // p) * p
         if (th, tw) != (h_in, w_in):
             x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
-        x = self.normalise_and_adapt(x)
-        tokens = self.vit.forward_features(x)  # [B, prefix + h*w, C], final norm applied
+        return self.normalise_and_adapt(x), th // p, tw // p
+
+    def _grid(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``[B, prefix + h*w, C]`` tokens -> ``[B, C, h, w]`` patch features (prefix tokens dropped; NHWC strides)."""
         tokens = tokens[:, int(self.vit.num_prefix_tokens) :]
-        h, w = th // p, tw // p
-        feats = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)  # NHWC strides
-        return self.to_feature_size(feats)
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` float -> ``[B, out_channels, h', w']`` with ``h', w' >= feature_size``."""
+        x, h, w = self._prepare(x)
+        tokens = self.vit.forward_features(x)  # [B, prefix + h*w, C], final norm applied
+        return self.to_feature_size(self._grid(tokens, h, w))
+
+    @property
+    def mid_block(self) -> int:
+        """Index of the block whose output is the ``"aux"`` map: the last block of the first half (0 for 1-2 blocks)."""
+        return max(0, len(self.vit.blocks) // 2 - 1)
+
+    def bundle(self, x: torch.Tensor, request: FeatureRequest) -> EncoderOutput:
+        """``[B, 3, H, W]`` -> :class:`EncoderOutput` with the requested maps: ``"out"`` (as :meth:`forward`),
+        ``"aux"`` (the middle block's tokens with the final LayerNorm, upsampled to ``2 * feature_size``) and
+        ``pooled`` ``[B, out_channels]`` (mean of the final patch tokens). One pass through the blocks."""
+        x, h, w = self._prepare(x)
+        vit = self.vit
+        t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        mid = None
+        for i, blk in enumerate(vit.blocks):
+            t = blk(t)
+            if i == self.mid_block and AUX_MAP in request.maps:
+                mid = self._grid(vit.norm(t), h, w)
+        final = self._grid(vit.norm(t), h, w)
+        maps = {}
+        for name in request.maps:
+            if name == MAIN_MAP:
+                maps[name] = self.to_feature_size(final)
+            elif name == AUX_MAP:
+                assert mid is not None
+                maps[name] = upsample_to(mid, 2 * self.feature_size)
+            else:
+                raise ConfigError(f"model.encoder.name: encoder {self.spec.name} has no feature map {name!r} "
+                                  f"(it has {MAIN_MAP!r} and {AUX_MAP!r})")
+        pooled = final.mean(dim=(-2, -1)) if request.pooled else None
+        return EncoderOutput(maps, pooled)

@@ -111,6 +111,9 @@ class FewShotHead(nn.Module):
         """Scalars to log during training besides the loss terms (e.g. ADNet's threshold); none by default."""
         return {}
 
+    def set_step(self, step: int) -> None:
+        """Told the global training step before each training step (a loss schedule, e.g. RPT-2023's η); no-op."""
+
     def to_prediction(self, low: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[Q, 1, h, w]`` :meth:`decision_map` -> ``(pred [Q, H, W] bool, prob [Q, H, W] float32)``."""
         if self.prediction == "margin":
