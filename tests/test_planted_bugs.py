@@ -398,7 +398,7 @@ DATA_FEEDS_PSEUDOLABELS = {
 DATA_NOT_PSEUDOLABELS = {
     "root": "the image file's content is hashed into the key", "cache_dir": "where the cache is",
     "fold": "which scans", "setting": "which slices", "test_organs": "which slices",
-    "exclude_labels": "which slices", "episodes_per_epoch": "sampling", "batch_size": "sampling",
+    "exclude_labels": "which slices", "exclude_rule": "which slices", "episodes_per_epoch": "sampling", "batch_size": "sampling",
     "num_workers": "loading", "num_val_scans": "which scans",
     "min_superpixel_pixels": "which superpixels episodes draw (not the pseudolabels)",
     "three_slices": "the model's input", "augment": "episode augmentation",

@@ -106,7 +106,7 @@ class FewShotDataModule(L.LightningDataModule):
         if classmap.is_file():  # not otherwise used by training; a malformed one means a broken folder
             read_classmap(classmap)
         try:
-            self.split = fold_split(self.info, ids, self.cfg.data.fold)
+            self.split = fold_split(self.info, ids, self.cfg.data.fold, str(self.cfg.eval.support_pick))
         except DataError as e:
             if unfinished is None:
                 raise
@@ -128,8 +128,8 @@ class FewShotDataModule(L.LightningDataModule):
                                                     for s in self.train_ids], before)
         else:
             self.normalize = make_normalizer("mri", before_resize=before)
-        log.info("fold %d: train %s, val %s, query %s, support %s", self.cfg.data.fold, self.train_ids,
-                 self.val_ids, self.split.query, self.split.support)
+        log.info("fold %d: train %s, val %s, query %s, support %s (eval.support_pick=%s)", self.cfg.data.fold,
+                 self.train_ids, self.val_ids, self.split.query, self.split.support, self.cfg.eval.support_pick)
         return self
 
     def _stored_image(self, scan_id: str) -> np.ndarray:
@@ -227,7 +227,7 @@ class FewShotDataModule(L.LightningDataModule):
         items, skipped = build_eval_items(
             [self._volume(s) for s in self.support_ids()], queries, list(self.cfg.data.test_organs),
             self.info, normalize or self.normalize, e.npart, e.z_margin, bool(e.skip_no_organ_slices), self.cfg.shots,
-            e.shots_source, self.cfg.data.three_slices, bool(e.score_last_slice),
+            e.shots_source, self.cfg.data.three_slices, bool(e.score_last_slice), str(e.part_rule),
         )
         for q, organ in skipped:
             log.warning("organ '%s' absent from query scan %s: skipped (listed in the report)", organ, q)

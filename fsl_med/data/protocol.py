@@ -3,19 +3,26 @@ items (:class:`EvalItem`, one per query volume and organ, built by :func:`build_
 
 1-way 1-shot: the organ's extent in the support scan is split into ``npart`` parts and the middle slice
 of each part is a support slice; a query slice at relative position p in the query organ's extent uses
-the support slice of part ``floor(p * npart)``.
+the support slice of part ``floor(p * npart)`` (``eval.part_rule=extent``), or, with ``eval.part_rule=count``
+(the ADNet lineage), the part of its chunk when the organ-containing slices are cut into ``npart`` chunks by count
+(:func:`count_parts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 
+from fsl_med.config import PartRule
 from fsl_med.data.volumes import Normalizer, Volume, slice_input
-from fsl_med.errors import DataError
+from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.datasets import DatasetInfo
+
+PART_RULES: tuple[str, ...] = get_args(PartRule)
+"""The values of ``eval.part_rule``: ``extent`` (SSL-ALPNet, fsl_med), ``count`` (the ADNet lineage)."""
 
 
 def support_slice_indices(organ_slices: np.ndarray, npart: int = 3) -> list[int]:
@@ -69,8 +76,31 @@ class QueryPlan:
     part: np.ndarray
 
 
+def count_parts(n_slices: int, npart: int = 3) -> np.ndarray:
+    """Support part of each of ``n_slices`` organ-containing query slices under ``eval.part_rule=count`` (the ADNet
+    lineage, method-zoo.md §1 row 5): the slices, in z order, are cut into ``npart`` chunks at
+    ``linspace(0, n_slices, npart + 1)`` truncated to integers.
+
+    Args:
+        n_slices: C, the number of organ-containing slices (>= 0).
+        npart: number of support parts (>= 1).
+    Returns:
+        ``[C]`` int64 parts in 0..npart-1, non-decreasing. C = 11, npart = 3 gives chunks of 3/4/4 slices
+        (``extent`` gives 4/3/4 on a contiguous organ). With C < npart some chunks are empty and the leading
+        parts are skipped (C = 2 gives parts 1, 2; C = 1 gives part 2), as the reference's loop over empty chunks.
+    Raises:
+        ValueError: ``n_slices < 0`` or ``npart < 1``.
+    """
+    if n_slices < 0 or npart < 1:
+        raise ValueError(f"count_parts needs n_slices >= 0 and npart >= 1, got {n_slices} and {npart}")
+    bounds = np.linspace(0, n_slices, npart + 1).astype(np.int64)
+    part = np.searchsorted(bounds, np.arange(n_slices), side="right") - 1
+    return np.clip(part, 0, npart - 1).astype(np.int64)
+
+
 def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int = 0,
-               skip_no_organ_slices: bool = False, score_last_slice: bool = True) -> QueryPlan:
+               skip_no_organ_slices: bool = False, score_last_slice: bool = True,
+               part_rule: str = "extent") -> QueryPlan:
     """Slices of a query scan scored for one organ.
 
     Args:
@@ -80,9 +110,19 @@ def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int =
         skip_no_organ_slices: skip slices inside the extent without the organ ([D]'s variant).
         score_last_slice: false drops the scan's last slice after the parts are assigned, as the reference's
             validation loop does (it skips ``is_end``; ``compat=reference``); the other slices keep their parts.
+        part_rule: ``extent`` (SSL-ALPNet): part ``floor((z - z_min) / ((z_max - z_min) / npart))``, clamped.
+            ``count`` (ADNet, Q-Net, RPT): the C organ-containing slices are cut into chunks by
+            :func:`count_parts`; any other scored slice (inside the extent without the organ, or within
+            ``z_margin``, both absent from the lineage's protocol, which scores organ-containing slices only) takes
+            the part of the nearest organ-containing slice, the lower one on a tie. The organ-containing slices
+            thus get the lineage's parts whatever ``skip_no_organ_slices`` and ``z_margin`` say.
     Returns:
         A :class:`QueryPlan`; empty (``len(z) == 0``) when the organ is absent from the scan.
+    Raises:
+        ConfigError: an unknown ``part_rule``.
     """
+    if part_rule not in PART_RULES:
+        raise ConfigError(f"config key 'eval.part_rule': must be one of {', '.join(PART_RULES)}, got '{part_rule}'")
     present = np.flatnonzero(organ_mask_per_slice)
     if present.size == 0:
         return QueryPlan(z=np.zeros(0, dtype=np.int64), part=np.zeros(0, dtype=np.int64))
@@ -92,16 +132,23 @@ def query_plan(organ_mask_per_slice: np.ndarray, npart: int = 3, z_margin: int =
     z = np.arange(lo, hi + 1)
     if skip_no_organ_slices:
         z = z[organ_mask_per_slice[z]]
-    span = (z_max - z_min) / npart
-    if span > 0:
-        part = np.floor((z - z_min) / span).astype(np.int64)
+    if part_rule == "count":
+        organ_part = count_parts(present.size, npart)
+        after = np.clip(np.searchsorted(present, z), 0, present.size - 1)  # first organ slice >= z (or the last)
+        before = np.clip(after - 1, 0, present.size - 1)
+        nearest = np.where(np.abs(z - present[before]) <= np.abs(present[after] - z), before, after)
+        part = organ_part[nearest]
     else:
-        part = np.zeros_like(z)
-    part = np.clip(part, 0, npart - 1)
+        span = (z_max - z_min) / npart
+        if span > 0:
+            part = np.floor((z - z_min) / span).astype(np.int64)
+        else:
+            part = np.zeros_like(z)
+        part = np.clip(part, 0, npart - 1)
     if not score_last_slice:
         keep = z != len(organ_mask_per_slice) - 1
         z, part = z[keep], part[keep]
-    return QueryPlan(z=z.astype(np.int64), part=part)
+    return QueryPlan(z=z.astype(np.int64), part=part.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -141,7 +188,7 @@ class EvalItem:
 def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], organs: list[str],
                      info: DatasetInfo, normalize: Normalizer, npart: int = 3, z_margin: int = 0,
                      skip_no_organ_slices: bool = False, shots: int = 1, shots_source: str = "scans",
-                     three_slices: bool = False, score_last_slice: bool = True
+                     three_slices: bool = False, score_last_slice: bool = True, part_rule: str = "extent"
                      ) -> tuple[list[EvalItem], list[tuple[str, str]]]:
     """EP1 items for every (organ, query scan), 1-shot or k-shot.
 
@@ -151,7 +198,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
             the ``shots`` support scans, ``slices`` takes ``shots`` slices per part from the first support scan
             (:func:`support_slices_per_part`). ``shots == 1`` is the 1-shot protocol exactly.
         three_slices: slices become ``[3, H, W]`` stacks (z-1, z, z+1; zeros beyond the volume).
-        score_last_slice: see :func:`query_plan`.
+        score_last_slice, part_rule: see :func:`query_plan`.
     Returns:
         ``(items, skipped)`` where ``skipped`` lists ``(query_id, organ)`` pairs whose organ is absent
         from the query scan (they are reported, never scored). Items come query-major.
@@ -191,7 +238,7 @@ def build_eval_items(support: Volume | Sequence[Volume], queries: list[Volume], 
         for organ in organs:
             lid, sz, s_imgs, s_masks = supports[organ]
             per_slice = (q.label == lid).reshape(q.label.shape[0], -1).any(axis=1)
-            plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices, score_last_slice)
+            plan = query_plan(per_slice, npart, z_margin, skip_no_organ_slices, score_last_slice, part_rule)
             if plan.z.size == 0:
                 skipped.append((q.scan_id, organ))
                 continue

@@ -2,7 +2,8 @@
 
 Folds follow the reference (method.md §1.1): scan ids are sorted (numerically) into a circular list;
 fold k's evaluation ids are ``ids[sep[k] : sep[k+1] + 1]`` (wrapping around), the last of which is the
-support scan; every other scan is a training scan.
+support scan; every other scan is a training scan. ``eval.support_pick`` picks the ADNet lineage's support among
+the same evaluation ids instead (:func:`fold_split`).
 """
 
 from __future__ import annotations
@@ -255,18 +256,51 @@ class FoldSplit:
     support: str
 
 
-def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int) -> FoldSplit:
-    """The reference split of ``scan_ids`` (sorted) for ``fold``.
-
-    With fewer scans than the dataset's standard count (e.g. a phantom or a subset), the fold
-    boundaries are scaled proportionally so that every fold still has >= 1 query scan and 1 support scan.
+def parse_support_pick(value: str) -> int | None:
+    """``eval.support_pick`` as the support's 0-based position in the fold's group (ascending scan order): ``None``
+    for ``next``, -1 for ``group_last``, N for ``group_index:N``.
 
     Raises:
-        ConfigError: ``fold`` is out of range.
+        ConfigError: any other value (one line naming the key).
+    """
+    from fsl_med.config import SUPPORT_PICK_RE
+
+    m = SUPPORT_PICK_RE.fullmatch(str(value))
+    if m is None:
+        raise ConfigError(f"config key 'eval.support_pick': must be next, group_last or group_index:N (N = 0-based "
+                          f"position in the fold's group), got '{value}'")
+    if value == "next":
+        return None
+    return -1 if value == "group_last" else int(m.group(1))
+
+
+def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int, support_pick: str = "next") -> FoldSplit:
+    """The reference split of ``scan_ids`` (sorted) for ``fold``.
+
+    Fold k's evaluation group is the scans at sorted positions ``sep[k] .. sep[k+1] + n_support - 1`` (the last one
+    wraps to position 0 in the last fold). Every other scan is a training scan, whichever support is picked, so the
+    fold's query and support scans are never trained on. ``support_pick`` (``eval.support_pick``, method-zoo.md §1
+    row 7) chooses the support among the group:
+
+    * ``next`` (SSL-ALPNet, fsl_med): the group in circular order, the last one (the scan after the queries) is the
+      support; CHAOS-T2 fold 0: queries 1, 2, 3, 5, support 8; fold 4: queries 36-39, support 1;
+    * ``group_last`` (ADNet's ``get_folds`` sets, listed in ascending scan order): the group's highest position;
+      folds 0-3 as ``next``, fold 4: support 39, queries 1, 36, 37, 38;
+    * ``group_index:N`` (Q-Net / RPT's ``supp_idx``): the N-th (0-based) of the group in ascending order; N = 2,
+      fold 0: support 3, queries 1, 2, 5, 8.
+
+    With ``group_*`` the queries are the rest of the group, ascending. The groups equal the lineage's ``get_folds``
+    for CHAOS-T2 (5 scans each) and SABS (7 each). With fewer scans than the dataset's standard count (e.g. a
+    phantom or a subset), the fold boundaries are scaled proportionally so that every fold still has >= 1 query
+    scan and 1 support scan.
+
+    Raises:
+        ConfigError: ``fold`` is out of range, ``support_pick`` is invalid or ``group_index:N`` lies beyond the group.
         DataError: too few scans to form a fold (needs at least n_folds + 1... in practice 3).
     """
     if not 0 <= fold < info.n_folds:
         raise ConfigError(f"config key 'data.fold': must be in 0..{info.n_folds - 1}, got {fold}")
+    pick = parse_support_pick(support_pick)
     ids = sorted(scan_ids, key=scan_sort_key)
     n = len(ids)
     if n < 3:
@@ -280,8 +314,16 @@ def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int) -> FoldSplit:
     if stop <= start:
         stop = start + 1
     val = [ids[i % n] for i in range(start, stop + info.n_support)]
-    support = val[-1]
-    query = val[:-1]
+    if pick is None:
+        support = val[-1]
+        query = val[:-1]
+    else:
+        group = sorted(set(val), key=scan_sort_key)
+        if not -len(group) <= pick < len(group):
+            raise ConfigError(f"config key 'eval.support_pick': {support_pick} is outside fold {fold}'s group of "
+                              f"{len(group)} {info.name} scans ({', '.join(group)}); N must be 0..{len(group) - 1}")
+        support = group[pick]
+        query = [s for s in group if s != support]
     train = [s for s in ids if s not in val]
     if not train:
         raise DataError(f"fold {fold}: no training scans left out of {n}")
