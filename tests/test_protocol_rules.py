@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import error_line
 
+from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.exclusion import excluded_slices, exclusion_note
 from fsl_med.data.phantom import generate_phantom
 from fsl_med.data.protocol import count_parts, query_plan
-from fsl_med.data.provenance import TrainedOn
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.datasets import fold_split, get_dataset_info, scan_files
 from fsl_med.prepare.nifti import read_nifti
@@ -208,7 +209,7 @@ def test_count_rule_in_the_query_plan():
     # ... and a scored slice without the organ takes the nearest organ slice's part (lower one on a tie)
     full = query_plan(mask, z_margin=2, part_rule="count")
     assert full.z.tolist() == list(range(1, 16))
-    parts = dict(zip(full.z.tolist(), full.part.tolist()))
+    parts = dict(zip(full.z.tolist(), full.part.tolist(), strict=True))
     assert [parts[z] for z in skip.z.tolist()] == skip.part.tolist()  # organ slices: the same parts
     assert (parts[1], parts[2], parts[7], parts[8], parts[14], parts[15]) == (0, 0, 1, 1, 2, 2)
     tie = np.array([0, 1, 0, 0, 0, 1, 1], dtype=bool)  # C = 3: organ slices 1, 5, 6 get parts 0, 1, 2
@@ -295,6 +296,19 @@ def test_invalid_values_are_one_line_config_errors(phantom, tmp_path, override):
     with pytest.raises(ConfigError) as e:
         _cfg(phantom, tmp_path, override)
     _one_line(e.value, override.split("=")[0])
+
+
+@pytest.mark.parametrize("pick, needle", [("group_index:5", "group of 5 chaos_t2 scans; N must be 0..4"),
+                                          ("group_index:2", "group of 2 chaos_t2 scans (1, 2); N must be 0..1")])
+def test_support_pick_beyond_the_group_stops_train_before_anything_is_written(phantom, tmp_path, capsys, pick, needle):
+    # group_index:5 exceeds every CHAOS-T2 group (checked with the config); group_index:2 only this 6-scan folder's
+    out = tmp_path / "runs"
+    rc = main(["train", DEMO, f"data.root={phantom}", f"logging.output_dir={out}", f"data.cache_dir={tmp_path / 'c'}",
+               "data.image_size=48", "data.num_workers=0", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+               f"eval.support_pick={pick}"])
+    assert rc == 2
+    error_line(capsys.readouterr().err, "eval.support_pick", needle)
+    assert not out.exists()  # no run folder
 
 
 def test_support_pick_through_the_datamodule_keeps_the_leakage_guard(phantom, tmp_path):

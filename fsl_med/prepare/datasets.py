@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fsl_med.config import SUPPORT_PICK_RE
 from fsl_med.errors import ConfigError, DataError
 
 
@@ -263,8 +264,6 @@ def parse_support_pick(value: str) -> int | None:
     Raises:
         ConfigError: any other value (one line naming the key).
     """
-    from fsl_med.config import SUPPORT_PICK_RE
-
     m = SUPPORT_PICK_RE.fullmatch(str(value))
     if m is None:
         raise ConfigError(f"config key 'eval.support_pick': must be next, group_last or group_index:N (N = 0-based "
@@ -344,7 +343,8 @@ def check_data_settings(cfg: Any) -> DatasetInfo:
     returns the dataset.
 
     Raises:
-        ConfigError: unknown dataset or organ (with the closest valid name), or a fold out of range.
+        ConfigError: unknown dataset or organ (with the closest valid name), a fold out of range, or an
+            ``eval.support_pick=group_index:N`` beyond a checked fold's group of the dataset's standard layout.
     """
     info = get_dataset_info(cfg.data.dataset)
     if not 0 <= cfg.data.fold < info.n_folds:
@@ -360,6 +360,12 @@ def check_data_settings(cfg: Any) -> DatasetInfo:
             raise ConfigError(
                 f"config key 'data.test_organs': unknown organ '{organ}'{hint}; valid: {', '.join(info.labels)}"
             )
+    pick = parse_support_pick(str(cfg.eval.support_pick)) if "eval" in cfg else None
+    for fold in sorted({int(cfg.data.fold), *folds}):  # the standard layout's group; a smaller folder is checked by fold_split
+        size = info.sep[fold + 1] - info.sep[fold] + info.n_support
+        if pick is not None and pick >= size:
+            raise ConfigError(f"config key 'eval.support_pick': {cfg.eval.support_pick} is outside fold {fold}'s "
+                              f"group of {size} {info.name} scans; N must be 0..{size - 1}")
     explicit = cfg.data.get("exclude_labels")
     valid = [x for x in info.all_label_ids if x != 0]
     if explicit is not None and not all(isinstance(x, int) and x in valid for x in explicit):
