@@ -35,7 +35,7 @@ from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn, scans_seen
 from fsl_med.errors import ConfigError, FilesystemError, FslMedError, WeightsError, os_reason
 from fsl_med.evaluation.scoring import Scoring
 from fsl_med.interrupts import pending, raise_pending, reclaim, set_pending
-from fsl_med.models.encoder_registry import get_encoder_spec
+from fsl_med.models.encoder_registry import get_encoder_spec, missing_maps
 from fsl_med.models.module import FewShotModule
 from fsl_med.prepare.datasets import check_data_settings, excluded_labels
 from fsl_med.ranks import is_rank_zero
@@ -232,7 +232,29 @@ def check_registries(cfg: DictConfig) -> None:
         ConfigError: an unknown name (with the closest valid one) or a fold out of range.
     """
     check_data_settings(cfg)
-    get_encoder_spec(cfg.model.encoder.name)
+    check_model_pairing(cfg)
+
+
+def check_model_pairing(cfg: DictConfig) -> None:
+    """The encoder exists, returns every feature map the head requests, and its main map fits ``model.feature_size``.
+
+    Raises:
+        ConfigError: an unknown encoder; a head needing a map the encoder lacks (e.g. Q-Net's second scale on the
+            one-scale ``resnet101_deeplabv3``); a main map larger than ``model.feature_size`` (``resnet101_qnet`` at
+            256 px has a 64x64 map: ``model.feature_size=64``), which the heads' mask pooling would not match.
+    """
+    from fsl_med.models.heads import get_head_class
+
+    name, head = str(cfg.model.encoder.name), str(cfg.model.head.name)
+    spec = get_encoder_spec(name)
+    missing = missing_maps(name, get_head_class(head).request)
+    if missing:
+        raise ConfigError(f"config key 'model.encoder.name': head '{head}' needs feature map(s) {missing} that encoder "
+                          f"{name} does not have (it has {list(spec.maps)}); use a ViT or resnet101_qnet")
+    side = spec.map_side(int(cfg.data.image_size))
+    if side > int(cfg.model.feature_size):
+        raise ConfigError(f"config key 'model.feature_size': {cfg.model.feature_size} is below the {side}x{side} main "
+                          f"map of encoder {name} at data.image_size {cfg.data.image_size}; set model.feature_size={side}")
 
 
 def validate_run(cfg: DictConfig) -> None:

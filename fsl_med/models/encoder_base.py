@@ -27,6 +27,8 @@ class EncoderSpec:
         num_register_tokens: register tokens of the architecture (0 or 4 for DINOv2).
         timm_kwargs: extra kwargs to ``timm.create_model`` (used for tiny test models).
         family: ``"vit"`` (timm ViT, patch tokens) or ``"resnet"`` (DeepLabv3 ResNet-101 + projection).
+        maps: the feature maps its ``bundle`` can return (:mod:`fsl_med.models.features`): ``("out", "aux")`` for a
+            ViT and ``resnet101_qnet``, ``("out",)`` for ALPNet's one-scale ResNet.
     """
 
     name: str
@@ -37,6 +39,12 @@ class EncoderSpec:
     num_register_tokens: int = 0
     timm_kwargs: dict = field(default_factory=dict)
     family: str = "vit"
+    maps: tuple[str, ...] = ("out", "aux")
+
+    def map_side(self, image_size: int) -> int:
+        """Side of the main map for ``image_size`` inputs before any upsampling (a ViT's token grid, a ResNet's
+        ``ceil(image_size / stride)``)."""
+        return image_size // self.patch_size if self.family == "vit" else -(-image_size // self.patch_size)
 
 
 class DenseEncoder(nn.Module):

@@ -96,7 +96,7 @@ def _register_builtin() -> None:
             EncoderSpec(f"dinov2_vit{letter}14_reg", f"vit_{word}_patch14_reg4_dinov2", dim, 14, "lvd142m", 4)
         )
     # ALPNet's encoder: torchvision DeepLabv3 ResNet-101 backbone (stride 8) + 2048 -> 256 1x1 projection
-    register_encoder(EncoderSpec("resnet101_deeplabv3", "", 256, 8, "coco", family="resnet"))
+    register_encoder(EncoderSpec("resnet101_deeplabv3", "", 256, 8, "coco", family="resnet", maps=("out",)))
     # the Q-Net/RPT reference ResNet-101 (dilation [T, T, F]): layer3 -> 512 at stride 4, layer4 -> 512 at stride 8
     register_encoder(EncoderSpec("resnet101_qnet", "", 512, 4, "coco", family="resnet"))
     tiny = {"embed_dim": 64, "depth": 2, "num_heads": 2}
@@ -108,3 +108,10 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+
+
+def missing_maps(name: str, request: object) -> list[str]:
+    """The feature maps of ``request`` (a :class:`~fsl_med.models.features.FeatureRequest`) that encoder ``name``
+    cannot return (empty: it serves the request)."""
+    spec = get_encoder_spec(name)
+    return [m for m in getattr(request, "maps", ()) if m not in spec.maps]
