@@ -12,6 +12,14 @@ The report (``compare.md``, ``compare.csv``, ``compare.json``, ``compare_bar.png
 columns Setting x variant (mean Dice over organs, mean ± std over folds and seeds), per-organ tables, seconds per
 training step and per query volume, and a *reported* column holding only ``compare.reported`` numbers (each with its
 source; never mixed with the re-runs). Like ``protocol``, an interrupted comparison does not resume.
+
+Paper's protocol (issue 30 §5): a head named in ``compare.paper_protocol`` (head -> its preset, e.g.
+``experiments/rpt_reference.yaml``) also runs as a twin row with that preset's protocol fields
+(:data:`~fsl_med.config.PROTOCOL_KEYS`: episodes, Setting-2 exclusion, validation hold-out, support pick, parts,
+scored slices) on top of the row's own configuration (same encoder, recipe and budget), so the main table shows how
+much of a paper's number its protocol explains. A head x encoder pair the encoder cannot serve (a head needing a
+feature map the encoder lacks, e.g. Q-Net's second scale on ``resnet101_deeplabv3``) is skipped with its reason in the
+report.
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med import __version__
-from fsl_med.config import VARIANTS, apply_overrides, to_container
+from fsl_med.config import PROTOCOL_KEYS, VARIANTS, apply_overrides, load_config, to_container
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.figures import dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import MISSING, Column, Table, text, write_report
-from fsl_med.models.encoder_registry import get_encoder_spec
+from fsl_med.models.encoder_registry import get_encoder_spec, missing_maps
+from fsl_med.models.heads import get_head_class
 from fsl_med.models.module import has_trainable_parameters
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.protocol_run import aggregate, job_config, protocol_jobs, run_jobs
@@ -43,6 +52,7 @@ from fsl_med.runs import (
     load_run_config,
     new_run_dir,
     save_config,
+    validate_run,
 )
 
 log = logging.getLogger(__name__)
@@ -64,16 +74,18 @@ class Pair:
     encoder: str
     cfg: DictConfig
     overrides: tuple[str, ...]
+    paper: str | None = None
+    """The preset whose protocol this twin row runs (``compare.paper_protocol``); ``None``: fsl_med's protocol."""
 
     @property
     def label(self) -> str:
-        """``head / encoder``."""
-        return f"{self.head} / {self.encoder}"
+        """``head / encoder`` (+ `` (paper protocol)``)."""
+        return f"{self.head} / {self.encoder}" + (" (paper protocol)" if self.paper else "")
 
     @property
     def slug(self) -> str:
-        """``head-encoder`` as one folder name (``timm:`` names have a colon)."""
-        return re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.head}-{self.encoder}")
+        """``head-encoder[-paper]`` as one folder name (``timm:`` names have a colon)."""
+        return re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.head}-{self.encoder}" + ("-paper" if self.paper else ""))
 
 
 def _encoder_key_error(key: str, err: ConfigError) -> ConfigError:
@@ -126,12 +138,46 @@ def _check_trainable(pair: Pair) -> None:
                           "(compare.encoder_overrides), or leave the head out of compare.heads")
 
 
+def _preset_path(path: str | Path | None, preset: str) -> Path:
+    """``compare.paper_protocol``'s preset file: as given when it exists, else relative to the compare config's folder."""
+    p = Path(preset).expanduser()
+    if not p.is_absolute() and not p.is_file() and path is not None:
+        p = Path(path).parent / preset
+    return p
+
+
+def _paper_twin(pair: Pair, path: str | Path | None, preset: str) -> Pair:
+    """``pair`` under the protocol of ``preset`` (:data:`~fsl_med.config.PROTOCOL_KEYS` taken from the preset as it
+    loads, defaults chain included), validated; ConfigError naming the preset when it does not load or the result
+    does not validate."""
+    file = _preset_path(path, preset)
+    try:
+        ref = load_config(file, [f"data.root={pair.cfg.data.root}"])
+    except ConfigError as e:
+        raise ConfigError(f"compare.paper_protocol.{pair.head}: {e}") from None
+    cfg = pair.cfg.copy()
+    for key in PROTOCOL_KEYS:
+        value = OmegaConf.select(ref, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        OmegaConf.update(cfg, key, value, merge=isinstance(value, dict))  # a section merges; a list replaces
+    twin = Pair(pair.head, pair.encoder, cfg, pair.overrides, paper=str(file))
+    OmegaConf.update(cfg, "name", f"{pair.cfg.name}-paper", merge=False)
+    try:
+        validate_run(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"compare.paper_protocol.{pair.head} ({file}): {e}") from None
+    return twin
+
+
 def compare_pairs(path: str | Path | None, overrides: list[str]) -> tuple[DictConfig, list[Pair]]:
-    """The base configuration and every head x encoder row, each validated; nothing is written.
+    """The base configuration and every head x encoder row, each validated, then the paper-protocol twins
+    (``compare.paper_protocol``); nothing is written. A pair whose encoder lacks a feature map its head needs is left
+    out (logged; :func:`skipped_pairs` gives the reasons for the report).
 
     Raises:
         ConfigError: an unknown or duplicate head or encoder, an empty head list, a bad encoder override, a pair with
-            nothing to train, a ``compare.reported`` entry without source (or otherwise invalid).
+            nothing to train, a ``compare.reported`` entry without source (or otherwise invalid), a paper preset that
+            does not load.
     """
     base = load_run_config(path, overrides)  # compare.heads and compare.reported are checked here (config.validate)
     encoders = [str(e) for e in base.compare.encoders] or [str(base.model.encoder.name)]
@@ -143,6 +189,9 @@ def compare_pairs(path: str | Path | None, overrides: list[str]) -> tuple[DictCo
     per_encoder = _encoder_overrides(base, encoders)
     pairs = []
     for head, enc in product(list(base.compare.heads), encoders):
+        if skip_reason(head, enc):
+            log.warning("compare: %s / %s skipped: %s", head, enc, skip_reason(head, enc))
+            continue
         items = per_encoder.get(enc, ())
         try:  # the base config loaded, so what fails here is this head or this encoder's overrides
             pcfg = load_run_config(path, [*overrides, f"model.head.name={head}", f"model.encoder.name={enc}", *items])
@@ -154,7 +203,22 @@ def compare_pairs(path: str | Path | None, overrides: list[str]) -> tuple[DictCo
         check_trainer_settings(pair.cfg)
         _check_trainable(pair)
         pairs.append(pair)
+    paper_encoders = list(base.compare.paper_protocol_encoders) or encoders
+    pairs += [_paper_twin(p, path, str(base.compare.paper_protocol[p.head])) for p in list(pairs)
+              if p.head in base.compare.paper_protocol and p.encoder in paper_encoders]
+    if not pairs:
+        raise ConfigError("compare: no head x encoder pair can run (" + "; ".join(
+            f"{h} / {e}: {skip_reason(h, e)}" for h, e in product(list(base.compare.heads), encoders)) + ")")
     return base, pairs
+
+
+def skip_reason(head: str, encoder: str) -> str | None:
+    """Why ``head`` cannot run on ``encoder`` (a feature map it requests that the encoder lacks), or ``None``."""
+    missing = missing_maps(encoder, get_head_class(head).request)
+    if not missing:
+        return None
+    return (f"the {head} head needs feature map(s) {', '.join(repr(m) for m in missing)}, which {encoder} does not "
+            f"have (it has {', '.join(repr(m) for m in get_encoder_spec(encoder).maps)})")
 
 
 def _row_facts(pair: Pair) -> dict[str, Any]:
@@ -226,7 +290,7 @@ def run_compare(path: str | Path | None, overrides: list[str] | None = None) -> 
                 agg[s][v]["dice_mean_std"] = _mean_std([r for r in pruns if r["job"].setting == s], v, organs)
         ttt = [r["results"]["ttt_seconds_per_slice"] for r in pruns if r["results"].get("ttt_seconds_per_slice")]
         rows.append({
-            **_row_facts(p), "label": p.label,
+            **_row_facts(p), "label": p.label, "paper_protocol": p.paper,
             "steps_trained": sorted({int(r["results"]["global_step"]) for r in pruns}),
             "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in pruns if r["seconds_per_step"]] or [np.nan])),
             "seconds_per_volume": float(np.mean([r["results"]["variants"][pvars[0]]["seconds_per_volume"] for r in pruns])),
@@ -237,9 +301,13 @@ def run_compare(path: str | Path | None, overrides: list[str] | None = None) -> 
                       "results": r["results_path"],
                       "dice": {v: r["results"]["variants"][v]["dice"] for v in pvars}} for r in pruns],
         })
+    encoders = [str(e) for e in base.compare.encoders] or [str(base.model.encoder.name)]
     report = {
         "name": base.name, "dataset": base.data.dataset, "fsl_med_version": __version__,
         "heads": list(base.compare.heads), "encoders": list(dict.fromkeys(p.encoder for p in pairs)),
+        "skipped": [{"head": h, "encoder": e, "reason": skip_reason(h, e)}
+                    for h, e in product(list(base.compare.heads), encoders) if skip_reason(h, e)],
+        "paper_protocol_keys": list(PROTOCOL_KEYS),
         "folds": list(base.protocol.folds), "seeds": list(base.protocol.seeds), "settings": settings,
         "variants": variants, "organs": organs, "rows": rows,
         "reported": reported,
@@ -254,12 +322,23 @@ def _cell(agg: dict[str, Any], v: str) -> str:
     return f"{agg[v]['dice_mean']:.2f} ± {agg[v]['dice_mean_std']:.2f}"
 
 
+def _paper_twin_row(report: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The paper-protocol twin of an fsl_med-protocol row (same head and encoder), if it ran."""
+    return next((t for t in report["rows"] if t.get("paper_protocol") and t["head"] == row["head"]
+                 and t["encoder"] == row["encoder"]), None)
+
+
 def _main_table(report: dict[str, Any], cells: dict[tuple[str, str, int], dict[str, Any]]) -> Table:
-    """Rows head x encoder; per setting one column per variant (mean Dice ± std) and the *reported* column."""
+    """Rows head x encoder (fsl_med's protocol); per setting one column per variant (mean Dice ± std), the paper's
+    protocol column (the twin row's first variant) when any head has one, and the *reported* column."""
     cols: list[Column] = [text("head", "head"), text("encoder", "encoder"), text("weights", "weights"),
                           Column("steps", "steps", digits=None)]
     out = []
+    any_paper = any(r.get("paper_protocol") for r in report["rows"])
     for r in report["rows"]:
+        if r.get("paper_protocol"):
+            continue
+        twin = _paper_twin_row(report, r)
         row: dict[str, Any] = {"head": r["head"], "encoder": f"`{r['encoder']}`", "weights": f"`{r['weights']}`",
                                "steps": r["steps"], "seconds_per_step": r["seconds_per_step"],
                                "seconds_per_volume": r["seconds_per_volume"]}
@@ -268,9 +347,15 @@ def _main_table(report: dict[str, Any], cells: dict[tuple[str, str, int], dict[s
                 row[f"s{s}_{v}"] = _cell(r["settings"][s], v)
             rep = cells.get((r["head"], r["encoder"], s))
             row[f"s{s}_reported"] = f"*{rep['dice']:.2f}*" if rep else MISSING
+            if any_paper:
+                tv = twin["variants"][0] if twin else None
+                row[f"s{s}_paper"] = (f"{_cell(twin['settings'][s], tv)} ({VARIANT_TITLES.get(tv, tv)})"
+                                      if twin else MISSING)
         out.append(row)
     for s in report["settings"]:
         cols += [text(f"s{s}_{v}", f"S{s} {VARIANT_TITLES.get(v, v)}") for v in report["variants"]]
+        if any_paper:
+            cols.append(text(f"s{s}_paper", f"S{s} paper's protocol"))
         cols.append(text(f"s{s}_reported", f"S{s} *reported by its paper*"))
     cols += [Column("seconds_per_step", "s/step", digits=3), Column("seconds_per_volume", "s/volume")]
     return Table(tuple(cols), tuple(out))
@@ -318,9 +403,20 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
         "or the chart." if report["reported"] else
         "none verified: `compare.reported` is empty, so the column is empty (method-zoo.md §9: the papers' tables "
         "have not been read from the PDFs yet; numbers recalled from memory are not filled in).")]
-    md += ["", "Head and encoder pairs: every head reads only the encoder's feature map (C x h x w), so each registered "
-           "head works with each registered encoder; the one pair that cannot work is a head without learnable "
-           "parameters on a frozen encoder without adapter, which compare refuses before training."]
+    papers = [r for r in rows if r.get("paper_protocol")]
+    if papers:
+        md += ["", "*paper's protocol*: the same head, encoder, recipe and budget trained and evaluated under its paper's "
+               "protocol, the fields " + ", ".join(f"`{k}`" for k in report["paper_protocol_keys"]) + " taken from "
+               + ", ".join(sorted({f"`{Path(r['paper_protocol']).name}` ({r['head']})" for r in papers}))
+               + "; its first variant is shown (all variants in the per-organ tables, rows marked *(paper protocol)*). "
+               "Its query scans, support scan and scored slices differ from fsl_med's (support pick, parts, organ-only "
+               "slices), so the difference between the two columns is what the protocol alone changes."]
+    md += ["", "Head and encoder pairs: a head reads the encoder's main feature map (C x h x w), Q-Net also a second "
+           "scale and Q-Net and RPT a pooled vector; a pair whose encoder lacks a map its head needs is skipped, and a "
+           "head without learnable parameters on a frozen encoder without adapter is refused before training."]
+    if report.get("skipped"):
+        md += ["", "Skipped pairs: " + "; ".join(f"{x['head']} / `{x['encoder']}`: {x['reason']}"
+                                                 for x in report["skipped"]) + "."]
     long_rows: list[dict[str, Any]] = []
     for s in settings:
         for v in variants:

@@ -462,6 +462,19 @@ class CompareConfig:
     encoders: list[str] = field(default_factory=list)
     encoder_overrides: dict[str, list[str]] = field(default_factory=dict)
     reported: list[ReportedDice] = field(default_factory=list)
+    paper_protocol: dict[str, str] = field(default_factory=dict)  # head -> its paper's preset (e.g. adnet:
+    # adnet_reference.yaml, relative to the compare config's folder): each such head gets a twin row under that
+    # preset's protocol (PROTOCOL_KEYS), shown in a "paper's protocol" column
+    paper_protocol_encoders: list[str] = field(default_factory=list)  # encoders with paper-protocol twins; empty: all
+
+
+PROTOCOL_KEYS: tuple[str, ...] = (
+    "data.episodes", "data.supervoxel", "data.exclude_rule", "data.exclude_labels", "data.num_val_scans",
+    "eval.part_rule", "eval.support_pick", "eval.skip_no_organ_slices",
+)
+"""The evaluation and training *protocol* of a paper (method-zoo.md §1), as opposed to its recipe (encoder, weights,
+optimiser, steps, seed): what ``fsl-med compare`` takes from a head's ``experiments/<head>_reference.yaml`` for its
+"paper's protocol" column."""
 
 
 @dataclass
@@ -803,6 +816,10 @@ def _validate_compare(cfg: DictConfig) -> None:
     _check(len(set(heads)) == len(heads), "compare.heads", f"has duplicates: {heads}")
     encoders = list(c.encoders) or [str(cfg.model.encoder.name)]
     _check(len(set(encoders)) == len(encoders), "compare.encoders", f"has duplicates: {encoders}")
+    for h in c.paper_protocol:
+        _check(h in heads, f"compare.paper_protocol.{h}", f"head '{h}' is not compared (compare.heads: {heads})")
+    for e in c.paper_protocol_encoders:
+        _check(e in encoders, "compare.paper_protocol_encoders", f"'{e}' is not compared (encoders: {encoders})")
     cells: dict[tuple[str, str, int], int] = {}
     for i, r in enumerate(c.reported):
         key = f"compare.reported[{i}]"

@@ -128,7 +128,7 @@ def test_head_override_reaches_the_measured_model(tmp_path, cache_dir, capsys):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"heads": ["alp", "adnt"]}, "--heads: unknown head(s) adnt (registered: alp, panet, adnet)"),
+    ({"heads": ["alp", "adnt"]}, "--heads: unknown head(s) adnt (registered: alp, panet, adnet, qnet, rpt)"),
     ({"heads": []}, "--heads: names no head"),
     ({"overrides": ["model.head.name=foo"]}, "config key 'model.head.name': unknown head 'foo'"),
     ({"overrides": ["model.head.adnet.threshold_weight=-1"]}, "model.head.adnet.threshold_weight"),

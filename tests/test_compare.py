@@ -169,7 +169,7 @@ def test_without_reported_numbers_the_column_is_empty(phantom, tmp_path, cache_d
 
 @pytest.mark.parametrize("extra,needles", [
     (["compare.heads=[alp,adnett]"], ["'compare.heads'", "unknown head 'adnett'", "did you mean 'adnet'?",
-                                      "(registered: alp, panet, adnet)"]),
+                                      "(registered: alp, panet, adnet, qnet, rpt)"]),
     (["compare.heads=[]"], ["'compare.heads'", "is empty"]),
     (["compare.encoders=[vit_tiny_patch14,resnet101]"], ["'compare.encoders'", "unknown encoder 'resnet101'",
                                                         "did you mean 'resnet101_deeplabv3'?"]),

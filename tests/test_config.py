@@ -132,7 +132,7 @@ def test_head_presets_and_per_head_defaults():
 
 @pytest.mark.parametrize(("override", "pattern"), [
     ("model.head.name=adnt", r"^config key 'model.head.name': unknown head 'adnt'; did you mean 'adnet'\? "
-                             r"\(registered: alp, panet, adnet\)$"),
+                             r"\(registered: alp, panet, adnet, qnet, rpt\)$"),
     ("model.head.name=none", r"unknown head 'none'"),
     ("model.proto_grid=4", r"config key 'model.proto_grid' is now 'model.head.alp.proto_grid'$"),
     ("model.mask_downsample=bilinear", r"config key 'model.mask_downsample' is now 'model.mask_pooling'$"),
