@@ -142,6 +142,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     meta["trained_on"] = trained.to_dict() if trained is not None else None
     meta["ttt"] = to_container(cfg)["ttt"] if ttt_sps is not None else None
     meta["predictions"] = str(writers[0].dirpath) if writers else None
+    meta["refine_seconds_per_slice"] = module.refine_seconds_per_slice  # a head's test-time refinement, or None
     results = build_results(summary, volumes, dm.skipped["test"], meta, variants=variants,
                             ttt_seconds_per_slice=ttt_sps)
     results = {"in_sample": in_sample, **results}  # the first key of results.json

@@ -10,19 +10,39 @@ the scales named either way round (the finer map gets α₀ whatever its name), 
 Refinement contract: it runs in inference mode (as ``predict_volume`` calls it), changes no parameter or buffer of
 the model (bit for bit), does not run in training mode, refines each query slice independently of the others in its
 batch, and is timed on the head.
+
+Entry points: a tiny random-init ViT (``model.feature_size=8``: "out" 8², "aux" 16², 2 refinement steps, to stay
+fast) trained for 4 steps on a 64-pixel phantom (module fixture ``trained``): τ trained and logged, α resolved from
+``data.setting`` in training and evaluation, resume, eval with CCA/TTT reporting the refinement's seconds per slice,
+``segment`` CLI = :class:`Segmenter`, bf16 (the head's results float32 and identical to autocast off) and 2-process
+DDP without ``find_unused_parameters`` (slow).
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from conftest import fsl_subprocess
 from heads_literal import synthetic_episode
 from heads_literal_qnet import TwoScaleConvEncoder, qnet_episode, qnet_predict
 
+from fsl_med.cli import main
+from fsl_med.config import load_config
+from fsl_med.data.phantom import generate_phantom
 from fsl_med.errors import ConfigError
 from fsl_med.models.features import EncoderOutput
 from fsl_med.models.heads import create_head
 from fsl_med.models.heads.qnet import QnetHead
+from fsl_med.models.module import FewShotModule
+from fsl_med.segment import Segmenter
 
 TOL = 1e-5
 S1, S2 = (0.9, 0.1), (0.6, 0.4)
@@ -190,3 +210,160 @@ def test_bad_options_are_one_line_config_errors():
     h = create_head("qnet", options={"tau_hidden": 0}, pooled_channels=8)
     assert [tuple(p.shape) for p in h.tau.parameters()] == [(1, 8), (1,)]
     assert create_head("qnet", pooled_channels=8).alpha == S1  # alpha null (unresolved): Setting 1's
+
+
+# -- through the entry points ------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "experiments" / "demo.yaml")
+LIVER = 1
+QNET = ["model.head.name=qnet", "loss.align_weight=1", "model.feature_size=8", "model.head.qnet.refine_iters=2"]
+STEPS = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    base = tmp_path_factory.mktemp("qnet")
+    root = generate_phantom(base / "ph", n_scans=6, size=64, depth=10, seed=0)
+    runs = base / "runs"
+    over = [f"data.root={root}", "data.image_size=64", "data.num_workers=0", "data.batch_size=1",
+            f"logging.output_dir={runs}", "trainer.enable_progress_bar=false", "logging.logger=csv",
+            f"data.cache_dir={tmp_path_factory.getbasetemp() / 'sp_cache'}"]
+    return SimpleNamespace(base=base, root=root, runs=runs, over=over)
+
+
+def _run_dir(env: SimpleNamespace, name: str) -> Path:
+    dirs = sorted((env.runs / name).glob("version_*"))
+    assert dirs, f"no run folder {env.runs / name}"
+    return dirs[-1]
+
+
+def _train(env: SimpleNamespace, name: str, *extra: str) -> Path:
+    assert main(["train", DEMO, *env.over, *QNET, *STEPS, f"name={name}", *extra]) == 0
+    return _run_dir(env, name)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _ckpt(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _tau_state(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith("model.head.")}
+
+
+@pytest.fixture(scope="module")
+def trained(env: SimpleNamespace) -> Path:
+    return _train(env, "qnet", "trainer.max_steps=4")
+
+
+def test_training_trains_and_logs_tau(trained):
+    rows = _rows(trained)
+    assert len(rows) == 4 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    for r in rows:  # no threshold loss: L = L_q + L_align
+        assert float(r["train/loss"]) == pytest.approx(float(r["train/ce"]) + float(r["train/align"]), abs=1e-5)
+        assert "train/threshold" not in r or r["train/threshold"] == ""
+    assert any(float(r["train/align"]) > 0 for r in rows) and len({r["train/tau"] for r in rows}) == 4
+    ck = torch.load(_ckpt(trained), map_location="cpu", weights_only=False)
+    cfg = ck["hyper_parameters"]["config"]
+    assert cfg["model"]["head"]["name"] == "qnet" and cfg["model"]["head"]["qnet"]["alpha"] is None
+    assert cfg["loss"]["ce_weights"] == [0.1, 1.0] and cfg["model"]["mask_pooling"] == "adjoint"
+    keys = sorted(_tau_state(_ckpt(trained)))
+    assert keys == ["model.head.tau.0.bias", "model.head.tau.0.weight", "model.head.tau.1.bias",
+                    "model.head.tau.1.weight"]
+    d = Segmenter.from_checkpoint(_ckpt(trained)).module.model.encoder.pooled_channels  # ViT-tiny's pooled vector
+    assert _tau_state(_ckpt(trained))["model.head.tau.0.weight"].shape == (1000, d) and d > 0
+
+
+def test_alpha_follows_the_setting_in_training_and_evaluation(trained):
+    """α null: Setting 1 [0.9, 0.1], Setting 2 [0.6, 0.4]; an explicit α wins; a checkpoint evaluates with its own."""
+    base = [f"data.root={REPO}", "model.encoder.name=vit_tiny_patch14", "model.encoder.weights=none",
+            "data.image_size=64", *QNET]
+    for extra, want in (([], S1), (["data.setting=2"], S2), (["data.setting=2", "model.head.qnet.alpha=[1,0]"],
+                                                              (1.0, 0.0))):
+        module = FewShotModule.from_config(load_config(DEMO, base + extra), weights="none")
+        assert module.model.head.alpha == want, extra
+    assert Segmenter.from_checkpoint(_ckpt(trained)).module.model.head.alpha == S1
+
+
+def test_resume_continues_with_tau_restored(env, trained):
+    before = _tau_state(_ckpt(trained))
+    run = _train(env, "qnet-resumed", f"resume={_ckpt(trained)}", "trainer.max_steps=6")
+    after = torch.load(_ckpt(run), map_location="cpu", weights_only=False)
+    assert after["global_step"] == 6 and len(_rows(run)) == 2
+    assert all(not torch.equal(v, after["state_dict"][k]) for k, v in before.items())  # trained on from there
+
+
+def test_eval_variants_report_the_refinement_cost(env, trained):
+    assert main(["eval", DEMO, *env.over, f"ckpt={_ckpt(trained)}", "eval.variants=[plain,cca,ttt]", "ttt.steps=1",
+                 "eval.save_predictions=true", "data.test_organs=[liver,spleen]", "name=qnet-one"]) == 0
+    run = _run_dir(env, "qnet-one-eval")
+    res = json.loads((run / "results.json").read_text())
+    assert list(res["variants"]) == ["plain", "cca", "ttt"] and res["ttt_seconds_per_slice"] > 0
+    assert all(0.0 <= d <= 100.0 for v in res["variants"].values() for d in v["dice"].values())
+    assert res["refine_seconds_per_slice"] > 0
+    assert "test-time refinement, seconds per query slice" in (run / "results.md").read_text()
+    pred = np.asarray(nib.load(run / "predictions" / "plain" / "pred_1.nii.gz").dataobj)
+    assert pred.shape == (64, 64, 10) and pred.any()
+    # a head without refinement reports none
+    assert FewShotModule.from_config(load_config(DEMO, [f"data.root={REPO}", "model.encoder.weights=none"]),
+                                     weights="none").refine_seconds_per_slice is None
+
+
+def test_segment_cli_equals_the_api(env, trained, tmp_path, capsys):
+    out = tmp_path / "mask.nii.gz"
+    files = ["--support-image", str(env.root / "image_2.nii.gz"), "--support-mask", str(env.root / "label_2.nii.gz"),
+             "--label", str(LIVER), "--query", str(env.root / "image_1.nii.gz")]
+    assert main(["segment", "--ckpt", str(_ckpt(trained)), *files, "--out", str(out)]) == 0, capsys.readouterr().err
+    cli = np.asarray(nib.load(out).dataobj)
+    seg = Segmenter.from_checkpoint(_ckpt(trained))
+    res = seg.segment(env.root / "image_1.nii.gz", [(env.root / "image_2.nii.gz", env.root / "label_2.nii.gz")],
+                      label=LIVER)
+    assert cli.shape == res.mask.shape == (64, 64, 10) and np.array_equal(cli, res.mask) and res.mask.any()
+    assert seg.module.model.head.refined_slices > 0  # the API's prediction refined its slices too
+
+
+def test_bf16_head_results_are_float32_and_equal_autocast_off(trained):
+    seg = Segmenter.from_checkpoint(_ckpt(trained)).module.model.eval()
+    head = seg.head
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    fg = torch.zeros(2, 64, 64)
+    fg[0, 10:40, 12:44], fg[1, 20:56, 8:30] = 1, 1
+    w = torch.tensor([0.1, 1.0])
+    with torch.no_grad():
+        f32 = seg.encode(images)
+        for feats in (f32, f32.apply(lambda t: t.to(torch.bfloat16))):
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+                state = head.support_state(feats[:1], fg[:1], training=False)
+                low = head.decision_map(feats[2:], state)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                terms = head.episode_terms(feats[1:2], fg[1:2], feats[3:4], fg[:1].long(), w, 1.0)
+            ref = head.decision_map(f32[2:], head.support_state(f32[:1], fg[:1], training=False)) \
+                if feats is f32 else head.decision_map(feats.float()[2:], head.support_state(feats.float()[:1],
+                                                                                                 fg[:1], False))
+            ref_terms = head.episode_terms(feats.float()[1:2], fg[1:2], feats.float()[3:4], fg[:1].long(), w, 1.0)
+            assert all(p.dtype == torch.float32 for p in state.protos) and low.dtype == torch.float32
+            assert low.shape == (2, 1, 64, 64) and torch.equal(low, ref)
+            assert all(t.dtype == torch.float32 and torch.equal(t, ref_terms[k]) for k, t in terms.items())
+
+
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training(env):
+    """Every parameter (encoder and τ layers) is in every step's backward: DDP without find_unused_parameters
+    trains (an unused parameter stops it at the next step)."""
+    p = fsl_subprocess("train", DEMO, *env.over, *DDP, *QNET, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                       "trainer.log_every_n_steps=1", "name=qnet-ddp", cwd=env.base, timeout=600)
+    assert p.stdout.count("trained 3 steps") == 1
+    run = _run_dir(env, "qnet-ddp")
+    assert len(_rows(run)) == 3
+    ck = torch.load(_ckpt(run), map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 3 and "find_unused_parameters" not in json.dumps(ck["hyper_parameters"])

@@ -133,6 +133,8 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
     md.append(f"Seconds per query volume: {secs}")
     if results.get("ttt_seconds_per_slice") is not None:
         md.append(f"TTT seconds per slice: {results['ttt_seconds_per_slice']:.3f}")
+    if results.get("refine_seconds_per_slice") is not None:
+        md.append(f"Head's test-time refinement, seconds per query slice: {results['refine_seconds_per_slice']:.3f}")
     if results["skipped"]:
         md.append("")
         md.append("Skipped, never scored: " + "; ".join(f"scan {s['query']} / {s['organ']}: {s['reason']}"

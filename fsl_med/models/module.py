@@ -25,6 +25,7 @@ from fsl_med.models.heads import create_head, get_head_class
 from fsl_med.models.prediction import ItemPrediction
 from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
+from fsl_med.ranks import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class FewShotModule(L.LightningModule):
         self._qcache: QueryFeatureCache | None = None  # query-slice features of the current query scan
         self.trained_on: TrainedOn | None = None  # the data trained on (set when training starts; in checkpoints)
         self._restored_on: TrainedOn | None = None  # the record of a checkpoint training resumes from
+        # a head's test-time refinement (Q-Net's prototypes: head.refine_seconds / head.refined_slices), seconds per
+        # refined query slice over all ranks in the last test epoch; None for heads without one
+        self.refine_seconds_per_slice: float | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, weights: str | None = None) -> FewShotModule:
@@ -257,6 +261,15 @@ class FewShotModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.reset_eval_caches()
+        if hasattr(self.model.head, "reset_refine_timing"):
+            self.model.head.reset_refine_timing()
+
+    def on_test_epoch_end(self) -> None:
+        head = self.model.head
+        if hasattr(head, "refined_slices"):  # plain predictions and TTT's re-predictions alike
+            costs = gather_objects(self.trainer, (float(head.refine_seconds), int(head.refined_slices)))
+            n = sum(c[1] for c in costs)
+            self.refine_seconds_per_slice = sum(c[0] for c in costs) / n if n else None
 
     def test_step(self, item: EvalItem, batch_idx: int) -> ItemPrediction:
         """The plain prediction of one item; refinement callbacks add variants, scoring callbacks score them."""

@@ -144,22 +144,30 @@ class QnetHead(FewShotHead):
         loss is a sum of per-slice losses and Adam is elementwise). Runs outside inference mode on clones; the
         inputs and the model are untouched."""
         with torch.inference_mode(False), torch.enable_grad():
-            f, t = feats.detach().clone(), tau.detach().clone()
+            f, t = feats.detach().clone(), tau.detach().clone().reshape(-1, 1, 1, 1)
             p = proto.detach().expand(f.shape[0], -1).clone().requires_grad_(True)
             opt = torch.optim.Adam([p], lr=self.refine_lr)
-            source = minmax_sigmoid(f)  # the BCE's input: constant, the gradient reaches p through the target only
-            with torch.no_grad():
-                prob = self.probability(f, p, t)
+            # BCE(x, y) = −y·(log x − log(1 − x)) − log(1 − x) with the input x = ν(F) constant: only the first term
+            # depends on the target y = ν(F'), so −mean(y·(log x − log(1 − x))) has the BCE's gradient (x lies in
+            # [σ(0), σ(1)], far from the BCE's log clamp) at a fraction of its cost
+            x = minmax_sigmoid(f)
+            weight = torch.log(x) - torch.log(1 - x)
+            unit = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(self.cos_eps)
+
+            def prob_of(proto_: torch.Tensor) -> torch.Tensor:  # self.probability with F's normalisation reused
+                with torch.no_grad():
+                    pn = proto_ / torch.linalg.vector_norm(proto_, dim=1, keepdim=True).clamp_min(self.cos_eps)
+                    score = -((unit * pn[:, :, None, None]).sum(dim=1, keepdim=True) * self.scale)
+                    return 1.0 - torch.sigmoid(0.5 * (score - t))
+
+            prob = prob_of(p)
             for _ in range(self.refine_iters):
-                m = (prob > 0.5).to(f.dtype)
-                filled = f * (1 - m) + p[:, :, None, None] * m
-                loss = F.binary_cross_entropy(source, minmax_sigmoid(filled), reduction="none")
-                loss = loss.mean(dim=(1, 2, 3)).sum()
+                filled = torch.where(prob > 0.5, p[:, :, None, None], f)  # F ⊙ (1 − m) + p ⊗ m
+                loss = -(minmax_sigmoid(filled) * weight).mean(dim=(1, 2, 3)).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    prob = self.probability(f, p, t)
+                prob = prob_of(p)
             return p.detach()
 
     def fg_probability(self, query_feats: EncoderOutput, state: QnetState, size: tuple[int, int]) -> torch.Tensor:
