@@ -203,7 +203,8 @@ def compare_pairs(path: str | Path | None, overrides: list[str]) -> tuple[DictCo
         check_trainer_settings(pair.cfg)
         _check_trainable(pair)
         pairs.append(pair)
-    paper_encoders = list(base.compare.paper_protocol_encoders) or encoders
+    chosen = base.compare.paper_protocol_encoders
+    paper_encoders = encoders if chosen is None else [str(e) for e in chosen]
     pairs += [_paper_twin(p, path, str(base.compare.paper_protocol[p.head])) for p in list(pairs)
               if p.head in base.compare.paper_protocol and p.encoder in paper_encoders]
     if not pairs:

@@ -465,7 +465,7 @@ class CompareConfig:
     paper_protocol: dict[str, str] = field(default_factory=dict)  # head -> its paper's preset (e.g. adnet:
     # adnet_reference.yaml, relative to the compare config's folder): each such head gets a twin row under that
     # preset's protocol (PROTOCOL_KEYS), shown in a "paper's protocol" column
-    paper_protocol_encoders: list[str] = field(default_factory=list)  # encoders with paper-protocol twins; empty: all
+    paper_protocol_encoders: list[str] | None = None  # encoders with paper-protocol twins; null: all, []: none
 
 
 PROTOCOL_KEYS: tuple[str, ...] = (
@@ -816,10 +816,8 @@ def _validate_compare(cfg: DictConfig) -> None:
     _check(len(set(heads)) == len(heads), "compare.heads", f"has duplicates: {heads}")
     encoders = list(c.encoders) or [str(cfg.model.encoder.name)]
     _check(len(set(encoders)) == len(encoders), "compare.encoders", f"has duplicates: {encoders}")
-    for h in c.paper_protocol:
-        _check(h in heads, f"compare.paper_protocol.{h}", f"head '{h}' is not compared (compare.heads: {heads})")
-    for e in c.paper_protocol_encoders:
-        _check(e in encoders, "compare.paper_protocol_encoders", f"'{e}' is not compared (encoders: {encoders})")
+    for h in c.paper_protocol:  # a head or encoder named there but not compared is ignored (as encoder_overrides)
+        _check(h in HEAD_NAMES, f"compare.paper_protocol.{h}", f"unknown head '{h}' (registered: {', '.join(HEAD_NAMES)})")
     cells: dict[tuple[str, str, int], int] = {}
     for i, r in enumerate(c.reported):
         key = f"compare.reported[{i}]"

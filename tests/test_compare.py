@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import error_line
+from omegaconf import OmegaConf
 
 from fsl_med.cli import main
 from fsl_med.config import HEAD_DEFAULTS, load_config
@@ -44,7 +45,7 @@ def grid(phantom, tmp_path_factory) -> tuple[Path, dict, str]:
     argv = _args(phantom, out, tmp_path_factory.getbasetemp() / "sp_cache", "compare.heads=[panet,adnet]",
                  "compare.encoders=[vit_tiny_patch14,vit_tiny_patch14_reg]",
                  "compare.encoder_overrides={vit_tiny_patch14_reg: [trainer.max_steps=1, 'protocol.variants=[plain,cca]']}",
-                 REPORTED)
+                 REPORTED, "compare.paper_protocol_encoders=[]")  # no paper-protocol twins (tested below)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(argv) == 0
@@ -172,7 +173,7 @@ def test_without_reported_numbers_the_column_is_empty(phantom, tmp_path, cache_d
                                       "(registered: alp, panet, adnet, qnet, rpt)"]),
     (["compare.heads=[]"], ["'compare.heads'", "is empty"]),
     (["compare.encoders=[vit_tiny_patch14,resnet101]"], ["'compare.encoders'", "unknown encoder 'resnet101'",
-                                                        "did you mean 'resnet101_deeplabv3'?"]),
+                                                        "did you mean 'resnet101_qnet'?"]),
     (["compare.encoders=[vit_tiny_patch14,vit_tiny_patch14]"], ["'compare.encoders'", "duplicates"]),
     (["model.encoder.finetune=frozen", "compare.heads=[adnet,alp]", "compare.encoders=[vit_tiny_patch14]"],
      ["head 'alp' with encoder 'vit_tiny_patch14' has nothing to train", "finetune=frozen"]),
@@ -196,6 +197,11 @@ def test_without_reported_numbers_the_column_is_empty(phantom, tmp_path, cache_d
       "'optim.lr': must be > 0"]),
     (["compare.encoder_overrides={vit_tiny: [trainer.max_steps=3]}"],
      ["'compare.encoder_overrides'", "unknown encoder 'vit_tiny'"]),
+    (["compare.heads=[qnet]", "compare.encoders=[resnet101_deeplabv3]"],
+     ["compare: no head x encoder pair can run", "qnet / resnet101_deeplabv3", "needs feature map(s) 'aux'"]),
+    (["compare.heads=[adnet]", "compare.paper_protocol={adnet: nope_reference.yaml}"],
+     ["compare.paper_protocol.adnet", "config file not found", "nope_reference.yaml"]),
+    (["compare.paper_protocol={adnett: adnet_reference.yaml}"], ["'compare.paper_protocol.adnett'", "unknown head"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(phantom, tmp_path, cache_dir, capsys, extra, needles) -> None:
     out = tmp_path / "runs"
@@ -208,3 +214,43 @@ def test_bad_input_is_one_line_and_writes_nothing(phantom, tmp_path, cache_dir, 
 def test_compare_needs_a_config(capsys) -> None:
     assert main(["compare", "compare.heads=[alp]"]) == 2
     error_line(capsys.readouterr().err, "compare needs a config")
+
+
+def test_pairs_an_encoder_cannot_serve_are_skipped_with_the_reason(phantom) -> None:
+    from fsl_med.compare import compare_pairs, skip_reason
+
+    base, pairs = compare_pairs(PRESET, [f"data.root={phantom}", "data.image_size=64", "compare.heads=[qnet,rpt]",
+                                         "compare.encoders=[vit_tiny_patch14,resnet101_deeplabv3]",
+                                         "compare.paper_protocol_encoders=[]"])
+    assert [p.label for p in pairs] == ["qnet / vit_tiny_patch14", "rpt / vit_tiny_patch14", "rpt / resnet101_deeplabv3"]
+    assert skip_reason("qnet", "resnet101_deeplabv3") == (
+        "the qnet head needs feature map(s) 'aux', which resnet101_deeplabv3 does not have (it has 'out')")
+    assert skip_reason("rpt", "resnet101_deeplabv3") is None and skip_reason("qnet", "resnet101_qnet") is None
+
+
+def test_paper_protocol_twins_take_only_the_protocol_fields_of_the_preset(phantom) -> None:
+    """A twin row is its row with config.PROTOCOL_KEYS from the head's paper preset: the preset's recipe (encoder,
+    weights, optimiser, steps, seed) does not come along; heads without a preset, and encoders not listed, get none."""
+    from fsl_med.compare import compare_pairs
+    from fsl_med.config import PROTOCOL_KEYS
+
+    over = [f"data.root={phantom}", "data.image_size=64", "compare.heads=[alp,adnet,rpt]",
+            "compare.encoders=[vit_tiny_patch14,vit_tiny_patch14_reg]"]
+    base, pairs = compare_pairs(PRESET, over)
+    twins = [p for p in pairs if p.paper]
+    assert [p.label for p in twins] == ["adnet / vit_tiny_patch14 (paper protocol)",
+                                        "rpt / vit_tiny_patch14 (paper protocol)"]
+    for twin in twins:
+        row = next(p for p in pairs if not p.paper and (p.head, p.encoder) == (twin.head, twin.encoder))
+        preset = load_config(REPO / "experiments" / f"{twin.head}_reference.yaml", [f"data.root={phantom}"])
+        for key in PROTOCOL_KEYS:
+            assert OmegaConf.select(twin.cfg, key) == OmegaConf.select(preset, key), key
+        differ = {k for k in ("data.episodes", "eval.part_rule", "eval.support_pick", "eval.skip_no_organ_slices")
+                  if OmegaConf.select(twin.cfg, k) != OmegaConf.select(row.cfg, k)}
+        assert differ == {"data.episodes", "eval.part_rule", "eval.support_pick", "eval.skip_no_organ_slices"}
+        for key in ("model", "optim", "trainer", "seed", "loss", "ttt", "protocol"):  # the row's recipe and budget
+            assert OmegaConf.select(twin.cfg, key) == OmegaConf.select(row.cfg, key), key
+        assert twin.slug.endswith("-paper") and twin.cfg.name == f"{row.cfg.name}-paper"
+    rpt = next(p for p in twins if p.head == "rpt")
+    assert rpt.cfg.data.exclude_rule == "all" and list(rpt.cfg.data.exclude_labels) == [1, 2, 3, 4]
+    assert rpt.cfg.eval.support_pick == "group_index:2" and rpt.cfg.data.num_val_scans == 0
