@@ -11,13 +11,15 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from fsl_med.config import AugmentConfig, SuperpixelConfig
+from fsl_med.config import AugmentConfig, SuperpixelConfig, SupervoxelConfig
 from fsl_med.data.episodes import EpisodeDataset, EpisodeSampler
 from fsl_med.data.exclusion import excluded_slices, exclusion_note
 from fsl_med.data.phantom import phantom_plan
 from fsl_med.data.protocol import EvalItem, build_eval_items
 from fsl_med.data.provenance import TrainedOn, folder_fingerprint, label_digest
 from fsl_med.data.superpixels import load_or_make_superpixels
+from fsl_med.data.supervoxel_episodes import SupervoxelEpisodeDataset
+from fsl_med.data.supervoxels import load_or_make_supervoxels
 from fsl_med.data.volumes import Normalizer, Volume, load_volume, make_normalizer, resize_slices
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.classmap import CLASSMAP_NAME, read_classmap
@@ -147,7 +149,9 @@ class FewShotDataModule(L.LightningDataModule):
     def _make_superpixels(self, vol: Volume) -> np.ndarray:
         """Pseudolabels ``[Z, H, W]`` of a training volume (shipped, cached or computed). With ``data.resize_last``
         (the reference) they are those of the stored slices, resized (nearest) when the loader resizes the slices;
-        otherwise those of the loaded slices."""
+        otherwise those of the loaded slices. With ``data.episodes=supervoxel3d``: :meth:`_make_supervoxels`."""
+        if self.cfg.data.episodes == "supervoxel3d":
+            return self._make_supervoxels(vol)
         if self.cfg.data.resize_last and vol.stored_shape != vol.image.shape[1:]:
             stored = load_volume(self.root, vol.scan_id, self.info.all_label_ids, warn=False)
             sp = self._make_superpixels(stored)
@@ -166,7 +170,17 @@ class FewShotDataModule(L.LightningDataModule):
             log.warning("%s: shape %s differs from the image; regenerating", shipped, sp.shape)
         return load_or_make_superpixels(vol.image, vol.path, params, self.cfg.data.cache_dir)
 
-    def _build_train(self) -> EpisodeDataset:
+    def _make_supervoxels(self, vol: Volume) -> np.ndarray:
+        """3D supervoxels ``[Z, H, W]`` of a training volume (cached or computed; ``data.supervoxel.*``), of the stored
+        slices resized (nearest) with ``data.resize_last`` when the loader resizes, else of the loaded slices."""
+        if self.cfg.data.resize_last and vol.stored_shape != vol.image.shape[1:]:
+            stored = load_volume(self.root, vol.scan_id, self.info.all_label_ids, warn=False)
+            return resize_slices(self._make_supervoxels(stored), vol.image.shape[1:], "nearest").astype(np.int32)
+        sv = self.cfg.data.supervoxel
+        params = SupervoxelConfig(min_size=int(sv.min_size), sigma=float(sv.sigma))
+        return load_or_make_supervoxels(vol.image, vol.path, vol.spacing, params, self.cfg.data.cache_dir)
+
+    def _build_train(self) -> EpisodeDataset | SupervoxelEpisodeDataset:
         excl = excluded_labels(self.cfg)
         rule = str(self.cfg.data.exclude_rule)
         images, sps, slices = [], [], []
@@ -185,6 +199,14 @@ class FewShotDataModule(L.LightningDataModule):
             raise DataError(f"{self.root}: no training slices left after the setting-2 exclusion of labels {excl} "
                             f"(data.exclude_rule={rule})")
         a = self.cfg.data.augment
+        if self.cfg.data.episodes == "supervoxel3d":  # adjacent-slice episodes of 3D supervoxels (sps holds them)
+            sv = self.cfg.data.supervoxel
+            return SupervoxelEpisodeDataset(
+                images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
+                augment=AugmentConfig(**{k: a[k] for k in a}), min_pixels=int(sv.min_pixels),
+                size_rule=str(sv.size_rule), feature_size=self.cfg.model.feature_size,
+                mask_pooling=self.cfg.model.mask_pooling, shots=self.cfg.shots,
+                three_slices=self.cfg.data.three_slices)
         return EpisodeDataset(
             images, sps, slices, length=self.cfg.data.episodes_per_epoch, seed=self.cfg.seed,
             augment=AugmentConfig(**{k: a[k] for k in a}), min_pixels=self.cfg.data.min_superpixel_pixels,

@@ -57,9 +57,38 @@ def _sampling_grid(rng: np.random.Generator, h: int, w: int, p: AugmentConfig) -
     return torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
 
 
+def warp_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+              params: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The geometric part of :func:`augment_pair`: one random affine + elastic warp of an (image, binary mask) pair.
+
+    Args:
+        image: ``[H, W]`` float32, or a ``[C, H, W]`` stack (every channel warped alike).
+        mask: ``[H, W]`` binary (any dtype).
+        rng: random generator (draws the affine, then the elastic noise).
+        params: augmentation ranges (``enabled`` is the caller's business).
+    Returns:
+        New arrays ``(image float32 of the input's shape, mask [H, W] uint8)``; the inputs are not modified.
+    """
+    h, w = image.shape[-2:]
+    chans = image.reshape(-1, h, w).astype(np.float32)
+    grid = _sampling_grid(rng, h, w, params)
+    stacked = torch.from_numpy(np.concatenate([chans, (mask > 0).astype(np.float32)[None]]))[None]
+    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    out_mask = (warped[-1].numpy() > 0.5).astype(np.uint8)
+    return warped[:-1].numpy().reshape(image.shape), out_mask
+
+
+def adjust_gamma(image: np.ndarray, rng: np.random.Generator, params: AugmentConfig) -> np.ndarray:
+    """The intensity part of :func:`augment_pair`: MONAI's ``AdjustContrast`` with a gamma drawn from
+    ``[gamma_min, gamma_max]``, over the array's joint range. Returns a new float32 array of the input's shape."""
+    gamma = rng.uniform(params.gamma_min, params.gamma_max)
+    return np.asarray(AdjustContrast(gamma=gamma)(image)).reshape(image.shape).astype(np.float32)
+
+
 def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
                  params: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Augment an (image, binary mask) pair with one random geometric + intensity transform.
+    """Augment an (image, binary mask) pair with one random geometric + intensity transform
+    (:func:`warp_pair`, then :func:`adjust_gamma`).
 
     Args:
         image: ``[H, W]`` float32 (normalised intensities), or a ``[C, H, W]`` stack of slices (3-slice input:
@@ -72,16 +101,8 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     """
     if not params.enabled:
         return image.astype(np.float32, copy=True), (mask > 0).astype(np.uint8)
-    h, w = image.shape[-2:]
-    chans = image.reshape(-1, h, w).astype(np.float32)
-    grid = _sampling_grid(rng, h, w, params)
-    stacked = torch.from_numpy(np.concatenate([chans, (mask > 0).astype(np.float32)[None]]))[None]
-    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    img = warped[:-1].numpy()
-    out_mask = (warped[-1].numpy() > 0.5).astype(np.uint8)
-    gamma = rng.uniform(params.gamma_min, params.gamma_max)
-    img = np.asarray(AdjustContrast(gamma=gamma)(img))
-    return img.reshape(image.shape).astype(np.float32), out_mask
+    img, out_mask = warp_pair(image, mask, rng, params)
+    return adjust_gamma(img, rng, params), out_mask
 
 
 class EpisodeDataset(Dataset):
