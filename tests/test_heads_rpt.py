@@ -14,17 +14,27 @@ skipped), a support mask with fewer than K positions on the feature grid, ignore
 from __future__ import annotations
 
 import copy
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import fsl_subprocess
 from heads_literal import strided_conv_encoder, synthetic_episode
 from heads_literal_rpt import rpt_episode
 
+from fsl_med.cli import main
+from fsl_med.data.phantom import generate_phantom
 from fsl_med.errors import ConfigError
 from fsl_med.models.features import EncoderOutput
 from fsl_med.models.heads import create_head
 from fsl_med.models.heads.rpt import RptHead
+from fsl_med.segment import Segmenter
 
 TOL = 1e-5
 CHANNELS = 32
@@ -320,3 +330,181 @@ def test_rpt_inputs_are_not_modified():
         head.support_state(s, masks, training=False)
     assert all(torch.equal(a, b) for a, b in zip(before, (s.main, s.pooled, masks), strict=True))
     assert np.isfinite(head.support_state(s, masks, training=False).regions.detach().numpy()).all()
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "experiments" / "demo.yaml")
+RPT = ["model.head.name=rpt", "loss.align_weight=1", "model.feature_size=16"]  # ViT-tiny at 64 px: "out" 16² ≥ K
+STEPS = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+LIVER, SPLEEN = 1, 4  # CHAOS-T2 label ids (the phantom's layout)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 6-scan 64-pixel phantom and the overrides every command here shares."""
+    base = tmp_path_factory.mktemp("rpt")
+    root = generate_phantom(base / "ph", n_scans=6, size=64, depth=10, seed=0)
+    runs = base / "runs"
+    over = [f"data.root={root}", "data.image_size=64", "data.num_workers=0", "data.batch_size=1",
+            f"logging.output_dir={runs}", "trainer.enable_progress_bar=false", "logging.logger=csv",
+            f"data.cache_dir={tmp_path_factory.getbasetemp() / 'sp_cache'}"]
+    return SimpleNamespace(base=base, root=root, runs=runs, over=over)
+
+
+def _run_dir(env: SimpleNamespace, name: str) -> Path:
+    dirs = sorted((env.runs / name).glob("version_*"))
+    assert dirs, f"no run folder {env.runs / name}"
+    return dirs[-1]
+
+
+def _train(env: SimpleNamespace, name: str, *extra: str) -> Path:
+    assert main(["train", DEMO, *env.over, *RPT, *STEPS, f"name={name}", *extra]) == 0
+    return _run_dir(env, name)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _ckpt(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _head_state(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith("model.head.")}
+
+
+@pytest.fixture(scope="module")
+def trained(env: SimpleNamespace) -> Path:
+    return _train(env, "rpt", "trainer.max_steps=4")
+
+
+def test_training_logs_the_five_terms_and_stores_the_head(trained):
+    rows = _rows(trained)
+    assert len(rows) == 4
+    for r in rows:  # L = L_q + 0.1 L_per + 1 L_align + 0.1 L_mse + 1 L_self
+        t = {k: float(r[f"train/{k}"]) for k in ("loss", "ce", "periphery", "align", "mse", "self")}
+        assert all(math.isfinite(v) for v in t.values())
+        want = t["ce"] + 0.1 * t["periphery"] + t["align"] + 0.1 * t["mse"] + t["self"]
+        assert t["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    ck = torch.load(_ckpt(trained), map_location="cpu", weights_only=False)
+    cfg = ck["hyper_parameters"]["config"]
+    assert cfg["model"]["head"]["name"] == "rpt" and cfg["model"]["head"]["rpt"]["variant"] == "2024"
+    assert cfg["loss"]["ce_weights"] == [0.1, 1.0] and cfg["model"]["mask_pooling"] == "adjoint"
+    state = _head_state(_ckpt(trained))
+    assert {k.split(".")[2] for k in state} == {"tau", "bat"}
+    c = state["model.head.bat.norm_in.weight"].shape[0]
+    assert state["model.head.bat.attention.w_q.weight"].shape == (3 * c, c)  # 3 heads of d_k = C
+    assert state["model.head.tau.0.weight"].shape[0] == 1000
+
+
+def test_resume_continues_training_the_head(env, trained):
+    before = _head_state(_ckpt(trained))
+    run = _train(env, "rpt-resumed", f"resume={_ckpt(trained)}", "trainer.max_steps=6")
+    after = torch.load(_ckpt(run), map_location="cpu", weights_only=False)
+    assert after["global_step"] == 6 and len(_rows(run)) == 2
+    changed = [k for k, v in before.items() if not torch.equal(v, after["state_dict"][k])]
+    assert "model.head.bat.attention.w_v.weight" in changed and "model.head.tau.1.weight" in changed
+
+
+def test_eval_plain_cca_ttt(env, trained):
+    assert main(["eval", DEMO, *env.over, f"ckpt={_ckpt(trained)}", "eval.variants=[plain,cca,ttt]", "ttt.steps=1",
+                 "eval.save_predictions=true", "data.test_organs=[liver]", "name=rpt-one"]) == 0
+    run = _run_dir(env, "rpt-one-eval")
+    res = json.loads((run / "results.json").read_text())
+    assert list(res["variants"]) == ["plain", "cca", "ttt"] and res["ttt_seconds_per_slice"] > 0
+    assert all(0.0 <= d <= 100.0 for v in res["variants"].values() for d in v["dice"].values())
+    pred = np.asarray(nib.load(run / "predictions" / "plain" / "pred_1.nii.gz").dataobj)
+    assert pred.shape == (64, 64, 10) and pred.any()
+
+
+def test_segment_cli_equals_the_api_and_repeats_after_other_calls(env, trained, tmp_path, capsys):
+    """``segment`` = :class:`Segmenter`; the same query segmented again after another query and organ gives the
+    identical probability (the support state is seeded per call), while another FPS seed changes it."""
+    out = tmp_path / "mask.nii.gz"
+    sup = (env.root / "image_2.nii.gz", env.root / "label_2.nii.gz")
+    files = ["--support-image", str(sup[0]), "--support-mask", str(sup[1]), "--label", str(LIVER),
+             "--query", str(env.root / "image_1.nii.gz")]
+    assert main(["segment", "--ckpt", str(_ckpt(trained)), *files, "--out", str(out)]) == 0, capsys.readouterr().err
+    cli = np.asarray(nib.load(out).dataobj)
+    seg = Segmenter.from_checkpoint(_ckpt(trained))
+    first = seg.segment(env.root / "image_1.nii.gz", [sup], label=LIVER)
+    assert cli.shape == first.mask.shape == (64, 64, 10) and np.array_equal(cli, first.mask) and first.mask.any()
+    seg.segment(env.root / "image_3.nii.gz", [sup], label=SPLEEN)
+    again = seg.segment(env.root / "image_1.nii.gz", [sup], label=LIVER)
+    assert np.array_equal(again.probability, first.probability)
+    seg.module.model.head.seed = 7
+    other = seg.segment(env.root / "image_1.nii.gz", [sup], label=LIVER)
+    assert not np.array_equal(other.probability, first.probability)
+
+
+def test_predict_volume_is_independent_of_slice_order(trained):
+    model = Segmenter.from_checkpoint(_ckpt(trained)).module.model
+    g = np.random.default_rng(0)
+    sup = g.normal(size=(2, 64, 64)).astype(np.float32)
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[0, 10:40, 12:44], masks[1, 20:56, 8:30] = 1, 1
+    query = g.normal(size=(7, 64, 64)).astype(np.float32)
+    part = np.array([0, 1, 0, 1, 1, 0, 0])
+    protos = model.support_prototypes(sup, masks, shots=1)
+    pred, prob = model.predict_volume(protos, query, part, batch_size=3)
+    perm = np.array([6, 3, 0, 5, 1, 4, 2])
+    protos2 = model.support_prototypes(sup[::-1].copy(), masks[::-1].copy(), shots=1)[::-1]  # other call order
+    pred2, prob2 = model.predict_volume(protos2, query[perm], part[perm], batch_size=2)
+    assert np.array_equal(prob2, prob[perm]) and np.array_equal(pred2, pred[perm])
+
+
+def test_variant_2023_trains_with_boundary_and_dice(env):
+    run = _train(env, "rpt-2023", "model.head.rpt.variant=2023", "trainer.max_steps=2")
+    rows = _rows(run)
+    assert len(rows) == 2
+    for r in rows:  # η = 1 before step 5000: L = L_q + L_dice
+        t = {k: float(r[f"train/{k}"]) for k in ("loss", "ce", "boundary", "dice", "eta")}
+        assert t["eta"] == 1.0 and 0 < t["dice"] < 1 and 0 <= t["boundary"] <= 1
+        assert t["loss"] == pytest.approx(t["ce"] + t["dice"], rel=1e-5, abs=1e-6)
+    model = Segmenter.from_checkpoint(_ckpt(run)).module.model
+    assert model.head.variant == "2023" and model.head.fg_num == 10
+
+
+def test_bf16_head_results_are_float32_and_equal_autocast_off(trained):
+    seg = Segmenter.from_checkpoint(_ckpt(trained)).module.model.eval()
+    head = seg.head
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    fg = torch.zeros(2, 64, 64)
+    fg[0, 10:40, 12:44], fg[1, 20:56, 8:30] = 1, 1
+    w = torch.tensor([0.1, 1.0])
+    with torch.no_grad():
+        f32 = seg.encode(images)
+        bf = f32.apply(lambda t: t.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = head.support_state(bf[:1], fg[:1], training=False)
+            low = head.decision_map(bf[2:], state)
+            terms = head.episode_terms(bf[1:2], fg[1:2], bf[3:4], fg[:1].long(), w, 1.0)
+        ref_state = head.support_state(bf.float()[:1], fg[:1], training=False)
+        ref = head.decision_map(bf.float()[2:], ref_state)
+        ref_terms = head.episode_terms(bf.float()[1:2], fg[1:2], bf.float()[3:4], fg[:1].long(), w, 1.0)
+    assert state.regions.dtype == state.proto.dtype == low.dtype == torch.float32
+    assert low.shape == (2, 1, 16, 16) and torch.equal(low, ref)
+    assert all(t.dtype == torch.float32 and torch.equal(t, ref_terms[k]) for k, t in terms.items())
+
+
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training(env):
+    """Every parameter (encoder, τ layers, BaT block) is in every step's backward: DDP without
+    find_unused_parameters trains (an unused parameter stops it at the next step). The 2023 variant has the same
+    modules, each in its loss's graph (test_rpt_every_parameter_gets_a_gradient)."""
+    p = fsl_subprocess("train", DEMO, *env.over, *DDP, *RPT, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                       "trainer.log_every_n_steps=1", "name=rpt-ddp", cwd=env.base, timeout=600)
+    assert p.stdout.count("trained 3 steps") == 1
+    run = _run_dir(env, "rpt-ddp")
+    assert len(_rows(run)) == 3
+    ck = torch.load(_ckpt(run), map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 3 and "find_unused_parameters" not in json.dumps(ck["hyper_parameters"])
