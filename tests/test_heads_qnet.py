@@ -122,9 +122,14 @@ def test_three_shots_and_the_finer_map_by_size_not_name():
     """k = 3; and the fine map named "aux" (a ViT's layout) still gets α₀: same numbers as named "out"."""
     ep = synthetic_episode(2, shots=3)
     a = _compare(2, ep, S2)
-    b = _compare(2, ep, S2, swap=True)
     assert a["oracle"]["align"].item() > 0
-    assert all(torch.equal(a["fsl_med"][k], b["fsl_med"][k]) for k in ("ce", "align"))
+    _, head, bundle = _setup(2, S2, swap=True)
+    feats = bundle(torch.cat([ep["support_images"], ep["query_image"]]))
+    assert feats.maps["aux"].shape[-1] == 64 and feats.maps["out"].shape[-1] == 32  # the fine map is "aux"
+    with torch.no_grad():
+        b = head.train().episode_terms(feats[:3], ep["support_masks"], feats[3:], ep["query_label"],
+                                       torch.tensor([0.1, 1.0]), 1.0)
+    assert all(torch.equal(a["fsl_med"][k], b[k]) for k in ("ce", "align"))
 
 
 def test_ignored_query_pixels_match_oracle():
