@@ -254,3 +254,29 @@ def test_paper_protocol_twins_take_only_the_protocol_fields_of_the_preset(phanto
     rpt = next(p for p in twins if p.head == "rpt")
     assert rpt.cfg.data.exclude_rule == "all" and list(rpt.cfg.data.exclude_labels) == [1, 2, 3, 4]
     assert rpt.cfg.eval.support_pick == "group_index:2" and rpt.cfg.data.num_val_scans == 0
+
+
+@pytest.mark.slow
+def test_paper_protocol_twin_runs_and_fills_its_column(phantom, tmp_path, cache_dir, capsys) -> None:
+    """ADNet on the tiny ViT under fsl_med's protocol and under its paper's (3D supervoxel episodes, count parts,
+    organ-only slices, the group's last scan as support): two rows of runs, one line in the main table with both."""
+    out = tmp_path / "runs"
+    assert main(_args(phantom, out, cache_dir, "compare.heads=[adnet]", "compare.encoders=[vit_tiny_patch14]",
+                      "protocol.settings=[1]", "protocol.variants=[plain,cca]", "data.supervoxel.min_size=50")) == 0
+    md = capsys.readouterr().out
+    rep = json.loads((out / "compare-cpu-compare" / "version_0" / "compare.json").read_text())
+    rows = {r["label"]: r for r in rep["rows"]}
+    assert list(rows) == ["adnet / vit_tiny_patch14", "adnet / vit_tiny_patch14 (paper protocol)"]
+    twin = rows["adnet / vit_tiny_patch14 (paper protocol)"]
+    assert Path(twin["paper_protocol"]).name == "adnet_reference.yaml" and rows["adnet / vit_tiny_patch14"]["paper_protocol"] is None
+    run = twin["runs"][0]
+    cfg = load_config(Path(run["train_dir"]) / "config.yaml")
+    assert (cfg.data.episodes, cfg.eval.part_rule, cfg.eval.support_pick, cfg.eval.skip_no_organ_slices) == (
+        "supervoxel3d", "count", "group_last", True)
+    # the paper's protocol wins over the row's setting of a protocol field (the override's min_size 50)
+    assert (cfg.data.supervoxel.size_rule, cfg.data.supervoxel.min_size) == ("first", 5000)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| adnet | `vit_tiny_patch14`"))
+    plain = twin["settings"]["1"]["plain"]["dice_mean"]
+    assert f"{plain:.2f} ± 0.00 (plain)" in line and "S1 paper's protocol" in md
+    assert not any(ln.startswith("| adnet | `vit_tiny_patch14` (paper") for ln in md.splitlines())
+    assert "adnet_reference.yaml" in md and "what the protocol alone changes" in md
