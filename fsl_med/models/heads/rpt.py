@@ -55,8 +55,8 @@ from torch import nn
 
 from fsl_med.errors import ConfigError
 from fsl_med.models.features import MAIN_MAP, EncoderOutput, FeatureRequest
-from fsl_med.models.heads.adnet import EPS, log_probs
-from fsl_med.models.heads.base import FewShotHead, cosine_scores, float32_features
+from fsl_med.models.heads.adnet import log_probs
+from fsl_med.models.heads.base import FewShotHead, float32_features
 from fsl_med.models.heads.pooling import MAP_EPS, masked_average
 from fsl_med.models.heads.registry import register_head
 
@@ -216,10 +216,15 @@ class RptHead(FewShotHead):
         """``[B, D]`` pooled encoder vectors -> ``[B]`` thresholds ``τ``."""
         return self.tau(pooled.float())[:, 0]
 
-    def probability(self, feats: torch.Tensor, proto: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """``[N, 1, h, w]`` ``P = 1 − σ(½ (S − τ))`` with ``S = −scale·cos(F, p)``: ``[N, C, h, w]`` features, ``[1, C]``
-        prototype, ``[N]`` (or ``[1]``) thresholds."""
-        score = -cosine_scores(feats, proto, self.scale, self.cos_eps)
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / max(‖x‖, cos_eps)`` along axis 1 (features ``[N, C, h, w]`` or prototypes ``[N, C]``): the cosine's
+        normalisation, as ``F.cosine_similarity`` (each norm clamped). Computed once per feature map and reused."""
+        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(self.cos_eps)
+
+    def probability(self, unit_feats: torch.Tensor, proto: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, h, w]`` ``P = 1 − σ(½ (S − τ))`` with ``S = −scale·cos(F, p)``: ``[N, C, h, w]`` normalised features
+        (:meth:`unit`), ``[1, C]`` prototype, ``[N]`` (or ``[1]``) thresholds."""
+        score = -torch.einsum("qchw,nc->qnhw", unit_feats, self.unit(proto)) * self.scale
         return 1.0 - torch.sigmoid(0.5 * (score - tau[:, None, None, None]))
 
     # ------------------------------------------------------------------------------------------------ support
@@ -278,17 +283,20 @@ class RptHead(FewShotHead):
 
     # ------------------------------------------------------------------------------------------------ query
 
-    def refine(self, feats: torch.Tensor, tau: torch.Tensor, state: RptSupport) -> torch.Tensor:
-        """``[1, 1, h, w]`` final ``P_q`` of one query slice (``[1, C, h, w]`` features, ``[1]`` threshold)."""
-        prob = self.probability(feats, state.proto, tau)
+    def refine(self, feats: torch.Tensor, tau: torch.Tensor, state: RptSupport,
+               unit: torch.Tensor | None = None) -> torch.Tensor:
+        """``[1, 1, h, w]`` final ``P_q`` of one query slice (``[1, C, h, w]`` features, ``[1]`` threshold; ``unit``:
+        the features normalised, when already computed)."""
+        unit = self.unit(feats) if unit is None else unit
+        prob = self.probability(unit, state.proto, tau)
         regions = state.regions
-        for i in range(self.bat_passes):
+        for _ in range(self.bat_passes):
             p = prob[0, 0]
             query_proto = torch.einsum("chw,hw->c", feats[0], p)[None] / (p.sum() + MAP_EPS)  # soft MAP
             regions = self.bat(regions, query_proto)  # type: ignore[misc]
-            prob = self.probability(feats, self._refined(regions, state), tau)
+            prob = self.probability(unit, self._refined(regions, state), tau)
         if self.bat_passes == 0:
-            prob = self.probability(feats, self._refined(regions, state), tau)
+            prob = self.probability(unit, self._refined(regions, state), tau)
         return prob
 
     def _refined(self, regions: torch.Tensor, state: RptSupport) -> torch.Tensor:
@@ -319,10 +327,10 @@ class RptHead(FewShotHead):
     def _up(self, prob: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         return F.interpolate(prob, size=size, mode="bilinear", align_corners=True)
 
-    def periphery_loss(self, s_feats: torch.Tensor, s_tau: torch.Tensor, masks: torch.Tensor,
+    def periphery_loss(self, s_unit: torch.Tensor, s_tau: torch.Tensor, masks: torch.Tensor,
                        state: RptSupport) -> torch.Tensor:
         """Mean over shots of the unweighted NLL of ``[1 − Π, Π]``, ``Π = up(P(F_s, p_D)) − up(P(F_s, p))`` with the
-        shot's ``τ_s``, against the periphery ``D − M`` (``Π`` may be negative: the clamp handles it).
+        shot's ``τ_s`` (``s_unit``: the ``[k, C, h, w]`` support features normalised), against the periphery ``D − M`` (``Π`` may be negative: the clamp handles it).
 
         ``Π`` is computed as ``up(σ(a) − σ(b))`` with ``σ(a) − σ(b) = −σ(a)·σ(−b)·expm1(b − a)`` and ``b − a =
         −½·scale·F̂·(p̂_D − p̂)`` from the difference of the normalised prototypes (equal in exact arithmetic; the
@@ -331,10 +339,8 @@ class RptHead(FewShotHead):
         size = masks.shape[-2:]
         m = masks.float()
         ring = (F.max_pool2d(m[:, None], kernel_size=3, stride=1, padding=1) - m[:, None]).long()  # [k, 1, H, W]
-        eps = self.cos_eps
-        f = s_feats / torch.linalg.vector_norm(s_feats, dim=1, keepdim=True).clamp_min(eps)
-        p = state.proto[0] / torch.linalg.vector_norm(state.proto[0]).clamp_min(eps)
-        p_d = state.dilated[0] / torch.linalg.vector_norm(state.dilated[0]).clamp_min(eps)  # type: ignore[index]
+        f = s_unit
+        p, p_d = self.unit(state.proto)[0], self.unit(state.dilated)[0]  # type: ignore[arg-type]
         cos_p = torch.einsum("kchw,c->khw", f, p)
         d_cos = torch.einsum("kchw,c->khw", f, p_d - p)
         tau = s_tau[:, None, None]
@@ -363,7 +369,8 @@ class RptHead(FewShotHead):
             state = self._support(s_feats, fg, dilated=v2024 and self.periphery_weight > 0, training=self.training,
                                   firsts=firsts)
             q_tau = self.threshold(q.pooled)  # type: ignore[arg-type]
-            low = self.refine(q_feats, q_tau, state)
+            q_unit = self.unit(q_feats)
+            low = self.refine(q_feats, q_tau, state, q_unit)
             up = self._up(low, size)
             ce = self._nll(up, query_label, ce_weights.float())
             zero = ce.new_zeros(())
@@ -371,15 +378,16 @@ class RptHead(FewShotHead):
                 two = torch.cat([1.0 - up, up], dim=1)
                 return {"ce": ce, "align": zero, "boundary": boundary_loss(two, query_label),
                         "dice": dice_loss(two, query_label)}
+            s_unit = self.unit(s_feats)
             periphery = zero
             if self.periphery_weight > 0:
-                periphery = self.periphery_loss(s_feats, self.threshold(s.pooled), fg, state)  # type: ignore[arg-type]
+                periphery = self.periphery_loss(s_unit, self.threshold(s.pooled), fg, state)  # type: ignore[arg-type]
             align, mse = zero, zero
             pred = (up[:, 0] > 0.5).float()  # argmax of [1 − P, P] at full resolution (ties: background)
             if (align_weight > 0 or self.mse_weight > 0) and bool(pred.any()):
                 q_proto = masked_average(q_feats, pred, self.mask_pooling)  # [1, C]
                 if align_weight > 0:
-                    sup = self._up(self.probability(s_feats, q_proto, q_tau.expand(s_feats.shape[0])), size)
+                    sup = self._up(self.probability(s_unit, q_proto, q_tau.expand(s_feats.shape[0])), size)
                     align = torch.stack([self._nll(sup[j:j + 1], fg[j:j + 1].long())
                                          for j in range(sup.shape[0])]).mean()
                 if self.mse_weight > 0:
@@ -387,7 +395,7 @@ class RptHead(FewShotHead):
             own = zero
             if self.self_weight > 0:
                 proto = masked_average(q_feats, (query_label == 1).float(), self.mask_pooling)
-                own = self._nll(self._up(self.probability(q_feats, proto, q_tau), size), query_label)
+                own = self._nll(self._up(self.probability(q_unit, proto, q_tau), size), query_label)
             return {"ce": ce, "periphery": periphery, "align": align, "mse": mse, "self": own}
 
     def combine(self, terms: dict[str, torch.Tensor], align_weight: float) -> torch.Tensor:
