@@ -16,7 +16,9 @@ Parts (ViT-S/14 random init unless stated, 256 px, batch 1, real CHAOS data when
 * ``heads``: ``train_full`` and ``eval`` once per few-shot head (``heads``, default every registered one) on the
   same encoder, each head with its own defaults (``model.head.name=<head>``): ALP's rows are ``train_full`` and
   ``eval`` themselves (measured here if those parts are not run), another head's are ``train_full_<head>`` and
-  ``eval_<head>``, measured right after ALP's; the report gives each head's time relative to ALP's.
+  ``eval_<head>``, measured right after ALP's; the report gives each head's time relative to ALP's. A head with a
+  test-time refinement inside its prediction (Q-Net) also gets that refinement's seconds per query slice
+  (``refine_seconds_per_slice`` of its ``eval``, part of its evaluation time) on a row of its own.
 * ``ttt``: seconds per slice of the paper's TTT (100 steps, per slice) and of the fast mode (per volume).
 * ``ttt_dice``: Dice of per-slice TTT vs the fast mode from one briefly trained tiny-ViT checkpoint, with
   their seconds per slice (the paper-size comparison would take hours on a CPU).
@@ -221,7 +223,12 @@ def _eval_items(args: argparse.Namespace, extra: list[str], all_queries: bool = 
 def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     """EP1 evaluation + CCA of the fold's query scans, all four organs, through the module's public
     prediction (what its test step returns), the CCA refinement and the scoring counts: seconds per scored (organ, query slice), per query volume and organ, and per encoded
-    slice (each query slice is encoded once per scan and shared by the organs; the support once per organ)."""
+    slice (each query slice is encoded once per scan and shared by the organs; the support once per organ).
+
+    A head with a test-time refinement (Q-Net: ``refine_seconds``/``refined_slices``, reset before each run) also
+    gives ``refine_seconds_per_slice`` (median over the timed runs of the refinement's seconds per refined query
+    slice, one per scored (organ, slice); included in ``seconds_per_slice``) and ``refined_slices`` (per run; ``None``
+    seconds when nothing was refined, e.g. ``refine_iters=0``)."""
     from fsl_med.evaluation.metrics import confusion_counts
     from fsl_med.models.module import FewShotModule
     from fsl_med.refine.cca import CCA
@@ -237,9 +244,14 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     encoded: list[int] = []
 
     cca = CCA(cfg.eval.cca_mode)
+    head = seg.head
+    timed_refine = hasattr(head, "reset_refine_timing")  # a head with a test-time refinement (Q-Net)
+    refine: list[tuple[float, int]] = []  # (seconds, refined query slices) of each run
 
     def run() -> None:
         module.reset_eval_caches()  # empties the support-prototype and query-feature caches
+        if timed_refine:
+            head.reset_refine_timing()
         with _autocast(args), torch.inference_mode():
             for it in items:
                 record = module.predict_item(it)  # what test_step returns
@@ -248,14 +260,20 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
                     confusion_counts(v.pred, it.query_labels)
         support = {it.organ: len(it.support_z) for it in items}  # support slices, encoded once per organ
         encoded.append(module.encoded_query_slices + sum(support.values()))
+        if timed_refine:
+            refine.append((float(head.refine_seconds), int(head.refined_slices)))
 
     t = median_time(run, 3, warmup=1)
     slices = sum(len(it.z) for it in items)
-    return {"seconds_per_slice": t / slices, "seconds_per_volume": t / len(items), "slices": slices,
-            "volumes": len(items), "query_scans": len({it.query_id for it in items}),
-            "encoded_slices": encoded[-1], "seconds_per_encoded_slice": t / encoded[-1],
-            "gflop_per_slice": flops / 1e9 * encoded[-1] / slices, "gflop_per_encoded_slice": flops / 1e9,
-            "batch_size": cfg.eval.batch_size, "overrides": list(args.set), **_head_figures(module)}
+    out = {"seconds_per_slice": t / slices, "seconds_per_volume": t / len(items), "slices": slices,
+           "volumes": len(items), "query_scans": len({it.query_id for it in items}),
+           "encoded_slices": encoded[-1], "seconds_per_encoded_slice": t / encoded[-1],
+           "gflop_per_slice": flops / 1e9 * encoded[-1] / slices, "gflop_per_encoded_slice": flops / 1e9,
+           "batch_size": cfg.eval.batch_size, "overrides": list(args.set), **_head_figures(module)}
+    if timed_refine:  # part of seconds_per_slice: the median over the timed runs (the warm-up run's left out)
+        per = [s / n for s, n in refine[1:] if n]
+        out.update(refine_seconds_per_slice=statistics.median(per) if per else None, refined_slices=refine[-1][1])
+    return out
 
 
 def _ttt_trainer(cfg: Any, module: Any, overrides: list[str]) -> Any:
@@ -377,11 +395,17 @@ def _oversubscription_table(over: dict[str, dict[str, Any]]) -> Table:
 HEAD_MEASUREMENTS = {"train_full": ("training step, full fine-tuning (s)", "seconds_per_step", "gflop_per_step"),
                      "eval": ("evaluation, per query slice incl. CCA (s)", "seconds_per_slice", "gflop_per_slice")}
 """The figure of each part of the ``heads`` rows: ``(measurement, seconds key, GFLOP key)``."""
+REFINE_KEY = "refine_seconds_per_slice"
+"""The ``eval`` figure of a head with a test-time refinement (Q-Net's prototypes): its seconds per refined query slice
+(one per scored (organ, slice)), part of ``seconds_per_slice``; absent for heads without one."""
+REFINE_TITLE = "  of which the head's test-time refinement, per query slice (s)"
 
 
 def head_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     """One training row and one evaluation row per head of ``res["heads"]`` (those measured), each with the head
-    that was measured (as its child recorded it) and its time relative to ALP's (``vs_alp``, percent)."""
+    that was measured (as its child recorded it), the part's figure it shows (``figure``) and its time relative to
+    ALP's (``vs_alp``, percent); a head whose evaluation has a test-time refinement (Q-Net) gets a third row right
+    after its evaluation row, the refinement's seconds per query slice (``figure`` :data:`REFINE_KEY`, no ``vs_alp``)."""
     rows = []
     for part, (title, key, gkey) in HEAD_MEASUREMENTS.items():
         labels = [part] + [f"{part}_{h}" for h in res.get("heads", []) if h != BASE_HEAD]
@@ -389,10 +413,14 @@ def head_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         base = next((f.get(key) for _, f in found if f.get("head", BASE_HEAD) == BASE_HEAD), None)
         for label, f in found:
             head, v = f.get("head", BASE_HEAD), f.get(key)
-            rows.append({"head": head, "measurement": title, "label": label, "seconds": v,
+            rows.append({"head": head, "measurement": title, "label": label, "figure": key, "seconds": v,
                          "vs_alp": None if head == BASE_HEAD or not base or v is None else 100 * (v / base - 1),
                          "gflop": f.get(gkey), "peak_rss_mb": f.get("peak_rss_mb"),
                          "head_parameters": f.get("head_parameters", [])})
+            if f.get(REFINE_KEY) is not None:  # Q-Net: the refinement's share of that evaluation, on its own row
+                rows.append({"head": head, "measurement": REFINE_TITLE, "label": label, "figure": REFINE_KEY,
+                             "seconds": f[REFINE_KEY], "vs_alp": None, "gflop": None, "peak_rss_mb": None,
+                             "head_parameters": f.get("head_parameters", [])})
     return rows if res.get("heads") else []
 
 
@@ -435,6 +463,7 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
         ("  per encoded slice (query slices once per scan, support once per organ) (s)",
          ev.get("seconds_per_encoded_slice"), None, None,
          frac(ev.get("gflop_per_encoded_slice"), ev.get("seconds_per_encoded_slice")), None),
+        *([(REFINE_TITLE, ev[REFINE_KEY], None, None, "–", None)] if ev.get(REFINE_KEY) is not None else []),
         ("evaluation, per query volume and organ (s)", ev.get("seconds_per_volume"), None, None, "–", None),
         ("TTT, paper (100 steps per slice), per slice (s)", tt.get("paper_seconds_per_slice"), REFERENCE["ttt_slice"],
          None, "–", tt.get("peak_rss_mb")),
@@ -502,6 +531,13 @@ def write_report(res: dict[str, Any], out_dir: Path) -> Path:
                   "<head>`: its `loss.ce_weights` and `model.mask_pooling`). The `alp` rows are the table above's; "
                   "each other head was measured right after them. vs ALP: the head's time over ALP's, minus 1.", "",
                   _heads_table(hrows, frac).markdown()]
+        for r in hrows:
+            if r["figure"] == REFINE_KEY:
+                f = res["parts"][r["label"]]
+                lines += ["", f"`{r['head']}`'s test-time refinement (its prototypes optimised per query slice inside "
+                          f"the prediction): {r['seconds']:.3f} s per query slice, "
+                          f"{100 * r['seconds'] / f['seconds_per_slice']:.0f} % of its evaluation time per slice "
+                          f"({f.get('refined_slices')} query slices refined per evaluation; median of the timed runs)."]
     over = {k: v for k, v in res["parts"].items() if k.startswith("oversub_")}
     if over:
         enc = next((o.split("=", 1)[1] for o in next(iter(over.values())).get("overrides", [])

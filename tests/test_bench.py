@@ -127,6 +127,50 @@ def test_head_override_reaches_the_measured_model(tmp_path, cache_dir, capsys):
     assert "floor_seconds_per_step" not in tr  # the kernel floor is the plain train_full run's
 
 
+def test_qnet_refinement_and_rpt_are_measured(tmp_path, cache_dir, capsys):
+    """The heads that take the encoder's bundle run through the bench children; Q-Net's evaluation also gives its
+    test-time refinement's seconds per query slice (reset per run, part of its evaluation time), and the report
+    shows it on a row of its own right after its evaluation row."""
+    root = generate_phantom(tmp_path / "ph", n_scans=6, size=64, depth=8, seed=0)
+    common = ["--data", str(root), "--encoder", "vit_tiny_patch14", "--work", str(tmp_path / "w"), "--cache-dir",
+              str(cache_dir), "--workers", "0"]
+    small = ["data.image_size=64", "model.feature_size=16"]  # Q-Net's finer map 32x32: a quick refinement
+    assert bench_child(["eval", *common, "--set", "model.head.name=qnet", "model.head.qnet.refine_iters=2",
+                        *small]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["head"] == "qnet" and ev["head_parameters"][0] == "tau.0.weight"
+    assert ev["refined_slices"] == ev["slices"] > 0  # each scored (organ, slice) refined once per run, not 4x
+    assert 0 < ev["refine_seconds_per_slice"] < ev["seconds_per_slice"]
+    assert bench_child(["train_full", *common, "--steps", "1", "--warmup", "1", "--set", "model.head.name=rpt",
+                        *small]) == 0
+    tr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tr["head"] == "rpt" and tr["seconds_per_step"] > 0 and tr["gflop_per_step"] > 0
+    assert any(n.startswith("bat.") for n in tr["head_parameters"]) and "refine_seconds_per_slice" not in tr
+
+    machine = {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "cuda": None, "torch": torch.__version__,
+               "python": "3.11", "fsl_med": "0"}
+    alp = {"seconds_per_slice": 0.01, "head": "alp", "peak_rss_mb": 100.0}
+    res = {"date": "2026-12-01", "encoder": "vit_tiny_patch14", "data": "phantom", "machine": machine,
+           "heads": ["alp", "qnet", "rpt"], "parts": {"eval": alp, "eval_qnet": ev, "train_full_rpt": tr}}
+    md = write_report(res, tmp_path).read_text()
+    rows = json.loads((tmp_path / "benchmarks.json").read_text())["head_rows"]
+    assert [(r["head"], r["label"], r["figure"]) for r in rows] == [
+        ("rpt", "train_full_rpt", "seconds_per_step"), ("alp", "eval", "seconds_per_slice"),
+        ("qnet", "eval_qnet", "seconds_per_slice"), ("qnet", "eval_qnet", "refine_seconds_per_slice")]
+    assert rows[-1]["seconds"] == ev["refine_seconds_per_slice"] and rows[-1]["vs_alp"] is None
+    lines = md.splitlines()
+    i = lines.index(next(x for x in lines if x.startswith("| qnet | evaluation, per query slice incl. CCA (s) |")))
+    assert lines[i + 1].startswith(f"| qnet |   of which the head's test-time refinement, per query slice (s) | "
+                                   f"{ev['refine_seconds_per_slice']:.3f} | – |")
+    assert "`qnet`'s test-time refinement" in md and f"({ev['slices']} query slices refined per evaluation" in md
+    assert "| alp | evaluation, per query slice incl. CCA (s) | 0.010 | – |" in md  # ALP's row as before
+    assert sum("test-time refinement, per query slice" in x for x in lines) == 1  # not in the main table (ALP's)
+    # a model.head.name=qnet override of every part: the main table's evaluation is Q-Net's, with its refinement
+    md = write_report({**res, "heads": [], "parts": {"eval": ev}}, tmp_path).read_text()
+    assert (f"|   of which the head's test-time refinement, per query slice (s) | "
+            f"{ev['refine_seconds_per_slice']:.3f} |") in md and "few-shot head `qnet`" in md
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"heads": ["alp", "adnt"]}, "--heads: unknown head(s) adnt (registered: alp, panet, adnet, qnet, rpt)"),
     ({"heads": []}, "--heads: names no head"),
