@@ -385,7 +385,8 @@ class GpuCheck:
     def row_head(self, row: Row, head: str) -> None:
         """The small encoder with head ``head``: training steps in bf16-mixed (:meth:`row_train`), then the
         prediction of the first query volume on the device under the same autocast. The prediction must be binary,
-        its probabilities finite and in [0, 1]."""
+        its probabilities finite and in [0, 1]. A head with a test-time refinement (Q-Net) also gives its seconds
+        per query slice (``refine_seconds_per_slice``, part of ``predict_seconds_per_slice``)."""
         from fsl_med.data.datamodule import FewShotDataModule
 
         precision = "bf16-mixed"
@@ -395,6 +396,9 @@ class GpuCheck:
         it = dm.test_set.items[0]
         module.to(self.device).eval()
         seg = module.model
+        timed = hasattr(seg.head, "reset_refine_timing")  # a head with a test-time refinement (Q-Net)
+        if timed:
+            seg.head.reset_refine_timing()
         with torch.autocast(self.device, dtype=torch.bfloat16):
             sync(self.device)
             t0 = time.perf_counter()
@@ -406,6 +410,9 @@ class GpuCheck:
         f.update(_head_figures(seg), predict_slices=len(it.z), predict_seconds_per_slice=dt / max(1, len(it.z)),
                  predict_foreground=float(np.mean(pred)), predict_prob_min=float(np.min(prob)),
                  predict_prob_max=float(np.max(prob)), organ=it.organ, query=it.query_id)
+        if timed:  # part of predict_seconds_per_slice
+            n = int(seg.head.refined_slices)
+            f.update(refined_slices=n, refine_seconds_per_slice=float(seg.head.refine_seconds) / n if n else None)
         if pred.shape != it.query_labels.shape or not np.isin(pred, (0, 1)).all():
             raise RuntimeError(f"head {head}: prediction of shape {pred.shape} with values {np.unique(pred)[:5]} "
                                f"(expected binary, {it.query_labels.shape})")
@@ -748,8 +755,11 @@ def render_markdown(check: GpuCheck) -> str:
                 params += f" ({_fig(f['head_values'])})"
             prob = (f"[{_cell(f['predict_prob_min'])}, {_cell(f['predict_prob_max'])}]" if "predict_prob_min" in f
                     else "–")
+            predict = _cell(f.get("predict_seconds_per_slice"), 4)
+            if f.get("refine_seconds_per_slice") is not None:  # Q-Net: its test-time refinement's part
+                predict += f" (refinement {_cell(f['refine_seconds_per_slice'], 4)})"
             lines.append(f"| {r.title} | {_cell(f.get('head'))} | {params} | {_cell(f.get('seconds_per_step'), 4)} "
-                         f"| {_cell(f.get('gflop_per_step'), 1)} | {_cell(f.get('predict_seconds_per_slice'), 4)} "
+                         f"| {_cell(f.get('gflop_per_step'), 1)} | {predict} "
                          f"| {_pct(f.get('predict_foreground'))} | {prob} | {r.status} |")
         lines.append("")
     for section, heading in (("eval", "## Evaluation"), ("segment", "## Segment"), ("ddp", "## DDP")):

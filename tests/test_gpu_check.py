@@ -25,7 +25,7 @@ from fsl_med.gpu_check import NO_CUDA
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = ("train-large-fp32", "train-large-bf16", "train-small-fp32", "train-small-bf16", "train-large-bf16-b2",
               "train-large-bf16-b4", "train-small-bf16-compile", "train-large-bf16-compile")
-HEAD_ROWS = ("head-alp", "head-panet", "head-adnet")
+HEAD_ROWS = ("head-alp", "head-panet", "head-adnet", "head-qnet", "head-rpt")
 ALL_ROWS = {"env", *TRAIN_ROWS, *HEAD_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp"}
 BLOCKED = ("monai", "nibabel", "omegaconf", "pydicom", "wandb")
 
@@ -54,7 +54,7 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert p.stderr.splitlines()[0].startswith("gpu-check: No CUDA device: tiny mode on cpu (phantom data")
     md = (out / "gpu-check.md").read_text()
     assert md.splitlines()[0].startswith("# fsl_med GPU check: No CUDA device: tiny mode")
-    assert "18 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
+    assert "20 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
     assert md.strip() in p.stdout  # the report is printed, then its path
     doc, rows = _report(out)
     assert set(rows) == ALL_ROWS and all(r["status"].startswith("ok") for r in rows.values())
@@ -102,6 +102,12 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert rows["head-adnet"]["figures"]["head_parameters"] == ["threshold"]
     assert "T" in rows["head-adnet"]["figures"]["head_values"]
     assert "## Few-shot heads" in md and "| threshold ({T: " in md
+    # the heads on the encoder's bundle: Q-Net's test-time refinement timed per predicted slice, RPT's BaT block
+    qnet = rows["head-qnet"]["figures"]
+    assert qnet["refined_slices"] == qnet["predict_slices"] and 0 < qnet["refine_seconds_per_slice"]
+    assert qnet["refine_seconds_per_slice"] < qnet["predict_seconds_per_slice"] and "tau" in qnet["head_values"]
+    assert any(n.startswith("bat.") for n in rows["head-rpt"]["figures"]["head_parameters"])
+    assert "refine_seconds_per_slice" not in rows["head-rpt"]["figures"] and " (refinement " in md
 
 
 def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, capsys):

@@ -178,9 +178,12 @@ class QnetHead(FewShotHead):
         maps = self.scales(q)
         protos: list[torch.Tensor] = list(state.protos)
         if not self.training and self.refine_iters > 0 and len(q) > 0:
+            cuda = maps[0].device.type == "cuda"
+            if cuda:  # the encoder's and tau's queued kernels are not the refinement's time
+                torch.cuda.synchronize(maps[0].device)
             t0 = time.perf_counter()
             protos = [self.refine(f, p, tau) for f, p in zip(maps, protos, strict=True)]
-            if maps[0].device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(maps[0].device)
             self.refine_seconds += time.perf_counter() - t0
             self.refined_slices += len(q)
