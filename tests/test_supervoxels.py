@@ -48,8 +48,8 @@ def _weight(off: tuple[int, int, int], s: float) -> float:
     """The reference's per-direction weight for z/x spacing ratio s (in-plane 1, diagonals included)."""
     if off[0] == 0:
         return 1.0
-    inplane = abs(off[1]) + abs(off[2])
-    return [s * s, (1 + s * s) / 2, (2 + s * s) / 3][inplane]
+    inplane = abs(off[1]) + abs(off[2])  # the reference's expressions (their rounding orders equal-weight ties)
+    return [s ** 2, (math.sqrt(1 + s ** 2) / math.sqrt(2)) ** 2, (math.sqrt(2 + s ** 2) / math.sqrt(3)) ** 2][inplane]
 
 
 def oracle(img: np.ndarray, spacing: tuple[float, float, float], min_size: int, k: float = 1 / 255) -> np.ndarray:
@@ -64,7 +64,7 @@ def oracle(img: np.ndarray, spacing: tuple[float, float, float], min_size: int, 
             z2, y2, x2 = z - off[0], y - off[1], x - off[2]
             if 0 <= z2 < zs and 0 <= y2 < hs and 0 <= x2 < ws:
                 d = float(img[z, y, x]) - float(img[z2, y2, x2])
-                edges.append((math.sqrt(w * d * d), (z * hs + y) * ws + x, (z2 * hs + y2) * ws + x2))
+                edges.append((math.sqrt(w * (d * d)), (z * hs + y) * ws + x, (z2 * hs + y2) * ws + x2))
     edges.sort(key=lambda e: e[0])  # stable: ties keep the listing order
     n = img.size
     parent, size, cint = list(range(n)), [1] * n, [0.0] * n

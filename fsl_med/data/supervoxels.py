@@ -49,7 +49,7 @@ from fsl_med.locks import Locked, exclusive
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FOREGROUND_THRESHOLD = 10.0
 """Background removal: a voxel is body when its intensity, rescaled to 0..255 over the volume, exceeds this."""
 SCALE = 1.0
@@ -223,7 +223,7 @@ def _edges(image: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.
     for off, w in edge_directions(spacing):
         sa, sb = zip(*(_side(o) for o in off), strict=True)
         d = image[sa] - image[sb]
-        cs.append(np.sqrt(w * d * d).ravel())
+        cs.append(np.sqrt(w * (d * d)).ravel())  # the reference's order of operations (ties depend on it)
         us.append(ids[sa].ravel())
         vs.append(ids[sb].ravel())
     return np.concatenate(us), np.concatenate(vs), np.concatenate(cs)
