@@ -22,7 +22,7 @@ from fsl_med.models.segmenter import FewShotSegmenter, QueryFeatureCache
 BOTH = FeatureRequest(("out", "aux"), pooled=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoder(name: str, request: FeatureRequest | None = None, feature_size: int = 8) -> torch.nn.Module:
     """One encoder per arguments for the whole module (a ResNet-101 takes seconds to build); tests set train/eval."""
     torch.manual_seed(0)
