@@ -394,6 +394,7 @@ DATA_FEEDS_PSEUDOLABELS = {
     "resize_last": "data.resize_last=true",  # pseudolabels of the stored slices, then resized
     "superpixel": "data.superpixel.min_size=100",  # each field: SP_ALTERNATIVES
     "dataset": None,  # the dataset's body threshold reaches the key as superpixel.body_threshold (resolved)
+    "episodes": "data.episodes=supervoxel3d",  # 3D supervoxels instead of 2D superpixels
 }
 DATA_NOT_PSEUDOLABELS = {
     "root": "the image file's content is hashed into the key", "cache_dir": "where the cache is",
@@ -402,6 +403,7 @@ DATA_NOT_PSEUDOLABELS = {
     "num_workers": "loading", "num_val_scans": "which scans",
     "min_superpixel_pixels": "which superpixels episodes draw (not the pseudolabels)",
     "three_slices": "the model's input", "augment": "episode augmentation",
+    "supervoxel": "the supervoxels of data.episodes=supervoxel3d (their cache key: tests/test_supervoxels.py)",
 }
 
 
