@@ -263,7 +263,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
         if timed_refine:
             refine.append((float(head.refine_seconds), int(head.refined_slices)))
 
-    t = median_time(run, 3, warmup=1)
+    t = median_time(run, args.eval_repeats, warmup=1)
     slices = sum(len(it.z) for it in items)
     out = {"seconds_per_slice": t / slices, "seconds_per_volume": t / len(items), "slices": slices,
            "volumes": len(items), "query_scans": len({it.query_id for it in items}),
@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="dinov2_vits14")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="training steps before the timed ones")
+    p.add_argument("--eval-repeats", type=int, default=3, help="timed evaluations of eval (after one untimed)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--tiny-steps", type=int, default=300)
     p.add_argument("--precision", default="32-true")
@@ -675,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=".cache/fsl_med")
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)
+    if args.eval_repeats < 1:
+        p.error(f"--eval-repeats {args.eval_repeats}: need >= 1")
     import logging
     import warnings
 
