@@ -12,7 +12,6 @@ and shared by the tests.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import subprocess
@@ -24,12 +23,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import error_line, fsl_subprocess
+from heads_cli import last_ckpt as _ckpt
+from heads_cli import phantom_env
+from heads_cli import run_dir as _run_dir
+from heads_cli import train_rows as _train_rows
 from omegaconf import OmegaConf
 
 from fsl_med.cli import main
 from fsl_med.config import HEAD_DEFAULTS
 from fsl_med.data.datamodule import FewShotDataModule
-from fsl_med.data.phantom import generate_phantom
 from fsl_med.models.segmenter import FewShotSegmenter
 from fsl_med.refine.ttt import TestTimeTrainer, adapted_parameters
 from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
@@ -44,20 +46,8 @@ LIVER = 1  # CHAOS-T2 label id (the phantom's layout)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The phantom and the overrides every command here shares (``over``; run folders under ``runs``)."""
-    base = tmp_path_factory.mktemp("heads")
-    root = generate_phantom(base / "ph", n_scans=6, size=64, depth=10, seed=0)
-    runs = base / "runs"
-    over = [f"data.root={root}", "data.image_size=64", "data.num_workers=0", "data.batch_size=1",
-            f"logging.output_dir={runs}", "trainer.enable_progress_bar=false", "logging.logger=csv",
-            f"data.cache_dir={tmp_path_factory.getbasetemp() / 'sp_cache'}"]
-    return SimpleNamespace(base=base, root=root, runs=runs, over=over)
-
-
-def _run_dir(env: SimpleNamespace, name: str) -> Path:
-    dirs = sorted((env.runs / name).glob("version_*"))
-    assert dirs, f"no run folder {env.runs / name}"
-    return dirs[-1]
+    """A 6-scan 64-pixel phantom and the overrides every command here shares."""
+    return phantom_env(tmp_path_factory, "heads")
 
 
 def _train(env: SimpleNamespace, name: str, *extra: str, verb: str = "train") -> Path:
@@ -75,16 +65,6 @@ def trained(env: SimpleNamespace) -> dict[str, Path]:
     """head -> run folder of 6 training steps (validation at 3 and 6, every step logged)."""
     return {h: _train(env, h, *_head_args(h), "trainer.max_steps=6", "trainer.val_check_interval=3",
                       "trainer.log_every_n_steps=1") for h in HEADS}
-
-
-def _ckpt(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
-def _train_rows(run_dir: Path) -> list[dict[str, str]]:
-    """The training-step rows of a run's metrics.csv."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 def _threshold(path: Path) -> torch.Tensor:

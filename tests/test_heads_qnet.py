@@ -20,7 +20,6 @@ DDP without ``find_unused_parameters`` (slow).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -31,12 +30,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import fsl_subprocess
+from heads_cli import head_state as _tau_state
+from heads_cli import last_ckpt as _ckpt
+from heads_cli import phantom_env
+from heads_cli import run_dir as _run_dir
+from heads_cli import train_rows as _rows
 from heads_literal import synthetic_episode
 from heads_literal_qnet import TwoScaleConvEncoder, qnet_episode, qnet_predict
 
 from fsl_med.cli import main
 from fsl_med.config import load_config
-from fsl_med.data.phantom import generate_phantom
 from fsl_med.errors import ConfigError
 from fsl_med.models.features import EncoderOutput
 from fsl_med.models.heads import create_head
@@ -228,38 +231,12 @@ STEPS = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    base = tmp_path_factory.mktemp("qnet")
-    root = generate_phantom(base / "ph", n_scans=6, size=64, depth=10, seed=0)
-    runs = base / "runs"
-    over = [f"data.root={root}", "data.image_size=64", "data.num_workers=0", "data.batch_size=1",
-            f"logging.output_dir={runs}", "trainer.enable_progress_bar=false", "logging.logger=csv",
-            f"data.cache_dir={tmp_path_factory.getbasetemp() / 'sp_cache'}"]
-    return SimpleNamespace(base=base, root=root, runs=runs, over=over)
-
-
-def _run_dir(env: SimpleNamespace, name: str) -> Path:
-    dirs = sorted((env.runs / name).glob("version_*"))
-    assert dirs, f"no run folder {env.runs / name}"
-    return dirs[-1]
+    return phantom_env(tmp_path_factory, "qnet")
 
 
 def _train(env: SimpleNamespace, name: str, *extra: str) -> Path:
     assert main(["train", DEMO, *env.over, *QNET, *STEPS, f"name={name}", *extra]) == 0
     return _run_dir(env, name)
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("train/loss")]
-
-
-def _ckpt(run: Path) -> Path:
-    return run / "checkpoints" / "last.ckpt"
-
-
-def _tau_state(path: Path) -> dict[str, torch.Tensor]:
-    sd = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in sd.items() if k.startswith("model.head.")}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ data is used instead when the parameters are the reference defaults.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -19,10 +18,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from fsl_med.atomic import atomic_path, sha256_file
+from fsl_med.atomic import sha256_file
 from fsl_med.config import SuperpixelConfig
-from fsl_med.errors import DataError, os_reason
-from fsl_med.locks import Locked, exclusive
+from fsl_med.data.volume_cache import VolumeCache
 from fsl_med.prepare.datasets import DatasetInfo
 
 log = logging.getLogger(__name__)
@@ -31,24 +29,9 @@ CACHE_VERSION = 1
 MRI_BODY_THRESHOLD = 50 + 1e-4
 """Body-mask threshold when ``body_threshold`` is unset (the MRI datasets'; the datamodule passes the dataset's)."""
 
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
-"""OS errors of a cache that is read-only: tolerated (pseudolabels computed without caching)."""
-_warned: set[str] = set()
-LOCK_WAIT_S = 1800.0
-"""Seconds a job waits for another job computing the same cache entry (one volume takes seconds to minutes)."""
-
-
-def _cache_fault(folder: Path, err: OSError) -> None:
-    """A read-only cache: warn once per folder; any other fault: :class:`DataError` naming the path."""
-    reason = err.strerror or type(err).__name__
-    if err.errno in _UNWRITABLE:
-        if str(folder) not in _warned:
-            _warned.add(str(folder))
-            log.warning("superpixel cache %s is not writable (%s): pseudolabels are computed without caching",
-                        folder, reason)
-        return
-    raise DataError(f"superpixel cache {folder}: cannot create or write it ({reason}); "
-                    "set data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE to a writable folder") from err
+SUPERPIXEL_CACHE = VolumeCache("superpixel", "pseudolabels", "data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE",
+                               __name__)
+"""The superpixel cache (:mod:`fsl_med.data.volume_cache`): ``<cache_dir>/superpixels/<image>-<key>.npz``."""
 
 
 def body_mask(slice_2d: np.ndarray, threshold: float | None, connectivity: int = 8) -> np.ndarray:
@@ -126,63 +109,8 @@ def load_or_make_superpixels(image: np.ndarray, image_path: Path, params: Superp
         DataError: the cache path is not usable as a folder (the message names it and the OS error), or
             the image file cannot be read.
     """
-    cache_dir = Path(cache_dir).expanduser() / "superpixels"
-    writable = True
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)  # before the work: a cache path below a file fails now
-    except FileExistsError as e:  # exists, but not as a folder
-        raise DataError(f"superpixel cache {cache_dir}: exists and is not a folder; "
-                        "set data.cache_dir (prepare: --cache-dir) or FSL_MED_CACHE to a folder") from e
-    except OSError as e:
-        _cache_fault(cache_dir, e)
-        writable = False
-    key = cache_key(image_path, params, image.shape[-1])
-    dest = cache_dir / f"{image_path.name.split('.')[0]}-{key}.npz"
-    try:
-        cached = dest.is_file()
-    except OSError as e:  # a folder we may not search
-        _cache_fault(cache_dir, e)
-        cached, writable = False, False
-    if cached:
-        sp = _read_entry(dest, image.shape)
-        if sp is not None:
-            return sp
-    if not writable:
-        return superpixels_volume(image, params)
-    try:  # one writer per entry: another job computing it is waited for, then its result is read
-        with exclusive(cache_dir / f".{dest.name}.lock", f"superpixel cache entry {dest}", wait=LOCK_WAIT_S):
-            sp = _read_entry(dest, image.shape)
-            if sp is None:
-                sp = superpixels_volume(image, params)
-                _write_entry(dest, sp, cache_dir)
-    except Locked:
-        raise
-    except DataError as e:  # the lock file cannot be created: a read-only cache is used without caching
-        reason = os_reason(e)
-        if reason is None or reason.errno not in _UNWRITABLE:
-            raise
-        _cache_fault(cache_dir, reason)
-        sp = superpixels_volume(image, params)
-    return sp
-
-
-def _read_entry(dest: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A cache entry's pseudolabels, or None when it is missing, corrupt, unreadable or of another shape."""
-    try:
-        with np.load(dest) as z:
-            sp = z["superpixels"]
-        return sp if sp.shape == shape else None
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-
-
-def _write_entry(dest: Path, sp: np.ndarray, cache_dir: Path) -> None:
-    try:
-        with atomic_path(dest, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, superpixels=sp)
-    except OSError as e:
-        _cache_fault(cache_dir, e)
+    return SUPERPIXEL_CACHE.load_or_make(cache_dir, image_path, cache_key(image_path, params, image.shape[-1]),
+                                         image.shape, lambda: superpixels_volume(image, params))
 
 
 def cache_superpixels(root: Path, scan_ids: list[str], info: DatasetInfo, cache_dir: str | Path,

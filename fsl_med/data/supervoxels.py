@@ -27,7 +27,6 @@ job computes an entry while others wait for it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -41,11 +40,11 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
-from fsl_med.atomic import atomic_path, sha256_file
+from fsl_med.atomic import sha256_file
 from fsl_med.config import SupervoxelConfig
 from fsl_med.data.superpixels import body_mask
-from fsl_med.errors import DataError, os_reason
-from fsl_med.locks import Locked, exclusive
+from fsl_med.data.volume_cache import VolumeCache
+from fsl_med.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,8 @@ FOREGROUND_THRESHOLD = 10.0
 SCALE = 1.0
 """Felzenszwalb's ``scale`` (k = scale / 255 on the 0..255 image); the reference never changes it."""
 ENGINES = ("auto", "python", "numba")
-LOCK_WAIT_S = 1800.0
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
-_warned: set[str] = set()
+SUPERVOXEL_CACHE = VolumeCache("supervoxel", "supervoxels", logger=__name__)
+"""The supervoxel cache (:mod:`fsl_med.data.volume_cache`): ``<cache_dir>/supervoxels/<image>-<key>.npz``."""
 _STOP = 1.0 + 1e-6
 """Margin of the early stop of the merge pass: float32 rounding moves a threshold by at most 6e-8 of its value."""
 _CHUNK = 1 << 16
@@ -366,36 +364,10 @@ def cache_key(image_path: Path, params: SupervoxelConfig, shape: Sequence[int], 
     return f"{sha256_file(image_path)[:16]}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def _cache_fault(folder: Path, err: OSError) -> None:
-    """A read-only cache: warn once per folder; any other fault: :class:`DataError` naming the path."""
-    reason = err.strerror or type(err).__name__
-    if err.errno in _UNWRITABLE:
-        if str(folder) not in _warned:
-            _warned.add(str(folder))
-            log.warning("supervoxel cache %s is not writable (%s): supervoxels are computed without caching",
-                        folder, reason)
-        return
-    raise DataError(f"supervoxel cache {folder}: cannot create or write it ({reason}); "
-                    "set data.cache_dir or FSL_MED_CACHE to a writable folder") from err
 
 
-def _read_entry(dest: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A cache entry's supervoxels, or None when it is missing, corrupt, unreadable or of another shape."""
-    try:
-        with np.load(dest) as z:
-            sv = z["supervoxels"]
-        return sv if sv.shape == shape else None
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
 
 
-def _write_entry(dest: Path, sv: np.ndarray, cache_dir: Path) -> None:
-    try:
-        with atomic_path(dest, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, supervoxels=sv)
-    except OSError as e:
-        _cache_fault(cache_dir, e)
 
 
 def load_or_make_supervoxels(image: np.ndarray, image_path: Path, spacing: Sequence[float],
@@ -417,40 +389,5 @@ def load_or_make_supervoxels(image: np.ndarray, image_path: Path, spacing: Seque
     Raises:
         DataError: the cache path cannot be a folder, or another OS error writing it.
     """
-    folder = Path(cache_dir).expanduser() / "supervoxels"
-    writable = True
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:
-        raise DataError(f"supervoxel cache {folder}: exists and is not a folder; "
-                        "set data.cache_dir or FSL_MED_CACHE to a folder") from e
-    except OSError as e:
-        _cache_fault(folder, e)
-        writable = False
-    dest = folder / f"{image_path.name.split('.')[0]}-{cache_key(image_path, params, image.shape, spacing)}.npz"
-    try:
-        cached = dest.is_file()
-    except OSError as e:
-        _cache_fault(folder, e)
-        cached, writable = False, False
-    if cached:
-        sv = _read_entry(dest, image.shape)
-        if sv is not None:
-            return sv
-    if not writable:
-        return supervoxels_volume(image, spacing, params, engine)
-    try:
-        with exclusive(folder / f".{dest.name}.lock", f"supervoxel cache entry {dest}", wait=LOCK_WAIT_S):
-            sv = _read_entry(dest, image.shape)
-            if sv is None:
-                sv = supervoxels_volume(image, spacing, params, engine)
-                _write_entry(dest, sv, folder)
-    except Locked:
-        raise
-    except DataError as e:  # the lock file cannot be created: a read-only cache is used without caching
-        reason = os_reason(e)
-        if reason is None or reason.errno not in _UNWRITABLE:
-            raise
-        _cache_fault(folder, reason)
-        sv = supervoxels_volume(image, spacing, params, engine)
-    return sv
+    return SUPERVOXEL_CACHE.load_or_make(cache_dir, image_path, cache_key(image_path, params, image.shape, spacing),
+                                         image.shape, lambda: supervoxels_volume(image, spacing, params, engine))
