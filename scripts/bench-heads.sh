@@ -129,10 +129,10 @@ for i, (r, t, label, part, ov) in enumerate(plan):
         t0 = time.perf_counter()
         res = subprocess.run(cmd, cwd=t["root"], env=t["env"], capture_output=True, text=True)
         log = out / "logs" / f"{t['name']}-{label}-r{r + 1}.log"
-        log.write_text(" ".join(cmd) + "\n" + res.stderr)
-        if res.returncode:
-            print(f"bench-heads: {t['name']} {label} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]} "
-                  f"(log: {log})", file=sys.stderr)
+        log.write_text(" ".join(cmd) + "\n" + res.stderr + f"\nexit status {res.returncode}\n")
+        if res.returncode:  # a negative status: killed by that signal (e.g. -9, the kernel's OOM killer)
+            print(f"bench-heads: {t['name']} {label} failed (exit status {res.returncode}): "
+                  f"{(res.stderr.strip().splitlines() or ['?'])[-1]} (log: {log})", file=sys.stderr)
             sys.exit(1)
         fig = json.loads(res.stdout.strip().splitlines()[-1])
         with jsonl.open("a") as f:
