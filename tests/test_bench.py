@@ -135,8 +135,8 @@ def test_qnet_refinement_and_rpt_are_measured(tmp_path, cache_dir, capsys):
     common = ["--data", str(root), "--encoder", "vit_tiny_patch14", "--work", str(tmp_path / "w"), "--cache-dir",
               str(cache_dir), "--workers", "0"]
     small = ["data.image_size=64", "model.feature_size=16"]  # Q-Net's finer map 32x32: a quick refinement
-    assert bench_child(["eval", *common, "--set", "model.head.name=qnet", "model.head.qnet.refine_iters=2",
-                        *small]) == 0
+    assert bench_child(["eval", *common, "--eval-repeats", "1", "--set", "model.head.name=qnet",
+                        "model.head.qnet.refine_iters=2", *small]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["head"] == "qnet" and ev["head_parameters"][0] == "tau.0.weight"
     assert ev["refined_slices"] == ev["slices"] > 0  # each scored (organ, slice) refined once per run, not 4x
