@@ -186,7 +186,7 @@ def part_train(args: argparse.Namespace, finetune: str) -> dict[str, Any]:
     flops = count_flops(step)
     module.zero_grad(set_to_none=True)
 
-    timer = StepTimer()
+    timer = StepTimer(synchronize=True)  # the device's seconds per step (kernels, not their launch)
     trainer = make_trainer(cfg, new_run_dir(args.work, f"bench-{finetune}"), with_val=False,
                            extra_callbacks=[timer], progress_bar=False)
     trainer.fit(module, datamodule=dm)

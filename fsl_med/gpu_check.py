@@ -5,6 +5,12 @@ Every CUDA-specific path of fsl_med runs here once, each as one row of a report:
 ``fsl-med segment``, DDP (NCCL), and whether the data pipeline keeps the device busy. A row that fails is
 reported with its message (and its traceback in ``gpu-check.log``); the other rows still run.
 
+The ``jobs-b<N>`` rows measure how many training runs share one GPU best (``protocol.jobs_per_gpu``): 1, 2 and 4
+concurrent training processes (separate OS processes, the large encoder in bf16-mixed at batch ``N``) each build
+their model and warm up, then run a fixed number of steps from a common start; the row gives the total episodes per
+second of each count, its speed-up over one process, the peak GPU memory of each process, and names the count with
+the most episodes per second. The processes run this module with a hidden worker option (``--jobs-worker``).
+
 Two profiles:
 
 * ``gpu`` (a CUDA device is present): the bundled or given real CHAOS-T2 folder, fold 0; the paper's
@@ -28,11 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import os
+import select
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +86,10 @@ class Profile:
     matmul_n: int
     budget_s: float
     row_timeout_s: int
+    jobs: tuple[int, ...] = (1, 2, 4)
+    """Counts of concurrent training processes of the ``jobs-b<N>`` rows."""
+    jobs_steps: int = 20
+    """Timed training steps of each process in each count's common window (after ``warmup`` steps)."""
 
 
 GPU = Profile(
@@ -86,7 +99,7 @@ GPU = Profile(
     small=("model.encoder.name=dinov2_vits14", "model.encoder.finetune=full"),
     small_title="DINOv2 ViT-S/14, full",
     phantom=(), warmup=3, steps=10, batch_sizes=(1, 8, 32), ckpt_steps=5, ttt_steps=100, paper_ttt_slices=3,
-    matmul_n=8192, budget_s=330.0, row_timeout_s=200,
+    matmul_n=8192, budget_s=330.0, row_timeout_s=200, jobs=(1, 2, 4), jobs_steps=20,
 )
 TINY = Profile(
     name="tiny",
@@ -95,7 +108,7 @@ TINY = Profile(
     small=("model.encoder.name=vit_tiny_patch14", "model.encoder.finetune=full"),
     small_title="tiny ViT (2 blocks, dim 64), full",
     phantom=("data.image_size=64",), warmup=1, steps=2, batch_sizes=(1, 2, 4), ckpt_steps=2, ttt_steps=2,
-    paper_ttt_slices=2, matmul_n=512, budget_s=270.0, row_timeout_s=150,
+    paper_ttt_slices=2, matmul_n=512, budget_s=270.0, row_timeout_s=150, jobs=(1, 2), jobs_steps=2,
 )
 PROFILES = {"gpu": GPU, "tiny": TINY}
 
@@ -119,10 +132,16 @@ def head_plan() -> list[tuple[str, str]]:
     return [(f"head-{h}", h) for h in list_heads()]
 
 
+def jobs_plan(profile: Profile) -> list[tuple[str, int]]:
+    """The ``(key, batch)`` of the concurrent-training rows: ``jobs-b<N>`` for the profile's first two batch sizes."""
+    return [(f"jobs-b{b}", b) for b in profile.batch_sizes[:2]]
+
+
 def row_keys(profile: Profile) -> list[str]:
     """Every row key of ``profile`` in the order the rows run (``--only`` takes prefixes of them)."""
     eager, compiled = train_plan(profile)
-    return ["env", *(k[0] for k in eager), *EVAL_KEYS, *(k for k, _ in head_plan()), *(k[0] for k in compiled)]
+    return ["env", *(k[0] for k in eager), *EVAL_KEYS, *(k for k, _ in head_plan()), *(k for k, _ in jobs_plan(profile)),
+            *(k[0] for k in compiled)]
 
 
 EVAL_KEYS = ("ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp")
@@ -163,6 +182,20 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+@contextlib.contextmanager
+def _alarm_deferred() -> Iterator[None]:
+    """SIGALRM (a row's time limit) held back until the block ends, then delivered."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
@@ -178,6 +211,189 @@ def _head_figures(model: Any) -> dict[str, Any]:
     head = model.head
     return {"head": head.name, "head_parameters": [n for n, _ in head.named_parameters()],
             "head_values": head.log_values()}
+
+
+# -- the concurrent training processes of the jobs-b<N> rows -------------------------------------------------------
+
+_CHILD_ENV_DROP = ("FSL_MED_RUN_DIR", "LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class _JobProcess:
+    """One training process of a ``jobs-b<N>`` row (``python -m fsl_med.gpu_check --jobs-worker SPEC FD``), in a
+    process group of its own. It reports on a pipe (``FD``: one JSON object a line: ``ready``, ``done``, ``error``)
+    and is released by a ``go`` line on its stdin; its output goes to ``worker-<i>.log``."""
+
+    def __init__(self, index: int, proc: subprocess.Popen, fd: int, log: Path) -> None:
+        self.index, self.proc, self.fd, self.log = index, proc, fd, log
+        self.buffer = b""
+        self.messages: list[dict[str, Any]] = []
+        self.armed = False  # a `ready` was received and no `go` sent since
+        self.eof = False
+
+    @classmethod
+    def start(cls, index: int, spec: dict[str, Any], folder: Path) -> _JobProcess:
+        spec_path = folder / f"worker-{index}.json"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        log = folder / f"worker-{index}.log"
+        env = {k: v for k, v in os.environ.items() if k not in _CHILD_ENV_DROP}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+        r, w = os.pipe()
+        try:
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, *(["-S"] if sys.flags.no_site else []), "-m", "fsl_med.gpu_check", "--jobs-worker",
+                     str(spec_path), str(w)],
+                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, pass_fds=(w,), env=env,
+                    start_new_session=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        return cls(index, proc, r, log)
+
+    def read(self) -> None:
+        """Whatever the process has written to its pipe (called when ``select`` says it is readable)."""
+        data = os.read(self.fd, 65536)
+        if not data:
+            self.eof = True
+            return
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        self.messages += [json.loads(line) for line in lines if line.strip()]
+
+    def failure(self, waiting_for: str) -> RuntimeError:
+        """Why the process is gone or said ``error``: its message, else the last line of its log."""
+        err = next((m["message"] for m in self.messages if m.get("event") == "error"), None)
+        if err is None:
+            try:
+                tail = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+            except OSError:
+                tail = []
+            err = tail[-1].strip() if tail else "no output"
+        rc = self.proc.poll()
+        state = f"exited with status {rc}" if rc is not None else "failed"
+        return RuntimeError(f"training process {self.index} {state} before '{waiting_for}': {err} (log: {self.log})")
+
+    def go(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self.failure("go") from None
+        self.armed = False
+
+    def kill(self) -> None:
+        """Kill the process and its process group (its DataLoader workers), reap it, close the pipes."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _await(procs: list[_JobProcess], event: str) -> list[dict[str, Any]]:
+    """The next message of each of ``procs``, which must be ``event`` (in the order of ``procs``). Waits without a
+    limit of its own (the row's time limit interrupts it); a process that exits or reports an error first fails."""
+    got: dict[int, dict[str, Any]] = {}
+    while len(got) < len(procs):
+        for pr in procs:
+            if pr.index in got:
+                continue
+            if pr.messages:
+                m = pr.messages.pop(0)
+                if m.get("event") != event:
+                    if m.get("event") == "error":
+                        pr.messages.insert(0, m)
+                    raise pr.failure(event)
+                got[pr.index] = m
+                if event == "ready":
+                    pr.armed = True
+            elif pr.eof or pr.proc.poll() is not None:
+                with contextlib.suppress(OSError):
+                    while not pr.eof and select.select([pr.fd], [], [], 0)[0]:  # what it wrote before exiting
+                        pr.read()
+                if not pr.messages:
+                    raise pr.failure(event)
+        waiting = [pr for pr in procs if pr.index not in got and not pr.messages and not pr.eof]
+        if waiting:
+            readable, _, _ = select.select([pr.fd for pr in waiting], [], [], 0.5)
+            for pr in waiting:
+                if pr.fd in readable:
+                    pr.read()
+    return [got[pr.index] for pr in procs]
+
+
+def _jobs_worker(spec_path: str, fd: int) -> int:
+    """One process of a ``jobs-b<N>`` row: build the model from the spec's overrides, train ``warmup`` steps through
+    Lightning, then ``rounds`` times: say ``ready``, wait for ``go`` on stdin, train ``steps`` steps and say ``done``
+    with the window's start and end (``time.monotonic``: one clock for every process of the machine, the device
+    synchronised), its episodes and peak memory. After the last round it waits for the check to end it."""
+    out = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+
+    def send(**msg: Any) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    try:
+        from lightning.pytorch.callbacks import Callback
+
+        from fsl_med.data.datamodule import FewShotDataModule
+        from fsl_med.models.module import FewShotModule
+        from fsl_med.runs import load_run_config, make_trainer
+
+        spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+        warmup, steps, rounds, batch = spec["warmup"], spec["steps"], spec["rounds"], spec["batch"]
+
+        def wait_for_go() -> None:
+            if sys.stdin.readline().strip() != "go":  # the check ended (or is gone): nothing more to measure
+                out.close()
+                os._exit(0)
+
+        class Rounds(Callback):
+            def __init__(self) -> None:
+                self.batches, self.t0 = 0, 0.0
+
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, b: Any, batch_idx: int) -> None:
+                self.batches += 1
+                k, rest = divmod(self.batches - warmup, steps)
+                if self.batches < warmup or rest:
+                    return
+                dev = pl_module.device
+                sync(dev)
+                now = time.monotonic()
+                cuda = torch.device(dev).type == "cuda"
+                if k > 0:
+                    send(event="done", round=k - 1, t0=self.t0, t1=now, episodes=batch * steps,
+                         **({"peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20} if cuda
+                            else {"peak_rss_mb": peak_rss_mb()}))
+                if k < rounds:
+                    send(event="ready", round=k)
+                wait_for_go()  # after the last round: until the check kills this process
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                sync(dev)
+                self.t0 = time.monotonic()
+
+        cfg = load_run_config(REPO / "experiments" / "mri.yaml", spec["overrides"])
+        dm = FewShotDataModule(cfg)
+        module = FewShotModule.from_config(cfg)
+        trainer = make_trainer(cfg, Path(spec["run_dir"]), with_val=False, extra_callbacks=[Rounds()],
+                               progress_bar=False)
+        trainer.fit(module, datamodule=dm)
+    except BaseException as e:  # noqa: BLE001 - reported to the check, traceback in the log
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            send(event="error", message=_one_line(e))
+        return 1
+    return 0
 
 
 class GpuCheck:
@@ -214,14 +430,17 @@ class GpuCheck:
         self.split: dict[str, Any] = {}
 
     # -- configuration ------------------------------------------------------------------------------
+    def config_overrides(self, extra: list[str] | tuple[str, ...]) -> list[str]:
+        """The overrides of :meth:`config` (of ``experiments/mri.yaml``): scratch paths + profile + user + ``extra``."""
+        return [f"data.root={self.data}", f"data.cache_dir={self.cache_dir}", f"logging.output_dir={self.work / 'runs'}",
+                "logging.logger=none", "trainer.enable_progress_bar=false", "model.encoder.weights=none",
+                *(self.profile.phantom if self.phantom else ()), *self.overrides, *extra]
+
     def config(self, extra: list[str] | tuple[str, ...]) -> Any:
         """The run config of one row: ``experiments/mri.yaml`` + scratch paths + profile + user + row overrides."""
         from fsl_med.runs import load_run_config
 
-        return load_run_config(REPO / "experiments" / "mri.yaml", [
-            f"data.root={self.data}", f"data.cache_dir={self.cache_dir}", f"logging.output_dir={self.work / 'runs'}",
-            "logging.logger=none", "trainer.enable_progress_bar=false", "model.encoder.weights=none",
-            *(self.profile.phantom if self.phantom else ()), *self.overrides, *extra])
+        return load_run_config(REPO / "experiments" / "mri.yaml", self.config_overrides(extra))
 
     # -- running rows -------------------------------------------------------------------------------
     def selected(self, key: str) -> bool:
@@ -361,7 +580,7 @@ class GpuCheck:
             module.zero_grad(set_to_none=True)
             del b
             self._cleanup()
-        timer = StepTimer()
+        timer = StepTimer(synchronize=True)  # the device's seconds per step (kernels, not their launch)
         trainer = make_trainer(cfg, new_run_dir(self.work / "runs", f"train-{row.key}"), with_val=False,
                                extra_callbacks=[timer], progress_bar=False)
         trainer.fit(module, datamodule=dm)
@@ -419,6 +638,67 @@ class GpuCheck:
         if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
             raise RuntimeError(f"head {head}: probabilities outside [0, 1] or not finite")
 
+    def row_jobs(self, row: Row, batch: int) -> None:
+        """Total training episodes per second of 1, 2, 4 (``profile.jobs``) concurrent training processes on the
+        device: the large encoder, bf16-mixed, batch ``batch``, through Lightning with the configured DataLoader.
+
+        ``max(jobs)`` processes start at once (this module's ``--jobs-worker``); each builds its model and trains
+        ``warmup`` steps, then waits. For each count n, the first n processes are released together and each trains
+        ``jobs_steps`` steps; the others wait, idle. Total episodes/s = (sum of batch x steps) / (the last end - the
+        first start); the speed-up is relative to one process. Peak GPU memory is per process and count (CUDA; without
+        CUDA the processes' peak RSS). The row's time limit or any error kills every process (their DataLoader workers
+        with them: each runs in its own process group)."""
+        p = self.profile
+        extra = [*p.large, "trainer.precision=bf16-mixed", "model.compile=off", f"data.batch_size={batch}",
+                 "data.num_val_scans=0"]
+        cfg = self.config(extra)
+        self._data_module(cfg)  # superpixels computed once, before the processes read them
+        counts = sorted(set(p.jobs))
+        f = row.figures
+        f.update(head=cfg.model.head.name, encoder=cfg.model.encoder.name, finetune=cfg.model.encoder.finetune,
+                 precision="bf16-mixed", batch=batch, workers=cfg.data.num_workers, warmup_steps=p.warmup,
+                 steps_per_process=p.jobs_steps, jobs=counts)
+        from fsl_med.runs import new_run_dir
+
+        folder = self.work / row.key
+        folder.mkdir(parents=True, exist_ok=True)
+        procs: list[_JobProcess] = []
+        try:
+            for i in range(counts[-1]):
+                rounds = sum(n > i for n in counts)
+                spec = {"overrides": self.config_overrides([*extra, f"trainer.max_steps={p.warmup + p.jobs_steps * rounds}"]),
+                        "warmup": p.warmup, "steps": p.jobs_steps, "rounds": rounds, "batch": batch,
+                        "run_dir": str(new_run_dir(self.work / "runs", f"{row.key}-{i}"))}
+                with _alarm_deferred():  # a process started is always in `procs`, whose end the `finally` sees to
+                    procs.append(_JobProcess.start(i, spec, folder))
+            f["process_ids"] = [pr.proc.pid for pr in procs]  # the report names them even if the row fails
+            _await(procs, "ready")  # every process built and warmed up
+            results: list[dict[str, Any]] = []
+            for n in counts:
+                active = procs[:n]
+                _await([pr for pr in active if not pr.armed], "ready")
+                for pr in active:  # the common start
+                    pr.go()
+                done = _await(active, "done")
+                t0, t1 = min(m["t0"] for m in done), max(m["t1"] for m in done)
+                episodes = sum(m["episodes"] for m in done)
+                res: dict[str, Any] = {
+                    "jobs": n, "episodes_per_s": episodes / (t1 - t0), "window_s": t1 - t0, "episodes": episodes,
+                    "per_process_episodes_per_s": [m["episodes"] / (m["t1"] - m["t0"]) for m in done]}
+                res["speedup"] = res["episodes_per_s"] / results[0]["episodes_per_s"] if results else 1.0
+                if self.cuda:
+                    res["peak_gpu_mb"] = [m["peak_gpu_mb"] for m in done]
+                else:
+                    res.update(peak_gpu_mb=NO_CUDA, peak_rss_mb=[m["peak_rss_mb"] for m in done])
+                results.append(res)
+                f["concurrent"] = results
+            best = max(results, key=lambda r: r["episodes_per_s"])
+            f.update(best_jobs=best["jobs"], best_episodes_per_s=best["episodes_per_s"],
+                     suggested_jobs_per_gpu=best["jobs"])
+        finally:
+            for pr in procs:
+                pr.kill()
+
     def row_ckpt(self, row: Row) -> None:
         """The ``train`` verb for a few steps with validation: the checkpoint every evaluation row loads."""
         from fsl_med.models.module import FewShotModule
@@ -428,7 +708,7 @@ class GpuCheck:
         cfg = self.config([*p.large, f"trainer.max_steps={p.ckpt_steps}", f"trainer.val_check_interval={p.ckpt_steps}",
                            "data.num_val_scans=1", "name=gpu-check", "trainer.precision=32-true"])
         module = FewShotModule.from_config(cfg)
-        res = train(cfg, module=module)
+        res = train(cfg, module=module, sync_timing=True)  # its seconds per step are reported
         self.ckpt = res.last_ckpt
         row.figures.update(_head_figures(module.model), steps=res.steps, seconds_per_step=res.seconds_per_step,
                            val_dice=res.val_dice, checkpoint=res.last_ckpt.name)
@@ -624,6 +904,10 @@ class GpuCheck:
             for k, head in head_plan():  # after the rows above, before the compiled ones (the budget drops last rows)
                 self.run_row(k, "heads", f"head `{head}`: {S}, bf16-mixed, batch {p.batch_sizes[0]}: training steps, then "
                              f"the prediction of a query volume on {self.device}", lambda r, h=head: self.row_head(r, h))
+            where = "one GPU" if self.cuda else "the CPU"
+            for k, b in jobs_plan(p):  # before the compiled rows (the time budget drops the last rows first)
+                self.run_row(k, "jobs", f"{L}, bf16-mixed, batch {b}: {', '.join(map(str, sorted(set(p.jobs))))} "
+                             f"concurrent training processes on {where}", lambda r, b=b: self.row_jobs(r, b))
             for k, enc, prec, comp, b in compiled:
                 self.run_row(k, "train", title(enc, prec, comp, b), lambda r, a=(enc, prec, comp, b): self.row_train(r, *a))
         self.write()
@@ -762,6 +1046,9 @@ def render_markdown(check: GpuCheck) -> str:
                          f"| {_cell(f.get('gflop_per_step'), 1)} | {predict} "
                          f"| {_pct(f.get('predict_foreground'))} | {prob} | {r.status} |")
         lines.append("")
+    rows = [r for r in check.rows if r.section == "jobs"]
+    if rows:
+        lines += _jobs_table(check, rows)
     for section, heading in (("eval", "## Evaluation"), ("segment", "## Segment"), ("ddp", "## DDP")):
         rows = [r for r in check.rows if r.section == section]
         if not rows:
@@ -777,6 +1064,41 @@ def render_markdown(check: GpuCheck) -> str:
         lines += ["## Failures", ""] + [f"- `{r.key}`: {r.status[len('FAILED: '):]}" for r in failed]
         lines += ["", "Tracebacks: `gpu-check.log`.", ""]
     return "\n".join(lines)
+
+
+def _jobs_table(check: GpuCheck, rows: list[Row]) -> list[str]:
+    """The concurrent-training section: one line per row and process count, then the suggested
+    ``protocol.jobs_per_gpu`` of each row."""
+    where = "one GPU" if check.cuda else "the CPU (tiny mode: not a benchmark)"
+    mem = "peak GPU MB per process" if check.cuda else "peak RSS MB per process"
+    lines = [f"## Concurrent training processes on {where} (`protocol.jobs_per_gpu`)", "",
+             "Each process trains on its own (separate OS processes); the counts start together after their warm-up. "
+             "Total episodes/s = (sum of batch x steps) / the wall time from the first start to the last end.", "",
+             f"| row | head | processes | total episodes/s | speed-up vs 1 | episodes/s per process | {mem} "
+             "| window s | status |", "|---|---|---:|---:|---:|---|---|---:|---|"]
+    notes = []
+    for r in rows:
+        f = r.figures
+        res = f.get("concurrent") or []
+        if not res:
+            lines.append(f"| {r.title} | {_cell(f.get('head'))} | – | – | – | – | – | – | {r.status} |")
+            continue
+        for i, c in enumerate(res):
+            per = ", ".join(f"{x:.2f}" for x in c["per_process_episodes_per_s"])
+            peak = c.get("peak_gpu_mb") if check.cuda else c.get("peak_rss_mb")
+            peak = ", ".join(f"{x:.0f}" for x in peak) if isinstance(peak, list) else _cell(peak)
+            best = " **(best)**" if c["jobs"] == f.get("best_jobs") else ""
+            lines.append(f"| {r.title if i == 0 else ''} | {_cell(f.get('head')) if i == 0 else ''} | {c['jobs']}{best} "
+                         f"| {_cell(c['episodes_per_s'], 2)} | {_cell(c['speedup'], 2)}× | {per} | {peak} "
+                         f"| {_cell(c['window_s'], 2)} | {r.status if i == 0 else ''} |")
+        if f.get("suggested_jobs_per_gpu") is not None:
+            notes.append(f"- batch {f.get('batch')}: the most episodes/s with {f['suggested_jobs_per_gpu']} "
+                         f"process(es) ({_cell(f['best_episodes_per_s'], 2)} episodes/s): "
+                         f"`protocol.jobs_per_gpu={f['suggested_jobs_per_gpu']}`")
+    lines.append("")
+    if notes:
+        lines += ["Suggested `protocol.jobs_per_gpu` (the count with the most total episodes/s):", "", *notes, ""]
+    return lines
 
 
 def _fig(v: Any) -> str:
@@ -879,3 +1201,7 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     check = GpuCheck(out_dir, prof, root if real else None, cache, list(overrides or []), only, budget_s)
     failed = check.run()
     return out_dir / "gpu-check.md", failed
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--jobs-worker":  # a jobs-b<N> row's process
+    sys.exit(_jobs_worker(sys.argv[2], int(sys.argv[3])))

@@ -42,30 +42,37 @@ log = logging.getLogger(__name__)
 class StepTimer(Callback):
     """Wall-clock seconds of each training batch (data wait excluded), for the run summary.
 
-    On CUDA the device is synchronised at the start and end of each batch, so a time is the batch's
-    kernels, not their launch. ``gaps`` holds the seconds from the end of one batch to the start of the next:
+    ``synchronize=True`` (what ``bench`` and ``gpu-check`` ask for) synchronises the device at the start and end of
+    each batch, so a time on CUDA is the batch's kernels, not their launch. Without it (ordinary training: a
+    synchronisation after every step stalls the host's queueing of the next one) the times are host-side:
+    accurate on the CPU; on CUDA they end when the host has queued the step (it waits within the step where a
+    value is read, e.g. the loss's finiteness check), and a step's unfinished kernels land in the next step's time
+    or gap. ``gaps`` holds the seconds from the end of one batch to the start of the next:
     the wait for the DataLoader plus the loop's own work between batches (logging, checkpoint callbacks).
 
     With ``log_every > 0`` it also logs a progress line every ``log_every`` steps (used when there is
     no terminal for a progress bar, e.g. batch jobs and CI logs).
     """
 
-    def __init__(self, log_every: int = 0) -> None:
+    def __init__(self, log_every: int = 0, synchronize: bool = False) -> None:
         self.times: list[float] = []
         self.gaps: list[float] = []
         self._t0 = 0.0
         self._t_end: float | None = None
         self.log_every = log_every
+        self.synchronize = synchronize
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        sync(pl_module.device)
+        if self.synchronize:
+            sync(pl_module.device)
         self._t0 = time.perf_counter()
         if self._t_end is not None:
             self.gaps.append(self._t0 - self._t_end)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        sync(pl_module.device)
+        if self.synchronize:
+            sync(pl_module.device)
         self._t_end = time.perf_counter()
         self.times.append(self._t_end - self._t0)
         step = trainer.global_step
@@ -167,7 +174,7 @@ def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) 
 
 
 def train(cfg: DictConfig, module: FewShotModule | None = None,
-          explicit: list[str] | tuple[str, ...] = ()) -> TrainResult:
+          explicit: list[str] | tuple[str, ...] = (), sync_timing: bool = False) -> TrainResult:
     """Train on self-supervised episodes of the configured fold.
 
     Args:
@@ -176,6 +183,10 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
         module: an already built module to train (default: built from ``cfg``).
         explicit: the command line's ``key=value`` overrides: resuming takes ``data.fold``, ``data.setting`` and
             ``data.test_organs`` from the checkpoint unless given here.
+        sync_timing: synchronise the device around every training step so that the median seconds per step
+            (``seconds_per_step``, ``train_summary.json``) are the device's (what ``gpu-check`` asks for). Off by
+            default: a synchronisation after every step costs throughput on CUDA, and without it the seconds per
+            step are the host-side time (accurate on the CPU; see :class:`StepTimer`).
     Returns:
         A :class:`TrainResult` (run folder, checkpoints, median seconds per step).
     """
@@ -201,7 +212,8 @@ def train(cfg: DictConfig, module: FewShotModule | None = None,
     log.info("setting %d, test organs %s, excluded training labels %s", cfg.data.setting, list(cfg.data.test_organs),
              excl or "none")
     interactive = sys.stderr.isatty()
-    timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps)
+    timer = StepTimer(log_every=0 if interactive and cfg.trainer.enable_progress_bar else cfg.trainer.log_every_n_steps,
+                      synchronize=sync_timing)
     trainer: L.Trainer | None = None
     try:
         trainer = make_trainer(cfg, folder, with_val=with_val, extra_callbacks=[timer])

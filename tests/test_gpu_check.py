@@ -14,19 +14,22 @@ import os
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fsl_med.cli import main
 from fsl_med.gpu_bundle import LIMIT_BYTES, MISSING_PACKAGES
-from fsl_med.gpu_check import NO_CUDA
+from fsl_med.gpu_check import NO_CUDA, TINY, GpuCheck
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = ("train-large-fp32", "train-large-bf16", "train-small-fp32", "train-small-bf16", "train-large-bf16-b2",
               "train-large-bf16-b4", "train-small-bf16-compile", "train-large-bf16-compile")
 HEAD_ROWS = ("head-alp", "head-panet", "head-adnet", "head-qnet", "head-rpt")
-ALL_ROWS = {"env", *TRAIN_ROWS, *HEAD_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu", "ddp"}
+JOBS_ROWS = ("jobs-b1", "jobs-b2")
+ALL_ROWS = {"env", *TRAIN_ROWS, *HEAD_ROWS, *JOBS_ROWS, "ckpt", "eval", "ttt-paper", "eval-vs-cpu", "segment-vs-cpu",
+            "ddp"}
 BLOCKED = ("monai", "nibabel", "omegaconf", "pydicom", "wandb")
 
 
@@ -45,6 +48,22 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _alive_in_groups(pgids: list[int]) -> list[int]:
+    """Processes (zombies aside) in the process groups ``pgids``: a jobs row's processes and their DataLoader workers
+    (each process leads a group of its own)."""
+    alive = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) in pgids and fields[0] != "Z":
+            alive.append(int(d.name))
+    return alive
+
+
 @pytest.mark.slow
 def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     out = tmp_path / "gc"
@@ -54,7 +73,7 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert p.stderr.splitlines()[0].startswith("gpu-check: No CUDA device: tiny mode on cpu (phantom data")
     md = (out / "gpu-check.md").read_text()
     assert md.splitlines()[0].startswith("# fsl_med GPU check: No CUDA device: tiny mode")
-    assert "20 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
+    assert "22 rows ok, 0 failed, 0 skipped" in md.splitlines()[0]
     assert md.strip() in p.stdout  # the report is printed, then its path
     doc, rows = _report(out)
     assert set(rows) == ALL_ROWS and all(r["status"].startswith("ok") for r in rows.values())
@@ -89,6 +108,11 @@ def test_make_gpu_check_without_cuda_runs_every_row_in_tiny_mode(tmp_path):
     assert seg["seconds_device"] != seg["seconds_cpu"]  # two runs were compared, not one with itself
     assert rows["ddp"]["status"] == "ok (gloo; NCCL skipped: no CUDA)"
     assert rows["ddp"]["figures"]["volumes"] == 4
+    for key in JOBS_ROWS:  # 1 and 2 concurrent training processes, each row's processes gone afterwards
+        f = rows[key]["figures"]
+        assert [c["jobs"] for c in f["concurrent"]] == [1, 2] and f["suggested_jobs_per_gpu"] in (1, 2), key
+        assert all(c["episodes_per_s"] > 0 for c in f["concurrent"]) and not _alive_in_groups(f["process_ids"]), key
+    assert "## Concurrent training processes on the CPU" in md and "`protocol.jobs_per_gpu=" in md
     # every row names its model's head (the default here); one row per registered head trains and predicts with it
     for key in ALL_ROWS - {"env", "eval-vs-cpu", "segment-vs-cpu", "eval", "ddp", *HEAD_ROWS}:
         assert rows[key]["figures"]["head"] == "alp", key
@@ -122,7 +146,8 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, capsys):
         assert rows[key]["status"].startswith("FAILED: ConfigError: config key 'ttt.params'"), rows[key]["status"]
     for key in ("env", "ckpt", "eval-vs-cpu", "segment-vs-cpu"):
         assert rows[key]["status"] == "ok", (key, rows[key]["status"])
-    assert all(rows[k]["status"] == "skipped: not selected (--only)" for k in (*TRAIN_ROWS, *HEAD_ROWS, "ddp"))
+    assert all(rows[k]["status"] == "skipped: not selected (--only)" for k in (*TRAIN_ROWS, *HEAD_ROWS, *JOBS_ROWS,
+                                                                                 "ddp"))
     md = (out / "gpu-check.md").read_text()
     assert "2 failed" in md.splitlines()[0] and "## Failures" in md and "- `eval`: ConfigError" in md
     log = (out / "gpu-check.log").read_text()
@@ -146,6 +171,50 @@ def test_a_head_override_reaches_every_row_and_each_head_row_keeps_its_head(tmp_
     assert "| tiny ViT (2 blocks, dim 64), full, 32-true, batch 1 | adnet |" in md
     assert "| TTT as in the paper: per slice, 2 steps, 2 slices | adnet |" in md
     assert "`model.head.name=adnet model.head.adnet.threshold_init=-5`" in md
+
+
+def test_concurrent_training_row_measures_one_and_two_processes_and_leaves_none(tmp_path, capsys):
+    out = tmp_path / "gc"
+    assert main(["gpu-check", "--out", str(out), "--only", "jobs-b1"]) == 0
+    _, rows = _report(out)
+    row = rows["jobs-b1"]
+    assert row["status"] == "ok" and rows["jobs-b2"]["status"] == "skipped: not selected (--only)"
+    f = row["figures"]
+    assert f["head"] == "alp" and f["finetune"] == "lora" and f["precision"] == "bf16-mixed" and f["batch"] == 1
+    assert f["jobs"] == [1, 2] and f["steps_per_process"] == 2 and len(f["process_ids"]) == 2
+    one, two = f["concurrent"]
+    assert (one["jobs"], two["jobs"]) == (1, 2) and one["speedup"] == 1.0 and two["speedup"] > 0
+    for c, n in ((one, 1), (two, 2)):
+        assert c["episodes"] == 2 * n and c["episodes_per_s"] > 0 and c["window_s"] > 0
+        assert c["episodes_per_s"] == pytest.approx(c["episodes"] / c["window_s"])
+        assert len(c["per_process_episodes_per_s"]) == n and all(x > 0 for x in c["per_process_episodes_per_s"])
+        assert c["peak_gpu_mb"] == NO_CUDA and len(c["peak_rss_mb"]) == n and all(x > 0 for x in c["peak_rss_mb"])
+    assert two["speedup"] == pytest.approx(two["episodes_per_s"] / one["episodes_per_s"])
+    best = max(f["concurrent"], key=lambda c: c["episodes_per_s"])
+    assert f["suggested_jobs_per_gpu"] == f["best_jobs"] == best["jobs"]
+    assert not _alive_in_groups(f["process_ids"])  # the processes and their DataLoader workers
+    md = (out / "gpu-check.md").read_text()
+    lines = md.splitlines()
+    i = next(k for k, x in enumerate(lines) if x.startswith("| tiny ViT (2 blocks, dim 64), LoRA r=4, bf16-mixed, batch 1: "
+                                                             "1, 2 concurrent training processes on the CPU | alp | 1"))
+    cells = [c.strip() for c in lines[i].split("|")[1:-1]] + [c.strip() for c in lines[i + 1].split("|")[1:-1]]
+    assert "–" not in cells and cells[-1] == "" and cells[8] == "ok" and cells[11].startswith("2")
+    assert f"`protocol.jobs_per_gpu={best['jobs']}`" in md
+
+
+def test_concurrent_training_row_past_its_time_limit_ends_its_processes(tmp_path, cache_dir):
+    """The processes are released, then train far past the row's limit: the row fails with the limit, and the
+    processes are killed with their DataLoader workers."""
+    out = tmp_path / "gc"
+    out.mkdir()
+    profile = replace(TINY, row_timeout_s=25, jobs_steps=1_000_000)
+    check = GpuCheck(out, profile, None, str(cache_dir), [], only=["jobs-b1"])
+    assert check.run() == 1
+    _, rows = _report(out)
+    f = rows["jobs-b1"]["figures"]
+    assert rows["jobs-b1"]["status"] == "FAILED: RowTimeout: ran past its limit of 25 s"
+    assert len(f["process_ids"]) == 2 and "concurrent" not in f
+    assert not _alive_in_groups(f["process_ids"])
 
 
 def test_rows_past_the_time_budget_are_skipped(tmp_path, capsys):
@@ -306,5 +375,5 @@ def test_help_lists_every_row_key():
     text = " ".join(sub.description.split())
     for key in {*row_keys(GPU), *row_keys(TINY)}:
         shown = "train-large-bf16-b<N>" if key.startswith("train-large-bf16-b") else \
-            "head-<name>" if key.startswith("head-") else key
+            "head-<name>" if key.startswith("head-") else "jobs-b<N>" if key.startswith("jobs-b") else key
         assert shown in text, key
