@@ -20,7 +20,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle ablations compare sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle slurm-start slurm-stop ablations compare sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help: ## list the targets with one line each
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -85,6 +85,12 @@ gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) [DATA=.
 
 gpu-bundle: $(STAMP) ## wheels (Python 3.12) + a real CHAOS-T2 subset with superpixels for a GPU machine -> gpu_bundle/
 	$(FSL) gpu-bundle --out $(or $(OUT),gpu_bundle) $(if $(DATA),--data $(DATA),)
+
+slurm-start: ## as root: a local single-node SLURM for the launcher tests (apt installs it if missing; idempotent)
+	bash scripts/slurm-local.sh start
+
+slurm-stop: ## stop the local SLURM daemons that `make slurm-start` started
+	bash scripts/slurm-local.sh stop
 
 lint: $(STAMP) ## ruff over fsl_med/ and tests/, and the import contracts of pyproject.toml (layers, no cycles)
 	$(VENV)/bin/ruff check fsl_med tests
