@@ -16,25 +16,29 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, interrupts
+from fsl_med import __version__
 from fsl_med.config import apply_overrides, to_container
 from fsl_med.errors import ConfigError
-from fsl_med.evaluate import evaluate, write_dice_bar
+from fsl_med.evaluate import write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import Column, Table, text, write_report
-from fsl_med.models.module import FewShotModule, has_trainable_parameters
+from fsl_med.job_table import (
+    TABLE,
+    drive,
+    failed_jobs_section,
+    log_report_to_wandb,
+    open_report_folder,
+    raise_if_failed,
+)
+from fsl_med.jobs import JobSpec
+from fsl_med.models.module import has_trainable_parameters
 from fsl_med.runs import (
     check_output_location,
     check_trainer_settings,
-    discard_run_dir,
-    new_run_dir,
-    save_config,
     validate_run,
 )
-from fsl_med.train import train
 
 log = logging.getLogger(__name__)
 
@@ -91,58 +95,40 @@ def _describe(rcfg: DictConfig) -> dict[str, Any]:
             "shots_source": rcfg.eval.shots_source}
 
 
-def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+def run_ablation(cfg: DictConfig, no_wait: bool = False) -> tuple[dict[str, Any] | None, Path]:
     """Train (or reuse) and evaluate every row of ``cfg.ablation.runs`` and write the ablation report.
 
+    Rows run as jobs through ``protocol.launcher`` (a ``reuse`` row starts when the row it reuses has finished).
+
     Returns:
-        ``(report, path of ablation.json)``; the folder is ``<output_dir>/<name>-ablation/version_N``.
+        ``(report, path of ablation.json)``; the folder is ``<output_dir>/<name>-ablation/version_N`` (a rerun continues
+        it). With ``no_wait`` (``slurm`` only): ``(None, path of jobs.json)``.
+    Raises:
+        JobsFailed: some rows failed (the report of the others was written).
     """
     check_trainer_settings(cfg)
     check_output_location(cfg)
-    run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-ablation")
-    try:
-        rows = run_configs(cfg, run_dir)  # every row checked before the first one trains
-    except BaseException:
-        discard_run_dir(run_dir)
-        raise
-    save_config(cfg, run_dir)
+    run_dir, rows = open_report_folder(cfg, "ablation", lambda d: run_configs(cfg, d))  # every row checked first
     log.info("ablation: %d runs (%s) -> %s", len(rows), ", ".join(n for n, _, _ in rows), run_dir)
+    specs = []
+    for i, (name, rcfg, reuse) in enumerate(rows):
+        if reuse is not None:
+            specs.append(JobSpec(name, rcfg, "eval_ckpt", reuse, tuple(cfg.ablation.runs[i].overrides or [])))
+        elif has_trainable_parameters(rcfg):
+            specs.append(JobSpec(name, rcfg))
+        else:  # a frozen encoder without adapter (ALPNet has no learnable head): evaluated untrained
+            specs.append(JobSpec(name, rcfg, "eval_untrained"))
+    outcome = drive(run_dir, specs, cfg, "ablation", no_wait=no_wait)
+    if no_wait:
+        return None, run_dir / TABLE
     done: dict[str, dict[str, Any]] = {}
-    try:
-        for i, (name, rcfg, reuse) in enumerate(rows, start=1):
-            entry: dict[str, Any] = {"name": name, **_describe(rcfg), "reuse": reuse, "variants": list(rcfg.eval.variants)}
-            if reuse is not None:
-                src = done[reuse]
-                OmegaConf.update(rcfg, "ckpt", src["checkpoint"], merge=False)
-                log.info("[%d/%d] %s: evaluate the checkpoint of %s (%s)", i, len(rows), name, reuse,
-                         ", ".join(rcfg.eval.variants))
-                # the row's own overrides are explicit: a data.fold the source did not train on is refused
-                results, path, _ = evaluate(rcfg, explicit=list(cfg.ablation.runs[i - 1].overrides or []))
-                entry.update(steps=src["steps"], trained=src["trained"], seconds_per_step=src["seconds_per_step"],
-                             train_dir=src["train_dir"], checkpoint=src["checkpoint"])
-            else:
-                if has_trainable_parameters(rcfg):
-                    log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(rows), name, rcfg.trainer.max_steps,
-                             ", ".join(rcfg.eval.variants))
-                    # as `fsl-med run` of the row's config: train() seeds, then builds the model, so its initial
-                    # weights depend on the row's seed only, not on the rows before it
-                    tr = train(rcfg)
-                    assert tr.module is not None
-                    module = tr.module
-                    entry.update(steps=tr.steps, trained=True, seconds_per_step=tr.seconds_per_step,
-                                 train_dir=str(tr.run_dir), checkpoint=str(tr.last_ckpt))
-                else:
-                    log.info("[%d/%d] %s: no trainable parameter (frozen encoder, no adapter): evaluated untrained",
-                             i, len(rows), name)
-                    L.seed_everything(rcfg.seed, workers=True, verbose=False)  # the untrained weights: the row's seed
-                    module = FewShotModule.from_config(rcfg)
-                    entry.update(steps=0, trained=False, seconds_per_step=None, train_dir=None, checkpoint=None)
-                results, path, _ = evaluate(rcfg, module=module, global_step=entry["steps"])
-            entry.update(results_path=str(path), results=results)
-            done[name] = entry
-    except interrupts.Interrupted as e:
-        raise e.with_detail(f"in run {len(done) + 1} of {len(rows)} {e.detail}; {len(done)} finished run(s) are in "
-                            f"{run_dir / 'runs'}; no ablation report was written") from None
+    for name, rcfg, reuse in rows:
+        st = outcome.done.get(name)
+        if st is None:
+            continue
+        done[name] = {"name": name, **_describe(rcfg), "reuse": reuse, "variants": list(rcfg.eval.variants),
+                      **{k: st.get(k) for k in ("steps", "trained", "seconds_per_step", "train_dir", "checkpoint")},
+                      "results_path": st["results_path"], "results": st["results"]}
     organs = list(cfg.data.test_organs)
     report = {
         "name": cfg.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold, "setting": cfg.data.setting,
@@ -154,9 +140,14 @@ def run_ablation(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
             "hd95_mean": {v: e["results"]["variants"][v].get("hd95_mean") for v in e["variants"]},
             "seconds_per_volume": {v: e["results"]["variants"][v]["seconds_per_volume"] for v in e["variants"]},
             "ttt_seconds_per_slice": e["results"].get("ttt_seconds_per_slice")} for e in done.values()],
+        "failed": [{"tag": t, "error": e} for t, e in outcome.failed.items()],
+        "launcher": str(cfg.protocol.launcher),
         "config": to_container(cfg),
     }
-    return report, _write_report(run_dir, report, done, organs)
+    path = _write_report(run_dir, report, done, organs, failed_jobs_section(outcome))
+    log_report_to_wandb(cfg, "ablation", path)
+    raise_if_failed(outcome, "ablation", path)
+    return report, path
 
 
 def _runs_table(runs: list[dict[str, Any]], variants: list[str]) -> Table:
@@ -186,7 +177,8 @@ def _folders_table(runs: list[dict[str, Any]]) -> Table:
                   text("results", "results")), tuple(rows))
 
 
-def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[str, Any]], organs: list[str]) -> Path:
+def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[str, Any]], organs: list[str],
+                  failed: list[str]) -> Path:
     variants = report["variants"]
     runs = report["runs"]
     t = report["ttt"]
@@ -211,6 +203,6 @@ def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[st
             if variants[0] in r["variants"]}
     write_dice_bar(run_dir, bars, organs, None, bar_name="dice_bar.png")
     md += [f"![Dice per organ and run, {VARIANT_TITLES.get(variants[0], variants[0])}](dice_bar.png)", "",
-           "## Runs", "", _folders_table(runs).markdown()]
+           "## Runs", "", _folders_table(runs).markdown(), *failed]
     md += ["", "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
     return write_report(run_dir, "ablation", md, long_table(rows, (text("run", "run"),)), report)

@@ -113,10 +113,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report_verb(args: argparse.Namespace, runner: Any, report: str) -> int:
-    """Run a grid verb (``runner(cfg) -> (report, json path)``), print its Markdown report, then the JSON path."""
+    """Run a grid verb (``runner(cfg, no_wait) -> (report, json path)``), print its Markdown report, then the JSON
+    path (with ``--no-wait``: the job table's path; the runner printed the job ids and the command to rerun)."""
     cfg = _required_config(args, "CONFIG [key=value ...]")
-    _, path = runner(cfg)
-    print(path.with_name(report).read_text(encoding="utf-8"))
+    doc, path = runner(cfg, no_wait=args.no_wait)
+    if doc is not None:
+        print(path.with_name(report).read_text(encoding="utf-8"))
     print(path)
     return 0
 
@@ -140,8 +142,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if name is None:
         raise ConfigError("compare needs a config: fsl-med compare CONFIG [key=value ...]")
     # the path, not a loaded config: each head x encoder row is loaded from it, so head defaults follow each head
-    _, path = run_compare(_config_path(name), overrides)
-    print(path.with_name("compare.md").read_text(encoding="utf-8"))
+    doc, path = run_compare(_config_path(name), overrides, no_wait=args.no_wait)
+    if doc is not None:
+        print(path.with_name("compare.md").read_text(encoding="utf-8"))
     print(path)
     return 0
 
@@ -358,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
+        if name in ("ablate", "protocol", "compare"):
+            sp.add_argument("--no-wait", action="store_true",
+                            help="protocol.launcher=slurm: submit the jobs, print their ids and the command that "
+                            "waits for them and writes the report, and return")
         if name == "eval":
             sp.add_argument("--skip-bad", action="store_true",
                             help="skip (and list in the report) query volumes that cannot be read, instead of failing")
@@ -462,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
         "--only): env, train-large-fp32, train-large-bf16, train-small-fp32, train-small-bf16, train-large-bf16-b<N>, "
         "ckpt, eval, ttt-paper, eval-vs-cpu, segment-vs-cpu, ddp, head-<name> (one per registered head: training in "
-        "bf16-mixed and a prediction with that head), train-small-bf16-compile, train-large-bf16-compile.")
+        "bf16-mixed and a prediction with that head), jobs-b<N> (1, 2, 4 concurrent training processes of ViT-L/14 "
+        "LoRA bf16 at batch 1 and 8: total episodes/s and the suggested protocol.jobs_per_gpu), train-small-bf16-compile, train-large-bf16-compile.")
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
     sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
     sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",

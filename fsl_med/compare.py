@@ -11,7 +11,9 @@ file and overrides with ``model.head.name`` and ``model.encoder.name`` set, so t
 The report (``compare.md``, ``compare.csv``, ``compare.json``, ``compare_bar.png``) has one row per head x encoder and
 columns Setting x variant (mean Dice over organs, mean ± std over folds and seeds), per-organ tables, seconds per
 training step and per query volume, and a *reported* column holding only ``compare.reported`` numbers (each with its
-source; never mixed with the re-runs). Like ``protocol``, an interrupted comparison does not resume.
+source; never mixed with the re-runs). Its jobs run through ``protocol.launcher`` (inline, local processes or
+SLURM jobs) from a job table, so a rerun of the same command continues an interrupted or partly failed comparison
+(:mod:`fsl_med.job_table`).
 
 Paper's protocol (issue 30 §5): a head named in ``compare.paper_protocol`` (head -> its preset, e.g.
 ``experiments/rpt_reference.yaml``) also runs as a twin row with that preset's protocol fields
@@ -40,6 +42,13 @@ from fsl_med.errors import ConfigError
 from fsl_med.evaluation.figures import dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import MISSING, Column, Table, text, write_report
+from fsl_med.job_table import (
+    TABLE,
+    failed_jobs_section,
+    log_report_to_wandb,
+    open_report_folder,
+    raise_if_failed,
+)
 from fsl_med.models.encoder_registry import get_encoder_spec, missing_maps
 from fsl_med.models.heads import get_head_class
 from fsl_med.models.module import has_trainable_parameters
@@ -48,10 +57,7 @@ from fsl_med.protocol_run import aggregate, job_config, protocol_jobs, run_jobs
 from fsl_med.runs import (
     check_output_location,
     check_trainer_settings,
-    discard_run_dir,
     load_run_config,
-    new_run_dir,
-    save_config,
     validate_run,
 )
 
@@ -254,29 +260,32 @@ def _reported_cells(entries: list[dict[str, Any]], pairs: list[Pair]) -> dict[tu
     return cells
 
 
-def run_compare(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict[str, Any], Path]:
+def run_compare(path: str | Path | None, overrides: list[str] | None = None,
+                no_wait: bool = False) -> tuple[dict[str, Any] | None, Path]:
     """Train and evaluate every head x encoder through the protocol's jobs and write the comparison report.
 
     Args:
         path: the config file (an ``experiments/`` preset); overrides: ``key=value`` strings, as on the command line.
+        no_wait: ``protocol.launcher=slurm`` only: submit the jobs and return (rerun to wait and aggregate).
 
     Returns:
-        ``(report, path of compare.json)``; the folder is ``<output_dir>/<name>-compare/version_N``, each run's training
-        and evaluation folders under its ``runs/``.
+        ``(report, path of compare.json)``; the folder is ``<output_dir>/<name>-compare/version_N`` (a rerun continues
+        it), each run's training and evaluation folders under its ``runs/``. With ``no_wait``: ``(None, jobs.json)``.
+    Raises:
+        JobsFailed: some jobs failed (the report of the others was written).
     """
     base, pairs = compare_pairs(path, list(overrides or []))
     check_output_location(base)
-    run_dir = new_run_dir(base.logging.output_dir, f"{base.name}-compare")
-    try:  # every job of every pair checked before the first one trains
-        work = [(pair, job, job_config(pair.cfg, job, run_dir)) for pair in pairs for job in protocol_jobs(pair.cfg)]
-    except BaseException:
-        discard_run_dir(run_dir)
-        raise
-    save_config(base, run_dir)
+    # every job of every pair checked before the first one trains
+    run_dir, work = open_report_folder(base, "compare", lambda d: [
+        (pair, job, job_config(pair.cfg, job, d)) for pair in pairs for job in protocol_jobs(pair.cfg)])
     log.info("compare: %d rows (%s) x %d jobs -> %s", len(pairs), ", ".join(p.label for p in pairs),
              len(protocol_jobs(base)), run_dir)
-    done = run_jobs(run_dir, [(f"{p.slug}-{j.tag}", jcfg) for p, j, jcfg in work], "compare")
-    runs = [{"pair": p, "job": j, **r} for (p, j, _), r in zip(work, done, strict=True)]
+    done, outcome = run_jobs(run_dir, [(f"{p.slug}-{j.tag}", jcfg) for p, j, jcfg in work], base, "compare",
+                             no_wait=no_wait)
+    if no_wait:
+        return None, run_dir / TABLE
+    runs = [{"pair": p, "job": j, **done[f"{p.slug}-{j.tag}"]} for p, j, _ in work if f"{p.slug}-{j.tag}" in done]
     organs = list(get_dataset_info(base.data.dataset).labels)
     settings = [int(s) for s in base.protocol.settings]
     variants = [v for v in VARIANTS if any(v in p.cfg.protocol.variants for p in pairs)]
@@ -284,6 +293,8 @@ def run_compare(path: str | Path | None, overrides: list[str] | None = None) -> 
     rows = []
     for p in pairs:
         pruns = [r for r in runs if r["pair"] is p]
+        if len(pruns) < len(protocol_jobs(p.cfg)):  # a row with a failed job is listed under "Failed jobs" only
+            continue
         pvars = list(p.cfg.protocol.variants)
         agg = {s: aggregate([r for r in pruns if r["job"].setting == s], organs, pvars) for s in settings}
         for s in settings:
@@ -312,9 +323,14 @@ def run_compare(path: str | Path | None, overrides: list[str] | None = None) -> 
         "folds": list(base.protocol.folds), "seeds": list(base.protocol.seeds), "settings": settings,
         "variants": variants, "organs": organs, "rows": rows,
         "reported": reported,
+        "failed": [{"tag": t, "error": e} for t, e in outcome.failed.items()],
+        "launcher": str(base.protocol.launcher),
         "config": to_container(base),
     }
-    return report, _write_report(run_dir, report, _reported_cells(reported, pairs))
+    path = _write_report(run_dir, report, _reported_cells(reported, pairs), failed_jobs_section(outcome))
+    log_report_to_wandb(base, "compare", path)
+    raise_if_failed(outcome, "compare", path)
+    return report, path
 
 
 def _cell(agg: dict[str, Any], v: str) -> str:
@@ -374,7 +390,8 @@ def _rows_table(report: dict[str, Any]) -> Table:
                   text("over", "encoder overrides")), tuple(rows))
 
 
-def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, str, int], dict[str, Any]]) -> Path:
+def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, str, int], dict[str, Any]],
+                  failed: list[str]) -> Path:
     organs, settings, variants = report["organs"], report["settings"], report["variants"]
     rows = report["rows"]
     md = [f"# Head comparison: {report['name']}", "",
@@ -448,7 +465,7 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
     folders = Table((text("tag", "run"), text("train", "train folder"), text("results", "results")),
                     tuple({"tag": x["tag"], "train": f"`{x['train_dir']}`", "results": f"`{x['results']}`"}
                           for r in rows for x in r["runs"]))
-    md += ["", "## Runs", "", folders.markdown(), "",
+    md += ["", "## Runs", "", folders.markdown(), *failed, "",
            "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
     table = long_table(long_rows, (text("head", "head"), text("encoder", "encoder"),
                                    Column("setting", "setting", digits=None)), n_title="n_runs")

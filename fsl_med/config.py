@@ -97,6 +97,18 @@ episode: in the first slice of the pair (ADNet) or in the larger of the two (Q-N
 RptVariant = Literal["2024", "2023"]
 """``model.head.rpt.variant``: the released head (2024-03 code, default) or the MICCAI-2023 release (K=10, no "+ p",
 boundary + Dice losses); method-zoo.md §5."""
+Launcher = Literal["inline", "local", "slurm"]
+"""``protocol.launcher``: where the jobs of ``protocol``, ``ablate`` and ``compare`` run: one after another in this
+process (``inline``), as ``protocol.parallel`` processes on this machine (``local``), or each as a SLURM job (``slurm``,
+through submitit)."""
+SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+(:\d{2}(:\d{2})?)?")
+"""``protocol.slurm.time``: sbatch's ``--time`` forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+SLURM_MEM_RE = re.compile(r"\d+[KMGT]?")
+"""``protocol.slurm.mem``: sbatch's ``--mem`` (an integer, MB by default, or with a K/M/G/T suffix)."""
+SLURM_NAME_RE = re.compile(r"[A-Za-z0-9_.,-]+")
+"""A SLURM partition, account or QOS name (a partition may be a comma-separated list)."""
+SLURM_EXTRA_RE = re.compile(r"--([a-z][a-z0-9-]*)(=(\S.*))?")
+"""One ``protocol.slurm.extra`` line: an sbatch option, ``--name=value`` or ``--flag``."""
 SUPPORT_PICK_RE = re.compile(r"next|group_last|group_index:(\d+)")
 """``eval.support_pick``: ``next`` (fsl_med: the scan after the fold's queries, wrapping), ``group_last`` (ADNet: the
 last of the fold's group of 5), ``group_index:N`` (Q-Net/RPT's ``supp_idx``: the N-th, 0-based); §1 row 7."""
@@ -119,6 +131,7 @@ CHOICES: dict[str, Any] = {
     "model.head.alp.empty_window": EmptyWindow,
     "eval.ct_stats": CtStats, "data.exclude_rule": ExcludeRule, "data.episodes": EpisodeKind,
     "eval.part_rule": PartRule, "data.supervoxel.size_rule": SizeRule, "model.head.rpt.variant": RptVariant,
+    "protocol.launcher": Launcher,
 }
 """Single-valued choice fields -> their Literal; list fields of choices are checked as subsets (variants, LoRA targets)."""
 VERB_SECTIONS = ("protocol", "ablation", "compare")
@@ -403,13 +416,44 @@ class TTTConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``protocol.launcher=slurm``: the resources of each job (one SLURM job per training run, sent as a job array
+    through submitit). null: the partition's default."""
+
+    partition: str | None = None
+    time: str = "24:00:00"  # sbatch --time per job (minutes or [D-]HH:MM:SS); a job preempted or near it requeues
+    gpus: int = 0  # GPUs per job (--gpus-per-node); 1 for GPU training
+    cpus: int = 4  # CPUs per job (--cpus-per-task): data loading and, without a GPU, the model
+    mem: str | None = None  # memory per job (--mem), e.g. 32G
+    account: str | None = None
+    qos: str | None = None
+    extra: list[str] = field(default_factory=list)  # further sbatch options, e.g. ["--constraint=a100"]
+    setup: list[str] = field(default_factory=list)  # shell lines run before each job (e.g. "module load cuda")
+    max_requeues: int = 3  # a job stopped by SIGTERM/SIGUSR2 (preemption, time limit) requeues at most this often
+    array_parallelism: int = 256  # at most this many jobs of one array run at once
+
+
+@dataclass
 class ProtocolConfig:
-    """What ``fsl-med protocol`` runs: folds x settings x seeds, each evaluated with ``variants``."""
+    """What ``fsl-med protocol`` runs: folds x settings x seeds, each evaluated with ``variants``; and where the jobs
+    of ``protocol``, ``ablate`` and ``compare`` run (``launcher``, ``parallel``, ``jobs_per_gpu``, ``slurm``)."""
 
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     settings: list[int] = field(default_factory=lambda: [1, 2])
     seeds: list[int] = field(default_factory=lambda: [1234])
     variants: list[str] = field(default_factory=lambda: ["plain", "cca", "ttt", "ttt_cca"])
+    launcher: str = "inline"  # inline | local | slurm
+    parallel: int | None = None  # local: jobs at once (null: GPUs x jobs_per_gpu, or 1 without a GPU)
+    jobs_per_gpu: int = 1  # local: batch-1 runs sharing one GPU (gpu-check's concurrent-training row measures it)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+LAUNCH_KEYS: tuple[str, ...] = (
+    "protocol.launcher", "protocol.parallel", "protocol.jobs_per_gpu", "protocol.slurm", "logging.logger",
+    "logging.wandb_project", "logging.wandb_entity", "logging.wandb_group", "trainer.enable_progress_bar",
+)
+"""Fields that say where and how the jobs run and are logged, not what they compute: a protocol folder's jobs
+resume under other values of these (e.g. started ``local``, continued on ``slurm``)."""
 
 
 @dataclass
@@ -485,6 +529,7 @@ class LoggingConfig:
     output_dir: str = "lightning_logs"
     wandb_project: str = "fsl_med"
     wandb_entity: str | None = None
+    wandb_group: str | None = None  # W&B group of the run (protocol, ablate, compare: their folder, set per job)
 
 
 @dataclass
@@ -798,7 +843,40 @@ def validate(cfg: DictConfig) -> None:
            f"must be a non-empty subset of [1, 2], got {list(pr.settings)}")
     _check(len(pr.seeds) > 0, "protocol.seeds", "must name at least one seed")
     _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
+    _check(pr.parallel is None or pr.parallel >= 1, "protocol.parallel", f"must be >= 1 (or null), got {pr.parallel}")
+    _check(pr.jobs_per_gpu >= 1, "protocol.jobs_per_gpu", f"must be >= 1, got {pr.jobs_per_gpu}")
+    _validate_slurm(cfg)
     _validate_compare(cfg)
+
+
+def _validate_slurm(cfg: DictConfig) -> None:
+    """``protocol.slurm``: each value in a form sbatch accepts (checked before anything is submitted)."""
+    sl = cfg.protocol.slurm
+    for key in ("partition", "account", "qos"):
+        v = sl[key]
+        _check(v is None or SLURM_NAME_RE.fullmatch(str(v)) is not None, f"protocol.slurm.{key}",
+               f"must be a SLURM name (letters, digits, _ . , -), got '{v}'")
+    _check(SLURM_TIME_RE.fullmatch(str(sl.time)) is not None, "protocol.slurm.time",
+           f"must be minutes or [D-]HH:MM:SS as sbatch --time takes it, got '{sl.time}'")
+    _check(sl.gpus >= 0, "protocol.slurm.gpus", f"must be >= 0, got {sl.gpus}")
+    _check(sl.cpus >= 1, "protocol.slurm.cpus", f"must be >= 1, got {sl.cpus}")
+    _check(sl.mem is None or SLURM_MEM_RE.fullmatch(str(sl.mem)) is not None, "protocol.slurm.mem",
+           f"must be an integer with an optional K/M/G/T suffix (e.g. 32G), got '{sl.mem}'")
+    _check(sl.max_requeues >= 0, "protocol.slurm.max_requeues", f"must be >= 0, got {sl.max_requeues}")
+    _check(sl.array_parallelism >= 1, "protocol.slurm.array_parallelism", f"must be >= 1, got {sl.array_parallelism}")
+    for i, line in enumerate(sl.extra):
+        m = SLURM_EXTRA_RE.fullmatch(str(line))
+        _check(m is not None and "\n" not in str(line), f"protocol.slurm.extra[{i}]",
+               f"must be one sbatch option such as --constraint=a100, got '{line}'")
+        _check(m is None or m.group(1) not in SLURM_OWN_OPTIONS, f"protocol.slurm.extra[{i}]",
+               f"--{m.group(1) if m else ''} is set by fsl_med (use protocol.slurm.* or leave it)")
+    for i, line in enumerate(sl.setup):
+        _check("\n" not in str(line), f"protocol.slurm.setup[{i}]", "must be one shell line")
+
+
+SLURM_OWN_OPTIONS = ("output", "error", "array", "signal", "open-mode", "job-name", "partition", "time",
+                     "gpus-per-node", "cpus-per-task", "mem", "account", "qos", "nodes", "ntasks-per-node")
+"""sbatch options that ``protocol.slurm`` fields or submitit set: not accepted in ``protocol.slurm.extra``."""
 
 
 def _validate_compare(cfg: DictConfig) -> None:

@@ -52,7 +52,7 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, detail)
 
 
-_state: dict[str, Any] = {"defer": 0, "pending": None, "installed": False, "stopping": False}
+_state: dict[str, Any] = {"defer": 0, "pending": None, "installed": False, "stopping": False, "signals": SIGNALS}
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -69,8 +69,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only; elsewhere nothing changes).
+def installed(extra: tuple[int, ...] = ()) -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM (and the signals of ``extra``, e.g. SIGUSR2, which SLURM sends before a job's time
+    limit) raise :class:`Interrupted` (main thread only; elsewhere nothing changes).
     The previous handlers are restored on exit, except after a stop by a signal: then both signals stay ignored,
     since the caller (the CLI) exits with ``128 + signum`` next and a repeated signal must not kill it first.
 
@@ -79,10 +80,11 @@ def installed() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig in SIGNALS:
+    signals = tuple(dict.fromkeys((*SIGNALS, *extra)))
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
         signal.signal(sig, _handler)
-    _state.update(pending=None, installed=True, stopping=False)
+    _state.update(pending=None, installed=True, stopping=False, signals=signals)
     try:
         yield
     finally:
@@ -90,7 +92,7 @@ def installed() -> Iterator[None]:
         for sig, handler in previous.items():
             # after a stop the process is about to exit 128 + signum: a late repeat must not kill it first
             signal.signal(sig, signal.SIG_IGN if stopping else (handler if handler is not None else signal.SIG_DFL))
-        _state.update(pending=None, installed=False, stopping=False)
+        _state.update(pending=None, installed=False, stopping=False, signals=SIGNALS)
 
 
 def reclaim() -> None:
@@ -101,7 +103,7 @@ def reclaim() -> None:
     all-reduce and hang both. :class:`fsl_med.runs.StopOnSignal` stops all ranks together instead. Lightning
     restores the handler it replaced (this one) when it tears down."""
     if _state["installed"] and threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
+        for sig in _state["signals"]:
             signal.signal(sig, _handler)
 
 

@@ -20,21 +20,27 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fsl_med import __version__, atomic, interrupts
+from fsl_med import __version__, atomic
 from fsl_med.config import to_container
-from fsl_med.evaluate import evaluate, write_dice_bar
+from fsl_med.evaluate import write_dice_bar
 from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
 from fsl_med.evaluation.table import Column, Table, text, write_report
+from fsl_med.job_table import (
+    TABLE,
+    Outcome,
+    drive,
+    failed_jobs_section,
+    log_report_to_wandb,
+    open_report_folder,
+    raise_if_failed,
+)
+from fsl_med.jobs import JobSpec
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.runs import (
     check_output_location,
     check_trainer_settings,
-    discard_run_dir,
-    new_run_dir,
-    save_config,
     validate_run,
 )
-from fsl_med.train import train
 
 log = logging.getLogger(__name__)
 
@@ -105,64 +111,56 @@ def aggregate(runs: list[dict[str, Any]], organs: list[str], variants: list[str]
     return out
 
 
-def run_jobs(run_dir: Path, work: list[tuple[str, DictConfig]], verb: str) -> list[dict[str, Any]]:
-    """Train and evaluate each ``(tag, job config)`` of ``work`` in turn (one checkpoint per job, evaluated with every
-    variant of its ``eval.variants``): the job loop of ``protocol`` and ``compare``.
+def run_jobs(run_dir: Path, work: list[tuple[str, DictConfig]], cfg: DictConfig, verb: str,
+             no_wait: bool = False) -> tuple[dict[str, dict[str, Any]], Outcome]:
+    """Train and evaluate each ``(tag, job config)`` of ``work`` through ``cfg.protocol.launcher`` (one checkpoint per
+    job, evaluated with every variant of its ``eval.variants``): the job loop of ``protocol`` and ``compare``.
 
     Returns:
-        Per job: ``tag``, ``train_dir``, ``results_path``, ``results`` (the ``results.json`` document) and
-        ``seconds_per_step``.
+        Per finished job's tag: ``tag``, ``train_dir``, ``results_path``, ``results`` (the ``results.json`` document)
+        and ``seconds_per_step``; and the driver's :class:`~fsl_med.job_table.Outcome` (failed and pending jobs).
 
     Raises:
-        Interrupted: with a detail naming the job, what finished and that ``verb`` does not resume (a stop in the first
-            job also removes ``run_dir`` unless it holds a checkpoint); any other error as raised.
+        Interrupted: with a detail naming what finished and how to resume (rerun the same command).
     """
-    runs: list[dict[str, Any]] = []
-    for i, (tag, jcfg) in enumerate(work, start=1):
-        log.info("[%d/%d] %s: train %d steps, evaluate %s", i, len(work), tag, jcfg.trainer.max_steps,
-                 ", ".join(jcfg.eval.variants))
-        try:  # as `fsl-med run` of the job's config: the model is built after train() seeds, so its initial weights
-            # depend on the job's seed only, not on the jobs before it
-            tr = train(jcfg)
-            assert tr.config is not None and tr.module is not None
-            results, path, _ = evaluate(tr.config, module=tr.module, global_step=tr.steps)
-        except BaseException as e:
-            if i == 1:
-                discard_run_dir(run_dir)  # stopped in its first job: no folder left (unless a checkpoint)
-            if not isinstance(e, interrupts.Interrupted):
-                raise
-            kept = f"{i - 1} finished job(s) are in {run_dir / 'runs'}" if i > 1 else "no job had finished"
-            raise e.with_detail(f"in job {i} of {len(work)} ({tag}); {kept}; no {verb} report was written and "
-                                f"the {verb} does not resume: rerun the same command to start it over") from None
-        runs.append({"tag": tag, "train_dir": str(tr.run_dir), "results_path": str(path), "results": results,
-                     "seconds_per_step": tr.seconds_per_step})
-    return runs
+    outcome = drive(run_dir, [JobSpec(tag, jcfg) for tag, jcfg in work], cfg, verb, no_wait=no_wait)
+    runs = {tag: {"tag": tag, "train_dir": st["train_dir"], "results_path": st["results_path"],
+                  "results": st["results"], "seconds_per_step": st["seconds_per_step"],
+                  "slurm_job_id": st.get("slurm_job_id"), "requeues": int(st.get("requeues") or 0)}
+            for tag, st in outcome.done.items()}
+    return runs, outcome
 
 
-def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+def run_protocol(cfg: DictConfig, no_wait: bool = False) -> tuple[dict[str, Any] | None, Path]:
     """Train and evaluate every job of ``cfg.protocol`` and write the protocol report.
 
+    Args:
+        cfg: the validated config; ``protocol.launcher`` says where the jobs run.
+        no_wait: ``slurm`` only: submit the jobs and return (rerun the same command to wait and aggregate).
     Returns:
-        ``(report, path of protocol.json)``; the report folder is ``<output_dir>/<name>-protocol/version_N``.
+        ``(report, path of protocol.json)``; the report folder is ``<output_dir>/<name>-protocol/version_N`` (a rerun
+        continues it). With ``no_wait``: ``(None, path of jobs.json)``.
+    Raises:
+        JobsFailed: some jobs failed (the report of the others was written).
     """
     check_trainer_settings(cfg)
     check_output_location(cfg)
     jobs = protocol_jobs(cfg)
-    run_dir = new_run_dir(cfg.logging.output_dir, f"{cfg.name}-protocol")
-    try:
-        work = [(job.tag, job_config(cfg, job, run_dir)) for job in jobs]  # every job checked before the first trains
-    except BaseException:
-        discard_run_dir(run_dir)
-        raise
-    save_config(cfg, run_dir)
+    # every job checked before the first trains
+    run_dir, work = open_report_folder(cfg, "protocol",
+                                       lambda d: [(job.tag, job_config(cfg, job, d)) for job in jobs])
     log.info("protocol: %d training runs (%s) -> %s", len(jobs), ", ".join(j.tag for j in jobs), run_dir)
-    runs = [{"job": job, **run} for job, run in zip(jobs, run_jobs(run_dir, work, "protocol"), strict=True)]
+    done, outcome = run_jobs(run_dir, work, cfg, "protocol", no_wait=no_wait)
+    if no_wait:
+        return None, run_dir / TABLE
+    runs = [{"job": job, **done[job.tag]} for job in jobs if job.tag in done]
     variants = list(cfg.protocol.variants)
     organs = list(get_dataset_info(cfg.data.dataset).labels)
     settings = {}
     for s in cfg.protocol.settings:
         srun = [r for r in runs if r["job"].setting == s]
-        settings[int(s)] = aggregate(srun, organs, variants)
+        if srun:
+            settings[int(s)] = aggregate(srun, organs, variants)
     ttt = [r["results"]["ttt_seconds_per_slice"] for r in runs if r["results"].get("ttt_seconds_per_slice")]
     report = {
         "name": cfg.name, "dataset": cfg.data.dataset, "fsl_med_version": __version__,
@@ -175,14 +173,21 @@ def run_protocol(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         "settings": settings,
         "runs": [{"tag": r["job"].tag, "seed": r["job"].seed, "fold": r["job"].fold, "setting": r["job"].setting,
                   "organs": list(r["job"].organs), "train_dir": r["train_dir"], "results": r["results_path"],
+                  "slurm_job_id": r["slurm_job_id"], "requeues": r["requeues"],
                   "dice": {v: r["results"]["variants"][v]["dice"] for v in variants}} for r in runs],
+        "requeues": sum(r["requeues"] for r in runs),
+        "failed": [{"tag": t, "error": e} for t, e in outcome.failed.items()],
+        "launcher": str(cfg.protocol.launcher),
         "config": to_container(cfg),
     }
-    return report, _write_report(run_dir, report, runs, organs, variants)
+    path = _write_report(run_dir, report, runs, organs, variants, failed_jobs_section(outcome))
+    log_report_to_wandb(cfg, "protocol", path)
+    raise_if_failed(outcome, "protocol", path)
+    return report, path
 
 
 def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, Any]], organs: list[str],
-                  variants: list[str]) -> Path:
+                  variants: list[str], failed: list[str]) -> Path:
     rows: list[dict[str, Any]] = []
     md = [f"# Protocol report: {report['name']}", "",
           f"Dataset `{report['dataset']}`, folds {report['folds']}, seeds {report['seeds']}, "
@@ -211,10 +216,13 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
     if report["ttt_seconds_per_slice"] is not None:
         md.append(f"TTT seconds per slice: {report['ttt_seconds_per_slice']:.3f}")
     md.append(f"Training seconds per step: {report['seconds_per_step']:.3f}")
+    md.append(f"Launcher `{report['launcher']}`" + (f"; SLURM requeues (preemption, time limit or SIGTERM; each resumed "
+                                                     f"from its last.ckpt): {report['requeues']}"
+                                                     if report["launcher"] == "slurm" else "") + ".")
     folders = Table((text("tag", "run"), text("train", "train folder"), text("results", "results")),
                     tuple({"tag": r["tag"], "train": f"`{r['train_dir']}`", "results": f"`{r['results']}`"}
                           for r in report["runs"]))
-    md += ["", "## Runs", "", folders.markdown()]
+    md += ["", "## Runs", "", folders.markdown(), *failed]
     md += ["", "Overlays (first fold and seed): `overlays/setting<s>/`. Organ names: "
            + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
     table = long_table(rows, (Column("setting", "setting", digits=None),), n_title="n_runs")

@@ -48,6 +48,8 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# a machine with SLURM installed (a login node, the test cluster): a run outside a SLURM job is not a mistake
+warnings.filterwarnings("ignore", message=".*`srun` command is available on your system but is not used.*")
 
 
 def new_run_dir(output_dir: str | Path, name: str) -> Path:
@@ -220,7 +222,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
         log.warning("no W&B API key configured: logging offline to %s (sync later with 'wandb sync')", run_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=f"{name}-{version}",
-                       save_dir=str(run_dir), offline=offline, config=to_container(cfg))
+                       save_dir=str(run_dir), offline=offline, config=to_container(cfg), group=cfg.logging.wandb_group)
 
 
 def check_registries(cfg: DictConfig) -> None:
