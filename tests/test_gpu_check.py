@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -200,6 +201,20 @@ def test_concurrent_training_row_measures_one_and_two_processes_and_leaves_none(
     cells = [c.strip() for c in lines[i].split("|")[1:-1]] + [c.strip() for c in lines[i + 1].split("|")[1:-1]]
     assert "–" not in cells and cells[-1] == "" and cells[8] == "ok" and cells[11].startswith("2")
     assert f"`protocol.jobs_per_gpu={best['jobs']}`" in md
+    # the protocol wall-time estimate reads the row (train-large-bf16 did not run: the step time is given)
+    est = subprocess.run([sys.executable, str(REPO / "scripts" / "protocol-estimate.py"), "--gpu-check",
+                          str(out / "gpu-check.json"), "--seconds-per-step", "0.5", "--gpus", "1", "8"],
+                         capture_output=True, text=True, timeout=60)
+    assert est.returncode == 0, est.stderr
+    head, _, _, one_gpu, eight = est.stdout.strip().splitlines()
+    gain = best["speedup"]
+    assert head.startswith("ESTIMATE") and f"{best['jobs']} run(s) per GPU at {gain:.2f}x" in head
+    hours = math.ceil(45 / best["jobs"]) * 100_000 * 0.5 * best["jobs"] / gain / 3600
+    assert one_gpu.startswith(f"| 1 | {hours:.1f} |")
+    assert eight.startswith(f"| 8 | {math.ceil(45 / (8 * best['jobs'])) * 100_000 * 0.5 * best['jobs'] / gain / 3600:.1f} |")
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "protocol-estimate.py"), "--gpu-check",
+                          str(out / "gpu-check.json")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "train-large-bf16 row" in bad.stderr
 
 
 def test_concurrent_training_row_past_its_time_limit_ends_its_processes(tmp_path, cache_dir):
