@@ -445,11 +445,15 @@ class ProtocolConfig:
     launcher: str = "inline"  # inline | local | slurm
     parallel: int | None = None  # local: jobs at once (null: GPUs x jobs_per_gpu, or 1 without a GPU)
     jobs_per_gpu: int = 1  # local: batch-1 runs sharing one GPU (gpu-check's concurrent-training row measures it)
+    threads_per_job: int | None = None  # CPU threads of each job (torch.set_num_threads), under every launcher. null:
+    # inline keeps torch's default (all cores), local splits the cores between its jobs, slurm uses protocol.slurm.cpus.
+    # On the CPU the last bits of a float reduction depend on the thread count: equal values give equal rows
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 LAUNCH_KEYS: tuple[str, ...] = (
-    "protocol.launcher", "protocol.parallel", "protocol.jobs_per_gpu", "protocol.slurm", "logging.logger",
+    "protocol.launcher", "protocol.parallel", "protocol.jobs_per_gpu", "protocol.threads_per_job", "protocol.slurm",
+    "logging.logger",
     "logging.wandb_project", "logging.wandb_entity", "logging.wandb_group", "trainer.enable_progress_bar",
 )
 """Fields that say where and how the jobs run and are logged, not what they compute: a protocol folder's jobs
@@ -845,6 +849,8 @@ def validate(cfg: DictConfig) -> None:
     _check(all(0 <= x < 2**32 for x in pr.seeds), "protocol.seeds", f"must be in 0..{2**32 - 1}, got {list(pr.seeds)}")
     _check(pr.parallel is None or pr.parallel >= 1, "protocol.parallel", f"must be >= 1 (or null), got {pr.parallel}")
     _check(pr.jobs_per_gpu >= 1, "protocol.jobs_per_gpu", f"must be >= 1, got {pr.jobs_per_gpu}")
+    _check(pr.threads_per_job is None or pr.threads_per_job >= 1, "protocol.threads_per_job",
+           f"must be >= 1 (or null: the launcher's default), got {pr.threads_per_job}")
     _validate_slurm(cfg)
     _validate_compare(cfg)
 

@@ -200,10 +200,12 @@ def run_job(folder: str | os.PathLike[str], config: DictConfig | None = None) ->
         Exception: anything else, as raised (``state.json``: ``failed`` with :func:`error_line`).
     """
     folder = Path(folder)
+    threads_before = None
     try:
         spec = json.loads((folder / "job.json").read_text(encoding="utf-8"))
         cfg = config if config is not None else load_config(folder / "config.yaml")
-        write_state(folder, "running", tag=spec["tag"])
+        threads, threads_before = _set_threads(cfg)
+        write_state(folder, "running", tag=spec["tag"], threads=threads)
         if spec["kind"] == "eval_ckpt":
             source = read_state(folder.parent / str(spec["source"]))
             if source.get("state") != "done":
@@ -221,7 +223,11 @@ def run_job(folder: str | os.PathLike[str], config: DictConfig | None = None) ->
         raise
     finally:
         _finish_wandb_run()
-    return write_state(folder, "done", **outcome)
+        if threads_before is not None:
+            import torch
+
+            torch.set_num_threads(threads_before)
+    return write_state(folder, "done", **outcome, threads=threads)
 
 
 def _finish_wandb_run() -> None:
@@ -233,15 +239,17 @@ def _finish_wandb_run() -> None:
         run.finish()
 
 
-def set_threads() -> int | None:
-    """Apply :data:`THREADS_ENV` (the CPU threads a launcher gave this job) to torch; returns it (None: unset)."""
-    n = os.environ.get(THREADS_ENV)
-    if not n:
-        return None
+def _set_threads(cfg: DictConfig) -> tuple[int, int | None]:
+    """Give this job its CPU threads: ``protocol.threads_per_job``, else the launcher's :data:`THREADS_ENV`, else
+    torch's default. Returns ``(threads now, threads before)``; ``before`` is None when nothing was changed."""
     import torch
 
-    torch.set_num_threads(int(n))
-    return int(n)
+    want = cfg.protocol.threads_per_job or (int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None)
+    before = torch.get_num_threads()
+    if want is None or int(want) == before:
+        return before, None
+    torch.set_num_threads(int(want))
+    return int(want), before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m fsl_med.jobs FOLDER [--debug]", file=sys.stderr)
         return 2
-    threads = set_threads()
-    log.info("job %s: pid %d%s", args[0], os.getpid(), f", {threads} CPU thread(s)" if threads else "")
+    log.info("job %s: pid %d", args[0], os.getpid())
     try:
         with interrupts.installed(extra=(signal.SIGUSR2,)):
             run_job(args[0])

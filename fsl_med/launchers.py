@@ -69,7 +69,7 @@ class LocalLauncher:
             self.slots = min(int(pr.parallel), cap) if pr.parallel is not None else cap
         else:
             self.slots = int(pr.parallel) if pr.parallel is not None else 1
-        self.threads = max(1, cpu_count() // self.slots)
+        self.threads = int(pr.threads_per_job or max(1, cpu_count() // self.slots))
         self.running: dict[Path, tuple[subprocess.Popen[bytes], int | None]] = {}
         where = (f"{self.gpus} GPU(s), at most {pr.jobs_per_gpu} job(s) per GPU" if self.gpus else "no GPU")
         log.info("local launcher: up to %d job(s) at once, %d CPU thread(s) each, %s", self.slots, self.threads, where)
@@ -156,10 +156,7 @@ class SlurmJob:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", force=True)
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).propagate = False
-        os.environ.setdefault(THREADS_ENV, os.environ.get("SLURM_CPUS_PER_TASK", ""))
-        from fsl_med.jobs import set_threads
-
-        set_threads()
+        os.environ.setdefault(THREADS_ENV, os.environ.get("SLURM_CPUS_PER_TASK", ""))  # unless threads_per_job
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         try:
             with interrupts.installed(extra=(signal.SIGUSR2,)):

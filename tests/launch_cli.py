@@ -32,12 +32,13 @@ def cache_dir_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def protocol_args(root: Path, cache: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:
     """``fsl-med protocol protocol_cpu.yaml`` on ``root`` (a 64 px phantom): ``steps`` training steps per job, Setting 1
-    and 2 (three jobs), plain/+CCA/+TTT."""
+    and 2 (three jobs), plain/+CCA/+TTT, one CPU thread per job under every launcher (on the CPU the last bits of a
+    float reduction depend on the thread count, so equal rows need equal threads)."""
     return [str(PROTOCOL), f"data.root={root}", f"data.cache_dir={cache}", f"logging.output_dir={out}",
             "data.image_size=64", "data.num_workers=0", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={max(1, steps // 2)}", f"data.episodes_per_epoch={steps}", "ttt.steps=1",
             "trainer.enable_progress_bar=false", "eval.overlay_slices=0", "protocol.variants=[plain,cca,ttt]",
-            "trainer.log_every_n_steps=5", *extra]
+            "trainer.log_every_n_steps=5", "protocol.threads_per_job=1", *extra]
 
 
 def fsl_med(args: list[str], timeout: float = 900, **kw: Any) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,8 @@ from launch_cli import (  # noqa: F401 - module-scoped fixtures
 
 from fsl_med import locks
 from fsl_med.cli import main
-from fsl_med.launchers import slurm_minutes
+from fsl_med.config import load_config
+from fsl_med.launchers import LocalLauncher, cpu_count, slurm_minutes
 
 TAGS = ["s1-f0-seed1234", "s2-f0-seed1234-kidneys", "s2-f0-seed1234-liver-spleen"]
 
@@ -113,7 +114,7 @@ def _wait_for(pred, timeout: float = 300.0, every: float = 0.2) -> None:
 def test_stopped_local_protocol_resumes_to_the_uninterrupted_numbers(phantom, cache_dir, tmp_path):
     """SIGTERM to the driver: every running job saves last.ckpt and the driver exits 143; the same command resumes
     them (new training folders that start at the saved step) and ends with the numbers of an uninterrupted run."""
-    det = ("trainer.deterministic=true",)
+    det = ("trainer.deterministic=true", "protocol.settings=[2]")  # two jobs, both running when stopped
     ref = fsl_med(["protocol", *protocol_args(phantom, cache_dir, tmp_path / "ref", *det, steps=60)])
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "out"
@@ -121,15 +122,15 @@ def test_stopped_local_protocol_resumes_to_the_uninterrupted_numbers(phantom, ca
                                        steps=60)]
     proc = subprocess.Popen([sys.executable, "-m", "fsl_med", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "FSL_MED_POLL_SECONDS": "1"})
-    logs = [report_dir(out) / "jobs" / t / "job.log" for t in TAGS[:2]]
+    logs = [report_dir(out) / "jobs" / t / "job.log" for t in TAGS[1:]]
     _wait_for(lambda: all(f.is_file() and "step 10/60" in f.read_text() for f in logs))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     assert "rerun the same command to resume" in err.strip().splitlines()[-1]
     table = job_table(report_dir(out))
-    assert [table[t]["state"] for t in TAGS[:2]] == ["interrupted", "interrupted"]
-    saved = [json.loads((report_dir(out) / "jobs" / t / "state.json").read_text()) for t in TAGS[:2]]
+    assert [table[t]["state"] for t in TAGS[1:]] == ["interrupted", "interrupted"]
+    saved = [json.loads((report_dir(out) / "jobs" / t / "state.json").read_text()) for t in TAGS[1:]]
     assert all(s["state"] == "interrupted" and s["signal"] == "SIGTERM" for s in saved)
     p = fsl_med(args)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -142,7 +143,8 @@ def test_a_killed_job_is_reported_failed_the_others_aggregate_and_a_rerun_runs_i
     """A job killed from outside (as the OOM killer does): its error line is in the report and the exit status is 1;
     the other jobs still aggregate; the same command runs the failed job again and completes the protocol."""
     out = tmp_path / "out"
-    args = ["protocol", *protocol_args(phantom, cache_dir, out, "protocol.launcher=local", "protocol.parallel=1")]
+    args = ["protocol", *protocol_args(phantom, cache_dir, out, "protocol.settings=[2]", "protocol.launcher=local",
+                                       "protocol.parallel=1")]
     proc = subprocess.Popen([sys.executable, "-m", "fsl_med", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "FSL_MED_POLL_SECONDS": "1"})
     state = report_dir(out) / "jobs" / TAGS[1] / "state.json"
@@ -153,7 +155,7 @@ def test_a_killed_job_is_reported_failed_the_others_aggregate_and_a_rerun_runs_i
     last = err.strip().splitlines()[-1]
     assert f"1 protocol job(s) failed ({TAGS[1]})" in last and "protocol.json" in last
     rep = json.loads((report_dir(out) / "protocol.json").read_text())
-    assert [r["tag"] for r in rep["runs"]] == [TAGS[0], TAGS[2]]
+    assert [r["tag"] for r in rep["runs"]] == [TAGS[2]]
     assert rep["failed"][0]["tag"] == TAGS[1] and "killed by SIGKILL" in rep["failed"][0]["error"]
     md = (report_dir(out) / "protocol.md").read_text()
     assert "## Failed jobs (1; not in the numbers above)" in md and "killed by SIGKILL" in md
@@ -161,7 +163,7 @@ def test_a_killed_job_is_reported_failed_the_others_aggregate_and_a_rerun_runs_i
     p = fsl_med(args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{TAGS[1]}: failed before" in p.stderr and p.stderr.count("running (pid") == 1
-    assert numbers(report_dir(out)) == numbers(inline)
+    assert numbers(report_dir(out)) == {"2": numbers(inline)["2"]}
 
 
 def test_launcher_settings_are_checked_with_one_line(capsys):
@@ -219,7 +221,8 @@ def test_ablation_rows_as_local_jobs_give_the_inline_numbers_and_a_reuse_row_wai
     base = ["ablate", str(PROTOCOL.with_name("ablation_cpu.yaml")), f"data.root={phantom}", f"data.cache_dir={cache_dir}",
             "data.image_size=64", "data.num_workers=0", "model.encoder.name=vit_tiny_patch14", "trainer.max_steps=2",
             "data.episodes_per_epoch=2", "ttt.steps=1", "trainer.enable_progress_bar=false",
-            "data.test_organs=[liver,spleen]", "eval.overlay_slices=0", "ablation.variants=[plain,ttt]", grid]
+            "data.test_organs=[liver,spleen]", "eval.overlay_slices=0", "ablation.variants=[plain,ttt]",
+            "protocol.threads_per_job=1", grid]
     reports = {}
     for launcher in ("inline", "local"):
         out = tmp_path / launcher
@@ -240,3 +243,12 @@ def test_ablation_rows_as_local_jobs_give_the_inline_numbers_and_a_reuse_row_wai
         assert a["steps"] == b["steps"] and a["trained"] == b["trained"]
     runs = {r["name"]: r for r in reports["local"]["runs"]}
     assert runs["full-3shot"]["checkpoint"] == runs["full"]["checkpoint"] and runs["frozen"]["checkpoint"] is None
+
+
+def test_local_launcher_splits_the_cores_unless_threads_per_job_is_set():
+    split = LocalLauncher(load_config(None, ["data.root=unused", "protocol.launcher=local", "protocol.parallel=2"]))
+    assert split.slots == 2 and split.threads == max(1, cpu_count() // 2) and split.gpus == 0
+    one = LocalLauncher(load_config(None, ["data.root=unused", "protocol.launcher=local"]))  # null parallel: 1 without a GPU
+    assert one.slots == 1 and one.threads == cpu_count()
+    fixed = LocalLauncher(load_config(None, ["data.root=unused", "protocol.parallel=2", "protocol.threads_per_job=3"]))
+    assert fixed.threads == 3
