@@ -18,16 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO / "experiments" / "protocol_cpu.yaml"
 
 
-@pytest.fixture(scope="module", name="phantom")
+@pytest.fixture(scope="session", name="phantom")
 def phantom_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 64 px phantom of 6 scans (prepared layout), one per test module."""
+    """A 64 px phantom of 6 scans (prepared layout), shared by the launcher tests."""
     return generate_phantom(tmp_path_factory.mktemp("ph") / "phantom", n_scans=6, size=64, depth=10, seed=0)
 
 
-@pytest.fixture(scope="module", name="cache_dir")
+@pytest.fixture(scope="session", name="cache_dir")
 def cache_dir_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The superpixel cache of the module's runs (module-scoped: the phantom's superpixels are computed once)."""
+    """The superpixel cache of the launcher tests' runs (the phantom's superpixels are computed once)."""
     return tmp_path_factory.mktemp("sp_cache")
+
+
+@pytest.fixture(scope="session", name="inline")
+def inline_fixture(phantom: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference of the launcher tests: :func:`protocol_args`' protocol run inline (one process, one job after
+    another); its report folder."""
+    out = tmp_path_factory.mktemp("inline")
+    p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return report_dir(out)
 
 
 def protocol_args(root: Path, cache: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:

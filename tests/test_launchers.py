@@ -18,6 +18,7 @@ from launch_cli import (  # noqa: F401 - module-scoped fixtures
     PROTOCOL,
     cache_dir_fixture,
     fsl_med,
+    inline_fixture,
     job_table,
     numbers,
     phantom_fixture,
@@ -32,15 +33,6 @@ from fsl_med.config import load_config
 from fsl_med.launchers import LocalLauncher, cpu_count, slurm_minutes
 
 TAGS = ["s1-f0-seed1234", "s2-f0-seed1234-kidneys", "s2-f0-seed1234-liver-spleen"]
-
-
-@pytest.fixture(scope="module")
-def inline(phantom, tmp_path_factory, cache_dir) -> Path:
-    """The reference: the protocol run inline (one process, one job after another)."""
-    out = tmp_path_factory.mktemp("inline")
-    p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out)])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return report_dir(out)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +107,15 @@ def test_stopped_local_protocol_resumes_to_the_uninterrupted_numbers(phantom, ca
     """SIGTERM to the driver: every running job saves last.ckpt and the driver exits 143; the same command resumes
     them (new training folders that start at the saved step) and ends with the numbers of an uninterrupted run."""
     det = ("trainer.deterministic=true", "protocol.settings=[2]")  # two jobs, both running when stopped
-    ref = fsl_med(["protocol", *protocol_args(phantom, cache_dir, tmp_path / "ref", *det, steps=60)])
+    ref = fsl_med(["protocol", *protocol_args(phantom, cache_dir, tmp_path / "ref", *det, steps=40)])
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "out"
     args = ["protocol", *protocol_args(phantom, cache_dir, out, *det, "protocol.launcher=local", "protocol.parallel=2",
-                                       steps=60)]
+                                       steps=40)]
     proc = subprocess.Popen([sys.executable, "-m", "fsl_med", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "FSL_MED_POLL_SECONDS": "1"})
     logs = [report_dir(out) / "jobs" / t / "job.log" for t in TAGS[1:]]
-    _wait_for(lambda: all(f.is_file() and "step 10/60" in f.read_text() for f in logs))
+    _wait_for(lambda: all(f.is_file() and "step 10/40" in f.read_text() for f in logs))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
@@ -197,13 +189,13 @@ def test_wandb_runs_of_a_protocol_share_one_group_and_the_driver_logs_the_table_
     """Offline W&B (no key here): one run per job, each in the protocol's group (the group name is in each run's
     record), and one more run, of job type ``aggregate``, holding the report's table."""
     out = tmp_path / "wb"
-    p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out, "logging.logger=wandb")],
+    p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out, "logging.logger=wandb", "protocol.settings=[2]")],
                 env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc")})
     assert p.returncode == 0, p.stderr[-3000:]
     folder = report_dir(out)
     group = b"protocol-cpu-protocol-version_0"
     job_runs = sorted(folder.glob("runs/*/version_*/wandb/offline-run-*/run-*.wandb"))
-    assert len(job_runs) == 3  # one W&B run per job, not one for the whole process
+    assert len(job_runs) == 2  # one W&B run per job, not one for the whole process
     assert all(group in f.read_bytes() and b"aggregate" not in f.read_bytes() for f in job_runs)
     agg = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(agg) == 1 and group in agg[0].read_bytes() and b"aggregate" in agg[0].read_bytes()

@@ -14,6 +14,7 @@ import time
 from launch_cli import (  # noqa: F401 - module-scoped fixtures
     cache_dir_fixture,
     fsl_med,
+    inline_fixture,
     job_table,
     numbers,
     phantom_fixture,
@@ -39,18 +40,29 @@ def _completed(job_id: str) -> list[dict[str, str]]:
     return recs
 
 
-def test_protocol_on_slurm_gives_the_inline_numbers(slurm_cluster, phantom, cache_dir, tmp_path):
-    ref = fsl_med(["protocol", *protocol_args(phantom, cache_dir, tmp_path / "inline")])
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_protocol_on_slurm_gives_the_inline_numbers_and_no_wait_then_a_rerun_aggregates(slurm_cluster, phantom,
+                                                                                       cache_dir, inline, tmp_path):
+    """``--no-wait`` submits one job array and returns; the same command without it adopts the jobs (or finds them
+    finished), waits and writes the report, whose rows equal ``inline``'s; SLURM's own records agree."""
     out = tmp_path / "slurm"
-    p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out, *SLURM)])
+    args = ["protocol", *protocol_args(phantom, cache_dir, out, *SLURM)]
+    p = fsl_med([*args, "--no-wait"])
     assert p.returncode == 0, p.stderr[-3000:]
-    folder = report_dir(out)
-    assert numbers(folder) == numbers(report_dir(tmp_path / "inline"))
-    table = job_table(folder)
-    ids = [table[t]["slurm_job_id"] for t in TAGS]
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith("submitted 3 job(s) to SLURM: ") and "--no-wait" not in lines[1]
+    assert lines[1].startswith("to wait for them and write the report, rerun: fsl-med protocol ")
+    assert lines[-1] == str(report_dir(out) / "jobs.json")
+    assert not (report_dir(out) / "protocol.json").exists()
+    ids = [job_table(report_dir(out))[t]["slurm_job_id"] for t in TAGS]
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_{i}" for i in range(3)]  # one job array
+    p = fsl_med(args)  # the same command without --no-wait
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SLURM job" in p.stderr and ("from before" in p.stderr or "finished before" in p.stderr)
+    folder = report_dir(out)
+    assert numbers(folder) == numbers(inline)
+    table = job_table(folder)
+    assert [table[t]["slurm_job_id"] for t in TAGS] == ids and len(train_folders(out)) == 3  # nothing submitted twice
     for tag, job_id in zip(TAGS, ids, strict=True):
         state = json.loads((folder / "jobs" / tag / "state.json").read_text())
         assert state["state"] == "done" and state["slurm_job_id"] == job_id and state["requeues"] == 0
@@ -59,8 +71,6 @@ def test_protocol_on_slurm_gives_the_inline_numbers(slurm_cluster, phantom, cach
         assert recs[-1]["Name"] == "fsl_med-protocol-cpu-protocol"
         known = scontrol_job(job_id)  # remembered for a few minutes after the end (MinJobAge)
         assert not known or known["JobState"] == "COMPLETED"
-    for state in ("queued (SLURM job", "running (SLURM job", "done (SLURM COMPLETED)"):
-        assert state in p.stderr, state
     rep = json.loads((folder / "protocol.json").read_text())
     assert rep["launcher"] == "slurm" and rep["requeues"] == 0 and [r["slurm_job_id"] for r in rep["runs"]] == ids
     assert "Launcher `slurm`; SLURM requeues" in (folder / "protocol.md").read_text()
@@ -86,6 +96,9 @@ def test_sigterm_mid_training_requeues_and_ends_as_an_uninterrupted_run(slurm_cl
     _, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, err[-3000:]
     assert numbers(report_dir(out)) == numbers(report_dir(tmp_path / "ref"))
+    for state in ("[0/1 done, 1 queued] s1-f0-seed1234: queued (SLURM job", "running (SLURM job",
+                  "[1/1 done] s1-f0-seed1234: done (SLURM COMPLETED)"):  # one line per state change
+        assert state in err, state
     assert f"{TAGS[0]}: requeued (stopped by SIGTERM with last.ckpt saved, requeue 1;" in err
     assert f"{TAGS[0]}: running (SLURM job {job_id}, restart 1)" in err
     runs = train_folders(out)
@@ -95,22 +108,3 @@ def test_sigterm_mid_training_requeues_and_ends_as_an_uninterrupted_run(slurm_cl
     assert json.loads((report_dir(out) / "protocol.json").read_text())["requeues"] == 1
     recs = _completed(job_id)
     assert [r["JobState"] for r in recs][-2:] == ["PENDING", "COMPLETED"]  # requeued (then pending), then completed
-
-
-def test_no_wait_submits_and_a_rerun_waits_and_writes_the_report(slurm_cluster, phantom, cache_dir, tmp_path):
-    out = tmp_path / "slurm"
-    args = ["protocol", *protocol_args(phantom, cache_dir, out, *SLURM)]
-    p = fsl_med([*args, "--no-wait"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = p.stdout.strip().splitlines()
-    assert lines[0].startswith("submitted 3 job(s) to SLURM: ") and "--no-wait" not in lines[1]
-    assert lines[1].startswith("to wait for them and write the report, rerun: fsl-med protocol ")
-    assert lines[-1] == str(report_dir(out) / "jobs.json")
-    assert not (report_dir(out) / "protocol.json").exists()
-    ids = [job_table(report_dir(out))[t]["slurm_job_id"] for t in TAGS]
-    p = fsl_med(args)  # the same command without --no-wait: adopts the jobs, waits, aggregates
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "SLURM job" in p.stderr and ("from before" in p.stderr or "finished before" in p.stderr)
-    assert [job_table(report_dir(out))[t]["slurm_job_id"] for t in TAGS] == ids  # nothing submitted twice
-    assert len(train_folders(out)) == 3
-    assert (report_dir(out) / "protocol.json").is_file()
