@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ class Driver:
         for tag in self.order:
             st = self._sync_from_job(tag)
             state = st.get("state")
-            if state == "done" and self.table.get(tag, {}).get("hash", self.hashes[tag]) == self.hashes[tag]:
+            if state == "done":  # _check_unchanged refused a finished job whose configuration changed
                 self._set(tag, "done", "finished before: skipped")
                 continue
             job_id = st.get("slurm_job_id") or self.table.get(tag, {}).get("slurm_job_id")
@@ -238,10 +238,6 @@ class Driver:
     def _fail(self, tag: str, error: str) -> None:
         self.failed[tag] = error
         self._set(tag, "failed", error, error=error)
-
-    def _prepare(self, tag: str) -> None:
-        spec = self.specs[tag]
-        write_job(self.folders[tag], spec)
 
     def _finish(self, tag: str, how: str = "", stopping: bool = False) -> None:
         st = self._sync_from_job(tag)
@@ -290,7 +286,7 @@ class Driver:
                 break
             tag = ready[0]
             todo.remove(tag)
-            self._prepare(tag)
+            write_job(self.folders[tag], self.specs[tag])
             self._set(tag, "running", "in this process")
             attempted += 1
             try:
@@ -316,7 +312,7 @@ class Driver:
                 if ready:
                     for tag in ready:
                         todo.remove(tag)
-                        self._prepare(tag)
+                        write_job(self.folders[tag], self.specs[tag])
                         (self.folders[tag] / "state.json").unlink(missing_ok=True)  # the new run writes its own
                     started = launcher.start([self.folders[t] for t in ready])
                     for tag in ready:
@@ -430,8 +426,7 @@ def drive(run_dir: Path, specs: list[JobSpec], cfg: DictConfig, verb: str, no_wa
         FslMedError: every job failed (the first job's error), or a launcher could not start.
     """
     group = wandb_group(cfg, verb, run_dir)
-    for spec in specs:
-        OmegaConf.update(spec.config, "logging.wandb_group", group, merge=False)
+    specs = [replace(s, config=_with_group(s.config, group)) for s in specs]  # the callers' configs stay as they are
     with locks.exclusive(run_dir / "driver.lock", f"the {verb} folder {run_dir}"):
         driver = Driver(run_dir, specs, cfg, verb)
         try:
@@ -451,6 +446,12 @@ def drive(run_dir: Path, specs: list[JobSpec], cfg: DictConfig, verb: str, no_wa
         first = next(iter(outcome.failed.items()))
         raise JobsFailed(f"every job of the {verb} failed; {first[0]}: {first[1]}")
     return outcome
+
+
+def _with_group(cfg: DictConfig, group: str) -> DictConfig:
+    out = cfg.copy()
+    OmegaConf.update(out, "logging.wandb_group", group, merge=False)
+    return out
 
 
 def wandb_group(cfg: DictConfig, verb: str, run_dir: Path) -> str:

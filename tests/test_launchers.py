@@ -56,7 +56,7 @@ def test_local_parallel_gives_the_inline_numbers_bit_for_bit(inline, local):
     assert "[0/3 done, 2 running] s2-f0-seed1234-kidneys: running (pid " in p.stderr
     assert "[3/3 done] " in p.stderr
     starts = [json.loads((folder / "jobs" / t / "state.json").read_text()) for t in TAGS]
-    assert len({s["pid"] for s in starts}) == 3 and all(s["pid"] != p for s in starts)
+    assert len({s["pid"] for s in starts}) == 3  # each job in a process of its own
     assert all("job.log" in os.listdir(folder / "jobs" / t) for t in TAGS)
     assert json.loads((folder / "protocol.json").read_text())["launcher"] == "local"
 
@@ -69,7 +69,7 @@ def test_rerun_of_a_finished_protocol_trains_nothing(phantom, cache_dir, local):
     assert p.returncode == 0, p.stderr[-3000:]
     assert train_folders(out) == before  # no job trained or ran again
     assert "3 of 3 jobs finished before" in p.stderr and "running (pid" not in p.stderr
-    assert (report_dir(out) / "protocol.json").stat().st_mtime >= mtime  # the report is written again
+    assert (report_dir(out) / "protocol.json").stat().st_mtime > mtime  # the report is written again
     assert not report_dir(out, version=1).exists()
     # the launch fields may change: the same protocol continued inline trains nothing either
     p = fsl_med(["protocol", *protocol_args(phantom, cache_dir, out)])
