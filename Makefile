@@ -20,7 +20,7 @@ CT_OUT       = $(or $(OUT),data/SABS/sabs_CT_normalized)
 NEED_SRC     = $(if $(SRC),,$(error SRC= is required: the official download (zip or folder)))
 DATA_ARG     = $(if $(DATA),data.root=$(DATA),)
 
-.PHONY: install test test-deps test-fast demo bench gpu-check gpu-bundle slurm-start slurm-stop ablations compare sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
+.PHONY: install test test-deps test-fast docs docs-serve demo bench gpu-check gpu-bundle slurm-start slurm-stop ablations compare sweep-mri sweep-ct download-mri prepare-mri prepare-ct train-mri eval-mri train-ct eval-ct lint clean-venv help
 
 help: ## list the targets with one line each
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install fsl_med with its dev tools (idempotent)
 
-test: $(STAMP) lint test-deps ## lint + import contracts, then the test suite (real CHAOS data from ../shared when present; required under CI=true)
+test: $(STAMP) lint docs test-deps ## lint + import contracts, the strict docs build, then the test suite (real CHAOS data from $$FSL_MED_DATA_MRI when set; required under CI=true)
 	$(PY) -m pytest -q
 
 test-deps: ## as root: capsh (Debian libcap2-bin), which the permission tests use to drop root's file-access override
@@ -43,6 +43,12 @@ test-deps: ## as root: capsh (Debian libcap2-bin), which the permission tests us
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	FSL_MED_FAST=1 $(PY) -m pytest -q -m "not slow"
+
+docs: $(STAMP) ## build the documentation site strictly (a broken link, a page missing from the nav or a docstring that does not parse fails) -> site/
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP) ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every edit
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 demo: $(STAMP) ## phantom data, tiny random-init model: Dice before/after a short training, a few minutes on CPU
 	$(FSL) demo experiments/demo.yaml $(ARGS)

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from docs_text import page
 from omegaconf import OmegaConf
 
 from fsl_med import callbacks as cbs
@@ -192,10 +193,9 @@ def test_user_refinement_order_is_respected(run, expected):
 
 
 def test_readme_refinement_example_runs_through_fsl_med_eval(run, expected, tmp_path):
-    """The README's ``Closing`` example, copied verbatim into a file and named in ``eval.refinements``: scored after
+    """The docs' ``Closing`` example (Test-time stage page), copied verbatim into a file and named in ``eval.refinements``: scored after
     ``eval.variants``, logged as ``test/dice_closing``, and equal to applying it to the plain prediction."""
-    readme = (REPO / "README.md").read_text()
-    code = re.search(r"<!-- refinement-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"<!-- refinement-example -->\n```python\n(.*?)```", page("test-time.md"), re.S).group(1)
     assert len(code.strip().splitlines()) <= 15
     path = tmp_path / "closing.py"
     path.write_text(code)

@@ -1,4 +1,4 @@
-"""The head registry: a head is one module (README "Adding a head" runs as written), nothing outside
+"""The head registry: a head is one module (the Methods page's "Adding a head" runs as written), nothing outside
 ``fsl_med/models/heads/`` and ``config.py`` names a head, and bad head names are one-line errors."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from docs_text import page
 
 from fsl_med.errors import ConfigError
 from fsl_med.models.heads import create_head, list_heads, register_head
@@ -50,10 +51,10 @@ print("example ok", float(loss))
 
 
 def test_readme_example_head_trains_and_predicts():
-    """README's "Adding a head" block, as written, registers a head that trains (weights change) and predicts EP1
+    """The Methods page's "Adding a head" block, as written, registers a head that trains (weights change) and predicts EP1
     volumes through FewShotSegmenter's unchanged API (in a subprocess: the registry stays clean here)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Adding a head"):]
+    text = page("methods.md")
+    section = text[text.index("## Adding a head"):]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     p = subprocess.run([sys.executable, "-c", block + RUN_EXAMPLE], capture_output=True, text=True, timeout=300,
                        cwd=REPO)

@@ -4,7 +4,7 @@ Each section names the bug it was checked against (planted by hand, the test fai
 
 1. the inverse plan (prepared grid -> source grid) puts every voxel exactly where the affines say;
 2. the "best" checkpoint is the one with the highest logged ``val/dice``;
-3. the documented evaluation defaults (README) are the config's and the code's defaults;
+3. the documented evaluation defaults (the docs) are the config's and the code's defaults;
 4. every superpixel setting that changes the pseudolabels changes their cache key;
 5. episode augmentation keeps every mask aligned with its image.
 
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from docs_text import all_text, page
 
 from fsl_med.prepare.geometry import nearest_on_grid, orientation_of
 from fsl_med.prepare.plan import CtPlan, MriPlan
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+DOCS = all_text()
+DEVIATIONS = page("reproducing.md")
 
 # ------------------------------------------------------------------ 1. inverse plan: exact voxel positions
 
@@ -255,21 +257,21 @@ def test_best_checkpoint_has_the_highest_logged_val_dice(trained):
 # ------------------------------------------------------------------ 3. documented evaluation defaults
 
 def _readme_value(pattern: str) -> str:
-    m = re.search(pattern, README)
-    assert m is not None, f"README no longer documents {pattern!r}: update this test with the README"
+    m = re.search(pattern, DOCS)
+    assert m is not None, f"the docs no longer document {pattern!r}: update this test with the docs"
     return m.group(1)
 
 
 def _readme_row(field: str) -> str:
-    rows = [ln for ln in README.splitlines() if ln.startswith("|") and f"`{field}`" in ln]
-    assert len(rows) == 1, f"README's deviations table has {len(rows)} rows for {field}"
+    rows = [ln for ln in DEVIATIONS.splitlines() if ln.startswith("|") and f"`{field}`" in ln]
+    assert len(rows) == 1, f"docs/reproducing.md's deviations table has {len(rows)} rows for {field}"
     return rows[0]
 
 
 def _documented_eval_defaults() -> dict[str, object]:
-    """The defaults README states in prose, read from README itself."""
+    """The defaults the docs state in prose, read from the docs themselves."""
     variants = _readme_value(r"The default is `\[([a-z_, ]+)\]`")
-    ttt = re.search(r"`ttt\.lr` ([0-9.e-]+), momentum ([0-9.]+), weight decay ([0-9.e-]+)", README)
+    ttt = re.search(r"`ttt\.lr` ([0-9.e-]+), momentum ([0-9.]+), weight decay ([0-9.e-]+)", DOCS)
     assert ttt is not None
     return {
         "eval.variants": [v.strip() for v in variants.split(",")],
@@ -282,7 +284,7 @@ def _documented_eval_defaults() -> dict[str, object]:
     }
 
 
-# compat-dependent fields: (fsl_med value, reference value, README fragments of the row stating them)
+# compat-dependent fields: (fsl_med value, reference value, fragments of the deviations table's row stating them)
 DOCUMENTED_COMPAT = {
     "eval.score_last_slice": (True, False, ["never scored", "| scored |"]),
     "eval.skip_no_organ_slices": (False, True, ["skipped: neither predicted nor scored", "| scored, as SSL-ALPNet"]),
@@ -304,7 +306,7 @@ def _select(cfg, key: str):
 
 @pytest.mark.parametrize("config", [None, "defaults.yaml", "mri.yaml", "ct.yaml"])
 def test_documented_eval_defaults_are_the_config_defaults(config):
-    """What README says the evaluation defaults are is what the schema, ``defaults.yaml`` and the experiment
+    """What the docs say the evaluation defaults are is what the schema, ``defaults.yaml`` and the experiment
     configs give, and what an unset compat-dependent field becomes (both compats). A default that changes silently
     changes every reported number. Caught: ``DEFAULT_CCA_MODE = "3d"``; ``eval.variants`` default ``[plain]``;
     ``COMPAT["fsl_med"]["eval.skip_no_organ_slices"] = True``."""

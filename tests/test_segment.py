@@ -344,15 +344,17 @@ def test_checkpoint_stores_its_plan_and_segment_needs_one_when_unknown(chaos, ck
 
 
 def test_readme_python_api_example_equals_the_cli(chaos, ckpt, tmp_path, capsys):
-    """The README's ``Segmenter`` example runs as written on real CHAOS volumes; its 1-support and 3-support masks are
+    """The docs' ``Segmenter`` example (Segmenting your own volumes) runs as written on real CHAOS volumes; its 1-support and 3-support masks are
     the CLI's outputs for the same inputs, voxel for voxel, and its probabilities lie on the query's grid."""
     import re
 
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    from docs_text import page
+
+    text = page("segment.md")
     block = re.search(r"<!-- segmenter-example -->\n```python\n(.*?)```", text, re.S)
-    assert block is not None, "README lost its Segmenter example"
+    assert block is not None, "docs/segment.md lost its Segmenter example"
     ns: dict = {"CKPT": str(ckpt), "DATA": str(chaos)}
-    exec(compile(block.group(1), "README.md", "exec"), ns)  # noqa: S102 - the documented example, as written
+    exec(compile(block.group(1), "docs/segment.md", "exec"), ns)  # noqa: S102 - the documented example, as written
     one, three = ns["one"], ns["three"]
     q_img, q_aff, _ = read_nifti(chaos / "image_1.nii.gz")
     for res, ids in ((one, (2,)), (three, (2, 3, 5))):

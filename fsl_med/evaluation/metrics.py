@@ -48,7 +48,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...]) -> float:
     """95th-percentile Hausdorff distance in mm between binary ``pred`` and ``gt`` (MONAI).
 
     Args:
-        pred, gt: ``[Z, H, W]`` binary volumes (the evaluated slices, in order).
+        pred: ``[Z, H, W]`` binary prediction (the evaluated slices, in order).
+        gt: ``[Z, H, W]`` binary ground truth, the same slices.
         spacing: voxel size ``(z, y, x)`` in mm.
     Returns:
         The distance, ``nan`` when either volume is empty (undefined; reported, never averaged as 0).

@@ -169,9 +169,11 @@ class TestTimeTraining(Refinement):
     """Test-time training as a refinement callback (variant ``ttt``).
 
     Args:
-        steps, lr, mode, params: override the run config's ``ttt.steps``, ``ttt.lr``, ``ttt.mode``
-            (``slice``|``volume``) and ``ttt.params`` (``all``|``lora``|``adapter``); ``None`` keeps the config's.
-            The loss, augmentation, momentum and weight decay are always the run config's (``module.cfg``).
+        steps: overrides the run config's ``ttt.steps``; ``None`` keeps the config's (so do the next three).
+        lr: overrides ``ttt.lr``.
+        mode: overrides ``ttt.mode`` (``slice``|``volume``).
+        params: overrides ``ttt.params`` (``all``|``lora``|``adapter``). The loss, augmentation, momentum and
+            weight decay are always the run config's (``module.cfg``).
         source: the variant adapted on (``plain``).
         name: the variant's name (``ttt``).
 
