@@ -57,7 +57,7 @@ TttMode = Literal["slice", "volume"]
 TttParams = Literal["all", "lora", "adapter"]
 LoggerName = Literal["csv", "tensorboard", "wandb", "none"]
 Compat = Literal["fsl_med", "reference"]
-"""``compat``: fsl_med's corrected behaviour, or the reference code's exactly (README "Deviations from the reference
+"""``compat``: fsl_med's corrected behaviour, or the reference code's exactly (docs: "Reproducing the reference
 code"); each behaviour is also its own field, and a field left unset (null) follows ``compat`` (:data:`COMPAT`)."""
 BodyConnectivity = Literal[4, 8]
 EmptyWindow = Literal["fallback", "skip"]

@@ -344,7 +344,7 @@ PLAN_COMPAT: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {"mri": {"label_interp": "per_class_rint"},
                   "ct": {"label_interp": "per_class_rint", "grid": "reference"}},
 }
-"""Plan fields that ``prepare --compat`` sets (the preparation side of ``compat``; README "Deviations")."""
+"""Plan fields that ``prepare --compat`` sets (the preparation side of ``compat``; docs: "Reproducing the reference code")."""
 
 
 def default_plan(kind: str, compat: str = "fsl_med", **fields: Any) -> Plan:

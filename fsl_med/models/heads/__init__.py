@@ -1,6 +1,6 @@
 """Few-shot heads, one module per head, registered by name (``model.head.name``); adding a head is one module here,
 its import below and its config section (:class:`fsl_med.config.HeadConfig`, :data:`fsl_med.config.HEAD_DEFAULTS`).
-README "Methods" shows a worked example."""
+The docs page "Methods" shows a worked example (Adding a head)."""
 
 from fsl_med.models.heads import alp, panet, adnet, qnet, rpt  # noqa: F401, I001  (registration, in this order)
 from fsl_med.models.heads.base import FewShotHead

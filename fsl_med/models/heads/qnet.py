@@ -42,7 +42,7 @@ from fsl_med.models.heads.base import FewShotHead, float32_features
 from fsl_med.models.heads.pooling import masked_average
 from fsl_med.models.heads.registry import register_head
 
-SETTING1_ALPHA = (0.9, 0.1)  # the reference's training value (and README's Setting 1)
+SETTING1_ALPHA = (0.9, 0.1)  # the reference's training value (and the Q-Net README's Setting 1)
 
 
 @dataclass(frozen=True)
