@@ -22,7 +22,14 @@ from fsl_med import __version__
 from fsl_med.config import apply_overrides, to_container
 from fsl_med.errors import ConfigError
 from fsl_med.evaluate import write_dice_bar
-from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
+from fsl_med.evaluation.report import (
+    ORGAN_TITLES,
+    RUN,
+    VARIANT_TITLES,
+    long_table,
+    metric_table,
+    variant_rows,
+)
 from fsl_med.evaluation.table import Column, Table, text, write_report
 from fsl_med.job_table import (
     TABLE,
@@ -205,4 +212,4 @@ def _write_report(run_dir: Path, report: dict[str, Any], done: dict[str, dict[st
     md += [f"![Dice per organ and run, {VARIANT_TITLES.get(variants[0], variants[0])}](dice_bar.png)", "",
            "## Runs", "", _folders_table(runs).markdown(), *failed]
     md += ["", "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
-    return write_report(run_dir, "ablation", md, long_table(rows, (text("run", "run"),)), report)
+    return write_report(run_dir, "ablation", md, long_table(rows, (RUN,)), report)

@@ -40,7 +40,14 @@ from fsl_med import __version__
 from fsl_med.config import PROTOCOL_KEYS, VARIANTS, apply_overrides, load_config, to_container
 from fsl_med.errors import ConfigError
 from fsl_med.evaluation.figures import dice_bar_chart
-from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
+from fsl_med.evaluation.report import (
+    ORGAN_TITLES,
+    SETTING,
+    VARIANT_TITLES,
+    long_table,
+    metric_table,
+    variant_rows,
+)
 from fsl_med.evaluation.table import MISSING, Column, Table, text, write_report
 from fsl_med.job_table import (
     TABLE,
@@ -467,6 +474,5 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
                           for r in rows for x in r["runs"]))
     md += ["", "## Runs", "", folders.markdown(), *failed, "",
            "Organs: " + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
-    table = long_table(long_rows, (text("head", "head"), text("encoder", "encoder"),
-                                   Column("setting", "setting", digits=None)), n_title="n_runs")
+    table = long_table(long_rows, (text("head", "head"), text("encoder", "encoder"), SETTING), n_title="n_runs")
     return write_report(run_dir, "compare", md, table, report)

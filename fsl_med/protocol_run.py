@@ -23,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from fsl_med import __version__, atomic
 from fsl_med.config import to_container
 from fsl_med.evaluate import write_dice_bar
-from fsl_med.evaluation.report import ORGAN_TITLES, VARIANT_TITLES, long_table, metric_table, variant_rows
-from fsl_med.evaluation.table import Column, Table, text, write_report
+from fsl_med.evaluation.report import (
+    ORGAN_TITLES,
+    SETTING,
+    VARIANT_TITLES,
+    long_table,
+    metric_table,
+    variant_rows,
+)
+from fsl_med.evaluation.table import Table, text, write_report
 from fsl_med.job_table import (
     TABLE,
     Outcome,
@@ -225,5 +232,5 @@ def _write_report(run_dir: Path, report: dict[str, Any], runs: list[dict[str, An
     md += ["", "## Runs", "", folders.markdown(), *failed]
     md += ["", "Overlays (first fold and seed): `overlays/setting<s>/`. Organ names: "
            + ", ".join(ORGAN_TITLES.get(o, o) for o in organs) + "."]
-    table = long_table(rows, (Column("setting", "setting", digits=None),), n_title="n_runs")
+    table = long_table(rows, (SETTING,), n_title="n_runs")
     return write_report(run_dir, "protocol", md, table, report)

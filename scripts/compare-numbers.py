@@ -15,7 +15,7 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 def _summary(s: dict) -> dict:
-    return {k: v for k, v in s.items() if k != "seconds_per_volume"}
+    return {k: v for k, v in s.items() if k not in ("seconds_per_volume", "seconds_per_volume_by_organ")}
 
 
 def main(a: str, b: str) -> int:

@@ -68,6 +68,7 @@ def test_ablation_grid_writes_one_report(phantom, tmp_path, cache_dir, capsys) -
     rows = list(csv.DictReader((report_dir / "ablation.csv").open()))
     assert {(r["run"], r["variant"]) for r in rows if r["organ"] == "mean"} == {
         (n, v) for n, r in runs.items() for v in r["dice_mean"]}
+    assert all(float(r["seconds_per_volume"]) > 0 for r in rows)  # organ rows too: their volumes' mean
     assert (report_dir / "dice_bar.png").stat().st_size > 1000
 
 

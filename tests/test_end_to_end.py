@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -59,6 +60,17 @@ def test_train_then_eval_on_real_chaos(chaos_subset, tmp_path, cache_dir, tiny):
     assert (res_path.parent / "dice_bar.png").is_file() and len(list((res_path.parent / "overlays").glob("*.png"))) == 12
     for name in ("results.csv", "results.md", "config.yaml"):
         assert (res_path.parent / name).is_file()
+    # results.csv starts with the run's name (the first column of ablation.csv) and times every row
+    rows = list(csv.DictReader((res_path.parent / "results.csv").open()))
+    assert next(iter(rows[0])) == "run" and {r["run"] for r in rows} == {"e2e"}
+    assert len(rows) == 2 * 5 and all(float(r["seconds_per_volume"]) > 0 for r in rows)  # 2 variants x (4 organs, mean)
+    for r in rows:
+        summ = res["variants"][r["variant"]]
+        dice = summ["dice_mean"] if r["organ"] == "mean" else summ["dice"][r["organ"]]
+        assert float(r["dice"]) == pytest.approx(dice, abs=1e-4)
+        if r["organ"] != "mean":
+            assert float(r["seconds_per_volume"]) == pytest.approx(
+                summ["seconds_per_volume_by_organ"][r["organ"]], abs=1e-4)
     assert "Liver" in (res_path.parent / "results.md").read_text()
 
     # 'latest' finds the newest last.ckpt of the run name

@@ -74,3 +74,48 @@ def test_hd95_in_mm_on_an_anisotropic_grid_matches_hand_computed_values():
     assert hd95(vol(*line40), vol(*line20), spacing) == pytest.approx(9.025, abs=1e-5)
     assert hd95(vol(*line20), vol(*line40), spacing) == pytest.approx(9.025, abs=1e-5)  # symmetric
     assert hd95(vol(*line20, (2, 5, 39)), vol(*line20), spacing) == pytest.approx(0.0)
+
+
+def test_seconds_per_volume_per_organ_and_over_all_volumes():
+    res = [VolumeResult("liver", "1", Counts(1, 0, 0), 3, seconds=1.0),
+           VolumeResult("liver", "2", Counts(1, 0, 0), 3, seconds=3.0),
+           VolumeResult("spleen", "1", Counts(1, 0, 0), 3, seconds=5.0),
+           VolumeResult("spleen", "1", Counts(1, 0, 0), 3, seconds=100.0, variant="ttt")]
+    s = summarize(res, ["liver", "spleen", "left_kidney"], variant="plain")
+    assert s["seconds_per_volume_by_organ"] == {"liver": pytest.approx(2.0), "spleen": pytest.approx(5.0)}
+    assert s["seconds_per_volume"] == pytest.approx(3.0)  # over the 3 volumes, not over the organs' means
+
+
+def test_results_csv_starts_with_the_run_and_times_every_organ_row(tmp_path):
+    """results.csv: the same first column as ablation.csv (``run``), ``seconds_per_volume`` on every row; the Dice
+    and HD95 cells are the summaries' numbers."""
+    import csv
+
+    from fsl_med.evaluation.report import RUN, build_results, write_results
+    from fsl_med.evaluation.table import Column
+
+    organs = ["liver", "spleen"]
+    vols = [VolumeResult(o, q, Counts(tp, 1, 1), 3, seconds=0.5 + i, variant=v, hd95=2.0)
+            for i, (o, q, tp) in enumerate([("liver", "1", 3), ("liver", "2", 1), ("spleen", "1", 2)])
+            for v in ("plain", "cca")]
+    variants = {v: summarize(vols, organs, variant=v) for v in ("plain", "cca")}
+    results = {"in_sample": None, **build_results(variants["plain"], vols, [], {"name": "mri"}, variants)}
+    write_results(tmp_path, results, organs)
+    text = (tmp_path / "results.csv").read_text()
+    assert text.splitlines()[0] == "run,variant,organ,dice,dice_std,hd95_mm,n,seconds_per_volume"
+    assert isinstance(RUN, Column) and RUN.key == "run"
+    rows = list(csv.DictReader(text.splitlines()))
+    assert len(rows) == 2 * (len(organs) + 1) and {r["run"] for r in rows} == {"mri"}
+    for r in rows:
+        assert r["seconds_per_volume"] != "" and float(r["seconds_per_volume"]) > 0, r
+        summ = variants[r["variant"]]
+        if r["organ"] == "mean":
+            assert float(r["seconds_per_volume"]) == pytest.approx(summ["seconds_per_volume"], abs=1e-4)
+            assert float(r["dice"]) == pytest.approx(summ["dice_mean"], abs=1e-4)
+        else:
+            assert float(r["seconds_per_volume"]) == pytest.approx(summ["seconds_per_volume_by_organ"][r["organ"]],
+                                                                   abs=1e-4)
+            assert float(r["dice"]) == pytest.approx(summ["dice"][r["organ"]], abs=1e-4)
+            assert float(r["hd95_mm"]) == pytest.approx(2.0)
+    liver = next(r for r in rows if r["organ"] == "liver" and r["variant"] == "plain")
+    assert float(liver["seconds_per_volume"]) == pytest.approx((0.5 + 1.5) / 2)

@@ -86,6 +86,12 @@ class VolumeResult:
         return self.counts.dice
 
 
+def mean_seconds(results: list[VolumeResult]) -> float:
+    """Mean seconds per query volume of ``results`` (``nan`` when there is none): the summary's
+    ``seconds_per_volume`` over all its volumes, and each organ's over that organ's volumes."""
+    return float(np.mean([r.seconds for r in results])) if results else float("nan")
+
+
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -102,8 +108,8 @@ def summarize(results: list[VolumeResult], organs: list[str], variant: str | Non
     HD95 averages the volumes where it is defined (``hd95_undefined`` counts the others).
     Returns:
         ``{"dice": {organ: %}, "dice_std": {organ: %}, "dice_mean": %, "hd95": {organ: mm}, "hd95_mean": mm,
-        "hd95_undefined": {organ: n}, "seconds_per_volume": s, "n_volumes": {organ: n},
-        "organs_without_volumes": [...]}``.
+        "hd95_undefined": {organ: n}, "seconds_per_volume": s, "seconds_per_volume_by_organ": {organ: s},
+        "n_volumes": {organ: n}, "organs_without_volumes": [...]}``.
     """
     if variant is not None:
         results = [r for r in results if r.variant == variant]
@@ -120,7 +126,8 @@ def summarize(results: list[VolumeResult], organs: list[str], variant: str | Non
         "hd95": hd,
         "hd95_mean": _nanmean(list(hd.values())),
         "hd95_undefined": {o: sum(not np.isfinite(r.hd95) for r in by_organ[o]) for o in organs if by_organ.get(o)},
-        "seconds_per_volume": float(np.mean([r.seconds for r in results])) if results else float("nan"),
+        "seconds_per_volume": mean_seconds(results),
+        "seconds_per_volume_by_organ": {o: mean_seconds(by_organ[o]) for o in organs if by_organ.get(o)},
         "n_volumes": {o: len(by_organ.get(o, [])) for o in organs},
         "organs_without_volumes": [o for o in organs if not by_organ.get(o)],
     }

@@ -14,6 +14,14 @@ ORGAN_TITLES = {"liver": "Liver", "right_kidney": "Right kidney", "left_kidney":
 
 VARIANT_TITLES = {"plain": "plain", "cca": "+CCA", "ttt": "+TTT", "ttt_cca": "+TTT+CCA"}
 
+RUN = text("run", "run")
+"""The first column of ``results.csv`` and ``ablation.csv``: the name of the run a row is of (``eval``: the run's
+``name``; ``ablate``: the row's ``name`` in ``ablation.runs``)."""
+
+SETTING = Column("setting", "setting", digits=None)
+"""The first column of ``protocol.csv`` (and the third of ``compare.csv``): the benchmark setting (1 or 2) a row
+aggregates over folds and seeds."""
+
 
 def _fmt(v: float | None) -> str:
     return MISSING if is_missing(v) else f"{v:.2f}"
@@ -56,14 +64,19 @@ def metric_table(columns: dict[str, dict[str, Any]], organs: list[str], metric: 
 
 def variant_rows(variants: dict[str, dict[str, Any]], organs: list[str], **keys: Any) -> list[dict[str, Any]]:
     """Long-format rows (one per variant and organ, then the variant's mean) of per-variant summaries, each row
-    also holding ``keys`` (e.g. ``run=...``)."""
+    also holding ``keys`` (e.g. ``run=...``).
+
+    ``seconds_per_volume`` is the mean seconds per query volume: of the organ's volumes on an organ row (a summary's
+    ``seconds_per_volume_by_organ``; empty for summaries without it, e.g. aggregates over runs), of all volumes on the
+    mean row."""
     rows: list[dict[str, Any]] = []
     for v, summ in variants.items():
         for o in organs:
             if o in summ["dice"]:
                 rows.append({**keys, "variant": v, "organ": o, "dice": summ["dice"][o],
                              "dice_std": summ.get("dice_std", {}).get(o), "hd95_mm": summ.get("hd95", {}).get(o),
-                             "n": (summ.get("n_volumes") or summ.get("n_runs") or {}).get(o), "seconds_per_volume": None})
+                             "n": (summ.get("n_volumes") or summ.get("n_runs") or {}).get(o),
+                             "seconds_per_volume": summ.get("seconds_per_volume_by_organ", {}).get(o)})
         n = summ.get("n_volumes") or summ.get("n_runs") or {}
         rows.append({**keys, "variant": v, "organ": "mean", "dice": summ["dice_mean"], "dice_std": None,
                      "hd95_mm": summ.get("hd95_mean"), "n": sum(n.values()) if "n_volumes" in summ else None,
@@ -109,7 +122,8 @@ def provenance_line(results: dict[str, Any]) -> str:
 
 
 def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> Path:
-    """Write ``results.json``, ``results.csv`` (one row per variant and organ, plus means) and ``results.md``.
+    """Write ``results.json``, ``results.csv`` (one row per variant and organ, plus means, each starting with the
+    run's name: :data:`RUN`, as in ``ablation.csv``) and ``results.md``.
 
     Returns:
         The path of ``results.json``.
@@ -139,4 +153,5 @@ def write_results(run_dir: Path, results: dict[str, Any], organs: list[str]) -> 
         md.append("")
         md.append("Skipped, never scored: " + "; ".join(f"scan {s['query']} / {s['organ']}: {s['reason']}"
                                                        for s in results["skipped"]))
-    return write_report(run_dir, "results", md, long_table(variant_rows(variants, organs)), results)
+    table = long_table(variant_rows(variants, organs, run=results.get("name")), (RUN,))
+    return write_report(run_dir, "results", md, table, results)
