@@ -14,6 +14,7 @@ from fsl_med.data.phantom import generate_phantom
 from fsl_med.evaluate import evaluate
 from fsl_med.evaluation.figures import before_after_figure, dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, metric_table
+from fsl_med.measure import cpu_name
 from fsl_med.models.module import FewShotModule
 from fsl_med.runs import load_run_config
 from fsl_med.train import train
@@ -62,7 +63,8 @@ def run_demo(cfg_path: Path | None, overrides: list[str] | None = None) -> str:
     return "\n".join([
         "",
         f"fsl_med demo: encoder {cfg.model.encoder.name} (weights {cfg.model.encoder.weights}), phantom fold "
-        f"{cfg.data.fold}, seed {cfg.seed}, {torch.get_num_threads()} thread(s), {res.steps} training steps; "
+        f"{cfg.data.fold}, seed {cfg.seed}, {torch.get_num_threads()} thread(s) on {cpu_name()}, {res.steps} training "
+        "steps; "
         "Dice % on the fold's query volumes:",
         "",
         table,

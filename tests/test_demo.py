@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fsl_med.measure import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 
 ORGANS = ("Liver", "Right kidney", "Left kidney", "Spleen")
@@ -39,7 +41,7 @@ def test_demo_learns_on_every_organ(threads, tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    assert re.search(rf"seed \d+, {threads} thread\(s\), \d+ training steps", out), out
+    assert re.search(rf"seed \d+, {threads} thread\(s\) on {re.escape(cpu_name())}, \d+ training steps", out), out
     rows = _table(out)
     gains = {o: after - before for o, (before, after) in rows.items()}
     assert all(gains[o] >= MIN_ORGAN_GAIN for o in ORGANS), rows
