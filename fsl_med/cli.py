@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (gpu profile default: $FSL_MED_DATA_MRI, "
                     "../shared/..., gpu_bundle/chaos; the tiny profile generates a phantom unless --data/--bundle)")
     sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle: its data and superpixel cache")
-    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, .cache/fsl_med)")
+    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, else cache/ in --out)")
     sp.add_argument("--only", default=None, metavar="ROWS",
                     help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs; the "
                     "evaluation rows bring the checkpoint row)")

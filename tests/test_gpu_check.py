@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -392,3 +393,22 @@ def test_help_lists_every_row_key():
         shown = "train-large-bf16-b<N>" if key.startswith("train-large-bf16-b") else \
             "head-<name>" if key.startswith("head-") else "jobs-b<N>" if key.startswith("jobs-b") else key
         assert shown in text, key
+
+
+def test_the_check_writes_nothing_outside_its_report_folder(tmp_path, monkeypatch, capsys):
+    """``make gpu-check`` runs in the repository: the superpixel cache and every other file the check keeps go in
+    ``--out`` (``cache/``), its scratch folder is removed, and nothing appears in the current folder."""
+    cwd, scratch = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("FSL_MED_CACHE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert main(["gpu-check", "--out", "gc", "--only", "train-small-fp32,segment,jobs-b1"]) == 0
+    _, rows = _report(cwd / "gc")
+    assert all(rows[k]["status"] == "ok" for k in ("env", "train-small-fp32", "ckpt", "segment-vs-cpu", "jobs-b1"))
+    assert [p.name for p in cwd.iterdir()] == ["gc"]
+    assert sorted(p.name for p in (cwd / "gc").iterdir()) == ["cache", "gpu-check.json", "gpu-check.log",
+                                                              "gpu-check.md"]
+    assert len(list((cwd / "gc" / "cache" / "superpixels").glob("image_*.npz"))) == 4  # the phantom's training scans
+    assert list(scratch.iterdir()) == []

@@ -26,8 +26,9 @@ autocast), whatever head the overrides name.
 
 Outputs in ``--out``: ``gpu-check.md`` (the report; its first line says what ran where), ``gpu-check.json``
 (every figure) and ``gpu-check.log`` (one line per row, tracebacks of failed rows), rewritten after every
-row, so a run cut short still leaves what it measured. Scratch files (runs, checkpoints, segmentations)
-live in a temporary folder that is removed at the end.
+row, so a run cut short still leaves what it measured; and ``cache/``, the superpixel cache, unless
+``--cache-dir``, a bundle or ``$FSL_MED_CACHE`` names another. Scratch files (the phantom, runs, checkpoints,
+segmentations) live in a temporary folder that is removed at the end; nothing is written elsewhere.
 
 The package: :mod:`~fsl_med.gpu_check.rows` (the table of rows: a row is added there and nowhere else),
 :mod:`~fsl_med.gpu_check.measurements` (what each kind of row runs and measures),

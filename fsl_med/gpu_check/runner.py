@@ -24,6 +24,9 @@ from fsl_med.gpu_check.state import REPO, CheckState, Row, one_line, time_limit
 
 DEFAULT_OUT = "lightning_logs/gpu-check"
 DEFAULT_BUNDLE = REPO / "gpu_bundle"
+CACHE_IN_OUT = "cache"
+"""The superpixel cache's folder in ``--out`` when neither ``--cache-dir``, a bundle's cache nor ``$FSL_MED_CACHE``
+names one: every file the check keeps is under ``--out``."""
 
 
 class GpuCheck(CheckState):
@@ -117,11 +120,12 @@ def _has_volumes(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("image_*.nii.gz"))
 
 
-def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None) -> tuple[Path, str, str]:
+def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None,
+                   out: str | Path = DEFAULT_OUT) -> tuple[Path, str, str]:
     """The data folder and superpixel cache: ``--data`` or ``--bundle`` when given (checked); else the first
     of ``$FSL_MED_DATA_MRI``, ``../shared/data/CHAOST2/chaos_MR_T2_normalized`` and ``gpu_bundle/chaos`` that
     holds volumes. The cache is ``--cache-dir``, else the bundle's when the data is the bundle's, else
-    ``$FSL_MED_CACHE`` or ``.cache/fsl_med``.
+    ``$FSL_MED_CACHE``, else ``cache`` in the report folder ``out``.
 
     Returns:
         ``(data folder, cache folder, where the data came from)``.
@@ -149,7 +153,7 @@ def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None) 
         raise DataError(f"{origin} {root}: no prepared CHAOS-T2 volumes (image_<id>.nii.gz) there")
     if cache_dir is None and b is not None and root == b / "chaos" and (b / "cache").is_dir():
         cache_dir = str(b / "cache")
-    return root, cache_dir or os.environ.get("FSL_MED_CACHE") or ".cache/fsl_med", origin
+    return root, cache_dir or os.environ.get("FSL_MED_CACHE") or str(Path(out) / CACHE_IN_OUT), origin
 
 
 def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: str | None = None,
@@ -158,7 +162,8 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     """Run the check and write its report.
 
     Args:
-        out: report folder (created).
+        out: report folder (created); the superpixel cache goes in it unless ``cache_dir``, a bundle or
+            ``$FSL_MED_CACHE`` names one.
         profile: ``auto`` (``gpu`` with CUDA, else ``tiny``), ``gpu`` or ``tiny``.
         data, bundle, cache_dir: see :func:`resolve_inputs`; the ``tiny`` profile generates a phantom unless
             ``data`` or ``bundle`` is given.
@@ -180,7 +185,7 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     rows.select_rows(only, rows.row_table(prof, "cuda" if torch.cuda.is_available() else "cpu"))  # a bad --only
     if budget_s is not None and not budget_s >= 0:
         raise ConfigError(f"--budget-s {budget_s}: must be >= 0")
-    root, cache, origin = resolve_inputs(bundle, data, cache_dir)
+    root, cache, origin = resolve_inputs(bundle, data, cache_dir, out)
     real = prof.name == "gpu" or origin != "default"  # the tiny profile generates a phantom unless given data
     if real and not _has_volumes(root):
         raise DataError(f"{root}: no prepared CHAOS-T2 volumes for the gpu profile (make gpu-bundle, or --data DIR)")
