@@ -339,6 +339,7 @@ _INTERRUPTED = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fsl-med``."""
     from fsl_med.config import CCA_MODES, COMPATS, DEFAULT_CCA_MODE
+    from fsl_med.gpu_check.rows import help_text as gpu_check_rows
     from fsl_med.prepare.geometry import LABEL_RULES
     from fsl_med.prepare.plan import CT_GRIDS
 
@@ -467,10 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bf16-mixed and bf16-mixed + torch.compile, ViT-L at batch 1/8/32, with FLOP-bound fractions, peak GPU memory "
         "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
         "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
-        "--only): env, train-large-fp32, train-large-bf16, train-small-fp32, train-small-bf16, train-large-bf16-b<N>, "
-        "ckpt, eval, ttt-paper, eval-vs-cpu, segment-vs-cpu, ddp, head-<name> (one per registered head: training in "
-        "bf16-mixed and a prediction with that head), jobs-b<N> (1, 2, 4 concurrent training processes of ViT-L/14 "
-        "LoRA bf16 at batch 1 and 8: total episodes/s and the suggested protocol.jobs_per_gpu), train-small-bf16-compile, train-large-bf16-compile.")
+        f"--only): {gpu_check_rows()}.")
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
     sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
     sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
@@ -478,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (gpu profile default: $FSL_MED_DATA_MRI, "
                     "../shared/..., gpu_bundle/chaos; the tiny profile generates a phantom unless --data/--bundle)")
     sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle: its data and superpixel cache")
-    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, .cache/fsl_med)")
+    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, else cache/ in --out)")
     sp.add_argument("--only", default=None, metavar="ROWS",
                     help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs; the "
                     "evaluation rows bring the checkpoint row)")

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -392,3 +393,79 @@ def test_help_lists_every_row_key():
         shown = "train-large-bf16-b<N>" if key.startswith("train-large-bf16-b") else \
             "head-<name>" if key.startswith("head-") else "jobs-b<N>" if key.startswith("jobs-b") else key
         assert shown in text, key
+
+
+def test_only_takes_the_row_keys_of_the_table_and_help_lists_every_row(tmp_path, capsys):
+    from fsl_med.cli import build_parser
+    from fsl_med.gpu_check import GPU, help_text, row_keys, row_table, select_rows
+
+    keys = row_keys(TINY)
+    assert set(keys) == ALL_ROWS and len(keys) == len(ALL_ROWS)  # the table is the rows the report has
+    for profile in (GPU, TINY):
+        table = row_table(profile, "cpu")
+        for spec in table:  # every row key is accepted and selects its row
+            assert spec.key in select_rows([spec.key], table), spec.key
+    # every key at once: accepted end to end (the budget of 0 s skips all but env, so nothing else runs)
+    out = tmp_path / "gc"
+    assert main(["gpu-check", "--out", str(out), "--only", ",".join(keys), "--budget-s", "0"]) == 0
+    _, rows = _report(out)
+    assert list(rows) == keys and all(r["status"] == "skipped: time budget (0 s) spent" for k, r in rows.items()
+                                      if k != "env")
+    capsys.readouterr()
+    # an unknown row: one line that names every row of the table
+    for unknown in ("head-unet", "jobs-b16x", "evaluation"):
+        assert main(["gpu-check", "--out", str(tmp_path / "bad"), "--only", f"env,{unknown}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"fsl-med: error: --only {unknown}: matches no row (rows: {', '.join(keys)})"], err
+    assert not (tmp_path / "bad").exists()
+    # --help lists every row of the table: its key, or its family's name (head-<name>, jobs-b<N>, ...)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["gpu-check"]
+    text = " ".join(sub.description.split())
+    assert f"Row keys (for --only): {help_text()}." in text
+    for profile in (GPU, TINY):
+        for spec in row_table(profile, "cuda"):
+            assert (spec.shown or spec.key) in text, spec.key
+            if spec.shown:  # a family's name stands for its keys
+                stem = spec.shown.split("<")[0]
+                assert spec.key.startswith(stem) and spec.key != stem, spec.key
+
+
+def test_a_row_added_to_the_table_is_run_reported_selected_and_listed(tmp_path, monkeypatch, capsys):
+    """The table is the one place a row is added: ``--only``, the runner, the report and ``--help`` follow it."""
+    from fsl_med.cli import build_parser
+    from fsl_med.gpu_check import RowSpec, rows
+
+    real = rows.row_table
+
+    def with_extra(profile, device, heads=None):
+        return [*real(profile, device, heads),
+                RowSpec("zz-extra", "eval", "an extra row", lambda st, row: row.figures.update(answer=42))]
+
+    monkeypatch.setattr(rows, "row_table", with_extra)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["gpu-check"]
+    assert "zz-extra" in " ".join(sub.description.split())
+    out = tmp_path / "gc"
+    assert main(["gpu-check", "--out", str(out), "--only", "zz"]) == 0
+    _, report = _report(out)
+    assert report["zz-extra"]["status"] == "ok" and report["zz-extra"]["figures"] == {"answer": 42}
+    assert report["ckpt"]["status"] == "skipped: not selected (--only)"
+    assert "| an extra row | – | answer 42 |" in (out / "gpu-check.md").read_text()
+
+
+def test_the_check_writes_nothing_outside_its_report_folder(tmp_path, monkeypatch, capsys):
+    """``make gpu-check`` runs in the repository: the superpixel cache and every other file the check keeps go in
+    ``--out`` (``cache/``), its scratch folder is removed, and nothing appears in the current folder."""
+    cwd, scratch = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("FSL_MED_CACHE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert main(["gpu-check", "--out", "gc", "--only", "train-small-fp32,segment,jobs-b1"]) == 0
+    _, rows = _report(cwd / "gc")
+    assert all(rows[k]["status"] == "ok" for k in ("env", "train-small-fp32", "ckpt", "segment-vs-cpu", "jobs-b1"))
+    assert [p.name for p in cwd.iterdir()] == ["gc"]
+    assert sorted(p.name for p in (cwd / "gc").iterdir()) == ["cache", "gpu-check.json", "gpu-check.log",
+                                                              "gpu-check.md"]
+    assert len(list((cwd / "gc" / "cache" / "superpixels").glob("image_*.npz"))) == 4  # the phantom's training scans
+    assert list(scratch.iterdir()) == []
