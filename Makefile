@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install fsl_med with its dev tools (idempotent)
 
-test: $(STAMP) lint docs test-deps ## lint + import contracts, the strict docs build, then the test suite (real CHAOS data from $$FSL_MED_DATA_MRI when set; required under CI=true)
+test: $(STAMP) lint docs test-deps ## lint + import contracts, the strict docs build, then the test suite (real CHAOS data from $FSL_MED_DATA_MRI when set; required under CI=true)
 	$(PY) -m pytest -q
 
 test-deps: ## as root: capsh (Debian libcap2-bin), which the permission tests use to drop root's file-access override
@@ -62,7 +62,7 @@ prepare-mri: $(STAMP) ## SRC=CHAOS_Train_Sets.zip or its folder -> OUT (default 
 prepare-ct: $(STAMP) ## SRC=Synapse RawData/Training folder or zip -> OUT (default data/SABS/sabs_CT_normalized)
 	$(NEED_SRC)$(FSL) prepare sabs --src $(SRC) --out $(CT_OUT)
 
-train-mri: $(STAMP) ## train on prepared CHAOS-T2 (DATA=folder, default ../shared/data/CHAOST2/...)
+train-mri: $(STAMP) ## train on prepared CHAOS-T2 (DATA=folder, default $FSL_MED_DATA_MRI or data/CHAOST2/chaos_MR_T2_normalized, what prepare-mri writes)
 	$(FSL) train experiments/mri.yaml $(DATA_ARG) $(ARGS)
 
 eval-mri: $(STAMP) ## evaluate CKPT (default: latest mri run) on CHAOS-T2 fold queries
@@ -83,7 +83,7 @@ ablations: $(STAMP) ## ablation grid + report (CONFIG=ablation_cpu: CPU budget o
 compare: $(STAMP) ## heads x encoders through the protocol, one report (CONFIG=compare_cpu: CPU budget on real CHAOS-T2, ~30 min on 2 cores) -> lightning_logs/<name>-compare/
 	$(FSL) compare $(or $(CONFIG),compare_cpu) $(DATA_ARG) $(ARGS)
 
-bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default ../shared/...)
+bench: $(STAMP) ## speed, memory and FLOP-bound figures -> BENCHMARKS.md + benchmarks.json (DATA=prepared CHAOS-T2, default $FSL_MED_DATA_MRI or data/CHAOST2/chaos_MR_T2_normalized)
 	$(FSL) bench $(if $(DATA),--data $(DATA),) $(ARGS)
 
 gpu-check: ## the GPU path run and measured (tiny CPU mode without CUDA) [DATA=...] -> OUT (default lightning_logs/gpu-check/)

@@ -126,7 +126,7 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
 
     Args:
         out: the bundle folder (keep it git-ignored; ``gpu_bundle`` is).
-        data: prepared CHAOS-T2 folder (default ``$FSL_MED_DATA_MRI`` or ``../shared/data/CHAOST2/...``).
+        data: prepared CHAOS-T2 folder (default: :func:`~fsl_med.prepare.datasets.default_mri_root`).
         scans: scan ids to include (default :data:`DEFAULT_SCANS`); at least 3.
         wheels_from: a folder of wheels to take instead of downloading.
     Returns:
@@ -138,12 +138,10 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
         FslMedError: a wheel cannot be obtained.
     """
     from fsl_med.data.datamodule import FewShotDataModule
-    from fsl_med.prepare.datasets import fold_split, get_dataset_info
+    from fsl_med.prepare.datasets import fold_split, get_dataset_info, mri_data_folder
     from fsl_med.runs import load_run_config
 
-    src = Path(data or os.environ.get("FSL_MED_DATA_MRI") or REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized")
-    if not src.is_dir():
-        raise DataError(f"--data {src}: folder not found (a prepared CHAOS-T2 folder; set DATA= or FSL_MED_DATA_MRI)")
+    src = mri_data_folder(data)
     ids = list(dict.fromkeys(scans or DEFAULT_SCANS))
     if len(ids) < 3:
         raise ConfigError(f"--scans {','.join(ids)}: need at least 3 scans (query, support, training)")

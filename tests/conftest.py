@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHAOS = REPO.parent / "shared" / "data" / "CHAOST2" / "chaos_MR_T2_normalized"
+if "FSL_MED_DATA_MRI" not in os.environ and DEFAULT_CHAOS.is_dir():
+    # the tests' default data (the commands' own default is the folder `make prepare-mri` writes); subprocesses
+    # (`make train-mri`, `fsl-med bench`, ...) inherit it
+    os.environ["FSL_MED_DATA_MRI"] = str(DEFAULT_CHAOS)
 
 # Overrides that make any experiment config run fast on CPU: a tiny random-init ViT, no workers.
 TINY = [

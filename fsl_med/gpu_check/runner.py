@@ -21,6 +21,7 @@ from fsl_med.gpu_check.profiles import PROFILES, Profile
 from fsl_med.gpu_check.report import headline, to_json, write_report
 from fsl_med.gpu_check.rows import RowSpec
 from fsl_med.gpu_check.state import REPO, CheckState, Row, one_line, time_limit
+from fsl_med.prepare.datasets import default_mri_root
 
 DEFAULT_OUT = "lightning_logs/gpu-check"
 DEFAULT_BUNDLE = REPO / "gpu_bundle"
@@ -123,8 +124,8 @@ def _has_volumes(folder: Path) -> bool:
 def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None,
                    out: str | Path = DEFAULT_OUT) -> tuple[Path, str, str]:
     """The data folder and superpixel cache: ``--data`` or ``--bundle`` when given (checked); else the first
-    of ``$FSL_MED_DATA_MRI``, ``../shared/data/CHAOST2/chaos_MR_T2_normalized`` and ``gpu_bundle/chaos`` that
-    holds volumes. The cache is ``--cache-dir``, else the bundle's when the data is the bundle's, else
+    of :func:`~fsl_med.prepare.datasets.default_mri_root` (``$FSL_MED_DATA_MRI``, else the folder ``make
+    prepare-mri`` writes) and ``gpu_bundle/chaos`` that holds volumes. The cache is ``--cache-dir``, else the bundle's when the data is the bundle's, else
     ``$FSL_MED_CACHE``, else ``cache`` in the report folder ``out``.
 
     Returns:
@@ -142,9 +143,7 @@ def resolve_inputs(bundle: str | None, data: str | None, cache_dir: str | None,
     elif b is not None:
         root, origin = b / "chaos", "--bundle"
     else:
-        env = os.environ.get("FSL_MED_DATA_MRI")
-        candidates = [Path(env)] if env else []
-        candidates += [REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized", DEFAULT_BUNDLE / "chaos"]
+        candidates = [default_mri_root(), DEFAULT_BUNDLE / "chaos"]
         root = next((c for c in candidates if _has_volumes(c)), candidates[0])
         origin = "default"
         if root == DEFAULT_BUNDLE / "chaos":

@@ -9,6 +9,7 @@ the same evaluation ids instead (:func:`fold_split`).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,46 @@ class ScanListing:
         raise DataError(f"{self.root / f'image_{scan_id}.nii.gz'}: file not found")
 
 
+DEFAULT_ROOTS: dict[str, tuple[str, str]] = {
+    "data/CHAOST2/chaos_MR_T2_normalized": (
+        "FSL_MED_DATA_MRI", "make download-mri, then make prepare-mri SRC=data/downloads/CHAOS_Train_Sets.zip"),
+    "data/SABS/sabs_CT_normalized": ("FSL_MED_DATA_CT", "make prepare-ct SRC=<the Synapse RawData/Training folder>"),
+}
+"""The default prepared folders (relative to the working folder: what ``make prepare-mri``/``prepare-ct`` write and
+``experiments/mri.yaml``/``ct.yaml`` read unless their variable is set): variable and how to get the data."""
+
+
+def default_mri_root() -> Path:
+    """The prepared CHAOS-T2 folder used when none is given: ``$FSL_MED_DATA_MRI``, else the folder
+    ``make prepare-mri`` writes (``data/CHAOST2/chaos_MR_T2_normalized``). It may not exist (see
+    :func:`missing_data_hint`)."""
+    default = next(iter(DEFAULT_ROOTS))
+    return Path(os.environ.get(DEFAULT_ROOTS[default][0]) or default)
+
+
+def missing_data_hint(root: str | Path) -> str:
+    """How to get the data of a missing data folder: for a default folder, the make targets that write it and
+    its variable; for any other, how to point at the data. One clause, no trailing full stop."""
+    key = Path(root).as_posix()
+    if key in DEFAULT_ROOTS:
+        var, how = DEFAULT_ROOTS[key]
+        return f"the default folder; get the data with `{how}`, or set {var} or DATA= to a prepared folder"
+    return "set data.root or DATA= to a prepared folder"
+
+
+def mri_data_folder(data: str | Path | None, flag: str = "--data") -> Path:
+    """The prepared CHAOS-T2 folder a command reads: ``data`` when given, else :func:`default_mri_root`.
+
+    Raises:
+        DataError: the folder does not exist (one line naming it, the flag and how to get the data).
+    """
+    root = Path(data) if data else default_mri_root()
+    if not root.is_dir():
+        hint = "a prepared CHAOS-T2 folder; set DATA= or FSL_MED_DATA_MRI" if data else missing_data_hint(root)
+        raise DataError(f"{flag} {root}: folder not found ({hint})")
+    return root
+
+
 def scan_files(root: str | Path) -> ScanListing:
     """List the scans of a prepared folder and the NIfTI files it ignores (the one rule every reader uses).
 
@@ -199,7 +240,7 @@ def scan_files(root: str | Path) -> ScanListing:
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data folder not found: {root} (set data.root or DATA=)")
+        raise DataError(f"data folder not found: {root} ({missing_data_hint(root)})")
     if not root.is_dir():
         raise DataError(f"data.root is not a folder: {root}")
     ignored: list[IgnoredFile] = []
