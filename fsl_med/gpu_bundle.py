@@ -139,7 +139,7 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
     """
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.prepare.datasets import fold_split, get_dataset_info
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     src = Path(data or os.environ.get("FSL_MED_DATA_MRI") or REPO.parent / "shared/data/CHAOST2/chaos_MR_T2_normalized")
     if not src.is_dir():

@@ -347,7 +347,8 @@ def _jobs_worker(spec_path: str, fd: int) -> int:
 
         from fsl_med.data.datamodule import FewShotDataModule
         from fsl_med.models.module import FewShotModule
-        from fsl_med.runs import load_run_config, make_trainer
+        from fsl_med.run_config import load_run_config
+        from fsl_med.runs import make_trainer
 
         spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
         warmup, steps, rounds, batch = spec["warmup"], spec["steps"], spec["rounds"], spec["batch"]
@@ -438,7 +439,7 @@ class GpuCheck:
 
     def config(self, extra: list[str] | tuple[str, ...]) -> Any:
         """The run config of one row: ``experiments/mri.yaml`` + scratch paths + profile + user + row overrides."""
-        from fsl_med.runs import load_run_config
+        from fsl_med.run_config import load_run_config
 
         return load_run_config(REPO / "experiments" / "mri.yaml", self.config_overrides(extra))
 
@@ -739,9 +740,9 @@ class GpuCheck:
 
     def row_ttt_paper(self, row: Row) -> None:
         """The paper's TTT (per slice, ``ttt_steps`` steps) on a few slices of the first query volume."""
+        from fsl_med.checkpoints import module_from_checkpoint
         from fsl_med.data.datamodule import FewShotDataModule
         from fsl_med.refine.ttt import TestTimeTrainer
-        from fsl_med.runs import module_from_checkpoint
 
         cfg = self._eval_config(["ttt.mode=slice", f"ttt.steps={self.profile.ttt_steps}"])
         dm = FewShotDataModule(cfg)
@@ -773,10 +774,11 @@ class GpuCheck:
     def _subset_dice(self, accelerator: str) -> tuple[dict[str, float], str, str]:
         """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop; the query
         and the model's head."""
+        from fsl_med.checkpoints import module_from_checkpoint
         from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
         from fsl_med.evaluation.scoring import Scoring
         from fsl_med.refine.cca import CCA
-        from fsl_med.runs import make_trainer, module_from_checkpoint, new_run_dir
+        from fsl_med.runs import make_trainer, new_run_dir
 
         cfg = self._eval_config(["eval.variants=[plain,cca]", f"trainer.accelerator={accelerator}",
                                  "trainer.devices=1", "trainer.strategy=auto", "eval.overlay_slices=0"])
@@ -1192,7 +1194,7 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     real = prof.name == "gpu" or origin != "default"  # the tiny profile generates a phantom unless given data
     if real and not _has_volumes(root):
         raise DataError(f"{root}: no prepared CHAOS-T2 volumes for the gpu profile (make gpu-bundle, or --data DIR)")
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     # the overrides are checked once, up front: a typo is one error line, not a failure in every row
     load_run_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])

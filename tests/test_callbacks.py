@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fsl_med import callbacks as cbs
+from fsl_med.checkpoints import module_from_checkpoint
 from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
@@ -40,7 +41,6 @@ from fsl_med.prepare.sabs import prepare_sabs
 from fsl_med.refine.base import Refinement
 from fsl_med.refine.cca import CCA, largest_mass_component
 from fsl_med.refine.ttt import TestTimeTrainer, TestTimeTraining
-from fsl_med.runs import module_from_checkpoint
 from fsl_med.train import train
 
 REPO = Path(__file__).resolve().parents[1]
