@@ -2,12 +2,14 @@
 (model, input geometry, tensors), the model and data settings taken from it, and the module built from it.
 
 :func:`adopt_checkpoint` is the one sequence every verb that starts from a checkpoint runs (``eval``, a resumed
-``train``, the jobs of ``protocol``/``ablate``/``compare`` through them).
+``train``, the jobs of ``protocol``/``ablate``/``compare`` through them); :func:`load_for_eval` is that sequence for
+Python users: the module and data module ``fsl-med eval`` would test, for a ``Trainer`` of their own callbacks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,12 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fsl_med.config import HEAD_DEFAULTS, HeadConfig, follow_head, to_container
+from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.data.provenance import CHECKPOINT_KEY, TrainedOn
 from fsl_med.errors import ConfigError, FslMedError, WeightsError
 from fsl_med.models.module import FewShotModule
 from fsl_med.prepare.datasets import excluded_labels
-from fsl_med.run_config import is_explicit, validate_run
-from fsl_med.trained_on import adopt_checkpoint_data, check_resume_data
+from fsl_med.run_config import check_registries, is_explicit, load_run_config, validate_run
+from fsl_med.trained_on import adopt_checkpoint_data, check_resume_data, in_sample_scans
 
 log = logging.getLogger(__name__)
 
@@ -338,3 +341,72 @@ def adopt_checkpoint(cfg: DictConfig, path: Path, explicit: list[str] | tuple[st
         check_resume_data(cfg, trained, str(stored.data.root), path)
     return Adopted(adopt_checkpoint_data(cfg, trained, path, explicit), ckpt, trained)
 
+
+class ForEval(NamedTuple):
+    """What :func:`load_for_eval` returns: ``module, datamodule = load_for_eval(...)``."""
+
+    module: FewShotModule
+    """The checkpoint's model, its weights loaded (``module.trained_on``: what it was trained on)."""
+    datamodule: FewShotDataModule
+    """The evaluation data of ``datamodule.cfg`` (the config used, checkpoint settings adopted); not set up yet:
+    ``Trainer.test`` calls its ``setup("test")``."""
+
+
+def load_for_eval(ckpt: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = (), *,
+                  config: str | os.PathLike[str] | None = None) -> ForEval:
+    """The module and data module that ``fsl-med eval`` tests, to run through a ``Trainer`` of your own callbacks::
+
+        module, datamodule = load_for_eval("runs/mri/version_0/checkpoints/last.ckpt", ["data.root=data/chaos_mr_t2"])
+        L.Trainer(logger=False, callbacks=[CCA("2d"), Closing(), Scoring()]).test(module, datamodule=datamodule)
+
+    (``logger=False``: Lightning's default logger would write ``lightning_logs/`` into the working folder.)
+
+    Args:
+        ckpt: a checkpoint file written by ``fsl-med train`` (``~`` expanded). With ``config``, also
+            ``latest``/``last`` as on the command line (the newest ``last.ckpt`` of the config's runs).
+        overrides: ``key=value`` settings, as on the command line and counted as given there: typically
+            ``data.root`` when the data folder is not where training found it, a ``data.fold`` to evaluate,
+            ``eval.*``. A ``model.*`` override that contradicts the checkpoint is an error (the checkpoint defines
+            the model).
+        config: the YAML file ``fsl-med eval CONFIG`` would read. ``None``: the config stored in the checkpoint
+            (the training run's settings), so only what differs needs an override.
+    Returns:
+        ``(module, datamodule)``: the checkpoint's model with its weights, and the data module of the config
+        ``fsl-med eval`` would use (``model.*`` and ``data.fold``/``setting``/``test_organs`` from the checkpoint
+        unless overridden); ``datamodule.cfg`` is that config.
+    Raises:
+        WeightsError: ``ckpt`` missing, a folder, unreadable, or not an fsl_med checkpoint; weights of another
+            architecture.
+        ConfigError: a bad override or config file; ``ckpt`` ``latest`` without ``config``; a ``model.*`` override
+            that contradicts the checkpoint; ``overrides`` given as one string.
+        DataError: the evaluation would score, or take its support from, scans the model trained or validated on
+            (override ``data.fold`` to evaluate another fold, or ``eval.allow_train_scans=true`` for a deliberate
+            in-sample analysis, which is logged). The data folder itself is read by ``Trainer.test``, which reports
+            a folder with no scorable query volume.
+    """
+    from fsl_med.config import apply_overrides, from_container
+
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides: a list of key=value strings, got the string {overrides!r} (write [{overrides!r}])")
+    over = list(overrides)
+    value = os.fspath(ckpt)
+    if config is not None:
+        cfg = load_run_config(config, over)
+        OmegaConf.update(cfg, "ckpt", value, merge=False)
+        path = resolve_ckpt(cfg)
+        assert path is not None
+        raw = load_checkpoint(path)
+    else:
+        if value in ("latest", "last"):
+            raise ConfigError(f"ckpt={value}: needs config= (the YAML file whose runs are searched); or give the "
+                              "checkpoint file")
+        path = _checkpoint_file(value, "ckpt")
+        raw = load_checkpoint(path)
+        cfg = from_container(to_container(apply_overrides(stored_config(raw, path), over)))
+        check_registries(cfg)
+    cfg, raw, trained = adopt_checkpoint(cfg, path, over, ckpt=raw)
+    module, _ = module_from_checkpoint(path, cfg, raw)
+    module.trained_on = trained
+    datamodule = FewShotDataModule(cfg)
+    in_sample_scans(cfg, trained, datamodule, f"checkpoint {path}")  # before any query volume is read
+    return ForEval(module, datamodule)
