@@ -356,10 +356,14 @@ def load_for_eval(ckpt: str | os.PathLike[str], overrides: list[str] | tuple[str
                   config: str | os.PathLike[str] | None = None) -> ForEval:
     """The module and data module that ``fsl-med eval`` tests, to run through a ``Trainer`` of your own callbacks::
 
-        module, datamodule = load_for_eval("runs/mri/version_0/checkpoints/last.ckpt", ["data.root=data/chaos_mr_t2"])
-        L.Trainer(logger=False, callbacks=[CCA("2d"), Closing(), Scoring()]).test(module, datamodule=datamodule)
+        module, datamodule = load_for_eval("lightning_logs/mri/version_0/checkpoints/last.ckpt",
+                                           overrides=["data.root=data/chaos_mr_t2"])
+        results = L.Trainer(logger=False, callbacks=[CCA("2d"), Closing(), Scoring()]).test(module,
+                                                                                            datamodule=datamodule)
 
-    (``logger=False``: Lightning's default logger would write ``lightning_logs/`` into the working folder.)
+    (``logger=False``: Lightning's default logger, ``logger=True``, writes ``lightning_logs/version_N`` into the
+    working folder, its ``default_root_dir``. Nothing here can tell that logger from one passed on purpose, so it is
+    left to the Trainer's caller. ``results[0]`` holds the logged Dice: ``test/dice_closing`` and per organ.)
 
     Args:
         ckpt: a checkpoint file written by ``fsl-med train`` (``~`` expanded). With ``config``, also
