@@ -41,11 +41,8 @@ from fsl_med.job_table import (
 )
 from fsl_med.jobs import JobSpec
 from fsl_med.models.module import has_trainable_parameters
-from fsl_med.runs import (
-    check_output_location,
-    check_trainer_settings,
-    validate_run,
-)
+from fsl_med.run_config import validate_run
+from fsl_med.runs import check_output_location, check_trainer_settings
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def part_matmul(_: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     return load_run_config(REPO / "experiments" / "mri.yaml", [
         f"data.root={args.data}", f"model.encoder.name={args.encoder}", "model.encoder.weights=none",
@@ -596,7 +596,7 @@ def check_heads(data: str, encoder: str, heads: tuple[str, ...] | list[str] | No
     once, before anything runs. ConfigError: an unknown head, no head, or a bad override."""
     from fsl_med.errors import ConfigError
     from fsl_med.models.heads import list_heads
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     names = list_heads()
     heads = tuple(names) if heads is None else tuple(dict.fromkeys(heads))

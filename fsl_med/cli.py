@@ -49,7 +49,7 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def _required_config(args: argparse.Namespace, usage: str) -> Any:
     """The config named by the first positional argument with the ``key=value`` overrides applied."""
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     name, overrides = _split_config_arg(args)
     if name is None:

@@ -61,12 +61,8 @@ from fsl_med.models.heads import get_head_class
 from fsl_med.models.module import has_trainable_parameters
 from fsl_med.prepare.datasets import get_dataset_info
 from fsl_med.protocol_run import aggregate, job_config, protocol_jobs, run_jobs
-from fsl_med.runs import (
-    check_output_location,
-    check_trainer_settings,
-    load_run_config,
-    validate_run,
-)
+from fsl_med.run_config import load_run_config, validate_run
+from fsl_med.runs import check_output_location, check_trainer_settings
 
 log = logging.getLogger(__name__)
 

@@ -731,7 +731,7 @@ def validate(cfg: DictConfig) -> None:
     """Check value ranges and cross-field consistency; raise :class:`ConfigError` on the first problem.
 
     Names that live in registries (the dataset, its organs and folds, the encoder) are checked by
-    :func:`fsl_med.runs.check_registries`, which the verbs call, and again where the objects are built."""
+    :func:`fsl_med.run_config.check_registries`, which the verbs call, and again where the objects are built."""
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ConfigError("config key 'data.root' is not set: pass data.root=PATH (or DATA=PATH to make)")
     head = str(cfg.model.head.name)  # first: the head decides other fields

@@ -16,7 +16,7 @@ from fsl_med.evaluation.figures import before_after_figure, dice_bar_chart
 from fsl_med.evaluation.report import ORGAN_TITLES, metric_table
 from fsl_med.measure import cpu_name
 from fsl_med.models.module import FewShotModule
-from fsl_med.runs import load_run_config
+from fsl_med.run_config import load_run_config
 from fsl_med.train import train
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from fsl_med import __version__, interrupts
 from fsl_med.callbacks import find, refinements, test_time_callbacks
+from fsl_med.checkpoints import adopt_checkpoint, module_from_checkpoint, resolve_ckpt
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.evaluation.figures import dice_bar_chart
@@ -23,18 +24,12 @@ from fsl_med.refine.base import Refinement
 from fsl_med.refine.ttt import TestTimeTraining
 from fsl_med.runs import (
     RunFolder,
-    adopt_checkpoint_data,
-    adopt_checkpoint_model,
     check_output_location,
     check_trainer_settings,
-    checkpoint_trained_on,
     discard_run_dir,
-    in_sample_scans,
-    load_checkpoint,
     make_trainer,
-    module_from_checkpoint,
-    resolve_ckpt,
 )
+from fsl_med.trained_on import in_sample_scans
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +54,9 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
         name_suffix: the run folder is ``<output_dir>/<name><suffix>/version_N``.
         global_step: trained steps of ``module`` (reported).
         explicit: the command line's ``key=value`` overrides. With a checkpoint every ``model.*`` setting comes
-            from it (:func:`fsl_med.runs.adopt_checkpoint_model`); an explicit one that contradicts it is an error.
+            from it (:func:`fsl_med.checkpoints.adopt_checkpoint_model`); an explicit one that contradicts it is an error.
             ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it unless explicit
-            (:func:`fsl_med.runs.adopt_checkpoint_data`).
+            (:func:`fsl_med.trained_on.adopt_checkpoint_data`).
         extra: refinement callbacks run after those of the config (scored after ``eval.variants``).
     Returns:
         ``(results, path of results.json, overlay samples)``; the test-time stage is the callbacks of
@@ -80,10 +75,7 @@ def evaluate(cfg: DictConfig, module: FewShotModule | None = None, name_suffix: 
     if module is None:
         ckpt_path = resolve_ckpt(cfg)
         if ckpt_path is not None:
-            ckpt = load_checkpoint(ckpt_path)
-            cfg = adopt_checkpoint_model(cfg, ckpt, ckpt_path, explicit)
-            trained = checkpoint_trained_on(ckpt, ckpt_path, cfg)
-            cfg = adopt_checkpoint_data(cfg, trained, ckpt_path, explicit)
+            cfg, ckpt, trained = adopt_checkpoint(cfg, ckpt_path, explicit)
             source = f"checkpoint {ckpt_path}"
             module, ckpt = module_from_checkpoint(ckpt_path, cfg, ckpt)
             global_step = int(ckpt.get("global_step", 0))

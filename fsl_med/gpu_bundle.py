@@ -139,7 +139,7 @@ def build_bundle(out: str | Path = "gpu_bundle", data: str | Path | None = None,
     """
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.prepare.datasets import fold_split, get_dataset_info, mri_data_folder
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     src = mri_data_folder(data)
     ids = list(dict.fromkeys(scans or DEFAULT_SCANS))

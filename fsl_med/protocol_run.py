@@ -43,11 +43,8 @@ from fsl_med.job_table import (
 )
 from fsl_med.jobs import JobSpec
 from fsl_med.prepare.datasets import get_dataset_info
-from fsl_med.runs import (
-    check_output_location,
-    check_trainer_settings,
-    validate_run,
-)
+from fsl_med.run_config import validate_run
+from fsl_med.runs import check_output_location, check_trainer_settings
 
 log = logging.getLogger(__name__)
 

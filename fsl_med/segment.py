@@ -498,9 +498,9 @@ class Segmenter:
             DataError: ``ckpt`` missing or a folder. WeightsError: corrupt or foreign checkpoint. ConfigError: plan
             unknown and not given, bad plan, device or batch size, ``ckpt`` not a path.
         """
+        from fsl_med.checkpoints import load_checkpoint, module_from_checkpoint, stored_config
         from fsl_med.data.volumes import Normalizer
         from fsl_med.prepare.datasets import get_dataset_info
-        from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
 
         dev = _device(device)
         _positive_int(batch_size, "--batch-size")

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from fsl_med import atomic, interrupts
+from fsl_med.checkpoints import adopt_checkpoint, resolve_ckpt
 from fsl_med.config import to_container
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.errors import ConfigError, TrainingDiverged
@@ -23,17 +24,10 @@ from fsl_med.models.module import FewShotModule, has_trainable_parameters
 from fsl_med.prepare.datasets import excluded_labels
 from fsl_med.runs import (
     RunFolder,
-    adopt_checkpoint_data,
-    check_compatible,
     check_output_location,
-    check_resume_data,
     check_trainer_settings,
-    checkpoint_trained_on,
     discard_run_dir,
-    load_checkpoint,
     make_trainer,
-    resolve_ckpt,
-    stored_config,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +150,7 @@ class TrainResult:
 def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path | None]:
     """The config a run trains with and the checkpoint it resumes (``resume=`` or ``ckpt=``; None: a new run).
     Resuming continues the checkpoint's data: ``data.fold``, ``data.setting`` and ``data.test_organs`` come from it
-    unless given in ``explicit`` (:func:`fsl_med.runs.adopt_checkpoint_data`). :func:`train` builds its module from
+    unless given in ``explicit`` (:func:`fsl_med.checkpoints.adopt_checkpoint`). :func:`train` builds its module from
     the returned config (so the module's stored config says what it trained on) unless one is given.
 
     Raises:
@@ -165,12 +159,7 @@ def resumed_config(cfg: DictConfig, explicit: list[str] | tuple[str, ...] = ()) 
     resume = resolve_ckpt(cfg, "resume") or resolve_ckpt(cfg, "ckpt")
     if resume is None:
         return cfg, None
-    ckpt = load_checkpoint(resume)
-    stored = stored_config(ckpt, resume)
-    check_compatible(to_container(stored), cfg, resume)
-    trained = checkpoint_trained_on(ckpt, resume, cfg)
-    check_resume_data(cfg, trained, str(stored.data.root), resume)
-    return adopt_checkpoint_data(cfg, trained, resume, explicit), resume
+    return adopt_checkpoint(cfg, resume, explicit, resume=True).cfg, resume
 
 
 def train(cfg: DictConfig, module: FewShotModule | None = None,

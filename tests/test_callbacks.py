@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from docs_text import page
 from omegaconf import OmegaConf
 
 from fsl_med import callbacks as cbs
+from fsl_med.checkpoints import module_from_checkpoint
 from fsl_med.cli import main
 from fsl_med.config import load_config
 from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
@@ -41,7 +43,6 @@ from fsl_med.prepare.sabs import prepare_sabs
 from fsl_med.refine.base import Refinement
 from fsl_med.refine.cca import CCA, largest_mass_component
 from fsl_med.refine.ttt import TestTimeTrainer, TestTimeTraining
-from fsl_med.runs import module_from_checkpoint
 from fsl_med.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +211,91 @@ def test_readme_refinement_example_runs_through_fsl_med_eval(run, expected, tmp_
         assert got[(it.organ, it.query_id, "closing")][:3] == (c.tp, c.fp, c.fn)
     assert "closing" in out.with_name("results.md").read_text()
     assert "test/dice_closing" in out.with_name("metrics.csv").read_text().splitlines()[0]
+
+
+COMPOSED = """\
+import lightning as L
+from closing import Closing  # the README's closing.py
+from fsl_med.checkpoints import load_for_eval
+from fsl_med.evaluation.scoring import Scoring
+from fsl_med.refine.cca import CCA
+
+module, datamodule = load_for_eval("lightning_logs/mri/version_0/checkpoints/last.ckpt",
+                                   overrides=["data.root=data/chaos_mr_t2"])  # only what differs from training
+results = L.Trainer(logger=False, callbacks=[CCA("2d"), Closing(), Scoring()]).test(module, datamodule=datamodule)
+"""
+"""The composed example (``fsl_med.checkpoints.load_for_eval``), run as written by
+:func:`test_composed_example_runs_in_a_working_folder_and_leaves_nothing_there`."""
+
+
+def _working_folder(run, folder: Path, monkeypatch) -> Path:
+    """``folder`` laid out as the example expects (the checkpoint where ``fsl-med train experiments/mri.yaml`` puts
+    it, the scans in ``data/chaos_mr_t2``, the README's ``closing.py``), made the working folder."""
+    over, ckpt, _ = run
+    (folder / "lightning_logs/mri/version_0/checkpoints").mkdir(parents=True)
+    (folder / "lightning_logs/mri/version_0/checkpoints/last.ckpt").symlink_to(ckpt)
+    (folder / "data").mkdir()
+    (folder / "data/chaos_mr_t2").symlink_to(over[0].split("=", 1)[1], target_is_directory=True)
+    readme = (REPO / "README.md").read_text()
+    (folder / "closing.py").write_text(re.search(r"<!-- refinement-example -->\n```python\n(.*?)```", readme,
+                                                 re.S).group(1))
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "closing", raising=False)
+    return folder
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts)
+
+
+def test_composed_example_runs_in_a_working_folder_and_leaves_nothing_there(run, tmp_path, monkeypatch):
+    """The composed example, as written (:data:`COMPOSED`), from a working folder: the user's refinement is scored
+    after CCA (``test/dice_closing``), and nothing is written there. Without ``logger=False`` the same Trainer leaves
+    ``lightning_logs/version_0`` there: Lightning's default logger (``logger=True``: TensorBoard, or CSV without
+    tensorboard) writes into ``default_root_dir``, the working folder, which is why the example turns it off."""
+    folder = _working_folder(run, tmp_path / "work", monkeypatch)
+    before = _tree(folder)
+    ns: dict = {}
+    exec(compile(COMPOSED, "composed_example.py", "exec"), ns)
+    metrics = ns["results"][0]
+    assert {"test/dice", "test/dice_cca", "test/dice_closing"} <= set(metrics)
+    assert 0.0 <= metrics["test/dice_closing"] <= 100.0  # Dice in percent
+    assert ns["datamodule"].cfg.data.root == "data/chaos_mr_t2" and ns["module"].trained_on is not None
+    assert _tree(folder) == before  # no lightning_logs/version_0, no checkpoints, nothing
+
+    other = _working_folder(run, tmp_path / "default_logger", monkeypatch)
+    exec(compile(COMPOSED.replace("logger=False, ", ""), "composed_example.py", "exec"), {})
+    assert (other / "lightning_logs" / "version_0").is_dir()
+
+
+def test_load_for_eval_is_what_fsl_med_eval_evaluates(run, tmp_path):
+    """From the stored config or from a YAML file (as ``fsl-med eval CONFIG ckpt=...``): the same weights, the
+    checkpoint's model and data settings; the command line's rules and messages for everything else."""
+    from fsl_med.checkpoints import load_for_eval
+    from fsl_med.errors import WeightsError
+
+    over, ckpt, _ = run
+    module, dm = load_for_eval(ckpt)
+    cfg, ref, _ = _module_dm(run)
+    m2, dm2 = load_for_eval(ckpt, [*over, "name=other"], config=DEMO)
+    for m in (module, m2):
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values(), strict=True))
+    for d in (dm, dm2):
+        assert (d.cfg.data.fold, d.cfg.data.setting, list(d.cfg.data.test_organs), d.cfg.data.root) == \
+            (cfg.data.fold, cfg.data.setting, list(cfg.data.test_organs), cfg.data.root)
+        assert d.cfg.model.encoder.name == cfg.model.encoder.name
+    with pytest.raises(ConfigError, match="model.encoder.name='vit_tiny_patch14_reg' on the command line "
+                                          "contradicts the checkpoint"):
+        load_for_eval(ckpt, ["model.encoder.name=vit_tiny_patch14_reg"])
+    with pytest.raises(ConfigError, match="a list of key=value strings"):
+        load_for_eval(ckpt, "data.fold=0")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ckpt=latest: needs config="):
+        load_for_eval("latest")
+    with pytest.raises(WeightsError, match="is a folder"):
+        load_for_eval(tmp_path)
+    with pytest.raises(WeightsError, match="checkpoint not found"):
+        load_for_eval(tmp_path / "no.ckpt")
 
 
 @pytest.mark.parametrize("spec,needle", [

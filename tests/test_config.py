@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from fsl_med.config import load_config, to_yaml
 from fsl_med.errors import ConfigError
 from fsl_med.prepare.datasets import excluded_labels
-from fsl_med.runs import load_run_config
+from fsl_med.run_config import load_run_config
 
 ROOT = "data.root=/nonexistent"
 
@@ -49,7 +49,7 @@ def test_experiment_files_load_and_inherit_defaults():
     ],
 )
 def test_bad_values_are_one_line_errors(override, pattern):
-    """What every verb loads with (:func:`fsl_med.runs.load_run_config`: schema, ranges and registry names)."""
+    """What every verb loads with (:func:`fsl_med.run_config.load_run_config`: schema, ranges and registry names)."""
     with pytest.raises(ConfigError, match=pattern) as e:
         load_run_config("experiments/mri.yaml", [ROOT, override])
     assert "\n" not in str(e.value)

@@ -29,12 +29,12 @@ from heads_cli import run_dir as _run_dir
 from heads_cli import train_rows as _train_rows
 from omegaconf import OmegaConf
 
+from fsl_med.checkpoints import load_checkpoint, module_from_checkpoint, stored_config
 from fsl_med.cli import main
 from fsl_med.config import HEAD_DEFAULTS
 from fsl_med.data.datamodule import FewShotDataModule
 from fsl_med.models.segmenter import FewShotSegmenter
 from fsl_med.refine.ttt import TestTimeTrainer, adapted_parameters
-from fsl_med.runs import load_checkpoint, module_from_checkpoint, stored_config
 from fsl_med.segment import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]

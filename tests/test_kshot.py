@@ -188,8 +188,8 @@ def test_datamodule_support_scans_are_deterministic(phantom, cache_dir) -> None:
 
 
 def test_three_slice_checkpoint_needs_three_slice_config(phantom, tmp_path) -> None:
+    from fsl_med.checkpoints import check_compatible
     from fsl_med.config import to_container
-    from fsl_med.runs import check_compatible
 
     cfg = load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14"])
     ckpt_cfg = to_container(load_config(None, [f"data.root={phantom}", "model.encoder.name=vit_tiny_patch14",

@@ -72,7 +72,7 @@ def test_checkpoint_records_what_it_was_trained_on(runs, phantom):
 
 def test_eval_takes_fold_setting_and_organs_from_the_checkpoint(runs, phantom, caplog, capsys):
     # the scenario: a fold-2 / setting-2 checkpoint evaluated with a config that says fold 0, setting 1
-    with caplog.at_level(logging.WARNING, logger="fsl_med.runs"):
+    with caplog.at_level(logging.WARNING, logger="fsl_med"):
         assert main(_eval_args(phantom, runs, "f2", "scenario")) == 0
     notes = [r.getMessage() for r in caplog.records if "taken from it" in r.getMessage()]
     assert len(notes) == 1 and "data.fold=2 (config: 0)" in notes[0] and "data.setting=2 (config: 1)" in notes[0]
@@ -109,7 +109,7 @@ def test_allow_train_scans_says_so_first(runs, phantom, capsys):
 
 
 def test_fold0_checkpoint_on_fold0_works_as_before(runs, phantom, capsys, caplog):
-    with caplog.at_level(logging.WARNING, logger="fsl_med.runs"):
+    with caplog.at_level(logging.WARNING, logger="fsl_med"):
         assert main(_eval_args(phantom, runs, "f0", "same")) == 0
     assert not [r for r in caplog.records if "taken from it" in r.getMessage()]
     res = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
@@ -142,7 +142,7 @@ def test_a_checkpoint_without_a_record_is_checked_from_its_stored_config(runs, p
     torch.save(ckpt, old)
     args = _eval_args(phantom, runs, "f2", "old")
     args[args.index(f"ckpt={runs['f2']}")] = f"ckpt={old}"
-    with caplog.at_level(logging.WARNING, logger="fsl_med.runs"):
+    with caplog.at_level(logging.WARNING, logger="fsl_med.checkpoints"):
         assert main([*args, "data.fold=0"]) == 2
     assert any("predates training records" in r.getMessage() for r in caplog.records)
     assert "query scans 1, 2 (trained on); support scan 3 (trained on)" in error_line(capsys.readouterr().err)

@@ -27,7 +27,7 @@ from fsl_med.data.protocol import count_parts, query_plan
 from fsl_med.errors import ConfigError, DataError
 from fsl_med.prepare.datasets import fold_split, get_dataset_info, scan_files
 from fsl_med.prepare.nifti import read_nifti
-from fsl_med.runs import in_sample_scans
+from fsl_med.trained_on import in_sample_scans
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "experiments" / "demo.yaml")

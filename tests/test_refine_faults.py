@@ -214,12 +214,12 @@ def test_a_refinement_composed_in_a_trainer_is_checked_at_setup(trained):
     """``Trainer(callbacks=[...])`` without :func:`fsl_med.callbacks.refinements`: the same checks, before any item."""
     import lightning as L
 
+    from fsl_med.checkpoints import module_from_checkpoint
     from fsl_med.config import load_config
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.errors import ConfigError
     from fsl_med.evaluation.scoring import Scoring
     from fsl_med.refine.base import Refinement
-    from fsl_med.runs import module_from_checkpoint
 
     class Escapes(Refinement):
         name = "../../outside"

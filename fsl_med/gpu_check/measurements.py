@@ -278,9 +278,9 @@ def row_eval(st: CheckState, row: Row) -> None:
 
 def row_ttt_paper(st: CheckState, row: Row) -> None:
     """The paper's TTT (per slice, ``ttt_steps`` steps) on a few slices of the first query volume."""
+    from fsl_med.checkpoints import module_from_checkpoint
     from fsl_med.data.datamodule import FewShotDataModule
     from fsl_med.refine.ttt import TestTimeTrainer
-    from fsl_med.runs import module_from_checkpoint
 
     cfg = st.eval_config(["ttt.mode=slice", f"ttt.steps={st.profile.ttt_steps}"])
     dm = FewShotDataModule(cfg)
@@ -313,10 +313,11 @@ def row_ttt_paper(st: CheckState, row: Row) -> None:
 def subset_dice(st: CheckState, accelerator: str) -> tuple[dict[str, float], str, str]:
     """Per-(organ, variant) Dice of the first query scan, plain and +CCA, through Lightning's test loop; the query
     and the model's head."""
+    from fsl_med.checkpoints import module_from_checkpoint
     from fsl_med.data.datamodule import EvalDataset, FewShotDataModule
     from fsl_med.evaluation.scoring import Scoring
     from fsl_med.refine.cca import CCA
-    from fsl_med.runs import make_trainer, module_from_checkpoint, new_run_dir
+    from fsl_med.runs import make_trainer, new_run_dir
 
     cfg = st.eval_config(["eval.variants=[plain,cca]", f"trainer.accelerator={accelerator}",
                           "trainer.devices=1", "trainer.strategy=auto", "eval.overlay_slices=0"])

@@ -188,7 +188,7 @@ def run_gpu_check(out: str | Path = DEFAULT_OUT, profile: str = "auto", data: st
     real = prof.name == "gpu" or origin != "default"  # the tiny profile generates a phantom unless given data
     if real and not _has_volumes(root):
         raise DataError(f"{root}: no prepared CHAOS-T2 volumes for the gpu profile (make gpu-bundle, or --data DIR)")
-    from fsl_med.runs import load_run_config
+    from fsl_med.run_config import load_run_config
 
     # the overrides are checked once, up front: a typo is one error line, not a failure in every row
     load_run_config(REPO / "experiments" / "mri.yaml", [f"data.root={root}", *(overrides or [])])

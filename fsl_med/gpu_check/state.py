@@ -127,7 +127,7 @@ class CheckState:
 
     def config(self, extra: list[str] | tuple[str, ...]) -> Any:
         """The run config of one row: ``experiments/mri.yaml`` + scratch paths + profile + user + row overrides."""
-        from fsl_med.runs import load_run_config
+        from fsl_med.run_config import load_run_config
 
         return load_run_config(REPO / "experiments" / "mri.yaml", self.config_overrides(extra))
 

@@ -152,7 +152,8 @@ def jobs_worker(spec_path: str, fd: int) -> int:
 
         from fsl_med.data.datamodule import FewShotDataModule
         from fsl_med.models.module import FewShotModule
-        from fsl_med.runs import load_run_config, make_trainer
+        from fsl_med.run_config import load_run_config
+        from fsl_med.runs import make_trainer
 
         spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
         warmup, steps, rounds, batch = spec["warmup"], spec["steps"], spec["rounds"], spec["batch"]
