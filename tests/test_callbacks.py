@@ -213,32 +213,21 @@ def test_readme_refinement_example_runs_through_fsl_med_eval(run, expected, tmp_
     assert "test/dice_closing" in out.with_name("metrics.csv").read_text().splitlines()[0]
 
 
-COMPOSED = """\
-import lightning as L
-from closing import Closing  # the README's closing.py
-from fsl_med.checkpoints import load_for_eval
-from fsl_med.evaluation.scoring import Scoring
-from fsl_med.refine.cca import CCA
-
-module, datamodule = load_for_eval("lightning_logs/mri/version_0/checkpoints/last.ckpt",
-                                   overrides=["data.root=data/chaos_mr_t2"])  # only what differs from training
-results = L.Trainer(logger=False, callbacks=[CCA("2d"), Closing(), Scoring()]).test(module, datamodule=datamodule)
-"""
-"""The composed example (``fsl_med.checkpoints.load_for_eval``), run as written by
+COMPOSED = re.search(r"<!-- compose-example -->\n```python\n(.*?)```", page("test-time.md"), re.S).group(1)
+"""The docs' composed example (Test-time stage page, ``fsl_med.checkpoints.load_for_eval``), run as written by
 :func:`test_composed_example_runs_in_a_working_folder_and_leaves_nothing_there`."""
 
 
 def _working_folder(run, folder: Path, monkeypatch) -> Path:
     """``folder`` laid out as the example expects (the checkpoint where ``fsl-med train experiments/mri.yaml`` puts
-    it, the scans in ``data/chaos_mr_t2``, the README's ``closing.py``), made the working folder."""
+    it, the scans in ``data/chaos_mr_t2``, the docs' ``closing.py``), made the working folder."""
     over, ckpt, _ = run
     (folder / "lightning_logs/mri/version_0/checkpoints").mkdir(parents=True)
     (folder / "lightning_logs/mri/version_0/checkpoints/last.ckpt").symlink_to(ckpt)
     (folder / "data").mkdir()
     (folder / "data/chaos_mr_t2").symlink_to(over[0].split("=", 1)[1], target_is_directory=True)
-    readme = (REPO / "README.md").read_text()
-    (folder / "closing.py").write_text(re.search(r"<!-- refinement-example -->\n```python\n(.*?)```", readme,
-                                                 re.S).group(1))
+    (folder / "closing.py").write_text(re.search(r"<!-- refinement-example -->\n```python\n(.*?)```",
+                                                 page("test-time.md"), re.S).group(1))
     monkeypatch.chdir(folder)
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(sys.modules, "closing", raising=False)
