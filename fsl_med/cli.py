@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fsl_med import __version__
-from fsl_med.errors import ConfigError, DataError, FslMedError
+from fsl_med.errors import ConfigError, DataError, FslMedError, spelled_as
 
 log = logging.getLogger("fsl_med")
 
@@ -605,8 +605,21 @@ def build_parser() -> argparse.ArgumentParser:
             raise ValueError(f"two fsl-med verbs are named {verb.name!r}")
         sp = sub.add_parser(verb.name, help=verb.help, description=verb.description)
         verb.add_arguments(sp)
-        sp.set_defaults(func=verb.run)
+        sp.set_defaults(func=verb.run, flags=_flags(sp))
     return p
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Keyword -> flag of a verb's options (``plan`` -> ``--plan``): errors of the Python API name the keyword the
+    caller used; run by the CLI (:func:`fsl_med.errors.spelled_as`) they name the flag."""
+    flags: dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):  # prepare chaos|sabs|import: their options too
+            for sub in a.choices.values():
+                flags.update(_flags(sub))
+        elif a.option_strings and a.dest != "help":
+            flags[a.dest] = a.option_strings[-1]
+    return flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
 
     verb = args.command if args.command != "prepare" else f"prepare {args.kind}"
     try:
-        with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143, one line saying what was saved
+        # SIGINT -> 130, SIGTERM -> 143, one line saying what was saved; messages name the verb's flags
+        with interrupts.installed(), spelled_as(args.flags):
             return int(args.func(args) or 0)
     except interrupts.Interrupted as e:
         detail = e.detail or _INTERRUPTED.get(verb, "")
