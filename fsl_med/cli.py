@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fsl_med import __version__
-from fsl_med.errors import ConfigError, DataError, FslMedError
+from fsl_med.errors import ConfigError, DataError, FslMedError, spelled_as
 
 log = logging.getLogger("fsl_med")
 
@@ -57,6 +59,40 @@ def _required_config(args: argparse.Namespace, usage: str) -> Any:
     return load_run_config(_config_path(name), overrides)
 
 
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A verb without arguments of its own."""
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of ``fsl-med``, declared beside its handler; :func:`build_parser` adds each verb of :data:`VERBS`.
+
+    Attributes:
+        name: the verb (``fsl-med NAME``).
+        help: its line in ``fsl-med --help``.
+        run: the handler: the parsed arguments -> the exit code.
+        add_arguments: declares the verb's arguments on its own parser.
+        description: the text atop ``fsl-med NAME --help`` (``None``: none).
+    """
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    description: str | None = None
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [key=value ...]``: a config and its overrides (told apart by :func:`_split_config_arg`)."""
+    parser.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
+
+
+def _config_verb(name: str, help: str, run: Callable[[argparse.Namespace], int],
+                 add_arguments: Callable[[argparse.ArgumentParser], None] = _config_arguments) -> Verb:
+    """A verb of a config and its overrides; its help line is also the description atop its ``--help``."""
+    return Verb(name, help, run, add_arguments, description=help)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fsl_med.train import train
 
@@ -69,6 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"best checkpoint: {res.best_ckpt}")
     print(res.last_ckpt)
     return 0
+
+
+TRAIN = _config_verb("train", "train on self-supervised episodes: train CONFIG [key=value ...]", cmd_train)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -89,6 +128,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"seconds per query volume: {results['seconds_per_volume']:.2f}")
     print(path)
     return 0
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip (and list in the report) query volumes that cannot be read, instead of failing")
+
+
+EVAL = _config_verb("eval", "EP1 evaluation: eval CONFIG ckpt=PATH|latest [key=value ...]", cmd_eval,
+                    _eval_arguments)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -112,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN = _config_verb("run", "train, then evaluate the trained model (one W&B run; what sweeps call): "
+                  "run CONFIG [key=value ...]", cmd_run)
+
+
 def _report_verb(args: argparse.Namespace, runner: Any, report: str) -> int:
     """Run a grid verb (``runner(cfg, no_wait) -> (report, json path)``), print its Markdown report, then the JSON
     path (with ``--no-wait``: the job table's path; the runner printed the job ids and the command to rerun)."""
@@ -123,16 +176,32 @@ def _report_verb(args: argparse.Namespace, runner: Any, report: str) -> int:
     return 0
 
 
+def _grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a grid verb (protocol, ablate, compare): the config, its overrides and ``--no-wait``."""
+    _config_arguments(parser)
+    parser.add_argument("--no-wait", action="store_true",
+                        help="protocol.launcher=slurm: submit the jobs, print their ids and the command that "
+                        "waits for them and writes the report, and return")
+
+
 def cmd_protocol(args: argparse.Namespace) -> int:
     from fsl_med.protocol_run import run_protocol
 
     return _report_verb(args, run_protocol, "protocol.md")
 
 
+PROTOCOL = _config_verb("protocol", "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
+                       "with one report: protocol CONFIG [key=value ...]", cmd_protocol, _grid_arguments)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from fsl_med.ablate import run_ablation
 
     return _report_verb(args, run_ablation, "ablation.md")
+
+
+ABLATE = _config_verb("ablate", "ablation grid (encoder, fine-tuning, adapter, 3-slice input, k-shot; plain/+CCA/"
+                     "+TTT/+TTT+CCA) with one report: ablate CONFIG [key=value ...]", cmd_ablate, _grid_arguments)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -149,6 +218,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPARE = _config_verb("compare", "few-shot heads x encoders through the protocol (same folds, settings, seeds, "
+                      "episodes; plain/+CCA/+TTT/+TTT+CCA) with one report: compare CONFIG [key=value ...]",
+                      cmd_compare, _grid_arguments)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fsl_med.bench import PARTS, run_bench
 
@@ -156,9 +230,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise ConfigError(f"--parts: unknown part(s) {bad}; valid: {', '.join(PARTS)}")
-    data = args.data or os.environ.get("FSL_MED_DATA_MRI") or "../shared/data/CHAOST2/chaos_MR_T2_normalized"
-    if not Path(data).is_dir():
-        raise DataError(f"--data {data}: folder not found (a prepared CHAOS-T2 folder; set DATA= or FSL_MED_DATA_MRI)")
+    from fsl_med.prepare.datasets import mri_data_folder
+
+    data = str(mri_data_folder(args.data))
     from fsl_med.atomic import refuse_nested
 
     refuse_nested(args.out, data, "--out", "the --data folder", may_contain=True)
@@ -176,6 +250,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI, else "
+                    "data/CHAOST2/chaos_MR_T2_normalized, what make prepare-mri writes)")
+    sp.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
+    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every part (model.head.* ...)")
+    sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,heads,"
+                    "ttt,ttt_dice,oversubscription")
+    sp.add_argument("--heads", default=None, help="comma-separated few-shot heads of the heads part (default: every "
+                    "registered head; ALP's rows are always measured)")
+    sp.add_argument("--encoder", default="dinov2_vits14")
+    sp.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up steps)")
+    sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
+    sp.add_argument("--tiny-steps", type=int, default=300, help="training steps of the tiny model of ttt_dice")
+
+
+BENCH = Verb("bench", "speed/memory/FLOP-bound benchmark; writes BENCHMARKS.md and benchmarks.json", cmd_bench,
+             _bench_arguments)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fsl_med.sweep import run_sweep
 
@@ -184,6 +277,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep_id = run_sweep(args.file, count=args.count, create_only=args.create_only)
     print(sweep_id)
     return 0
+
+
+def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", help="sweep file, e.g. experiments/sweeps/mri.yaml")
+    sp.add_argument("--count", type=int, default=None, help="runs for this agent (default: until the sweep ends)")
+    sp.add_argument("--create-only", action="store_true", help="create the sweep and print its id; start no agent")
+
+
+SWEEP = Verb("sweep", "create a W&B sweep from a sweep file and run an agent (needs wandb login)", cmd_sweep,
+             _sweep_arguments,
+             description="Create a W&B sweep from a sweep file (experiments/sweeps/*.yaml) and run an agent "
+             "here; more agents elsewhere: wandb agent <sweep id>. Needs W&B credentials (wandb login).")
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
@@ -201,6 +306,37 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check_arguments(sp: argparse.ArgumentParser) -> None:
+    from fsl_med.gpu_check.rows import help_text as gpu_check_rows
+
+    sp.description = (
+        "Runs every CUDA-specific path of fsl_med once, one report row each (a failing row is reported and "
+        "the others still run; exit 1 if any failed): training of DINOv2 ViT-L/14 LoRA r=4 and ViT-S/14 full in fp32, "
+        "bf16-mixed and bf16-mixed + torch.compile, ViT-L at batch 1/8/32, with FLOP-bound fractions, peak GPU memory "
+        "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
+        "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
+        f"--only): {gpu_check_rows()}.")
+    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
+    sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
+    sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
+                    help="gpu (CUDA, real data, ViT-L/ViT-S) or tiny (phantom, tiny ViT); auto: gpu when CUDA is present")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (gpu profile default: $FSL_MED_DATA_MRI, "
+                    "data/CHAOST2/chaos_MR_T2_normalized, gpu_bundle/chaos; the tiny profile generates a phantom unless "
+                    "--data/--bundle)")
+    sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle: its data and superpixel cache")
+    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, else cache/ in --out)")
+    sp.add_argument("--only", default=None, metavar="ROWS",
+                    help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs; the "
+                    "evaluation rows bring the checkpoint row)")
+    sp.add_argument("--budget-s", type=float, default=None,
+                    help="rows not started within this many seconds are skipped, env excepted (default: gpu 330, tiny 270)")
+
+
+GPU_CHECK = Verb(
+    "gpu-check", "run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) in one command; "
+    "a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log", cmd_gpu_check, _gpu_check_arguments)
+
+
 def cmd_gpu_bundle(args: argparse.Namespace) -> int:
     from fsl_med.gpu_bundle import build_bundle
 
@@ -211,6 +347,24 @@ def cmd_gpu_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_bundle_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", default="gpu_bundle", help="bundle folder (default gpu_bundle, git-ignored)")
+    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI, else "
+                    "data/CHAOST2/chaos_MR_T2_normalized, what make prepare-mri writes)")
+    sp.add_argument("--scans", default=None, help="comma-separated scan ids (default 1,2,3,5,8,10,13,15,19,20)")
+    sp.add_argument("--wheels-from", default=None, metavar="DIR", help="take the wheels from this folder (offline)")
+
+
+GPU_BUNDLE = Verb(
+    "gpu-bundle", "wheels (Python 3.12) + a CHAOS-T2 subset and its superpixels for a GPU machine without "
+    "network: gpu-bundle [--out gpu_bundle] [--data DIR] [--scans 1,2,...]", cmd_gpu_bundle, _gpu_bundle_arguments,
+    description="Writes what `make gpu-check` needs on a GPU machine that has no network and lacks monai, nibabel, "
+    "omegaconf and pydicom: their wheels for CPython 3.12 (downloaded by pip, so this needs a package registry, "
+    "or --wheels-from), a subset of the prepared CHAOS-T2 scans, the superpixels of the subset's fold-0 training "
+    "scans and MANIFEST.json; under the 64 MiB the device tool carries with the repository (~34 MiB by default). "
+    "An existing bundle is replaced only when the new one is complete; a folder that is not a bundle is refused.")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fsl_med.demo import run_demo
 
@@ -218,6 +372,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg_path = _config_path(name, "demo")
     print(run_demo(cfg_path, overrides))
     return 0
+
+
+DEMO = _config_verb("demo", "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]",
+                    cmd_demo)
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -235,6 +393,20 @@ def cmd_phantom(args: argparse.Namespace) -> int:
                                   as_zip=args.format == "chaos-zip")
     print(out)
     return 0
+
+
+def _phantom_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--format", choices=("prepared", "chaos-raw", "chaos-zip", "sabs-raw"), default="prepared",
+                    help="prepared CHAOS layout (default), CHAOS DICOM+PNG folder or zip, or Synapse RawData/Training")
+    sp.add_argument("--n-scans", type=int, default=10)
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--depth", type=int, default=24)
+    sp.add_argument("--seed", type=int, default=0)
+
+
+PHANTOM = Verb("phantom", "generate a phantom dataset: prepared layout or an official raw format", cmd_phantom,
+               _phantom_arguments)
 
 
 def _cache_dir(args: argparse.Namespace) -> str | None:
@@ -293,108 +465,12 @@ def _cache_superpixels(root: Path, scan_ids: list[str], dataset: str, cache: str
     return cache_superpixels(root, scan_ids, get_dataset_info(dataset), cache, progress)
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from fsl_med.download import download_archive
-
-    path = download_archive(args.name, args.out, url=args.url, sha256=args.sha256, progress=not args.no_progress)
-    print(path)
-    return 0
-
-
-def cmd_encoders(args: argparse.Namespace) -> int:
-    from fsl_med.models.encoder_registry import get_encoder_spec, list_encoders
-
-    for n in list_encoders():
-        s = get_encoder_spec(n)
-        arch = f"timm={s.timm_name}" if s.family == "vit" else "torchvision deeplabv3_resnet101 + 1x1 2048->256"
-        print(f"{n:24s} {arch:48s} dim={s.embed_dim:5d} weights: none|{s.hub_tag or '-'}|FILE")
-    print("timm:<architecture>[.<tag>]  any timm ViT with patch tokens, e.g. timm:vit_small_patch16_224.dino")
-    return 0
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    from fsl_med.segment import segment
-
-    res = segment(args.ckpt, args.support_image, args.support_mask, args.query, args.out, label=args.label,
-                  z_range=args.z_range, shots_per_part=args.shots_per_part, cca=args.cca,
-                  batch_size=args.batch_size, device=args.device, plan=args.plan)
-    a, b = res.z_range
-    print(f"segmented {res.voxels} voxels ({res.volume_ml:.1f} ml) in query slices {a}..{b} of {args.query}; "
-          f"support slices per part {res.support_slices}")
-    print(res.path)
-    return 0
-
-
-_INTERRUPTED = {
-    "segment": "before its output was written; nothing was written",
-    "prepare chaos": "with the scans finished so far kept; rerun the same command to continue",
-    "prepare sabs": "with the scans finished so far kept; rerun the same command to continue",
-    "prepare import": "with every file written so far complete; rerun the same command to continue",
-    "phantom": "with its phantom.json marked incomplete; rerun the same command to finish it",
-    "download": "with the partial download kept as a .part file; rerun the same command to continue it",
-}
-"""What an interrupted verb leaves behind, when the verb itself says nothing more (train and eval do)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``fsl-med``."""
-    from fsl_med.config import CCA_MODES, COMPATS, DEFAULT_CCA_MODE
-    from fsl_med.gpu_check.rows import help_text as gpu_check_rows
+def _prepare_arguments(sp: argparse.ArgumentParser) -> None:
+    """``prepare chaos|sabs|import``: one sub-verb per kind of source, each with its own arguments."""
+    from fsl_med.config import COMPATS
     from fsl_med.prepare.geometry import LABEL_RULES
     from fsl_med.prepare.plan import CT_GRIDS
 
-    p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
-    p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, fn, helptext in (
-        ("train", cmd_train, "train on self-supervised episodes: train CONFIG [key=value ...]"),
-        ("eval", cmd_eval, "EP1 evaluation: eval CONFIG ckpt=PATH|latest [key=value ...]"),
-        ("demo", cmd_demo, "phantom data, train briefly, evaluate before/after: demo [CONFIG] [key=value ...]"),
-        ("run", cmd_run, "train, then evaluate the trained model (one W&B run; what sweeps call): "
-                         "run CONFIG [key=value ...]"),
-        ("ablate", cmd_ablate, "ablation grid (encoder, fine-tuning, adapter, 3-slice input, k-shot; plain/+CCA/"
-                               "+TTT/+TTT+CCA) with one report: ablate CONFIG [key=value ...]"),
-        ("protocol", cmd_protocol, "benchmark protocol (folds x settings x seeds; plain/+CCA/+TTT/+TTT+CCA) "
-                                   "with one report: protocol CONFIG [key=value ...]"),
-        ("compare", cmd_compare, "few-shot heads x encoders through the protocol (same folds, settings, seeds, "
-                                 "episodes; plain/+CCA/+TTT/+TTT+CCA) with one report: compare CONFIG [key=value ...]"),
-    ):
-        sp = sub.add_parser(name, help=helptext, description=helptext)
-        sp.add_argument("rest", nargs="*", metavar="CONFIG|key=value")
-        if name in ("ablate", "protocol", "compare"):
-            sp.add_argument("--no-wait", action="store_true",
-                            help="protocol.launcher=slurm: submit the jobs, print their ids and the command that "
-                            "waits for them and writes the report, and return")
-        if name == "eval":
-            sp.add_argument("--skip-bad", action="store_true",
-                            help="skip (and list in the report) query volumes that cannot be read, instead of failing")
-        sp.set_defaults(func=fn)
-    sp = sub.add_parser("sweep", help="create a W&B sweep from a sweep file and run an agent (needs wandb login)",
-                        description="Create a W&B sweep from a sweep file (experiments/sweeps/*.yaml) and run an agent "
-                        "here; more agents elsewhere: wandb agent <sweep id>. Needs W&B credentials (wandb login).")
-    sp.add_argument("file", help="sweep file, e.g. experiments/sweeps/mri.yaml")
-    sp.add_argument("--count", type=int, default=None, help="runs for this agent (default: until the sweep ends)")
-    sp.add_argument("--create-only", action="store_true", help="create the sweep and print its id; start no agent")
-    sp.set_defaults(func=cmd_sweep)
-    sp = sub.add_parser("phantom", help="generate a phantom dataset: prepared layout or an official raw format")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--format", choices=("prepared", "chaos-raw", "chaos-zip", "sabs-raw"), default="prepared",
-                    help="prepared CHAOS layout (default), CHAOS DICOM+PNG folder or zip, or Synapse RawData/Training")
-    sp.add_argument("--n-scans", type=int, default=10)
-    sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--depth", type=int, default=24)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.set_defaults(func=cmd_phantom)
-    sp = sub.add_parser("download", help="download a dataset archive (resumable, SHA-256 checked): download chaos --out DIR")
-    sp.add_argument("name", help="archive name (chaos)")
-    sp.add_argument("--out", required=True, help="output folder")
-    sp.add_argument("--url", default=None, help="download from this URL instead (then only --sha256 is checked)")
-    sp.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the file")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_download)
-    sp = sub.add_parser("prepare", help="official download -> prepared layout: prepare chaos|sabs --src PATH --out DIR; "
-                        "prepare import --src DIR --dataset chaos|sabs")
     psub = sp.add_subparsers(dest="kind", required=True)
     for kind, helptext in (("chaos", "CHAOS_Train_Sets.zip or its folder (MR T2-SPIR DICOM + PNG masks)"),
                            ("sabs", "Synapse/BTCV RawData/Training folder or zip (HU NIfTI, 13 organs)"),
@@ -424,9 +500,62 @@ def build_parser() -> argparse.ArgumentParser:
         pp.add_argument("--cache-dir", default=None, help="superpixel cache (default $FSL_MED_CACHE or .cache/fsl_med)")
         pp.add_argument("--no-superpixels", action="store_true", help="do not precompute superpixel pseudolabels")
         pp.add_argument("--no-progress", action="store_true", help="no progress bars")
-        pp.set_defaults(func=cmd_prepare)
-    sp = sub.add_parser("segment", help="segment an organ in your own volume: segment --ckpt C --support-image S "
-                        "--support-mask M --query Q --out P.nii.gz")
+
+
+PREPARE = Verb("prepare", "official download -> prepared layout: prepare chaos|sabs --src PATH --out DIR; "
+               "prepare import --src DIR --dataset chaos|sabs", cmd_prepare, _prepare_arguments)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from fsl_med.download import download_archive
+
+    path = download_archive(args.name, args.out, url=args.url, sha256=args.sha256, progress=not args.no_progress)
+    print(path)
+    return 0
+
+
+def _download_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name", help="archive name (chaos)")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--url", default=None, help="download from this URL instead (then only --sha256 is checked)")
+    sp.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the file")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+DOWNLOAD = Verb("download", "download a dataset archive (resumable, SHA-256 checked): download chaos --out DIR",
+                cmd_download, _download_arguments)
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from fsl_med.models.encoder_registry import get_encoder_spec, list_encoders
+
+    for n in list_encoders():
+        s = get_encoder_spec(n)
+        arch = f"timm={s.timm_name}" if s.family == "vit" else "torchvision deeplabv3_resnet101 + 1x1 2048->256"
+        print(f"{n:24s} {arch:48s} dim={s.embed_dim:5d} weights: none|{s.hub_tag or '-'}|FILE")
+    print("timm:<architecture>[.<tag>]  any timm ViT with patch tokens, e.g. timm:vit_small_patch16_224.dino")
+    return 0
+
+
+ENCODERS = Verb("encoders", "list registered encoders", cmd_encoders)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from fsl_med.segment import segment
+
+    res = segment(args.ckpt, args.support_image, args.support_mask, args.query, args.out, label=args.label,
+                  z_range=args.z_range, shots_per_part=args.shots_per_part, cca=args.cca,
+                  batch_size=args.batch_size, device=args.device, plan=args.plan)
+    a, b = res.z_range
+    print(f"segmented {res.voxels} voxels ({res.volume_ml:.1f} ml) in query slices {a}..{b} of {args.query}; "
+          f"support slices per part {res.support_slices}")
+    print(res.path)
+    return 0
+
+
+def _segment_arguments(sp: argparse.ArgumentParser) -> None:
+    from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
+
     sp.add_argument("--ckpt", required=True, help="checkpoint written by fsl-med train")
     sp.add_argument("--support-image", required=True, action="append",
                     help="support volume (NIfTI, any orientation/spacing); repeat with --support-mask for k supports")
@@ -446,59 +575,54 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plan", choices=("mri", "ct"), default=None,
                     help="preprocessing plan for a checkpoint trained on data prepared outside fsl-med prepare "
                     "(otherwise read from the checkpoint)")
-    sp.set_defaults(func=cmd_segment)
-    sp = sub.add_parser("bench", help="speed/memory/FLOP-bound benchmark; writes BENCHMARKS.md and benchmarks.json")
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
-    sp.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
-    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every part (model.head.* ...)")
-    sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,heads,"
-                    "ttt,ttt_dice,oversubscription")
-    sp.add_argument("--heads", default=None, help="comma-separated few-shot heads of the heads part (default: every "
-                    "registered head; ALP's rows are always measured)")
-    sp.add_argument("--encoder", default="dinov2_vits14")
-    sp.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up steps)")
-    sp.add_argument("--workers", type=int, default=1, help="data-loader workers for the training parts")
-    sp.add_argument("--tiny-steps", type=int, default=300, help="training steps of the tiny model of ttt_dice")
-    sp.set_defaults(func=cmd_bench)
-    sp = sub.add_parser(
-        "gpu-check", help="run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) in one command; "
-        "a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log",
-        description="Runs every CUDA-specific path of fsl_med once, one report row each (a failing row is reported and "
-        "the others still run; exit 1 if any failed): training of DINOv2 ViT-L/14 LoRA r=4 and ViT-S/14 full in fp32, "
-        "bf16-mixed and bf16-mixed + torch.compile, ViT-L at batch 1/8/32, with FLOP-bound fractions, peak GPU memory "
-        "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
-        "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
-        f"--only): {gpu_check_rows()}.")
-    sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
-    sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
-    sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
-                    help="gpu (CUDA, real data, ViT-L/ViT-S) or tiny (phantom, tiny ViT); auto: gpu when CUDA is present")
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (gpu profile default: $FSL_MED_DATA_MRI, "
-                    "../shared/..., gpu_bundle/chaos; the tiny profile generates a phantom unless --data/--bundle)")
-    sp.add_argument("--bundle", default=None, help="a folder written by fsl-med gpu-bundle: its data and superpixel cache")
-    sp.add_argument("--cache-dir", default=None, help="superpixel cache (default: the bundle's, $FSL_MED_CACHE, else cache/ in --out)")
-    sp.add_argument("--only", default=None, metavar="ROWS",
-                    help="comma-separated row-key prefixes to run, e.g. train-large,segment (env always runs; the "
-                    "evaluation rows bring the checkpoint row)")
-    sp.add_argument("--budget-s", type=float, default=None,
-                    help="rows not started within this many seconds are skipped, env excepted (default: gpu 330, tiny 270)")
-    sp.set_defaults(func=cmd_gpu_check)
-    sp = sub.add_parser(
-        "gpu-bundle", help="wheels (Python 3.12) + a CHAOS-T2 subset and its superpixels for a GPU machine without "
-        "network: gpu-bundle [--out gpu_bundle] [--data DIR] [--scans 1,2,...]",
-        description="Writes what `make gpu-check` needs on a GPU machine that has no network and lacks monai, nibabel, "
-        "omegaconf and pydicom: their wheels for CPython 3.12 (downloaded by pip, so this needs a package registry, "
-        "or --wheels-from), a subset of the prepared CHAOS-T2 scans, the superpixels of the subset's fold-0 training "
-        "scans and MANIFEST.json; under the 64 MiB the device tool carries with the repository (~34 MiB by default). "
-        "An existing bundle is replaced only when the new one is complete; a folder that is not a bundle is refused.")
-    sp.add_argument("--out", default="gpu_bundle", help="bundle folder (default gpu_bundle, git-ignored)")
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI or ../shared/...)")
-    sp.add_argument("--scans", default=None, help="comma-separated scan ids (default 1,2,3,5,8,10,13,15,19,20)")
-    sp.add_argument("--wheels-from", default=None, metavar="DIR", help="take the wheels from this folder (offline)")
-    sp.set_defaults(func=cmd_gpu_bundle)
-    sp = sub.add_parser("encoders", help="list registered encoders")
-    sp.set_defaults(func=cmd_encoders)
+
+
+SEGMENT = Verb("segment", "segment an organ in your own volume: segment --ckpt C --support-image S "
+               "--support-mask M --query Q --out P.nii.gz", cmd_segment, _segment_arguments)
+
+
+VERBS: tuple[Verb, ...] = (TRAIN, EVAL, DEMO, RUN, ABLATE, PROTOCOL, COMPARE, SWEEP, PHANTOM, DOWNLOAD, PREPARE,
+                           SEGMENT, BENCH, GPU_CHECK, GPU_BUNDLE, ENCODERS)
+"""Every verb, in the order ``fsl-med --help`` lists them."""
+
+
+_INTERRUPTED = {
+    "segment": "before its output was written; nothing was written",
+    "prepare chaos": "with the scans finished so far kept; rerun the same command to continue",
+    "prepare sabs": "with the scans finished so far kept; rerun the same command to continue",
+    "prepare import": "with every file written so far complete; rerun the same command to continue",
+    "phantom": "with its phantom.json marked incomplete; rerun the same command to finish it",
+    "download": "with the partial download kept as a .part file; rerun the same command to continue it",
+}
+"""What an interrupted verb leaves behind, when the verb itself says nothing more (train and eval do)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fsl-med``: one sub-parser per verb of :data:`VERBS`, with the arguments it declares."""
+    p = argparse.ArgumentParser(prog="fsl-med", description="Few-shot medical image segmentation (DINOv2 + ALPNet).")
+    p.add_argument("--version", action="version", version=f"fsl_med {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for verb in VERBS:
+        if verb.name in sub.choices:
+            raise ValueError(f"two fsl-med verbs are named {verb.name!r}")
+        sp = sub.add_parser(verb.name, help=verb.help, description=verb.description)
+        verb.add_arguments(sp)
+        sp.set_defaults(func=verb.run, flags=_flags(sp))
     return p
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Keyword -> flag of a verb's options (``plan`` -> ``--plan``): errors of the Python API name the keyword the
+    caller used; run by the CLI (:func:`fsl_med.errors.spelled_as`) they name the flag."""
+    flags: dict[str, str] = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):  # prepare chaos|sabs|import: their options too
+            for sub in a.choices.values():
+                flags.update(_flags(sub))
+        elif a.option_strings and a.dest != "help":
+            flags[a.dest] = a.option_strings[-1]
+    return flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
 
     verb = args.command if args.command != "prepare" else f"prepare {args.kind}"
     try:
-        with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143, one line saying what was saved
+        # SIGINT -> 130, SIGTERM -> 143, one line saying what was saved; messages name the verb's flags
+        with interrupts.installed(), spelled_as(args.flags):
             return int(args.func(args) or 0)
     except interrupts.Interrupted as e:
         detail = e.detail or _INTERRUPTED.get(verb, "")

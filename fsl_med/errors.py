@@ -7,6 +7,11 @@ The CLI prints such errors as one line and exits non-zero (traceback only with `
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
 
 class FslMedError(Exception):
     """Base class of every error caused by user input; its message is one line."""
@@ -66,3 +71,46 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# -- how messages name arguments: the Python keyword, or its flag on the command line -------------------
+
+_FLAGS: ContextVar[Mapping[str, str] | None] = ContextVar("fsl_med_flags", default=None)
+"""Keyword -> command-line flag while the CLI runs a verb (:func:`spelled_as`); ``None`` in Python calls."""
+
+
+@contextmanager
+def spelled_as(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, messages of :func:`arg` and :func:`given` name an argument by its flag (``flags``:
+    keyword -> flag, e.g. ``{"plan": "--plan"}``) instead of its Python keyword. The CLI enters it once around
+    a verb with the flags of the verb's parser, so one message serves both spellings."""
+    token = _FLAGS.set(dict(flags))
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def arg(name: str) -> str:
+    """How a message names the argument of Python keyword ``name``: ``name`` itself, or its flag (``--name``) in
+    :func:`spelled_as` (a keyword without a flag keeps its name)."""
+    flags = _FLAGS.get()
+    return flags.get(name, name) if flags is not None else name
+
+
+def given(name: str, value: Any, shown: str | None = None) -> str:
+    """An argument with the value it was given, as the caller spelled it: ``name=<repr(value)>`` in Python
+    (``plan='pet'``), ``--flag <shown>`` on the command line (``--plan pet``; ``shown`` defaults to
+    ``str(value)``)."""
+    flags = _FLAGS.get()
+    if flags is None or name not in flags:
+        return f"{name}={value!r}"
+    return f"{flags[name]} {str(value) if shown is None else shown}"
+
+
+class Placeholder(str):
+    """A placeholder for a value in a hint, shown as is in both spellings (``given("label", Placeholder("N"))``:
+    ``label=N`` / ``--label N``)."""
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -41,7 +41,7 @@ import torch
 
 from fsl_med.atomic import check_output_file, refuse_overwriting_inputs
 from fsl_med.config import CCA_MODES, DEFAULT_CCA_MODE
-from fsl_med.errors import ConfigError, DataError, first_line
+from fsl_med.errors import ConfigError, DataError, Placeholder, arg, first_line, given
 from fsl_med.prepare.geometry import nearest_on_grid, spacing_of
 from fsl_med.prepare.plan import CHECKPOINT_KEY as PLAN_KEY
 from fsl_med.prepare.plan import Plan, Scan, check_resampling, default_plan, plan_from_dict
@@ -87,9 +87,10 @@ def parse_z_range(text: str) -> tuple[int, int]:
             raise ValueError
         a, b = int(parts[0]), int(parts[1])
     except ValueError:
-        raise ConfigError(f"--z-range {text!r}: expected A:B with integer slice indices, e.g. 10:40") from None
+        raise ConfigError(f"{given('z_range', text, repr(text))}: expected A:B with integer slice indices, "
+                          "e.g. 10:40") from None
     if a < 0 or b < a:
-        raise ConfigError(f"--z-range {text}: need 0 <= A <= B")
+        raise ConfigError(f"{given('z_range', text)}: need 0 <= A <= B")
     return a, b
 
 
@@ -148,23 +149,24 @@ def _few(values: list[int], n: int = 10) -> str:
     return str(values) if len(values) <= n else f"{values[:n]} and {len(values) - n} more"
 
 
-def _binary_mask(mask: np.ndarray, path: Path, label: int | None) -> np.ndarray:
-    """The organ's binary mask from a binary or multi-label mask (see :func:`segment`)."""
+def _binary_mask(mask: np.ndarray, option: str, path: Any, label: int | None) -> np.ndarray:
+    """The organ's binary mask from a binary or multi-label mask (see :func:`segment`); messages name it
+    ``option path``."""
     m = np.asarray(mask)
     if m.dtype.kind == "f":
         if not np.isfinite(m).all() or not np.array_equal(m, np.rint(m)):
-            raise DataError(f"--support-mask {path}: mask has non-integer values")
+            raise DataError(f"{option} {path}: mask has non-integer values")
     m = np.rint(m).astype(np.int64) if m.dtype.kind == "f" else m.astype(np.int64)
     present = [int(v) for v in np.unique(m) if v != 0]
     if not present:
-        raise DataError(f"--support-mask {path}: empty mask (no foreground voxel)")
+        raise DataError(f"{option} {path}: empty mask (no foreground voxel)")
     if label is None:
         if len(present) > 1:
-            raise DataError(f"--support-mask {path}: not a binary mask (labels present: {_few(present)}); "
-                            "choose one with --label N")
+            raise DataError(f"{option} {path}: not a binary mask (labels present: {_few(present)}); "
+                            f"choose one with {given('label', Placeholder('N'))}")
         return m != 0
     if label not in present:
-        raise ConfigError(f"--label {label}: not in the support mask {path} (labels present: {_few(present)})")
+        raise ConfigError(f"{given('label', label)}: not in the support mask {path} (labels present: {_few(present)})")
     return m == label
 
 
@@ -175,35 +177,35 @@ def _support_indices(organ_slices: np.ndarray, npart: int, shots: int) -> list[l
     try:
         return support_slices_per_part(organ_slices, npart, shots)
     except DataError as err:
-        raise ConfigError(f"--shots-per-part {shots}: {err} on the model grid") from err
+        raise ConfigError(f"{given('shots_per_part', shots)}: {err} on the model grid") from err
 
 
 def _device(name: Any) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device` of those kinds; a one-line ``--device`` error
-    otherwise (unknown name, CUDA not available, no such GPU)."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device` of those kinds; a one-line ``device``
+    (``--device``) error otherwise (unknown name, CUDA not available, no such GPU)."""
     if isinstance(name, torch.device):
         name = str(name)
     if not isinstance(name, str):
-        raise ConfigError(f"--device {name!r}: must be cpu or cuda (a string or torch.device)")
+        raise ConfigError(f"{given('device', name, repr(name))}: must be cpu or cuda (a string or torch.device)")
     if name == "cpu":
         return torch.device("cpu")
     kind, _, index = name.partition(":")
     if kind == "cuda" and (not index or index.isdigit()):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+            raise ConfigError(f"{given('device', name)}: CUDA is not available on this machine (use {given('device', 'cpu')})")
         if index and int(index) >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: no such GPU ({torch.cuda.device_count()} visible)")
+            raise ConfigError(f"{given('device', name)}: no such GPU ({torch.cuda.device_count()} visible)")
         return torch.device(name)
-    raise ConfigError(f"--device {name}: must be cpu or cuda")
+    raise ConfigError(f"{given('device', name)}: must be cpu or cuda")
 
 
 def _as_plan(plan: Any) -> Plan:
-    """A :class:`Plan` instance, or ``"ct"``/``"mri"`` (anything else: a one-line ``--plan`` error)."""
+    """A :class:`Plan` instance, or ``"ct"``/``"mri"`` (anything else: a one-line ``plan`` error)."""
     if isinstance(plan, Plan):
         return plan
     if not isinstance(plan, str):
-        raise ConfigError(f"--plan {plan!r}: must be mri, ct or a Plan instance")
-    return default_plan(plan)  # an unknown kind: one-line --plan error
+        raise ConfigError(f"{given('plan', plan, repr(plan))}: must be mri, ct or a Plan instance")
+    return default_plan(plan)  # an unknown kind: one-line plan error
 
 
 def _show(value: Any) -> str:
@@ -216,9 +218,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _positive_int(value: Any, option: str) -> int:
+def _positive_int(value: Any, name: str) -> int:
+    """``value``, the argument of keyword ``name``, checked to be an integer >= 1."""
     if not _is_int(value) or value < 1:
-        raise ConfigError(f"{option} {value!r}: must be an integer >= 1")
+        raise ConfigError(f"{given(name, value, repr(value))}: must be an integer >= 1")
     return int(value)
 
 
@@ -231,10 +234,11 @@ def _z_range(z_range: Any) -> tuple[int, int] | None:
     if isinstance(z_range, np.ndarray) and z_range.ndim == 1:
         z_range = z_range.tolist()
     if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2 and all(_is_int(v) for v in z_range)):
-        raise ConfigError(f"--z-range {z_range!r}: expected (A, B) or 'A:B' with integer slice indices, e.g. (10, 40)")
+        raise ConfigError(f"{given('z_range', z_range, repr(z_range))}: expected (A, B) or 'A:B' with integer slice "
+                          "indices, e.g. (10, 40)")
     a, b = int(z_range[0]), int(z_range[1])
     if a < 0 or b < a:
-        raise ConfigError(f"--z-range {a}:{b}: need 0 <= A <= B")
+        raise ConfigError(f"{given('z_range', z_range, f'{a}:{b}')}: need 0 <= A <= B")
     return a, b
 
 
@@ -243,7 +247,7 @@ def _label(label: Any) -> int | None:
     if label is None:
         return None
     if not _is_int(label) or label < 1:
-        raise ConfigError(f"--label {label!r}: must be an integer label id >= 1 (0 is the background)")
+        raise ConfigError(f"{given('label', label, repr(label))}: must be an integer label id >= 1 (0 is the background)")
     return int(label)
 
 
@@ -251,8 +255,8 @@ def _check_options(cca: Any, shots_per_part: Any, z_range: Any) -> tuple[int, in
     """The options both :func:`segment` (before the checkpoint is read) and :meth:`Segmenter.segment` check;
     returns the parsed ``z_range``."""
     if not isinstance(cca, str) or cca not in CCA_CHOICES:
-        raise ConfigError(f"--cca {_show(cca)}: must be one of {', '.join(CCA_CHOICES)}")
-    _positive_int(shots_per_part, "--shots-per-part")
+        raise ConfigError(f"{given('cca', cca, _show(cca))}: must be one of {', '.join(CCA_CHOICES)}")
+    _positive_int(shots_per_part, "shots_per_part")
     return _z_range(z_range)
 
 
@@ -261,7 +265,7 @@ def _query_range(zr: tuple[int, int] | None, n_slices: int, where: Any) -> tuple
     if zr is None:
         return 0, n_slices - 1
     if zr[1] >= n_slices:
-        raise ConfigError(f"--z-range {zr[0]}:{zr[1]}: outside the query's slices 0..{n_slices - 1} "
+        raise ConfigError(f"{given('z_range', zr, f'{zr[0]}:{zr[1]}')}: outside the query's slices 0..{n_slices - 1} "
                           f"(its third array axis; {where})")
     return zr
 
@@ -269,7 +273,7 @@ def _query_range(zr: tuple[int, int] | None, n_slices: int, where: Any) -> tuple
 @dataclass(frozen=True)
 class _Input:
     """One checked input volume: ``array`` ``[X, Y, Z]``, its affine, and how messages name it: ``option``
-    (``--query``) and ``ref`` (its path, or ``(array 0)``)."""
+    (``query``, ``--query`` on the command line) and ``ref`` (its path, or ``(array 0)``)."""
 
     array: np.ndarray
     affine: np.ndarray
@@ -364,18 +368,18 @@ def _existing_file(path: Path, option: str) -> Path:
     return path
 
 
-def _input(value: Any, affine: Any, option: str, index: int, source: str) -> _Input:
+def _input(value: Any, affine: Any, option: str, index: int, source: str, mask: bool = False) -> _Input:
     """One volume given as a path, an array or a tensor, checked: an array needs its affine (``source`` names the
-    argument that gives it: ``query_affine``, ``support_affines[i]``), except a mask array, which lies on its
+    argument that gives it: ``query_affine``, ``support_affines[i]``), except a ``mask`` array, which lies on its
     image's grid; a path must not come with one (its affine is the file's)."""
     if value is None:
         raise ConfigError(f"{option}: missing (None); give a NIfTI path, a numpy array or a torch tensor")
     what = f"{option} (array {index})"
     arr = _as_numpy(value, what)
     if arr is not None:
-        _check_array(arr, what, mask=option == "--support-mask")
+        _check_array(arr, what, mask=mask)
         if affine is None:
-            if option == "--support-mask":
+            if mask:
                 return _Input(arr, np.eye(4), option, f"(array {index})")
             raise ConfigError(f"{what}: an array input needs its 4x4 affine ({source})")
         return _Input(arr, _array_affine(affine, what, source), option, f"(array {index})")
@@ -394,7 +398,7 @@ def _support_pairs(supports: Any) -> list[tuple[Any, Any]]:
         raise ConfigError(f"supports: expected a list of (image, mask) pairs, got {_kind(supports)}")
     items = list(supports)
     if not items:
-        raise ConfigError("--support-image/--support-mask: at least one support pair is needed")
+        raise ConfigError("supports: at least one support pair is needed")
     if isinstance(supports, (tuple, list)) and len(items) == 2 and isinstance(items[0], _VOLUME_TYPES):
         items = [tuple(items)]  # one (image, mask) pair, not a list of pairs
     for i, pair in enumerate(items):
@@ -441,12 +445,13 @@ def checkpoint_plan(ck: dict[str, Any], path: Path, plan: str | Plan | None = No
             raise WeightsError(str(e)) from e
     if plan is None:
         if known is None:
-            raise ConfigError(f"--ckpt {path}: the preprocessing plan of its training data is unknown (data prepared "
-                              "outside fsl-med prepare, or an older checkpoint); pass --plan ct or --plan mri")
+            raise ConfigError(f"{arg('ckpt')} {path}: the preprocessing plan of its training data is unknown (data "
+                              "prepared outside fsl-med prepare, or an older checkpoint); pass "
+                              f"{given('plan', 'ct')} or {given('plan', 'mri')}")
         return known
     chosen = _as_plan(plan)
     if known is not None and known != chosen:
-        log.warning("--plan %s overrides the checkpoint's stored plan %s", chosen.as_dict(), known.as_dict())
+        log.warning("%s %s overrides the checkpoint's stored plan %s", arg("plan"), chosen.as_dict(), known.as_dict())
     return chosen
 
 
@@ -478,7 +483,7 @@ class Segmenter:
 
     def __init__(self, module: Any, cfg: Any, plan: Plan, normalizer: Any, device: torch.device,
                  batch_size: int = 8) -> None:
-        _positive_int(batch_size, "--batch-size")
+        _positive_int(batch_size, "batch_size")
         self.module, self.cfg, self.plan, self.normalize = module, cfg, plan, normalizer
         self.device, self.batch_size = device, int(batch_size)
         self.image_size, self.npart = int(cfg.data.image_size), int(cfg.eval.npart)
@@ -503,10 +508,10 @@ class Segmenter:
         from fsl_med.prepare.datasets import get_dataset_info
 
         dev = _device(device)
-        _positive_int(batch_size, "--batch-size")
+        _positive_int(batch_size, "batch_size")
         if plan is not None:
             _as_plan(plan)
-        path = _existing_file(_as_path(ckpt, "--ckpt", "a checkpoint path"), "--ckpt")
+        path = _existing_file(_as_path(ckpt, arg("ckpt"), "a checkpoint path"), arg("ckpt"))
         ck = load_checkpoint(path)
         cfg = stored_config(ck, path)
         chosen = checkpoint_plan(ck, path, plan)
@@ -579,7 +584,7 @@ class Segmenter:
         if m.array.shape != img.array.shape:
             raise DataError(f"{m.name}: shape {tuple(m.array.shape)} differs from the support image's "
                             f"{tuple(img.array.shape)}")
-        organ = _binary_mask(m.array, m.ref, label)
+        organ = _binary_mask(m.array, m.option, m.ref, label)
         ids = np.rint(m.array).astype(np.int64) if m.array.dtype.kind == "f" else m.array.astype(np.int64)
         if label is not None and ids.min() >= 0 and ids.max() <= 255:
             lab, value = ids.astype(np.uint8), label  # as prepare does: every label resampled, then the organ taken
@@ -630,15 +635,15 @@ class Segmenter:
                 field of view. ConfigError: bad option or argument type (label absent from a mask or not an
                 integer >= 1, ``z_range`` malformed or outside the query, too few support slices, unknown ``cca``,
                 no supports, an affine missing, malformed or given for a path). Every message is one line naming
-                the argument (``--query``, ``--support-image``, ``support_affines``, ...).
+                the argument (``query``, ``supports[i] image``, ``support_affines``, ...).
         """
         zr = _check_options(cca, shots_per_part, z_range)
         lab = _label(label)
         pairs = _support_pairs(supports)
         affines = _support_affines(support_affines, len(pairs))
-        q = _input(query, query_affine, "--query", 0, "query_affine")
-        sups = [(_input(img, affines[i], "--support-image", i, f"support_affines[{i}]"),
-                 _input(m, None, "--support-mask", i, "")) for i, (img, m) in enumerate(pairs)]
+        q = _input(query, query_affine, "query", 0, "query_affine")
+        sups = [(_input(img, affines[i], f"supports[{i}] image", i, f"support_affines[{i}]"),
+                 _input(m, None, f"supports[{i}] mask", i, "", mask=True)) for i, (img, m) in enumerate(pairs)]
         return self._run(q, sups, lab, zr, shots_per_part, cca)
 
     def _run(self, q: _Input, supports: list[tuple[_Input, _Input]], label: int | None, zr: tuple[int, int] | None,
@@ -732,51 +737,52 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
     """
     from fsl_med.prepare.nifti import write_nifti
 
-    ckpt, out = _as_path(ckpt, "--ckpt", "a checkpoint path"), _as_path(out, "--out", "an output .nii.gz path")
-    query_p = _paths(query, "--query")
+    # messages name the keywords (``query``), or the flags (``--query``) when the CLI calls (errors.spelled_as)
+    o_ckpt, o_query, o_out, o_img, o_mask = (arg(k) for k in ("ckpt", "query", "out", "support_image", "support_mask"))
+    ckpt, out = _as_path(ckpt, o_ckpt, "a checkpoint path"), _as_path(out, o_out, "an output .nii.gz path")
+    query_p = _paths(query, o_query)
     if len(query_p) != 1:
-        raise ConfigError(f"--query: one query volume per call, got {len(query_p)}")
+        raise ConfigError(f"{o_query}: one query volume per call, got {len(query_p)}")
     query_p = query_p[0]
-    sup_imgs = _paths(support_image, "--support-image")
-    sup_masks = _paths(support_mask, "--support-mask")
+    sup_imgs = _paths(support_image, o_img)
+    sup_masks = _paths(support_mask, o_mask)
     # -- options (cheap checks first)
     zr = _check_options(cca, shots_per_part, z_range)
     lab = _label(label)
-    _positive_int(batch_size, "--batch-size")
+    _positive_int(batch_size, "batch_size")
     if len(sup_imgs) != len(sup_masks) or not sup_imgs:
-        raise ConfigError(f"--support-image/--support-mask: {len(sup_imgs)} images and {len(sup_masks)} masks; "
+        raise ConfigError(f"{o_img}/{o_mask}: {len(sup_imgs)} images and {len(sup_masks)} masks; "
                           "give one mask per image")
     if plan is not None:
         _as_plan(plan)
     if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
-        raise ConfigError(f"--out {out}: must end with .nii.gz or .nii")
+        raise ConfigError(f"{o_out} {out}: must end with .nii.gz or .nii")
     if out.exists() and out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder")
-    inputs = {"--query": query_p, "--ckpt": ckpt, **{f"--support-image {p}": p for p in sup_imgs},
-              **{f"--support-mask {p}": p for p in sup_masks}}
-    refuse_overwriting_inputs(out, inputs)
-    check_output_file(out, "--out")  # before the work: a bad location fails now, not after inference
+        raise ConfigError(f"{o_out} {out}: is a folder")
+    inputs = {o_query: query_p, o_ckpt: ckpt, **{f"{o_img} {p}": p for p in sup_imgs},
+              **{f"{o_mask} {p}": p for p in sup_masks}}
+    refuse_overwriting_inputs(out, inputs, o_out)
+    check_output_file(out, o_out)  # before the work: a bad location fails now, not after inference
     _device(device)
-    checks = [(ckpt, "--ckpt"), *[(p, "--support-image") for p in sup_imgs], *[(p, "--support-mask") for p in sup_masks],
-              (query_p, "--query")]
+    checks = [(ckpt, o_ckpt), *[(p, o_img) for p in sup_imgs], *[(p, o_mask) for p in sup_masks], (query_p, o_query)]
     for p, opt in checks:
         _existing_file(p, opt)
 
     # -- inputs (read and checked before the checkpoint)
     pairs: list[tuple[_Input, _Input]] = []
     for img_p, mask_p in zip(sup_imgs, sup_masks, strict=True):
-        s_img, s_aff, _ = _read_volume(img_p, "--support-image")
-        img_in = _Input(_check_finite(s_img, img_p, "--support-image"), s_aff, "--support-image", img_p)  # float32 once
-        s_mask, m_aff, _ = _read_volume(mask_p, "--support-mask")
+        s_img, s_aff, _ = _read_volume(img_p, o_img)
+        img_in = _Input(_check_finite(s_img, img_p, o_img), s_aff, o_img, img_p)  # float32 once
+        s_mask, m_aff, _ = _read_volume(mask_p, o_mask)
         if s_mask.shape != s_img.shape:
-            raise DataError(f"--support-mask {mask_p}: shape {tuple(s_mask.shape)} differs from the support "
+            raise DataError(f"{o_mask} {mask_p}: shape {tuple(s_mask.shape)} differs from the support "
                             f"image's {tuple(s_img.shape)}")
         if not np.allclose(m_aff, s_aff, atol=1e-3):
             log.warning("%s: affine differs from the support image's; the mask is taken on the image's grid", mask_p)
-        _binary_mask(s_mask, mask_p, lab)
-        pairs.append((img_in, _Input(s_mask, s_aff, "--support-mask", mask_p)))
-    q_img, q_aff, _ = _read_volume(query_p, "--query")
-    q_in = _Input(_check_finite(q_img, query_p, "--query"), q_aff, "--query", query_p)
+        _binary_mask(s_mask, o_mask, mask_p, lab)
+        pairs.append((img_in, _Input(s_mask, s_aff, o_mask, mask_p)))
+    q_img, q_aff, _ = _read_volume(query_p, o_query)
+    q_in = _Input(_check_finite(q_img, query_p, o_query), q_aff, o_query, query_p)
     _query_range(zr, q_img.shape[2], query_p)
 
     # -- checkpoint, segmentation, output

@@ -11,6 +11,7 @@ One tiny checkpoint (2 training steps on a 48 px phantom) serves the whole modul
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,8 +67,10 @@ def _call(c: SimpleNamespace, **change: Any) -> Any:
 
 
 def _one_line(err: BaseException, *needles: str) -> str:
+    """The message of an error of a Python call: one line, holding ``needles``, naming keywords, never a flag."""
     msg = str(err)
     assert "\n" not in msg.strip() and msg.strip(), msg
+    assert not re.search(r"(^|[ /(])--[a-z]", msg), msg  # e.g. plan='pet', not --plan pet
     for n in needles:
         assert n in msg, (n, msg)
     return msg
@@ -94,45 +97,45 @@ def _with(arr: np.ndarray, value: Any, dtype: Any = None) -> np.ndarray:
 # Each case: Segmenter.segment with one argument changed -> (error type, words the one-line message holds).
 SEGMENT_CASES: dict[str, tuple[Any, type[FslMedError], tuple[str, ...]]] = {
     # the query volume
-    "query None": (lambda c: {"query": None}, ConfigError, ("--query", "None")),
-    "query int": (lambda c: {"query": 5}, ConfigError, ("--query", "got int")),
-    "query bytes": (lambda c: {"query": b"image.nii.gz"}, ConfigError, ("--query", "got bytes")),
-    "query list": (lambda c: {"query": c.q.tolist()}, ConfigError, ("--query", "got list")),
-    "query empty path": (lambda c: {"query": "", "query_affine": None}, ConfigError, ("--query", "empty path")),
-    "query folder": (lambda c: {"query": c.folder, "query_affine": None}, DataError, ("--query", "is a folder")),
+    "query None": (lambda c: {"query": None}, ConfigError, ("query", "None")),
+    "query int": (lambda c: {"query": 5}, ConfigError, ("query", "got int")),
+    "query bytes": (lambda c: {"query": b"image.nii.gz"}, ConfigError, ("query", "got bytes")),
+    "query list": (lambda c: {"query": c.q.tolist()}, ConfigError, ("query", "got list")),
+    "query empty path": (lambda c: {"query": "", "query_affine": None}, ConfigError, ("query", "empty path")),
+    "query folder": (lambda c: {"query": c.folder, "query_affine": None}, DataError, ("query", "is a folder")),
     "query missing": (lambda c: {"query": c.folder / "nope.nii.gz", "query_affine": None}, DataError,
-                      ("--query", "nope.nii.gz", "file not found")),
+                      ("query", "nope.nii.gz", "file not found")),
     "query not NIfTI": (lambda c: {"query": c.not_ckpt, "query_affine": None}, DataError,
                         ("not.ckpt", "not a NIfTI file")),
     "query RGB NIfTI": (lambda c: {"query": c.rgb, "query_affine": None}, DataError,
-                        ("--query", "rgb.nii.gz", "not a real number")),
-    "query path with an affine": (lambda c: {"query": c.qp}, ConfigError, ("query_affine", "given for --query",
+                        ("query", "rgb.nii.gz", "not a real number")),
+    "query path with an affine": (lambda c: {"query": c.qp}, ConfigError, ("query_affine", "given for query",
                                                                             "image_1.nii.gz")),
     "query array without affine": (lambda c: {"query_affine": None}, ConfigError,
-                                   ("--query (array 0)", "needs its 4x4 affine", "query_affine")),
+                                   ("query (array 0)", "needs its 4x4 affine", "query_affine")),
     "query complex": (lambda c: {"query": c.q.astype(np.complex64)}, DataError,
-                      ("--query (array 0)", "complex-valued voxels")),
+                      ("query (array 0)", "complex-valued voxels")),
     "query complex tensor": (lambda c: {"query": torch.from_numpy(c.q.astype(np.complex64))}, DataError,
-                             ("--query (array 0)", "complex-valued voxels")),
-    "query bool": (lambda c: {"query": c.q > 0}, DataError, ("--query (array 0)", "boolean")),
-    "query object dtype": (lambda c: {"query": c.q.astype(object)}, DataError, ("--query (array 0)", "not numeric")),
-    "query str dtype": (lambda c: {"query": c.q.astype(str)}, DataError, ("--query (array 0)", "not numeric")),
-    "query 2D": (lambda c: {"query": c.q[:, :, 0]}, DataError, ("--query (array 0)", "3D", "(48, 48)")),
-    "query 4D": (lambda c: {"query": c.q[..., None]}, DataError, ("--query (array 0)", "3D")),
-    "query empty": (lambda c: {"query": c.q[:, :, :0]}, DataError, ("--query (array 0)", "non-empty")),
-    "query NaN": (lambda c: {"query": _with(c.q, np.nan)}, DataError, ("--query (array 0)", "1 NaN/inf voxels")),
-    "query inf": (lambda c: {"query": _with(c.q, np.inf)}, DataError, ("--query (array 0)", "1 NaN/inf voxels")),
-    "query too large": (lambda c: {"query": _with(c.q, 1e30, np.float64)}, DataError, ("--query (array 0)",)),
+                             ("query (array 0)", "complex-valued voxels")),
+    "query bool": (lambda c: {"query": c.q > 0}, DataError, ("query (array 0)", "boolean")),
+    "query object dtype": (lambda c: {"query": c.q.astype(object)}, DataError, ("query (array 0)", "not numeric")),
+    "query str dtype": (lambda c: {"query": c.q.astype(str)}, DataError, ("query (array 0)", "not numeric")),
+    "query 2D": (lambda c: {"query": c.q[:, :, 0]}, DataError, ("query (array 0)", "3D", "(48, 48)")),
+    "query 4D": (lambda c: {"query": c.q[..., None]}, DataError, ("query (array 0)", "3D")),
+    "query empty": (lambda c: {"query": c.q[:, :, :0]}, DataError, ("query (array 0)", "non-empty")),
+    "query NaN": (lambda c: {"query": _with(c.q, np.nan)}, DataError, ("query (array 0)", "1 NaN/inf voxels")),
+    "query inf": (lambda c: {"query": _with(c.q, np.inf)}, DataError, ("query (array 0)", "1 NaN/inf voxels")),
+    "query too large": (lambda c: {"query": _with(c.q, 1e30, np.float64)}, DataError, ("query (array 0)",)),
     # its affine
     "affine singular": (lambda c: {"query_affine": _singular(c.qa)}, DataError,
-                        ("--query (array 0)", "singular affine", "query_affine")),
+                        ("query (array 0)", "singular affine", "query_affine")),
     "affine 3x3": (lambda c: {"query_affine": c.qa[:3, :3]}, ConfigError, ("query_affine", "4x4", "(3, 3)")),
     "affine NaN": (lambda c: {"query_affine": _entry(c.qa, (0, 0), np.nan)}, ConfigError, ("query_affine", "NaN/inf")),
     "affine last row": (lambda c: {"query_affine": _entry(c.qa, (3, 0), 1.0)}, ConfigError,
                         ("query_affine", "[0, 0, 0, 1]")),
     "affine of strings": (lambda c: {"query_affine": "eye"}, ConfigError, ("query_affine", "4x4")),
     "affine extreme spacing": (lambda c: {"query_affine": np.diag([10.0, 10.0, 0.05, 1.0])}, DataError,
-                               ("--query (array 0)", "10 x 10 x 0.05 mm", "cannot be resampled sensibly",
+                               ("query (array 0)", "10 x 10 x 0.05 mm", "cannot be resampled sensibly",
                                 "154-fold")),
     # supports
     "supports empty": (lambda c: {"supports": []}, ConfigError, ("at least one support pair",)),
@@ -143,55 +146,55 @@ SEGMENT_CASES: dict[str, tuple[Any, type[FslMedError], tuple[str, ...]]] = {
     "supports a triple": (lambda c: {"supports": [(c.s, c.m, c.m)]}, ConfigError, ("supports[0]", "pair", "of 3")),
     "supports three paths": (lambda c: {"supports": [str(c.sp), str(c.mp), str(c.sp)], "support_affines": None},
                              ConfigError, ("supports[0]", "pair", "str")),
-    "support image None": (lambda c: {"supports": [(None, c.m)]}, ConfigError, ("--support-image", "None")),
-    "support mask int": (lambda c: {"supports": [(c.s, 3)]}, ConfigError, ("--support-mask", "got int")),
+    "support image None": (lambda c: {"supports": [(None, c.m)]}, ConfigError, ("supports[0] image", "None")),
+    "support mask int": (lambda c: {"supports": [(c.s, 3)]}, ConfigError, ("supports[0] mask", "got int")),
     "support image complex": (lambda c: {"supports": [(c.s.astype(np.complex128), c.m)]}, DataError,
-                              ("--support-image (array 0)", "complex-valued")),
+                              ("supports[0] image (array 0)", "complex-valued")),
     "support image NaN": (lambda c: {"supports": [(_with(c.s, np.nan), c.m)]}, DataError,
-                          ("--support-image (array 0)", "NaN/inf")),
+                          ("supports[0] image (array 0)", "NaN/inf")),
     "support mask shape": (lambda c: {"supports": [(c.s, c.m[:40])]}, DataError,
-                           ("--support-mask (array 0)", "differs from the support image")),
+                           ("supports[0] mask (array 0)", "differs from the support image")),
     "support mask complex": (lambda c: {"supports": [(c.s, c.m.astype(np.complex64))]}, DataError,
-                             ("--support-mask (array 0)", "complex-valued")),
+                             ("supports[0] mask (array 0)", "complex-valued")),
     "support mask object": (lambda c: {"supports": [(c.s, c.m.astype(object))]}, DataError,
-                            ("--support-mask (array 0)", "not numeric")),
+                            ("supports[0] mask (array 0)", "not numeric")),
     "support mask fractional": (lambda c: {"supports": [(c.s, c.m * 0.5)]}, DataError,
-                                ("--support-mask (array 0)", "non-integer")),
+                                ("supports[0] mask (array 0)", "non-integer")),
     "support mask empty": (lambda c: {"supports": [(c.s, np.zeros_like(c.m))]}, DataError,
-                           ("--support-mask (array 0)", "empty mask")),
+                           ("supports[0] mask (array 0)", "empty mask")),
     "support image without affine": (lambda c: {"support_affines": None}, ConfigError,
-                                     ("--support-image (array 0)", "support_affines[0]")),
+                                     ("supports[0] image (array 0)", "support_affines[0]")),
     "support affine singular": (lambda c: {"support_affines": [_singular(c.sa)]}, DataError,
-                                ("--support-image (array 0)", "singular affine", "support_affines[0]")),
+                                ("supports[0] image (array 0)", "singular affine", "support_affines[0]")),
     "support affines too many": (lambda c: {"support_affines": [c.sa, c.sa]}, ConfigError,
                                  ("support_affines", "2 affines for 1 supports")),
     "support affines one for two": (lambda c: {"supports": [(c.s, c.m)] * 2, "support_affines": c.sa}, ConfigError,
                                     ("support_affines", "one 4x4 affine for 2 supports")),
     "support affines a string": (lambda c: {"support_affines": "A"}, ConfigError, ("support_affines", "str")),
     "support path with an affine": (lambda c: {"supports": [(c.sp, c.mp)]}, ConfigError,
-                                    ("support_affines[0]", "given for --support-image")),
+                                    ("support_affines[0]", "given for supports[0] image")),
     "support affine extreme": (lambda c: {"support_affines": [np.diag([0.05, 0.05, 200.0, 1.0])]}, DataError,
-                               ("--support-image (array 0)", "0.05 x 0.05 x 200 mm", "cannot be resampled")),
+                               ("supports[0] image (array 0)", "0.05 x 0.05 x 200 mm", "cannot be resampled")),
     # options
-    "label True": (lambda c: {"label": True}, ConfigError, ("--label True", "integer label id >= 1")),
-    "label float": (lambda c: {"label": 1.0}, ConfigError, ("--label 1.0", "integer")),
-    "label negative": (lambda c: {"label": -1}, ConfigError, ("--label -1", ">= 1")),
-    "label zero": (lambda c: {"label": 0}, ConfigError, ("--label 0", "background")),
-    "label str": (lambda c: {"label": "1"}, ConfigError, ("--label '1'",)),
-    "label absent": (lambda c: {"label": 7}, ConfigError, ("--label 7", "not in the support mask")),
-    "z_range triple": (lambda c: {"z_range": (1, 2, 3)}, ConfigError, ("--z-range", "(A, B)")),
-    "z_range strings": (lambda c: {"z_range": ("1", "3")}, ConfigError, ("--z-range",)),
-    "z_range floats": (lambda c: {"z_range": (1.5, 3)}, ConfigError, ("--z-range", "integer")),
-    "z_range bools": (lambda c: {"z_range": (False, True)}, ConfigError, ("--z-range",)),
-    "z_range reversed": (lambda c: {"z_range": (3, 1)}, ConfigError, ("--z-range 3:1", "A <= B")),
-    "z_range negative": (lambda c: {"z_range": [-1, 2]}, ConfigError, ("--z-range -1:2",)),
-    "z_range text": (lambda c: {"z_range": "1-3"}, ConfigError, ("--z-range '1-3'", "A:B")),
-    "z_range outside": (lambda c: {"z_range": (0, 99)}, ConfigError, ("--z-range 0:99", "outside the query")),
-    "shots zero": (lambda c: {"shots_per_part": 0}, ConfigError, ("--shots-per-part 0", ">= 1")),
-    "shots float": (lambda c: {"shots_per_part": 1.5}, ConfigError, ("--shots-per-part 1.5",)),
-    "shots str": (lambda c: {"shots_per_part": "2"}, ConfigError, ("--shots-per-part '2'",)),
-    "cca unknown": (lambda c: {"cca": "4d"}, ConfigError, ("--cca 4d", "2d")),
-    "cca None": (lambda c: {"cca": None}, ConfigError, ("--cca None",)),
+    "label True": (lambda c: {"label": True}, ConfigError, ("label=True", "integer label id >= 1")),
+    "label float": (lambda c: {"label": 1.0}, ConfigError, ("label=1.0", "integer")),
+    "label negative": (lambda c: {"label": -1}, ConfigError, ("label=-1", ">= 1")),
+    "label zero": (lambda c: {"label": 0}, ConfigError, ("label=0", "background")),
+    "label str": (lambda c: {"label": "1"}, ConfigError, ("label='1'",)),
+    "label absent": (lambda c: {"label": 7}, ConfigError, ("label=7", "not in the support mask")),
+    "z_range triple": (lambda c: {"z_range": (1, 2, 3)}, ConfigError, ("z_range=", "(A, B)")),
+    "z_range strings": (lambda c: {"z_range": ("1", "3")}, ConfigError, ("z_range=",)),
+    "z_range floats": (lambda c: {"z_range": (1.5, 3)}, ConfigError, ("z_range=", "integer")),
+    "z_range bools": (lambda c: {"z_range": (False, True)}, ConfigError, ("z_range=",)),
+    "z_range reversed": (lambda c: {"z_range": (3, 1)}, ConfigError, ("z_range=(3, 1)", "A <= B")),
+    "z_range negative": (lambda c: {"z_range": [-1, 2]}, ConfigError, ("z_range=[-1, 2]",)),
+    "z_range text": (lambda c: {"z_range": "1-3"}, ConfigError, ("z_range='1-3'", "A:B")),
+    "z_range outside": (lambda c: {"z_range": (0, 99)}, ConfigError, ("z_range=(0, 99)", "outside the query")),
+    "shots zero": (lambda c: {"shots_per_part": 0}, ConfigError, ("shots_per_part=0", ">= 1")),
+    "shots float": (lambda c: {"shots_per_part": 1.5}, ConfigError, ("shots_per_part=1.5",)),
+    "shots str": (lambda c: {"shots_per_part": "2"}, ConfigError, ("shots_per_part='2'",)),
+    "cca unknown": (lambda c: {"cca": "4d"}, ConfigError, ("cca='4d'", "2d")),
+    "cca None": (lambda c: {"cca": None}, ConfigError, ("cca=None",)),
 }
 
 
@@ -208,20 +211,20 @@ def test_segmenter_segment_refuses_bad_arguments_in_one_line(case, ctx):
 
 
 FROM_CHECKPOINT_CASES: dict[str, tuple[Any, type[FslMedError], tuple[str, ...]]] = {
-    "ckpt folder": (lambda c: {"ckpt": c.folder}, DataError, ("--ckpt", "is a folder")),
-    "ckpt missing": (lambda c: {"ckpt": c.folder / "last.ckpt"}, DataError, ("--ckpt", "file not found")),
+    "ckpt folder": (lambda c: {"ckpt": c.folder}, DataError, ("ckpt", "is a folder")),
+    "ckpt missing": (lambda c: {"ckpt": c.folder / "last.ckpt"}, DataError, ("ckpt", "file not found")),
     "ckpt not a checkpoint": (lambda c: {"ckpt": c.not_ckpt}, WeightsError, ("not.ckpt", "cannot read checkpoint")),
-    "ckpt None": (lambda c: {"ckpt": None}, ConfigError, ("--ckpt", "None")),
-    "ckpt int": (lambda c: {"ckpt": 3}, ConfigError, ("--ckpt", "got int")),
-    "ckpt empty": (lambda c: {"ckpt": ""}, ConfigError, ("--ckpt", "empty path")),
-    "device gpu": (lambda c: {"device": "gpu"}, ConfigError, ("--device gpu", "cpu or cuda")),
-    "device int": (lambda c: {"device": 0}, ConfigError, ("--device 0",)),
-    "device cuda:x": (lambda c: {"device": "cuda:x"}, ConfigError, ("--device cuda:x",)),
-    "plan unknown": (lambda c: {"plan": "pet"}, ConfigError, ("--plan pet", "mri, ct")),
-    "plan dict": (lambda c: {"plan": {"modality": "mri"}}, ConfigError, ("--plan", "Plan instance")),
-    "plan class": (lambda c: {"plan": MriPlan}, ConfigError, ("--plan", "Plan instance")),
-    "batch size zero": (lambda c: {"batch_size": 0}, ConfigError, ("--batch-size 0", ">= 1")),
-    "batch size str": (lambda c: {"batch_size": "8"}, ConfigError, ("--batch-size '8'",)),
+    "ckpt None": (lambda c: {"ckpt": None}, ConfigError, ("ckpt", "None")),
+    "ckpt int": (lambda c: {"ckpt": 3}, ConfigError, ("ckpt", "got int")),
+    "ckpt empty": (lambda c: {"ckpt": ""}, ConfigError, ("ckpt", "empty path")),
+    "device gpu": (lambda c: {"device": "gpu"}, ConfigError, ("device='gpu'", "cpu or cuda")),
+    "device int": (lambda c: {"device": 0}, ConfigError, ("device=0",)),
+    "device cuda:x": (lambda c: {"device": "cuda:x"}, ConfigError, ("device='cuda:x'",)),
+    "plan unknown": (lambda c: {"plan": "pet"}, ConfigError, ("plan='pet'", "mri, ct")),
+    "plan dict": (lambda c: {"plan": {"modality": "mri"}}, ConfigError, ("plan=", "Plan instance")),
+    "plan class": (lambda c: {"plan": MriPlan}, ConfigError, ("plan=", "Plan instance")),
+    "batch size zero": (lambda c: {"batch_size": 0}, ConfigError, ("batch_size=0", ">= 1")),
+    "batch size str": (lambda c: {"batch_size": "8"}, ConfigError, ("batch_size='8'",)),
 }
 
 
@@ -259,20 +262,20 @@ def test_prepare_refuses_bad_arguments_in_one_line(case, ctx):
 
 
 VERB_CASES: dict[str, tuple[Any, type[FslMedError], tuple[str, ...]]] = {
-    "query array": (lambda c: {"query": c.q}, ConfigError, ("--query", "reads NIfTI files", "Segmenter.segment")),
-    "query tensor": (lambda c: {"query": torch.zeros(2, 2, 2)}, ConfigError, ("--query", "Tensor")),
-    "query None": (lambda c: {"query": None}, ConfigError, ("--query", "None")),
-    "query two": (lambda c: {"query": [c.qp, c.qp]}, ConfigError, ("--query", "one query volume")),
-    "ckpt None": (lambda c: {"ckpt": None}, ConfigError, ("--ckpt", "None")),
-    "out None": (lambda c: {"out": None}, ConfigError, ("--out", "None")),
-    "support image int": (lambda c: {"support_image": 7}, ConfigError, ("--support-image", "int")),
+    "query array": (lambda c: {"query": c.q}, ConfigError, ("query", "reads NIfTI files", "Segmenter.segment")),
+    "query tensor": (lambda c: {"query": torch.zeros(2, 2, 2)}, ConfigError, ("query", "Tensor")),
+    "query None": (lambda c: {"query": None}, ConfigError, ("query", "None")),
+    "query two": (lambda c: {"query": [c.qp, c.qp]}, ConfigError, ("query", "one query volume")),
+    "ckpt None": (lambda c: {"ckpt": None}, ConfigError, ("ckpt", "None")),
+    "out None": (lambda c: {"out": None}, ConfigError, ("out", "None")),
+    "support image int": (lambda c: {"support_image": 7}, ConfigError, ("support_image", "int")),
     "support mask missing": (lambda c: {"support_mask": c.folder / "m.nii.gz"}, DataError,
-                             ("--support-mask", "file not found")),
-    "label True": (lambda c: {"label": True}, ConfigError, ("--label True",)),
-    "z_range triple": (lambda c: {"z_range": [1, 2, 3]}, ConfigError, ("--z-range",)),
-    "batch size str": (lambda c: {"batch_size": "8"}, ConfigError, ("--batch-size",)),
-    "device int": (lambda c: {"device": 1}, ConfigError, ("--device 1",)),
-    "plan int": (lambda c: {"plan": 1}, ConfigError, ("--plan 1",)),
+                             ("support_mask", "file not found")),
+    "label True": (lambda c: {"label": True}, ConfigError, ("label=True",)),
+    "z_range triple": (lambda c: {"z_range": [1, 2, 3]}, ConfigError, ("z_range=",)),
+    "batch size str": (lambda c: {"batch_size": "8"}, ConfigError, ("batch_size=",)),
+    "device int": (lambda c: {"device": 1}, ConfigError, ("device=1",)),
+    "plan int": (lambda c: {"plan": 1}, ConfigError, ("plan=1",)),
 }
 
 
@@ -286,6 +289,98 @@ def test_segment_function_refuses_bad_arguments_in_one_line(case, ctx, tmp_path)
     assert type(info.value) is kind, (case, type(info.value), str(info.value))
     _one_line(info.value, *needles)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# -- one message, two spellings: the keyword of a Python call, the flag on the command line ----------------
+
+def _planless(ctx: SimpleNamespace, tmp_path: Path) -> Path:
+    """``ctx.ckpt`` without its stored preprocessing plan (as if trained on data prepared elsewhere)."""
+    from fsl_med.prepare.plan import CHECKPOINT_KEY
+
+    ck = torch.load(ctx.ckpt, map_location="cpu", weights_only=False)
+    ck[CHECKPOINT_KEY] = None
+    torch.save(ck, tmp_path / "planless.ckpt")
+    return tmp_path / "planless.ckpt"
+
+
+# Each case: (keyword -> (Python value, CLI value; None: not given)) -> (words of the Python call's message, words
+# of the same error through `fsl-med segment`).
+SPELLING_CASES: dict[str, Any] = {
+    "plan unknown to the checkpoint": lambda c, t: (
+        {"ckpt": (p := _planless(c, t), str(p))},
+        (f"ckpt {p}: the preprocessing plan", "pass plan='ct' or plan='mri'"),
+        (f"--ckpt {p}: the preprocessing plan", "pass --plan ct or --plan mri")),
+    "label absent": lambda c, t: ({"label": (7, "7")}, ("label=7: not in the support mask",),
+                                  ("--label 7: not in the support mask",)),
+    "no label for a multi-label mask": lambda c, t: ({"label": (None, None)}, ("choose one with label=N",),
+                                                     ("choose one with --label N",)),
+    "z_range reversed": lambda c, t: ({"z_range": ("3:1", "3:1")}, ("z_range='3:1': need 0 <= A <= B",),
+                                      ("--z-range 3:1: need 0 <= A <= B",)),
+    "z_range malformed": lambda c, t: ({"z_range": ("1-3", "1-3")}, ("z_range='1-3': expected A:B",),
+                                       ("--z-range '1-3': expected A:B",)),
+    "z_range outside": lambda c, t: ({"z_range": ((0, 99), "0:99")}, ("z_range=(0, 99): outside the query",),
+                                     ("--z-range 0:99: outside the query",)),
+    "shots zero": lambda c, t: ({"shots_per_part": (0, "0")}, ("shots_per_part=0: must be an integer >= 1",),
+                                ("--shots-per-part 0: must be an integer >= 1",)),
+    "batch size zero": lambda c, t: ({"batch_size": (0, "0")}, ("batch_size=0: must be an integer >= 1",),
+                                     ("--batch-size 0: must be an integer >= 1",)),
+    "out not NIfTI": lambda c, t: ({"out": (t / "p.txt", str(t / "p.txt"))}, (f"out {t / 'p.txt'}: must end with",),
+                                   (f"--out {t / 'p.txt'}: must end with",)),
+    "out is the query": lambda c, t: ({"out": (c.qp, str(c.qp))}, (f"out {c.qp}: is the input query {c.qp}",),
+                                      (f"--out {c.qp}: is the input --query {c.qp}",)),
+    "query missing": lambda c, t: ({"query": (t / "q.nii.gz", str(t / "q.nii.gz"))},
+                                   (f"query {t / 'q.nii.gz'}: file not found",),
+                                   (f"--query {t / 'q.nii.gz'}: file not found",)),
+    "support mask missing": lambda c, t: ({"support_mask": (t / "m.nii.gz", str(t / "m.nii.gz"))},
+                                          (f"support_mask {t / 'm.nii.gz'}: file not found",),
+                                          (f"--support-mask {t / 'm.nii.gz'}: file not found",)),
+    "ckpt a folder": lambda c, t: ({"ckpt": (c.folder, str(c.folder))}, (f"ckpt {c.folder}: is a folder",),
+                                   (f"--ckpt {c.folder}: is a folder",)),
+    "images without masks": lambda c, t: ({"support_image": ([c.sp, c.sp], [str(c.sp), str(c.sp)])},
+                                          ("support_image/support_mask: 2 images and 1 masks",),
+                                          ("--support-image/--support-mask: 2 images and 1 masks",)),
+}
+if not torch.cuda.is_available():
+    SPELLING_CASES["no CUDA"] = lambda c, t: (
+        {"device": ("cuda", "cuda")}, ("device='cuda': CUDA is not available on this machine (use device='cpu')",),
+        ("--device cuda: CUDA is not available on this machine (use --device cpu)",))
+
+
+@pytest.mark.parametrize("case", list(SPELLING_CASES))
+def test_errors_name_the_keyword_in_python_and_the_flag_on_the_command_line(case, ctx, tmp_path, capsys):
+    """The same check, one message: :func:`segment` names the keyword it was called with (``plan='ct'``), the
+    ``segment`` verb the flag (``--plan ct``); nothing is written either way."""
+    change, py_words, cli_words = SPELLING_CASES[case](ctx, tmp_path)
+    given = {"ckpt": (ctx.ckpt, str(ctx.ckpt)), "support_image": (ctx.sp, str(ctx.sp)),
+             "support_mask": (ctx.mp, str(ctx.mp)), "query": (ctx.qp, str(ctx.qp)),
+             "out": (tmp_path / "p.nii.gz", str(tmp_path / "p.nii.gz")), "label": (1, "1"), **change}
+    kw = {k: py for k, (py, _) in given.items()}
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(FslMedError) as info:
+        segment(kw.pop("ckpt"), kw.pop("support_image"), kw.pop("support_mask"), kw.pop("query"), kw.pop("out"), **kw)
+    _one_line(info.value, *py_words)
+    argv = ["segment"]
+    for key, (_, cli_value) in given.items():
+        for v in [] if cli_value is None else cli_value if isinstance(cli_value, list) else [cli_value]:
+            argv += [f"--{key.replace('_', '-')}", v]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsl-med: error: "), lines
+    for w in cli_words:
+        assert w in lines[0], (w, lines[0])
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_the_spelling_is_the_callers_after_a_cli_call(ctx):
+    """A CLI run leaves no flag spelling behind: a later Python call names its keyword again."""
+    assert main(["segment", "--ckpt", str(ctx.folder), "--support-image", str(ctx.sp), "--support-mask", str(ctx.mp),
+                 "--query", str(ctx.qp), "--out", str(ctx.folder / "x.nii.gz")]) == 2
+    with pytest.raises(ConfigError) as info:
+        Segmenter.from_checkpoint(ctx.ckpt, plan="xyz")
+    assert str(info.value) == "plan='xyz': must be one of mri, ct"
+    with pytest.raises(ConfigError) as info:
+        Segmenter.from_checkpoint(ctx.ckpt, plan=3)
+    assert str(info.value) == "plan=3: must be mri, ct or a Plan instance"
 
 
 # -- accepted forms give the same mask -----------------------------------------------------------------
@@ -365,13 +460,13 @@ def test_extreme_voxel_size_is_refused_in_one_line(spacing, words, ctx, tmp_path
     for w in (f"--query {q}", "cannot be resampled sensibly to the mri plan's 1.25 x 1.25 x 7.7 mm grid", *words):
         assert w in lines[0], (w, lines[0])
     assert not out.exists()
-    with pytest.raises(DataError) as info:  # the API says the same of the file and of its array
+    with pytest.raises(DataError) as info:  # the API says the same of the file and of its array, naming the keyword
         ctx.seg.segment(q, [(ctx.sp, ctx.mp)], label=1)
-    _one_line(info.value, f"--query {q}", *words)
+    _one_line(info.value, f"query {q}", *words)
     arr, aff, _ = read_nifti(q)
     with pytest.raises(DataError) as info:
         ctx.seg.segment(arr, [(ctx.sp, ctx.mp)], query_affine=aff, label=1)
-    _one_line(info.value, "--query (array 0)", *words)
+    _one_line(info.value, "query (array 0)", *words)
 
 
 def test_far_voxel_size_is_noted_once_and_segmented(ctx, tmp_path, capsys, caplog):

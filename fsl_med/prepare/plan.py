@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fsl_med.errors import ConfigError, DataError
+from fsl_med.errors import ConfigError, DataError, given
 from fsl_med.prepare.geometry import (
     CANONICAL_ORIENTATION,
     LABEL_RULES,
@@ -355,9 +355,9 @@ def default_plan(kind: str, compat: str = "fsl_med", **fields: Any) -> Plan:
         ConfigError: unknown kind, compat or field value.
     """
     if kind not in _PLANS:
-        raise ConfigError(f"--plan {kind}: must be one of {', '.join(PLAN_KINDS)}")
+        raise ConfigError(f"{given('plan', kind)}: must be one of {', '.join(PLAN_KINDS)}")
     if compat not in PLAN_COMPAT:
-        raise ConfigError(f"--compat {compat}: must be one of {', '.join(PLAN_COMPAT)}")
+        raise ConfigError(f"{given('compat', compat)}: must be one of {', '.join(PLAN_COMPAT)}")
     kw = {**PLAN_COMPAT[compat][kind], **{k: v for k, v in fields.items() if v is not None}}
     return _PLANS[kind](**kw)
 
