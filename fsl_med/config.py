@@ -51,7 +51,7 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-
 """``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
 CcaMode = Literal["2d", "3d"]
 DEFAULT_CCA_MODE: CcaMode = "2d"
-"""CCA of ``eval`` (``eval.cca_mode``) and of ``segment``: per slice, the paper's CCA (method.md §5)."""
+"""CCA of ``eval`` (``eval.cca_mode``) and of ``segment``: per slice, the paper's CCA (method.md §6)."""
 ShotsSource = Literal["scans", "slices"]
 TttMode = Literal["slice", "volume"]
 TttParams = Literal["all", "lora", "adapter"]

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 CCA_CHOICES = (*CCA_MODES, "none")
 DEFAULT_CCA = DEFAULT_CCA_MODE
 """Connected-component post-processing of ``segment``: that of ``eval`` (``eval.cca_mode``), per slice as the paper's
-CCA (method.md §5), so that ``segment`` reproduces what ``eval`` scores."""
+CCA (method.md §6), so that ``segment`` reproduces what ``eval`` scores."""
 
 @dataclass(frozen=True)
 class SegmentResult:
@@ -723,11 +723,14 @@ def segment(ckpt: str | Path, support_image: str | Path | Sequence[str | Path],
 
     Args:
         ckpt: a checkpoint written by ``fsl-med train``.
-        support_image, support_mask: one path each, or ``k`` paths each (pairs in order).
-        query: 3D NIfTI to segment. out: ``.nii`` / ``.nii.gz``: uint8 of the query's shape and affine, 1 = organ,
-            written atomically only when everything succeeded.
+        support_image: one path, or ``k`` paths (``k`` supports).
+        support_mask: one path, or ``k`` paths, paired in order with ``support_image``.
+        query: 3D NIfTI to segment.
+        out: ``.nii`` / ``.nii.gz``: uint8 of the query's shape and affine, 1 = organ, written atomically only
+            when everything succeeded.
         plan: ``"ct"``/``"mri"``, required for a checkpoint that does not know its preprocessing plan.
-        Other arguments: see :meth:`Segmenter.segment` and :meth:`Segmenter.from_checkpoint`.
+            The other arguments are those of :meth:`Segmenter.segment` and :meth:`Segmenter.from_checkpoint`.
+
     Returns:
         A :class:`SegmentResult` (``support_slices``: the first support's slices per part).
     Raises:
