@@ -31,14 +31,10 @@ names one: every file the check keeps is under ``--out``."""
 
 
 class GpuCheck(CheckState):
-    """Runs the rows of a profile and writes the report.
+    """Runs the rows of a profile and writes the report (``out``, ``profile``, ``data``, ``cache_dir`` and
+    ``overrides`` as in :class:`CheckState`).
 
     Args:
-        out: report folder.
-        profile: :data:`~fsl_med.gpu_check.profiles.GPU` or :data:`~fsl_med.gpu_check.profiles.TINY`.
-        data: prepared CHAOS-T2 folder; ``None``: a phantom is generated (the ``tiny`` profile's default).
-        cache_dir: superpixel cache.
-        overrides: ``key=value`` config overrides applied to every row (after the profile's).
         only: run only rows whose key starts with one of these (:func:`~fsl_med.gpu_check.rows.select_rows`: the
             environment row always runs; rows that need the evaluation checkpoint bring its row along).
         budget_s: rows not started within this many seconds are reported as skipped.
