@@ -1,4 +1,5 @@
-"""The ``compare`` verb: few-shot heads x encoders under one protocol, one report (issue 29 §4, method-zoo.md §11).
+"""The ``compare`` verb: few-shot heads x encoders under one protocol, one report (issue 29 §4; docs "Methods":
+Comparing heads in one command).
 
 Every head of ``compare.heads`` with every encoder of ``compare.encoders`` (empty: ``model.encoder.name``) goes through
 the ``protocol`` verb's jobs: the same folds, settings (Setting 2: one model per label group) and seeds, hence the same
@@ -422,8 +423,8 @@ def _write_report(run_dir: Path, report: dict[str, Any], cells: dict[tuple[str, 
         "numbers from `compare.reported`, each with the source below, in italics; they are the papers' own runs "
         "(their protocol, encoder, weights and recipe), not re-run here, and never enter the re-run columns, the CSV "
         "or the chart." if report["reported"] else
-        "none verified: `compare.reported` is empty, so the column is empty (method-zoo.md §9: the papers' tables "
-        "have not been read from the PDFs yet; numbers recalled from memory are not filled in).")]
+        "none verified: `compare.reported` is empty, so the column is empty (docs \"Methods\": Comparing heads; "
+        "the papers' tables have not been read from the PDFs yet; numbers recalled from memory are not filled in).")]
     papers = [r for r in rows if r.get("paper_protocol")]
     if papers:
         md += ["", "*paper's protocol*: the same head, encoder, recipe and budget trained and evaluated under its paper's "

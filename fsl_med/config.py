@@ -46,7 +46,7 @@ MaskPooling = Literal["nearest", "bilinear", "adjoint"]
 """``model.mask_pooling``: how a full-resolution support mask meets the feature grid in masked average pooling:
 downsampled (``nearest`` [D], ``bilinear`` [A]), or ``adjoint``: the mask pulled back through the bilinear upsampling
 of the features, so the prototype equals the references' upsample-then-pool exactly without a full-size feature map
-(method-zoo.md §6 item 3)."""
+(docs "Methods": ``model.mask_pooling=adjoint``)."""
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 """``model.compile``: no compilation, or the ``torch.compile`` mode the encoder is compiled with."""
 CcaMode = Literal["2d", "3d"]
@@ -84,19 +84,21 @@ EMPTY_WINDOWS: tuple[str, ...] = get_args(EmptyWindow)
 MASK_POOLINGS: tuple[str, ...] = get_args(MaskPooling)
 ExcludeRule = Literal["any", "all"]
 """``data.exclude_rule`` (Setting 2): drop a training slice that contains **any** excluded label (SSL-ALPNet,
-fsl_med) or only one that contains **all** of them (the Q-Net/RPT/CAT-Net/GMRD code; method-zoo.md §1 row 6)."""
+fsl_med) or only one that contains **all** of them (the Q-Net/RPT/CAT-Net/GMRD code; docs "Methods": Each paper's
+protocol as fields)."""
 EpisodeKind = Literal["superpixel2d", "supervoxel3d"]
 """``data.episodes``: one slice's 2D superpixel augmented twice (SSL-ALPNet, fsl_med), or two adjacent slices sharing
-a 3D supervoxel (the ADNet lineage; method-zoo.md §1 rows 1-2)."""
+a 3D supervoxel (the ADNet lineage; docs "Methods": Each paper's protocol as fields)."""
 PartRule = Literal["extent", "count"]
 """``eval.part_rule``: a query slice's support part from its position in the organ's z-extent (SSL-ALPNet, fsl_med)
-or from ``linspace(0, C, npart + 1)`` chunks of the C organ-containing slices (the ADNet lineage; §1 row 5)."""
+or from ``linspace(0, C, npart + 1)`` chunks of the C organ-containing slices (the ADNet lineage; docs "Methods":
+Each paper's protocol as fields)."""
 SizeRule = Literal["first", "larger"]
 """``data.supervoxel.size_rule``: the supervoxel's pixel count that must reach ``min_pixels`` in an adjacent-slice
 episode: in the first slice of the pair (ADNet) or in the larger of the two (Q-Net, RPT)."""
 RptVariant = Literal["2024", "2023"]
 """``model.head.rpt.variant``: the released head (2024-03 code, default) or the MICCAI-2023 release (K=10, no "+ p",
-boundary + Dice losses); method-zoo.md §5."""
+boundary + Dice losses); Zhu et al., MICCAI 2023 (YazhouZhu19/RPT), docs "Methods"."""
 Launcher = Literal["inline", "local", "slurm"]
 """``protocol.launcher``: where the jobs of ``protocol``, ``ablate`` and ``compare`` run: one after another in this
 process (``inline``), as ``protocol.parallel`` processes on this machine (``local``), or each as a SLURM job (``slurm``,
@@ -111,7 +113,8 @@ SLURM_EXTRA_RE = re.compile(r"--([a-z][a-z0-9-]*)(=(\S.*))?")
 """One ``protocol.slurm.extra`` line: an sbatch option, ``--name=value`` or ``--flag``."""
 SUPPORT_PICK_RE = re.compile(r"next|group_last|group_index:(\d+)")
 """``eval.support_pick``: ``next`` (fsl_med: the scan after the fold's queries, wrapping), ``group_last`` (ADNet: the
-last of the fold's group of 5), ``group_index:N`` (Q-Net/RPT's ``supp_idx``: the N-th, 0-based); §1 row 7."""
+last of the fold's group of 5), ``group_index:N`` (Q-Net/RPT's ``supp_idx``: the N-th, 0-based); docs "Methods":
+Each paper's protocol as fields."""
 
 COMPAT: dict[str, dict[str, Any]] = {
     "fsl_med": {"eval.score_last_slice": True, "data.superpixel.zero_as_background": False,
@@ -150,9 +153,9 @@ class SuperpixelConfig:
     """Felzenszwalb pseudolabels (method.md §1.3): the config section and the parameters of
     :mod:`fsl_med.data.superpixels` (one class)."""
 
-    scale: float = 1.0
-    sigma: float = 1.0
-    min_size: int = 400
+    scale: float = 1.0  # Felzenszwalb scale (larger: larger segments); 1 as the reference's MIDDLE
+    sigma: float = 1.0  # Gaussian smoothing (pixels) before Felzenszwalb; 1 as the reference
+    min_size: int = 400  # smallest Felzenszwalb segment in pixels; 400 as the reference
     body_threshold: float | None = None  # None: the dataset's (MRI 50 + 1e-4, CT 1e-4); bare use: MRI's
     body_connectivity: int = 8  # largest body component: 8 as the reference notebook (skimage's default), or 4
     zero_as_background: bool | None = None  # null: compat. true: Felzenszwalb segment 0 inside the body joins the
@@ -169,10 +172,11 @@ class SuperpixelConfig:
 @dataclass
 class SupervoxelConfig:
     """3D Felzenszwalb supervoxels of ``data.episodes=supervoxel3d`` (the ADNet lineage's pseudolabels,
-    method-zoo.md §1 rows 1-2): the config section and the parameters of :mod:`fsl_med.data.supervoxels`."""
+    docs "Methods": Each paper's protocol as fields): the config section and the parameters of
+    :mod:`fsl_med.data.supervoxels`."""
 
     min_size: int = 5000  # voxels (ADNet's n_sv for CHAOS; 1000 for CMR)
-    sigma: float = 0.0
+    sigma: float = 0.0  # Gaussian smoothing before the 3D graph (per axis sigma / voxel spacing); 0: none, as ADNet
     min_pixels: int = 200  # an episode's supervoxel must cover this many pixels (see size_rule)
     size_rule: str = "larger"  # first (ADNet) | larger (Q-Net, RPT), see config.SizeRule
 
@@ -182,35 +186,35 @@ class AugmentConfig:
     """'sabs_aug' of the reference (method.md §2.2): the config section and the ranges
     :func:`fsl_med.data.episodes.augment_pair` draws from (one class)."""
 
-    enabled: bool = True
-    rotate_deg: float = 5.0
-    translate_px: float = 5.0
-    shear_deg: float = 5.0
-    zoom_min: float = 0.9
-    zoom_max: float = 1.2
-    elastic_alpha: float = 10.0
-    elastic_sigma: float = 5.0
-    gamma_min: float = 0.5
-    gamma_max: float = 1.5
+    enabled: bool = True  # false: episodes are not augmented
+    rotate_deg: float = 5.0  # rotation uniform in ±rotate_deg degrees
+    translate_px: float = 5.0  # translation in x and y uniform in ±translate_px pixels
+    shear_deg: float = 5.0  # shear uniform in ±shear_deg degrees
+    zoom_min: float = 0.9  # isotropic zoom uniform in [zoom_min, zoom_max] (0 < zoom_min <= zoom_max)
+    zoom_max: float = 1.2  # upper end of the zoom range
+    elastic_alpha: float = 10.0  # elastic deformation: magnitude alpha of the smoothed [-1, 1] noise (pixels)
+    elastic_sigma: float = 5.0  # elastic deformation: Gaussian smoothing sigma of the noise (pixels, > 0)
+    gamma_min: float = 0.5  # gamma correction (image only), gamma uniform in [gamma_min, gamma_max] (0 < gamma_min <= gamma_max)
+    gamma_max: float = 1.5  # upper end of the gamma range
 
 
 @dataclass
 class DataConfig:
     """Dataset, fold/setting and episode sampling."""
 
-    dataset: str = "chaos_t2"
-    root: str = "???"
-    cache_dir: str = "${oc.env:FSL_MED_CACHE,.cache/fsl_med}"
-    fold: int = 0
-    setting: int = 1
-    test_organs: list[str] = field(default_factory=lambda: list(ORGANS))
+    dataset: str = "chaos_t2"  # registered dataset: chaos_t2 (CHAOS T2-SPIR MRI) or sabs (Synapse/BTCV CT), or an alias (chaos, mri, ct, ...)
+    root: str = "???"  # folder of prepared scans (``image_<id>.nii.gz`` + ``label_<id>.nii.gz``); required
+    cache_dir: str = "${oc.env:FSL_MED_CACHE,.cache/fsl_med}"  # pseudolabel cache (superpixels/, supervoxels/): $FSL_MED_CACHE, else .cache/fsl_med; not inside data.root
+    fold: int = 0  # which fold's query scans are evaluated (with its support scan; the other scans train): 0..4 (method.md §1.1)
+    setting: int = 1  # 1: training slices may show the test organs; 2: slices holding an excluded label are dropped (method.md §1.1)
+    test_organs: list[str] = field(default_factory=lambda: list(ORGANS))  # organs evaluated and, in Setting 2, excluded from training (liver, right_kidney, left_kidney, spleen)
     exclude_labels: list[int] | None = None  # setting 2's excluded label ids; null: the test organs' (method.md §2.1).
     # Set it to reproduce a recipe, e.g. [2, 3] as [D]'s main.sh for CT with liver/spleen as test organs (its bug)
-    image_size: int = 256
-    episodes_per_epoch: int = 1000
-    batch_size: int = 1
-    num_workers: int = 1
-    num_val_scans: int = 1
+    image_size: int = 256  # slice side in pixels as loaded (28..2048); a ViT resizes it down to a multiple of its patch (256 -> 252)
+    episodes_per_epoch: int = 1000  # training episodes per epoch (the episode dataset's length); training stops at trainer.max_steps
+    batch_size: int = 1  # training episodes per optimiser step and process (1 in the papers)
+    num_workers: int = 1  # DataLoader worker processes of the training episodes (0: the main process)
+    num_val_scans: int = 1  # fold training scans held out for validation (val/dice, best checkpoint); 0: train on all (the references)
     min_superpixel_pixels: int | None = None  # null: compat (fsl_med 64; reference 1: any superpixel is drawn)
     resize_last: bool | None = None  # null: compat. true: the reference loader's order, z-score statistics and
     # pseudolabels of the slices as stored, then the resize to image_size (only matters when the sizes differ)
@@ -226,13 +230,13 @@ class DataConfig:
 class EncoderConfig:
     """Encoder choice, weights and fine-tuning mode (method.md §4)."""
 
-    name: str = "dinov2_vitl14"
-    weights: str = "lvd142m"
+    name: str = "dinov2_vitl14"  # registered encoder (fsl-med encoders lists them): dinov2_vit{s,b,l,g}14[_reg], resnet101_deeplabv3, resnet101_qnet, vit_tiny_patch14[_reg] (tests and demos)
+    weights: str = "lvd142m"  # none (random init), the encoder's hub tag (lvd142m for DINOv2, coco for the ResNets) or a weight file path
     finetune: str = "lora"
-    lora_rank: int = 4
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    adapter: str = "none"
-    imagenet_norm: bool = False
+    lora_rank: int = 4  # LoRA rank r (> 0; alpha = r) when finetune=lora; 4 as [D]
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the Linear layers of every block that get LoRA (a non-empty subset); all four as [D]
+    adapter: str = "none"  # input adapter before the encoder: none, conv1 (1x1 conv 3->3 + instance norm) or conv3 (1x1 convs 3->32->8->3)
+    imagenet_norm: bool = False  # normalise inputs with ImageNet mean/std before the adapter and encoder (off as [D])
 
 
 @dataclass
@@ -240,31 +244,34 @@ class AlpHeadConfig:
     """ALPNet's adaptive local prototypes (method.md §3): ``model.head.alp``."""
 
     proto_grid: int = 8  # training pooling window: feature_size // proto_grid (4)
-    test_window: int = 2
-    fg_thresh: float = 0.95
-    bg_thresh: float = 0.95
+    test_window: int = 2  # local pooling window at evaluation, in feature cells (must divide model.feature_size); 2 as [A]/[D]
+    fg_thresh: float = 0.95  # foreground: a local window is a prototype when its mean mask exceeds this (and local ones are used only if a training-size window reaches it), in (0, 1]; 0.95 as [A]/[D]
+    bg_thresh: float = 0.95  # background: the same threshold for background windows, in (0, 1]; 0.95 as [A]/[D]
     empty_window: str | None = None  # null: compat (fsl_med fallback; reference skip), see config.EmptyWindow
 
 
 @dataclass
 class PanetHeadConfig:
-    """PANet's global foreground and background prototypes (method-zoo.md §2): ``model.head.panet``."""
+    """PANet's global foreground and background prototypes (Wang et al., ICCV 2019; docs "Methods"):
+    ``model.head.panet``."""
 
     cos_eps: float = 1e-8  # F.cosine_similarity's eps, as the reference
 
 
 @dataclass
 class AdnetHeadConfig:
-    """ADNet's foreground prototype and learned threshold (method-zoo.md §3): ``model.head.adnet``."""
+    """ADNet's foreground prototype and learned threshold (Hansen et al., MedIA 2022; docs "Methods"):
+    ``model.head.adnet``."""
 
     threshold_init: float = -10.0  # T at initialisation: a pixel is foreground iff cos > -T / 20
     threshold_weight: float = 1.0  # weight of L_T = T / 20 (the reference's t_loss_scaler)
-    cos_eps: float = 1e-8
+    cos_eps: float = 1e-8  # F.cosine_similarity's eps, as the reference
 
 
 @dataclass
 class QnetHeadConfig:
-    """Q-Net's query-predicted threshold, two scales and test-time prototype refinement (method-zoo.md §4):
+    """Q-Net's query-predicted threshold, two scales and test-time prototype refinement (Shen et al., arXiv
+    2208.11451; docs "Methods"):
     ``model.head.qnet``."""
 
     alpha: list[float] | None = None  # weights of the two scales [fine, coarse]; null: by data.setting, Setting 1
@@ -272,24 +279,24 @@ class QnetHeadConfig:
     refine_iters: int = 7  # test-time prototype refinement steps per query slice and scale (0: none)
     refine_lr: float = 0.01  # Adam's lr of the refinement
     tau_hidden: int = 1000  # tau = Linear(hidden -> 1)(Linear(pooled -> hidden)(GAP)) as the reference; 0: one Linear
-    cos_eps: float = 1e-8
+    cos_eps: float = 1e-8  # the cosine's eps (norms clamped to at least this), as the reference
 
 
 @dataclass
 class RptHeadConfig:
-    """RPT's regional prototypes and the BaT block (method-zoo.md §5): ``model.head.rpt``."""
+    """RPT's regional prototypes and the BaT block (Zhu et al., MICCAI 2023; docs "Methods"): ``model.head.rpt``."""
 
     variant: str = "2024"  # 2024 (released head) | 2023 (MICCAI release), see config.RptVariant
     fg_num: int | None = None  # regional prototypes K; null: the variant's (2024: 100, 2023: 10)
     bat_passes: int = 3  # BaT block applications (shared weights)
-    attn_heads: int = 3
-    dropout: float = 0.1
+    attn_heads: int = 3  # attention heads of the BaT block (each d_k = C), 3 as the reference
+    dropout: float = 0.1  # dropout of the BaT attention weights and output (training only), in [0, 1)
     seed: int = 1289  # farthest-point sampling's first centre (the reference's RandomState(1289)), per support part
-    periphery_weight: float = 0.1
-    mse_weight: float = 0.1
+    periphery_weight: float = 0.1  # weight of the periphery loss (2024 variant; 0: off)
+    mse_weight: float = 0.1  # weight of the MSE term (2024 variant; 0: off)
     self_weight: float = 1.0  # align uses loss.align_weight (1)
-    tau_hidden: int = 1000
-    cos_eps: float = 1e-8
+    tau_hidden: int = 1000  # hidden units of the threshold predictor tau (pooled -> hidden -> 1); 0: one Linear
+    cos_eps: float = 1e-8  # the cosine's eps (norms clamped to at least this)
 
 
 @dataclass
@@ -297,7 +304,7 @@ class HeadConfig:
     """The few-shot head (``model.head.name``) and one config section per registered head; only the named one is
     read. A head's defaults for ``loss.ce_weights`` and ``model.mask_pooling`` are in :data:`HEAD_DEFAULTS`."""
 
-    name: str = "alp"
+    name: str = "alp"  # the few-shot head: alp (ALPNet), panet, adnet, qnet or rpt (docs "Methods")
     alp: AlpHeadConfig = field(default_factory=AlpHeadConfig)
     panet: PanetHeadConfig = field(default_factory=PanetHeadConfig)
     adnet: AdnetHeadConfig = field(default_factory=AdnetHeadConfig)
@@ -326,11 +333,11 @@ a YAML file or an override using one gets a one-line error naming the new key.""
 
 @dataclass
 class ModelConfig:
-    """Encoder, few-shot head and what they share (method.md §3, method-zoo.md)."""
+    """Encoder, few-shot head and what they share (method.md §3, docs "Methods")."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    feature_size: int = 32
+    feature_size: int = 32  # side of the feature grid the heads work on (coarser encoder maps are upsampled to it); 32 for 256 px
     scale: float = 20.0  # cosine scale of every head
     mask_pooling: str | None = None  # null: the head's (alp nearest [D], panet/adnet adjoint); see config.MaskPooling
     compile: str = "off"  # off, or a torch.compile mode for the encoder (default, max-autotune, ...)
@@ -342,56 +349,56 @@ class LossConfig:
 
     ce_weights: list[float] | None = None  # [background, foreground]; null: the head's (alp [0.05, 1], panet [1, 1],
     # adnet [0.1, 1]; config.HEAD_DEFAULTS)
-    align_weight: float = 1.0
+    align_weight: float = 1.0  # weight of the prototype alignment loss (PANet's PAR); 0: off
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and schedule: SGD (reference) or AdamW with warm-up (random-init encoders)."""
 
-    name: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_step: int = 1000
-    lr_gamma: float = 0.95
-    warmup_steps: int = 0
+    name: str = "sgd"  # sgd (the references) or adamw (for encoders trained from scratch)
+    lr: float = 1e-3  # learning rate (> 0); 1e-3 as [A]/[D]
+    momentum: float = 0.9  # SGD momentum (not used by adamw)
+    weight_decay: float = 5e-4  # weight decay of every trainable parameter (>= 0)
+    lr_step: int = 1000  # step decay: the lr is multiplied by lr_gamma every lr_step optimiser steps
+    lr_gamma: float = 0.95  # step decay factor, in (0, 1]; 1: constant lr
+    warmup_steps: int = 0  # linear lr warm-up over this many steps (0: none)
 
 
 @dataclass
 class TrainerConfig:
     """Lightning ``Trainer`` arguments."""
 
-    max_steps: int = 100000
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    val_check_interval: int = 1000
-    log_every_n_steps: int = 50
-    deterministic: bool = False
-    gradient_clip_val: float | None = None
-    ckpt_every_n_steps: int | None = None
-    enable_progress_bar: bool = True
+    max_steps: int = 100000  # training length in optimiser steps ([A]'s presets: 100100)
+    accelerator: str = "auto"  # Lightning Trainer accelerator: auto, cpu, gpu, ...
+    devices: Any = 1  # Lightning Trainer devices: a count, a list of ids, or auto
+    num_nodes: int = 1  # Lightning Trainer num_nodes (>= 1)
+    strategy: str = "auto"  # Lightning Trainer strategy: auto, ddp, ...
+    precision: str = "32-true"  # Lightning Trainer precision: 32-true, bf16-mixed, 16-mixed, ... (the heads compute in float32)
+    val_check_interval: int = 1000  # training steps between validations (val/dice on data.num_val_scans scans)
+    log_every_n_steps: int = 50  # Lightning Trainer log_every_n_steps: metrics logged every n steps
+    deterministic: bool = False  # Lightning Trainer deterministic: deterministic torch algorithms (slower)
+    gradient_clip_val: float | None = None  # Lightning Trainer gradient_clip_val: clip gradients to this norm; null: no clipping
+    ckpt_every_n_steps: int | None = None  # steps between writes of checkpoints/last.ckpt; null: every val_check_interval steps
+    enable_progress_bar: bool = True  # show Lightning's progress bar (only on a terminal)
 
 
 @dataclass
 class EvalConfig:
     """EP1 evaluation (method.md §5)."""
 
-    npart: int = 3
+    npart: int = 3  # support parts per organ (EP1, 3): each query slice uses the support slice of its part (1..100)
     batch_size: int = 4  # query slices per encoder call; 4 on a 2-core CPU: as fast as 8, 86 MB less peak memory
-    z_margin: int = 0
+    z_margin: int = 0  # extra slices scored beyond the organ's z-extent on each side (0 in EP1)
     skip_no_organ_slices: bool | None = None  # null: compat (fsl_med false: [A] scores every slice of the extent;
     # reference true: [D] skips slices inside the extent without the organ)
     score_last_slice: bool | None = None  # null: follows compat (fsl_med true; reference false: never scores it)
     ct_stats: str | None = None  # null: compat (fsl_med train; reference eval), see config.CtStats
     variants: list[str] = field(default_factory=lambda: ["plain", "cca"])
-    cca_mode: str = DEFAULT_CCA_MODE
-    hd95: bool = True
-    overlay_slices: int = 3
-    skip_bad: bool = False
+    cca_mode: str = DEFAULT_CCA_MODE  # CCA per slice (2d, 8-connected, the paper's) or over the query volume (3d, 26-connected)
+    hd95: bool = True  # also compute HD95 in mm per scan and organ (MONAI; fsl_med's addition)
+    overlay_slices: int = 3  # overlay PNGs per organ of the first query scan, one per support part; 0: none
+    skip_bad: bool = False  # skip an unreadable query scan and list it in the report instead of failing (--skip-bad)
     allow_train_scans: bool = False  # score scans the checkpoint trained on (a deliberate in-sample analysis)
     shots_source: str = "scans"  # k-shot supports: k support scans, or k slices per part of the support scan
     save_predictions: bool = False  # multi-label NIfTI per query scan and variant (prepared + source grid)
@@ -404,13 +411,13 @@ class EvalConfig:
 class TTTConfig:
     """Test-time training (method.md §7): adapt on the query's own prediction, then re-predict."""
 
-    steps: int = 100
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    params: str = "all"
-    mode: str = "slice"
-    transpose: bool = True
+    steps: int = 100  # SGD steps per query slice (or volume with mode=volume); 0: no adaptation
+    lr: float = 1e-3  # TTT learning rate (constant); 1e-3 as [D]
+    momentum: float = 0.9  # TTT SGD momentum
+    weight_decay: float = 5e-4  # TTT SGD weight decay
+    params: str = "all"  # what adapts: all trainable parameters (with LoRA: the LoRA weights), or only lora or adapter weights
+    mode: str = "slice"  # adapt per query slice (slice, the paper's) or once per query volume (volume, far cheaper)
+    transpose: bool = True  # transpose both augmented copies (height and width swapped) before each step, as [D]
     restore: bool | None = None  # null: compat. false: the model keeps each adaptation (the reference's reset keeps
     # references to the live weights, so later slices, organs and scans start from the adapted model)
 
@@ -420,13 +427,13 @@ class SlurmConfig:
     """``protocol.launcher=slurm``: the resources of each job (one SLURM job per training run, sent as a job array
     through submitit). null: the partition's default."""
 
-    partition: str | None = None
+    partition: str | None = None  # sbatch --partition (a comma-separated list allowed); null: the cluster's default
     time: str = "24:00:00"  # sbatch --time per job (minutes or [D-]HH:MM:SS); a job preempted or near it requeues
     gpus: int = 0  # GPUs per job (--gpus-per-node); 1 for GPU training
     cpus: int = 4  # CPUs per job (--cpus-per-task): data loading and, without a GPU, the model
     mem: str | None = None  # memory per job (--mem), e.g. 32G
-    account: str | None = None
-    qos: str | None = None
+    account: str | None = None  # sbatch --account; null: your default account
+    qos: str | None = None  # sbatch --qos; null: the default QOS
     extra: list[str] = field(default_factory=list)  # further sbatch options, e.g. ["--constraint=a100"]
     setup: list[str] = field(default_factory=list)  # shell lines run before each job (e.g. "module load cuda")
     max_requeues: int = 3  # a job stopped by SIGTERM/SIGUSR2 (preemption, time limit) requeues at most this often
@@ -438,9 +445,9 @@ class ProtocolConfig:
     """What ``fsl-med protocol`` runs: folds x settings x seeds, each evaluated with ``variants``; and where the jobs
     of ``protocol``, ``ablate`` and ``compare`` run (``launcher``, ``parallel``, ``jobs_per_gpu``, ``slurm``)."""
 
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    settings: list[int] = field(default_factory=lambda: [1, 2])
-    seeds: list[int] = field(default_factory=lambda: [1234])
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # folds run, each a training and an evaluation (0..4)
+    settings: list[int] = field(default_factory=lambda: [1, 2])  # Settings run (1, 2); Setting 2 trains one model per test-organ group
+    seeds: list[int] = field(default_factory=lambda: [1234])  # training seeds; each fold x setting x seed is one run, reported as mean ± std
     variants: list[str] = field(default_factory=lambda: ["plain", "cca", "ttt", "ttt_cca"])
     launcher: str = "inline"  # inline | local | slurm
     parallel: int | None = None  # local: jobs at once (null: GPUs x jobs_per_gpu, or 1 without a GPU)
@@ -468,9 +475,9 @@ class AblationRun:
     evaluation-time changes: ``shots``, ``eval.*``, ``ttt.*``); ``variants`` replaces ``ablation.variants``.
     """
 
-    name: str = "???"
-    overrides: list[str] = field(default_factory=list)
-    reuse: str | None = None
+    name: str = "???"  # row name (required, unique); the row's runs are named ``<name>-<row name>``
+    overrides: list[str] = field(default_factory=list)  # key=value strings applied on top of the base config for this row
+    reuse: str | None = None  # an earlier row's name: evaluate that row's checkpoint instead of training; null: train
     variants: list[str] | None = None
 
 
@@ -479,7 +486,7 @@ class AblationConfig:
     """What ``fsl-med ablate`` runs: every row of ``runs`` is trained (or reused) and evaluated with
     ``variants`` on the base config's fold, setting and seed."""
 
-    runs: list[AblationRun] = field(default_factory=list)
+    runs: list[AblationRun] = field(default_factory=list)  # the rows to train (or reuse) and evaluate, in order; at least one
     variants: list[str] = field(default_factory=lambda: ["plain", "cca", "ttt", "ttt_cca"])
 
 
@@ -488,13 +495,14 @@ class ReportedDice:
     """One number a paper reports, shown in ``fsl-med compare``'s *reported* column (never mixed with re-runs).
 
     ``source`` is required (the paper and its table, e.g. "Hansen et al., MedIA 2022, Table 3"): a number whose source
-    is not stated is a config error, not a guess (method-zoo.md §9). ``encoder`` null: every row of ``head``."""
+    is not stated is a config error, not a guess (docs "Methods": Comparing heads in one command). ``encoder`` null:
+    every row of ``head``."""
 
-    head: str | None = None
-    setting: int = 1
+    head: str | None = None  # the head the number belongs to (one of compare.heads); required
+    setting: int = 1  # the Setting it was reported for (1 or 2; one of protocol.settings)
     dice: float | None = None  # mean Dice (%) over the organs, as the paper reports it
-    source: str | None = None
-    encoder: str | None = None
+    source: str | None = None  # paper and table, e.g. "Hansen et al., MedIA 2022, Table 3"; required
+    encoder: str | None = None  # the row's encoder (one of the compared encoders); null: every row of the head
 
 
 @dataclass
@@ -506,10 +514,10 @@ class CompareConfig:
     (e.g. another lr, fewer steps, ``protocol.variants`` without TTT); they may not change what is compared (data,
     seed, folds, settings, seeds, evaluation). ``reported``: paper numbers with their source (empty: none verified)."""
 
-    heads: list[str] = field(default_factory=lambda: list(HEAD_NAMES))
-    encoders: list[str] = field(default_factory=list)
-    encoder_overrides: dict[str, list[str]] = field(default_factory=dict)
-    reported: list[ReportedDice] = field(default_factory=list)
+    heads: list[str] = field(default_factory=lambda: list(HEAD_NAMES))  # heads compared (each registered, no duplicates)
+    encoders: list[str] = field(default_factory=list)  # encoders compared (model.encoder.name values); empty: model.encoder.name alone
+    encoder_overrides: dict[str, list[str]] = field(default_factory=dict)  # encoder name -> key=value strings for that encoder's rows (steps, lr, variants, ...)
+    reported: list[ReportedDice] = field(default_factory=list)  # papers' numbers with their source, shown in the report's reported column; empty: none verified
     paper_protocol: dict[str, str] = field(default_factory=dict)  # head -> its paper's preset (e.g. adnet:
     # adnet_reference.yaml, relative to the compare config's folder): each such head gets a twin row under that
     # preset's protocol (PROTOCOL_KEYS), shown in a "paper's protocol" column
@@ -520,19 +528,19 @@ PROTOCOL_KEYS: tuple[str, ...] = (
     "data.episodes", "data.supervoxel", "data.exclude_rule", "data.exclude_labels", "data.num_val_scans",
     "eval.part_rule", "eval.support_pick", "eval.skip_no_organ_slices",
 )
-"""The evaluation and training *protocol* of a paper (method-zoo.md §1), as opposed to its recipe (encoder, weights,
-optimiser, steps, seed): what ``fsl-med compare`` takes from a head's ``experiments/<head>_reference.yaml`` for its
-"paper's protocol" column."""
+"""The evaluation and training *protocol* of a paper (docs "Methods": Each paper's protocol as fields), as opposed to
+its recipe (encoder, weights, optimiser, steps, seed): what ``fsl-med compare`` takes from a head's
+``experiments/<head>_reference.yaml`` for its "paper's protocol" column."""
 
 
 @dataclass
 class LoggingConfig:
     """Where runs are written and which logger records metrics."""
 
-    logger: str = "csv"
-    output_dir: str = "lightning_logs"
-    wandb_project: str = "fsl_med"
-    wandb_entity: str | None = None
+    logger: str = "csv"  # metrics logger: csv, tensorboard, wandb (offline without an API key) or none
+    output_dir: str = "lightning_logs"  # where run folders are written: ``<output_dir>/<name>/version_N``
+    wandb_project: str = "fsl_med"  # W&B project (logging.logger=wandb)
+    wandb_entity: str | None = None  # W&B entity (user or team); null: W&B's default
     wandb_group: str | None = None  # W&B group of the run (protocol, ablate, compare: their folder, set per job)
 
 
@@ -540,12 +548,12 @@ class LoggingConfig:
 class Config:
     """The full run configuration."""
 
-    name: str = "run"
+    name: str = "run"  # run name: runs are written to ``<logging.output_dir>/<name>/version_N`` (letters, digits, . _ -)
     compat: str = "fsl_med"  # fsl_med (corrected behaviour) or reference (the reference code's, bugs included)
-    seed: int = 1234
+    seed: int = 1234  # seeds Python, NumPy, torch and loader workers; episode i is a function of (seed, i); 0..2**32-1
     shots: int = 1  # k-shot: k augmented supports per training episode, k supports per part in evaluation
-    ckpt: str | None = None
-    resume: str | None = None
+    ckpt: str | None = None  # checkpoint to evaluate (train: to resume when resume is null): a .ckpt path, or latest (the newest ``last.ckpt`` of runs named ``name``); null: none (evaluate the encoder as configured)
+    resume: str | None = None  # checkpoint a training resumes (weights, optimiser, step; data.fold/setting/test_organs from it unless given): a .ckpt path or latest; null: ckpt, else a new run
     resume_allow_other_data: bool = False  # resume (or ckpt=) on a data.root holding other scans than the run's
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -906,7 +914,7 @@ def _validate_compare(cfg: DictConfig) -> None:
     for i, r in enumerate(c.reported):
         key = f"compare.reported[{i}]"
         _check(bool(r.source and str(r.source).strip()), f"{key}.source", "is not set: a reported number needs its "
-               "source (paper and table); do not fill numbers from memory (method-zoo.md §9)")
+               "source (paper and table); do not fill numbers from memory (docs \"Methods\": Comparing heads)")
         _check(r.head is not None, f"{key}.head", f"is not set: name the head the number belongs to ({heads})")
         _check(r.head in heads, f"{key}.head", f"'{r.head}' is not compared (compare.heads: {heads})")
         _check(r.setting in list(cfg.protocol.settings), f"{key}.setting",

@@ -1,5 +1,5 @@
-"""Setting 2's training-slice exclusion (method.md §1.1, method-zoo.md §1 row 6): the one rule every kind of training
-episode applies (2D superpixel episodes and 3D supervoxel adjacent-slice episodes alike).
+"""Setting 2's training-slice exclusion (method.md §1.1; docs "Methods": Each paper's protocol as fields): the one
+rule every kind of training episode applies (2D superpixel episodes and 3D supervoxel adjacent-slice episodes alike).
 
 ``data.exclude_rule``:
 

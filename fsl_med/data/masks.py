@@ -4,7 +4,8 @@
 through the bilinear upsampling ``U`` of the features (align_corners=False): with the 1-D interpolation matrices
 ``A_y [H, h]`` and ``A_x [W, w]``, ``Σ_xy U(F)(x, y) M(x, y) = Σ_ij F_ij (A_yᵀ M A_x)_ij``, so pooling the ``h×w``
 features with ``m' = A_yᵀ M A_x`` equals the references' pooling of features upsampled to the mask's grid, without
-the ``H×W`` feature map (method-zoo.md §6 item 3). ``Σ m' = Σ M`` because every row of ``A`` sums to 1.
+the ``H×W`` feature map (docs "Methods": ``model.mask_pooling=adjoint``). ``Σ m' = Σ M`` because every row of ``A``
+sums to 1.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ class QueryPlan:
 
 def count_parts(n_slices: int, npart: int = 3) -> np.ndarray:
     """Support part of each of ``n_slices`` organ-containing query slices under ``eval.part_rule=count`` (the ADNet
-    lineage, method-zoo.md §1 row 5): the slices, in z order, are cut into ``npart`` chunks at
-    ``linspace(0, n_slices, npart + 1)`` truncated to integers.
+    lineage; docs "Methods": Each paper's protocol as fields): the slices, in z order, are cut into ``npart`` chunks
+    at ``linspace(0, n_slices, npart + 1)`` truncated to integers.
 
     Args:
         n_slices: C, the number of organ-containing slices (>= 0).

@@ -1,4 +1,5 @@
-"""Adjacent-slice supervoxel episodes (``data.episodes=supervoxel3d``; the ADNet lineage, method-zoo.md §1 row 2).
+"""Adjacent-slice supervoxel episodes (``data.episodes=supervoxel3d``; the ADNet lineage; docs "Methods":
+Each paper's protocol as fields).
 
 An episode takes one 3D supervoxel (:mod:`fsl_med.data.supervoxels`) and ``shots + 1`` consecutive slices that all
 contain it and all survive the Setting-2 exclusion. With probability 0.5 the slices are taken in reverse order;

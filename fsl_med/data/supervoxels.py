@@ -1,4 +1,5 @@
-"""3D supervoxel pseudolabels (``data.episodes=supervoxel3d``; the ADNet lineage, method-zoo.md §1 rows 1-2).
+"""3D supervoxel pseudolabels (``data.episodes=supervoxel3d``; the ADNet lineage; docs "Methods": Each
+paper's protocol as fields).
 
 One Felzenszwalb-Huttenlocher graph segmentation of the whole volume, as the ADNet reference does it:
 

@@ -1,5 +1,5 @@
 """What an encoder returns when a head asks for more than one feature map: :class:`EncoderOutput`, named dense maps
-plus a pooled vector (method-zoo.md §6 item 2), and :class:`FeatureRequest`, what a head asks for.
+plus a pooled vector (docs "Methods": encoder outputs), and :class:`FeatureRequest`, what a head asks for.
 
 A head that needs only the encoder's main map (``"out"``; ALPNet, PANet, ADNet) gets a plain ``[B, C, h, w]`` tensor,
 exactly as before the bundle existed; a head that needs other maps or the pooled vector (Q-Net, RPT) gets an

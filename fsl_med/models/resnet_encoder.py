@@ -1,7 +1,7 @@
 """ALPNet's original encoder, the DeepLabv3 ResNet-101 backbone with a 2048 -> 256 1×1 projection
 (``resnet101_deeplabv3``), and the Q-Net/RPT reference's two-scale variant (``resnet101_qnet``).
 
-``resnet101_qnet`` (method-zoo.md §4(a), Q-Net ``models/encoder.py``): ResNet-101 with dilation [True, True, False]
+``resnet101_qnet`` (Q-Net's reference code, ``models/encoder.py``): ResNet-101 with dilation [True, True, False]
 (layer2 and layer3 dilated: stride 4 after layer3, 8 after layer4), ``reduce1`` (1×1 1024 -> 512, no bias) on layer3
 as the main map ``"out"`` (64×64 at 256 px), ``reduce2`` (1×1 2048 -> 512, no bias) on layer4 as ``"aux"`` (32×32),
 and ``pooled`` = global average of layer4 (2048). The reduce convolutions are Kaiming-initialised (fan_out), as the

@@ -319,8 +319,8 @@ def fold_split(info: DatasetInfo, scan_ids: list[str], fold: int, support_pick: 
 
     Fold k's evaluation group is the scans at sorted positions ``sep[k] .. sep[k+1] + n_support - 1`` (the last one
     wraps to position 0 in the last fold). Every other scan is a training scan, whichever support is picked, so the
-    fold's query and support scans are never trained on. ``support_pick`` (``eval.support_pick``, method-zoo.md §1
-    row 7) chooses the support among the group:
+    fold's query and support scans are never trained on. ``support_pick`` (``eval.support_pick``; docs "Methods":
+    Each paper's protocol as fields) chooses the support among the group:
 
     * ``next`` (SSL-ALPNet, fsl_med): the group in circular order, the last one (the scan after the queries) is the
       support; CHAOS-T2 fold 0: queries 1, 2, 3, 5, support 8; fold 4: queries 36-39, support 1;

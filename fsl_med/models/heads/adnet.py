@@ -1,4 +1,4 @@
-"""ADNet's head (Hansen et al., MedIA 2022; method-zoo.md §3), ``model.head.name=adnet``.
+"""ADNet's head (Hansen et al., MedIA 2022; docs "Methods"), ``model.head.name=adnet``.
 
 Reference: sha168/ADNet @ c6bba850, ``models/fewshot_anom.py``. One foreground prototype (masked average pooling
 of the upsampled features, here exactly through ``model.mask_pooling=adjoint``), averaged over the shots; no

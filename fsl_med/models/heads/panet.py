@@ -1,4 +1,4 @@
-"""PANet's head (Wang et al., ICCV 2019; method-zoo.md §2), ``model.head.name=panet``.
+"""PANet's head (Wang et al., ICCV 2019; docs "Methods"), ``model.head.name=panet``.
 
 Reference: kaixin96/PANet @ 1695bf37, ``models/fewshot.py``. One global background and one global foreground
 prototype per support (masked average pooling of the features upsampled to the mask, here exactly through

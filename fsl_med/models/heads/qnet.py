@@ -1,4 +1,4 @@
-"""Q-Net's head (Shen et al., arXiv 2208.11451; method-zoo.md §4), ``model.head.name=qnet``.
+"""Q-Net's head (Shen et al., arXiv 2208.11451; docs "Methods"), ``model.head.name=qnet``.
 
 Reference: ZJLAB-AMMI/Q-Net @ 70a828d8, ``models/fewshot.py``. ADNet's foreground prototype on two feature scales,
 with a threshold ``τ`` predicted from the *query* image instead of one learned scalar:

@@ -1,4 +1,4 @@
-"""RPT's head (Zhu et al., MICCAI 2023; method-zoo.md §5), ``model.head.name=rpt``.
+"""RPT's head (Zhu et al., MICCAI 2023; docs "Methods"), ``model.head.name=rpt``.
 
 Reference: YazhouZhu19/RPT @ a74c7bcb (the head of 2024-03, ``model.head.rpt.variant=2024``, default) and @ 831ba82
 (the MICCAI-2023 release, ``variant=2023``), ``models/fewshot.py`` and ``models/attention.py``. Per support shot:
