@@ -59,6 +59,11 @@ def _required_config(args: argparse.Namespace, usage: str) -> Any:
     return load_run_config(_config_path(name), overrides)
 
 
+MRI_DATA_HELP = ("prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI, else data/CHAOST2/chaos_MR_T2_normalized, "
+                 "what make prepare-mri writes)")
+"""``--data`` of the verbs that read CHAOS-T2 (the default: :func:`fsl_med.prepare.datasets.default_mri_root`)."""
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """A verb without arguments of its own."""
 
@@ -72,14 +77,19 @@ class Verb:
         help: its line in ``fsl-med --help``.
         run: the handler: the parsed arguments -> the exit code.
         add_arguments: declares the verb's arguments on its own parser.
-        description: the text atop ``fsl-med NAME --help`` (``None``: none).
+        description: the text atop ``fsl-med NAME --help`` (``None``: none), or a function that returns it when the
+            parser is built (text made from a registry, e.g. gpu-check's rows).
     """
 
     name: str
     help: str
     run: Callable[[argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
-    description: str | None = None
+    description: str | Callable[[], str] | None = None
+
+    def description_text(self) -> str | None:
+        """The description as ``--help`` shows it (a function's text is made now)."""
+        return self.description() if callable(self.description) else self.description
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,8 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI, else "
-                    "data/CHAOST2/chaos_MR_T2_normalized, what make prepare-mri writes)")
+    sp.add_argument("--data", default=None, help=MRI_DATA_HELP)
     sp.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every part (model.head.* ...)")
     sp.add_argument("--parts", default=None, help="comma-separated subset of: matmul,train_full,train_lora,eval,heads,"
@@ -306,16 +315,19 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gpu_check_arguments(sp: argparse.ArgumentParser) -> None:
+def _gpu_check_description() -> str:
     from fsl_med.gpu_check.rows import help_text as gpu_check_rows
 
-    sp.description = (
+    return (
         "Runs every CUDA-specific path of fsl_med once, one report row each (a failing row is reported and "
         "the others still run; exit 1 if any failed): training of DINOv2 ViT-L/14 LoRA r=4 and ViT-S/14 full in fp32, "
         "bf16-mixed and bf16-mixed + torch.compile, ViT-L at batch 1/8/32, with FLOP-bound fractions, peak GPU memory "
         "and the data pipeline's rate; fsl-med train/eval with CCA and TTT; GPU vs CPU Dice; fsl-med segment GPU vs "
         "CPU; DDP. Without CUDA: the same rows in a tiny mode (phantom data, tiny ViT) on the CPU. Row keys (for "
         f"--only): {gpu_check_rows()}.")
+
+
+def _gpu_check_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("rest", nargs="*", metavar="key=value", help="config overrides of every row")
     sp.add_argument("--out", default="lightning_logs/gpu-check", help="report folder (default lightning_logs/gpu-check)")
     sp.add_argument("--profile", choices=("auto", "gpu", "tiny"), default="auto",
@@ -334,7 +346,8 @@ def _gpu_check_arguments(sp: argparse.ArgumentParser) -> None:
 
 GPU_CHECK = Verb(
     "gpu-check", "run and measure the GPU path (train bf16/compile, eval, TTT, segment, DDP) in one command; "
-    "a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log", cmd_gpu_check, _gpu_check_arguments)
+    "a tiny CPU mode without CUDA; writes gpu-check.md/.json/.log", cmd_gpu_check, _gpu_check_arguments,
+    description=_gpu_check_description)
 
 
 def cmd_gpu_bundle(args: argparse.Namespace) -> int:
@@ -349,8 +362,7 @@ def cmd_gpu_bundle(args: argparse.Namespace) -> int:
 
 def _gpu_bundle_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", default="gpu_bundle", help="bundle folder (default gpu_bundle, git-ignored)")
-    sp.add_argument("--data", default=None, help="prepared CHAOS-T2 folder (default $FSL_MED_DATA_MRI, else "
-                    "data/CHAOST2/chaos_MR_T2_normalized, what make prepare-mri writes)")
+    sp.add_argument("--data", default=None, help=MRI_DATA_HELP)
     sp.add_argument("--scans", default=None, help="comma-separated scan ids (default 1,2,3,5,8,10,13,15,19,20)")
     sp.add_argument("--wheels-from", default=None, metavar="DIR", help="take the wheels from this folder (offline)")
 
@@ -606,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         if verb.name in sub.choices:
             raise ValueError(f"two fsl-med verbs are named {verb.name!r}")
-        sp = sub.add_parser(verb.name, help=verb.help, description=verb.description)
+        sp = sub.add_parser(verb.name, help=verb.help, description=verb.description_text())
         verb.add_arguments(sp)
         sp.set_defaults(func=verb.run, flags=_flags(sp))
     return p

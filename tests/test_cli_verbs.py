@@ -37,8 +37,8 @@ def test_every_verb_is_in_the_top_help_and_has_a_working_help(capsys, monkeypatc
         assert f"    {verb.name} " in top and " ".join(verb.help.split()) in " ".join(top.split()), verb.name
         own = _help(capsys, verb.name)
         assert own.startswith(f"usage: fsl-med {verb.name} "), (verb.name, own[:200])
-        if verb.description:
-            assert " ".join(verb.description.split()) in " ".join(own.split()), verb.name
+        if verb.description_text():
+            assert " ".join(verb.description_text().split()) in " ".join(own.split()), verb.name
     for kind in ("chaos", "sabs", "import"):
         assert _help(capsys, "prepare", kind).startswith(f"usage: fsl-med prepare {kind} ")
 

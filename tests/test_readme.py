@@ -4,7 +4,6 @@ the verbs table, every command they show, their links, and no page that points o
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from docs_text import DOCS, REPO, page, pages
 
@@ -96,4 +95,3 @@ def test_every_docs_page_is_in_the_site_navigation():
     listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, flags=re.M))
     on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if "hooks" not in p.parts}
     assert on_disk == listed, (sorted(on_disk - listed), sorted(listed - on_disk))
-    assert Path(REPO / "docs" / "method.md").is_file()
