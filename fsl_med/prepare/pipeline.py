@@ -241,8 +241,10 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FilesystemError(f"--out {out_dir}: cannot create it ({e.strerror or e})") from e
+    locked = False  # only the run that holds the lock may remove the folder: a refused second run saw it missing too
     try:
         with exclusive(out / LOCK_NAME, f"--out {out_dir}"):
+            locked = True
             remove_stale_temporaries(out)
             wanted = {c.scan_id for c in cases}
             held = existing_preparation(out, info, source, params, wanted)
@@ -267,7 +269,7 @@ def run_preparation(info: DatasetInfo, source: Source, cases: list[Case], out_di
             log.info("replaced the content of %s (--overwrite)", out)
             return report
     except BaseException:
-        if created is not None:
+        if created is not None and locked:
             remove_if_empty(out, up_to=created)
         raise
 
